@@ -1,0 +1,46 @@
+"""The one exception family the CLI prints without a traceback."""
+
+from __future__ import annotations
+
+
+class MixportError(Exception):
+    """A user-facing error: what failed, what was given, what was expected, a hint."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, *, given: object = None, expected: object = None,
+                 hint: str | None = None) -> None:
+        parts = [what]
+        if given is not None:
+            parts.append(f"given: {given}")
+        if expected is not None:
+            parts.append(f"expected: {expected}")
+        if hint:
+            parts.append(f"hint: {hint}")
+        super().__init__("; ".join(parts))
+
+
+class ConfigError(MixportError):
+    """config.json is missing, malformed or describes an unsupported model."""
+
+
+class CheckpointError(MixportError):
+    """The weights cannot be read safely or do not match the config."""
+
+
+class OutputExistsError(MixportError):
+    """The output directory exists and --force was not given."""
+
+
+class ExportError(MixportError):
+    """Tracing or ONNX post-processing failed."""
+
+
+class RuntimeFailure(MixportError):
+    """A run folder or a generation request is unusable."""
+
+
+class ParityError(MixportError):
+    """Outputs of two backends disagree beyond tolerance."""
+
+    exit_code = 3

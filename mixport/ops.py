@@ -1,0 +1,45 @@
+"""The mixport op contract: names, attributes and layouts shared by every stage.
+
+Two custom-domain nodes, each carrying a model-local ONNX function body:
+
+``TopKRouting`` (domain ``mixport``)
+    inputs:  logits  [T, E] float (fp32/fp16/bf16)
+    outputs: weights [T, k] same float type as logits
+             ids     [T, k] int64, expert indices, ordered by descending weight
+    attrs:   k (int), num_experts (int), scoring_func (str: "softmax"),
+             normalization (str: "renormalize" | "none"),
+             plugin_namespace="mixport", plugin_version="1"
+    Softmax is computed in fp32; "renormalize" divides the top-k weights by
+    their sum (Mixtral); "none" keeps the plain softmax values (Qwen-MoE with
+    norm_topk_prob=false, OLMoE).
+
+``MoE`` (domain ``mixport``)
+    inputs:  hidden  [T, H]
+             weights [T, k]   (TopKRouting output 0)
+             ids     [T, k]   int64 (TopKRouting output 1)
+             gate_up [E, H, 2F]  per expert, x @ gate_up[e] -> [T, 2F];
+                                 columns [0, F) are the gate (w1), [F, 2F) the up (w3)
+             down    [E, F, H]   per expert, act @ down[e] -> [T, H]  (w2)
+    outputs: out     [T, H] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t])
+             FFN_e(x) = (silu(x @ gate_e) * (x @ up_e)) @ down_e
+    attrs:   num_experts (int), k (int), activation (str: "swiglu"),
+             plugin_namespace="mixport", plugin_version="1"
+    Layout rationale: row-major [in, out] per expert is what ONNX MatMul takes
+    without a Transpose, so the portable body gathers an expert's slab and
+    multiplies directly; fusing gate and up into one [H, 2F] slab halves the
+    GEMM launches and streams one contiguous block per expert.
+"""
+
+from __future__ import annotations
+
+DOMAIN = "mixport"
+OPSET_VERSION = 1
+PLUGIN_NAMESPACE = "mixport"
+PLUGIN_VERSION = "1"
+
+TOPK_ROUTING = "TopKRouting"
+MOE = "MoE"
+
+SCORING_FUNCS = ("softmax",)
+NORMALIZATIONS = ("renormalize", "none")
+ACTIVATIONS = ("swiglu",)

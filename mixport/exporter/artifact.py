@@ -1,0 +1,110 @@
+"""The export folder: written into a temporary sibling, renamed into place at the end.
+
+An interrupted export leaves at most a hidden ``.OUT_DIR.tmp-*`` folder, never an
+OUT_DIR that looks complete. ``manifest.json`` is the folder's table of contents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from mixport.errors import OutputExistsError, RuntimeFailure
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TWO_GB = 2**31 - 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model", "chat_template.jinja")
+
+
+def check_target(out_dir: Path, force: bool) -> None:
+    if Path(out_dir).exists() and not force:
+        raise OutputExistsError("the output folder already exists", given=str(Path(out_dir).absolute()),
+                                expected="a new path", hint="pass --force to replace it")
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp folder beside OUT_DIR; on success it replaces OUT_DIR, on error it vanishes."""
+    out_dir = Path(out_dir).absolute()
+    check_target(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(proto: onnx.ModelProto, folder: Path) -> list[str]:
+    """Write model.onnx; weights go to model.onnx.data when the file would pass 2 GB."""
+    path = folder / MODEL_FILE
+    external = not _small_enough(proto) or proto.ByteSize() > TWO_GB
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    return [MODEL_FILE, DATA_FILE] if external else [MODEL_FILE]
+
+
+def _small_enough(proto: onnx.ModelProto) -> bool:
+    total = sum(len(t.raw_data) for t in proto.graph.initializer)
+    return total < TWO_GB
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def io_signature(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        return {"name": vi.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(),
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+    return {"inputs": [describe(v) for v in proto.graph.input],
+            "outputs": [describe(v) for v in proto.graph.output]}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise RuntimeFailure("not a mixport export folder (no manifest.json)", given=str(folder),
+                             expected="a folder written by `mixport export`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {exc}",
+                             expected="the manifest `mixport export` wrote") from None

@@ -1,0 +1,122 @@
+"""Read a Hugging Face Mixtral folder's safetensors (never pickles) into mixport names."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mixport.errors import CheckpointError
+from mixport.exporter.config import MoEConfig
+
+INDEX = "model.safetensors.index.json"
+_FUSED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The folder's weight files: sharded via the index, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError("unreadable safetensors index", given=f"{index}: {exc!r}",
+                                  expected="a JSON object with a 'weight_map'") from None
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError("the safetensors index names shards that are missing",
+                                  given=", ".join(missing), expected="every shard beside the index")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if list(model_dir.glob("pytorch_model*.bin")) or list(model_dir.glob("*.pt")):
+        raise CheckpointError("the folder holds only pickled weights (pytorch_model*.bin), which mixport "
+                              "never loads", given=str(model_dir), expected="*.safetensors",
+                              hint="convert once in a trusted environment: "
+                                   "AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, "
+                                   "safe_serialization=True)")
+    raise CheckpointError("no weights in the model folder", given=str(model_dir),
+                          expected="model.safetensors or sharded model-*.safetensors + " + INDEX)
+
+
+def check_safetensors(path: Path) -> None:
+    """Validate the header and that every tensor's bytes lie inside the file (truncation)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError("safetensors file too short for a header", given=f"{path} ({size} bytes)",
+                                  expected="an 8-byte header length + JSON header + data")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError("safetensors header runs past the end of the file (truncated?)",
+                                  given=f"{path}: header {n} bytes, file {size} bytes",
+                                  expected="a complete file", hint="download or copy it again")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError("safetensors header is not valid JSON", given=str(path),
+                                  expected="a safetensors file") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if ends and max(ends) > size - 8 - n:
+        raise CheckpointError("safetensors file is truncated", given=f"{path}: {size} bytes",
+                              expected=f"{max(ends) + 8 + n} bytes as its header declares",
+                              hint="download or copy it again")
+
+
+def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every tensor of the folder, after validating each file."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        check_safetensors(path)
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+def to_mixport_names(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF name -> mixport state_dict names; splits transformers-v5 fused expert tensors."""
+    name = name.removeprefix("model.").replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    fused = _FUSED.search(name)
+    if not fused:
+        yield name, tensor
+        return
+    layer, kind = fused.groups()
+    base = f"layers.{layer}.block_sparse_moe.experts"
+    for e in range(tensor.shape[0]):
+        if kind == "gate_up_proj":  # [E, 2F, H]
+            gate, up = tensor[e].chunk(2, dim=0)
+            yield f"{base}.{e}.w1.weight", gate
+            yield f"{base}.{e}.w3.weight", up
+        else:  # down_proj [E, H, F]
+            yield f"{base}.{e}.w2.weight", tensor[e]
+
+
+def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.Size],
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter the reference model expects, checked for presence and shape."""
+    state: dict[str, torch.Tensor] = {}
+    for hf_name, tensor in iter_tensors(model_dir):
+        for name, t in to_mixport_names(hf_name, tensor):
+            if name in expected:
+                state[name] = t.to(dtype)
+    if "lm_head.weight" not in state and cfg.tie_word_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{len(missing)} weights missing from the checkpoint",
+                              given=", ".join(missing[:3]) + ("..." if len(missing) > 3 else ""),
+                              expected="every Mixtral parameter for this config.json")
+    for name, t in state.items():
+        if t.shape != expected[name]:
+            raise CheckpointError(f"weight '{name}' has the wrong shape", given=tuple(t.shape),
+                                  expected=tuple(expected[name]), hint="does config.json match the weights?")
+    return state

@@ -1,0 +1,93 @@
+"""``mixport export``: HF folder -> reference model -> ONNX -> passes -> export folder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+import mixport
+from mixport.errors import ConfigError
+from mixport.exporter import artifact
+from mixport.exporter.loader import load_reference
+from mixport.exporter.routing_onnx import ONNX_OPSET
+from mixport.exporter.tiny import write_tiny
+from mixport.exporter.trace import trace
+
+BUILTIN_MODELS = ("tiny",)
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[str]
+    pass_counts: dict[str, int] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def resolve_source(model_dir: Path | None, builtin: str | None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A readable HF folder plus how to find it again (path, or builtin name + seed)."""
+    if (model_dir is None) == (builtin is None):
+        raise ConfigError("give exactly one model source", given=f"MODEL_DIR={model_dir}, --model={builtin}",
+                          expected="a Hugging Face folder or --model tiny")
+    if builtin is not None:
+        if builtin not in BUILTIN_MODELS:
+            raise ConfigError("unknown built-in model", given=builtin, expected=" | ".join(BUILTIN_MODELS))
+        with tempfile.TemporaryDirectory(prefix="mixport-tiny-") as tmp:
+            yield write_tiny(Path(tmp)), {"builtin": builtin, "seed": 0}
+        return
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ConfigError("model folder not found", given=str(path), expected="a Hugging Face model folder")
+    yield path, {"path": str(path.absolute())}
+
+
+def _quiet_exporter() -> None:
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None, dtype: str = "fp32",
+           force: bool = False, fuse: bool = True, progress: Callable[[str], None] | None = None
+           ) -> ExportResult:
+    """Export MODEL_DIR (or a built-in model) into OUT_DIR atomically; returns what was written."""
+    step = progress or (lambda _msg: None)
+    artifact.check_target(out_dir, force)
+    _quiet_exporter()
+    with resolve_source(model_dir, builtin) as (src, source_info):
+        step("loading weights")
+        model, cfg, config_hash = load_reference(src, dtype)
+        with artifact.staging_dir(out_dir, force) as tmp:
+            step("tracing to ONNX")
+            proto = trace(model)
+            counts: dict[str, int] = {}
+            if fuse:
+                step("fusing experts")
+                counts = _run_passes(proto)
+            step("writing files")
+            files = artifact.save_model(proto, tmp)
+            files += artifact.copy_tokenizer(src, tmp)
+            manifest = {
+                "mixport_version": mixport.__version__, "source": source_info,
+                "config_sha256": config_hash, "dtype": dtype, "opset": ONNX_OPSET,
+                "onnx_sha256": artifact.file_sha256(tmp / artifact.MODEL_FILE),
+                "fused": bool(counts), "passes": counts, "files": files,
+                "config": asdict(cfg), **artifact.io_signature(proto)}
+            artifact.write_manifest(tmp, manifest)
+    return ExportResult(Path(out_dir), files, counts, manifest)
+
+
+def _run_passes(proto: onnx.ModelProto) -> dict[str, int]:
+    """The fusion pipeline, when mixport.passes provides one (see the fusion issue)."""
+    try:
+        from mixport.passes import run_pipeline
+    except ImportError:
+        return {}
+    return run_pipeline(proto)

@@ -1,0 +1,42 @@
+"""Build mixport's reference model from a Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mixport.errors import ConfigError
+from mixport.exporter.checkpoint import load_state_dict
+from mixport.exporter.config import MoEConfig, load_config
+from mixport.exporter.model import MixtralModel
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError("unsupported dtype", given=name, expected=" | ".join(DTYPES))
+    return DTYPES[name]
+
+
+def build_model(cfg: MoEConfig, state: dict[str, torch.Tensor]) -> MixtralModel:
+    """A reference model whose parameters are exactly ``state`` (no copy, no init)."""
+    with torch.device("meta"):
+        model = MixtralModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    d = cfg.head_dim  # the rope buffer is not in the checkpoint: compute it off the meta device
+    model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    return model.eval()
+
+
+def expected_shapes(cfg: MoEConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in MixtralModel(cfg).state_dict().items()}
+
+
+def load_reference(model_dir: Path, dtype: str = "fp32") -> tuple[MixtralModel, MoEConfig, str]:
+    """(model, config, config sha256) for MODEL_DIR, weights in ``dtype``."""
+    cfg, config_hash = load_config(model_dir)
+    state = load_state_dict(model_dir, cfg, expected_shapes(cfg), torch_dtype(dtype))
+    return build_model(cfg, state), cfg, config_hash

@@ -1,0 +1,88 @@
+"""The built-in tiny model: Mixtral architecture, seeded random weights, a tokenizer built in code.
+
+It is a real Hugging Face folder (config.json, model.safetensors with the hub's
+parameter names, tokenizer.json, tokenizer_config.json) so every path mixport
+takes on a downloaded checkpoint runs on it unchanged, without a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mixport.exporter.config import MoEConfig
+
+CORPUS = """\
+The mixture of experts routes every token to a few of its feed forward experts.
+A router scores the experts, keeps the top two, and sums their outputs by weight.
+Sparse models read only the weights of the experts they pick, so they run fast.
+Once upon a time a small model learned to write short stories about the sea.
+The ship sailed north, the wind was cold, and the sailors sang an old song.
+Parity is proven, not hoped for: every backend must agree on every token.
+def generate(prompt, steps): return [sample(logits) for _ in range(steps)]
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 1000 2026
+"""
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+TINY = MoEConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                 num_experts_per_tok=2, head_dim=16, max_position_embeddings=512,
+                 rope_theta=10000.0)
+
+
+def build_tokenizer(vocab_size: int = 512):  # -> tokenizers.Tokenizer
+    """A byte-level BPE trained on CORPUS: deterministic, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return tok
+
+
+def random_state(cfg: MoEConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded weights under the hub's names; the router is scaled up so routing is decisive."""
+    from mixport.exporter.loader import expected_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            std = 1.0 if ".gate." in name else (1.0 if "embed" in name else shape[-1] ** -0.5)
+            t = std * torch.randn(shape, generator=gen)
+        hf = name if name == "lm_head.weight" else f"model.{name}"
+        state[hf] = t.contiguous()
+    return state
+
+
+def write_tiny(out_dir: Path, cfg: MoEConfig | None = None, seed: int = 0) -> Path:
+    """Write a complete HF Mixtral folder for ``cfg`` (default: the built-in tiny config)."""
+    from safetensors.torch import save_file
+
+    cfg = cfg or TINY
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(min(cfg.vocab_size, 512))
+    cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    save_file(random_state(cfg, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "chat_template": CHAT_TEMPLATE}, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2))
+    return out_dir

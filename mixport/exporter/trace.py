@@ -1,0 +1,113 @@
+"""Trace the reference model to ONNX with the dynamo exporter, then finish the graph.
+
+Finishing: clean initializer names (= the checkpoint's mixport names), one name per
+dynamic dim, the TopKRouting function body attached, symbolic dims asserted.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import torch
+
+from mixport import ops
+from mixport.errors import ExportError
+from mixport.exporter import routing_onnx
+from mixport.exporter.model import MixtralModel
+
+DIM_NAMES = {"batch": "batch", "seq": "seq", "past": "past_seq", "total": "total_seq"}
+TOTAL = "total_seq"  # past_seq + seq
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class _Flat(torch.nn.Module):
+    """Flat outputs (logits, present...) for the exporter."""
+
+    def __init__(self, model: MixtralModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: ANN001
+        logits, present = self.model(input_ids, attention_mask, position_ids, past)
+        return logits, *present
+
+
+def _example(model: MixtralModel) -> tuple[tuple, dict]:
+    """B=2, S=3, P=2: every dim >= 2 so none is specialized to a constant."""
+    cfg = model.cfg
+    dtype = model.lm_head.weight.dtype
+    b, s, p = 2, 3, 2
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    pos = torch.arange(p, p + s)[None].expand(b, s).contiguous()
+    past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype)
+            for _ in range(2 * cfg.num_hidden_layers)]
+    B, S, P, T = (torch.export.Dim(n, max=1 << 20) for n in ("batch", "seq", "past", "total"))
+    dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: T},
+           "position_ids": {0: B, 1: S}, "past": [{0: B, 2: P}] * len(past)}
+    return (ids, mask, pos, past), dyn
+
+
+def trace(model: MixtralModel) -> onnx.ModelProto:
+    """The exported (unfused) model: TopKRouting nodes + per-expert FFNs."""
+    routing_onnx.register_schema()
+    args, dyn = _example(model)
+    inputs, outputs = io_names(model.cfg.num_hidden_layers)
+    table = {torch.ops.mixport.topk_routing.default: routing_onnx.translation(model.cfg.num_local_experts)}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _Flat(model), args, dynamo=True, optimize=False, opset_version=routing_onnx.ONNX_OPSET,
+                dynamic_shapes=dyn, custom_translation_table=table, input_names=inputs,
+                output_names=outputs, report=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types; one clear line for the user
+        raise ExportError("torch.onnx.export failed", given=f"{type(exc).__name__}: {str(exc)[:300]}",
+                          expected="a traceable Mixtral reference model") from exc
+    proto = program.model_proto
+    finish(proto, model)
+    return proto
+
+
+def _rename_dims(proto: onnx.ModelProto) -> None:
+    """Exporter dim names ('past + seq', 's17'...) -> batch, seq, past_seq, total_seq."""
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                name = d.dim_param.replace(" ", "")
+                d.dim_param = DIM_NAMES.get(name, TOTAL if "+" in name else name)
+
+
+def _check_dims(proto: onnx.ModelProto) -> None:
+    expected = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", TOTAL],
+                "position_ids": ["batch", "seq"], "logits": ["batch", "seq", None]}
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        dims = [d.dim_param or None for d in vi.type.tensor_type.shape.dim]
+        want = expected.get(vi.name)
+        if want is None:
+            want = ["batch", None, "past_seq" if vi.name.startswith("past") else TOTAL, None]
+        if any(w is not None and d != w for d, w in zip(dims, want, strict=True)):
+            raise ExportError(f"exported input/output '{vi.name}' lost a dynamic dimension",
+                              given=dims, expected=want, hint="the trace specialized a dim to a constant")
+
+
+def finish(proto: onnx.ModelProto, model: MixtralModel) -> None:
+    for init in proto.graph.initializer:
+        init.name = init.name.removeprefix("model.")
+    for node in proto.graph.node:
+        node.input[:] = [n.removeprefix("model.") if n.startswith("model.") else n for n in node.input]
+    _rename_dims(proto)
+    _check_dims(proto)
+    cfg = model.cfg
+    elem = onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=model.lm_head.weight.dtype)
+                                                .numpy(force=True).dtype) \
+        if model.lm_head.weight.dtype != torch.bfloat16 else onnx.TensorProto.BFLOAT16
+    proto.functions.append(routing_onnx.routing_function(cfg.num_experts_per_tok, cfg.normalization, elem))
+    if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))

@@ -1,0 +1,118 @@
+"""``mixport.runtime.load(OUT_DIR).generate(...)``: the Python face of ``mixport run``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mixport
+from mixport.errors import RuntimeFailure
+from mixport.exporter import artifact
+from mixport.runtime.generate import GenerationRequest, generate
+from mixport.runtime.ort_session import OrtSession
+from mixport.runtime.sampling import SamplingConfig
+from mixport.runtime.session import Session
+from mixport.runtime.tokenizer import Tokenizer, load_tokenizer
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+
+def validate_folder(folder: Path, manifest: dict[str, Any]) -> Path:
+    """The folder's model.onnx, after checking the manifest describes it."""
+    made_by = str(manifest.get("mixport_version", "0"))
+    if _version_tuple(made_by) > _version_tuple(mixport.__version__):
+        raise RuntimeFailure("the folder was exported by a newer mixport", given=made_by,
+                             expected=f"<= {mixport.__version__}", hint="pip install -U mixport")
+    path = folder / artifact.MODEL_FILE
+    if not path.is_file():
+        raise RuntimeFailure("the export folder has no model.onnx", given=str(folder),
+                             expected="model.onnx beside manifest.json", hint="export again")
+    if "onnx_sha256" in manifest and artifact.file_sha256(path) != manifest["onnx_sha256"]:
+        raise RuntimeFailure("model.onnx does not match the manifest (changed after export?)",
+                             given=str(path), expected=f"sha256 {manifest['onnx_sha256'][:12]}...",
+                             hint="export again, or restore the original model.onnx")
+    return path
+
+
+class Pipeline:
+    """A loaded export folder: session + tokenizer + generation."""
+
+    def __init__(self, folder: Path, session: Session, manifest: dict[str, Any],
+                 tokenizer: Tokenizer | None) -> None:
+        self.folder, self.session, self.manifest, self.tokenizer = folder, session, manifest, tokenizer
+        self.config = manifest["config"]
+
+    @property
+    def context(self) -> int:
+        return int(self.config["max_position_embeddings"])
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if self.tokenizer is None:
+            raise RuntimeFailure("the folder has no tokenizer, so prompts must be token ids",
+                                 given=repr(prompt[:40]), expected="--prompt '1 2 3' (ids separated by spaces)")
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt, add_bos=False)
+        if not prompt:
+            raise RuntimeFailure("empty prompt", given="''", expected="some text")
+        return self.tokenizer.encode(prompt)
+
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.config.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer and self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return tuple(sorted(ids))
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32,
+                     sampling: SamplingConfig | None = None, stop: list[str] | None = None,
+                     on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        req = GenerationRequest(prompts, max_new_tokens, sampling or SamplingConfig(), self.eos_ids(),
+                                pad_id=int(self.config.get("pad_token_id") or 0),
+                                stop=self._stopper(stop), on_token=on_token)
+        return generate(self.session, req, self.context)
+
+    def _stopper(self, stop: list[str] | None) -> Callable[[int, list[int]], bool] | None:
+        if not stop or self.tokenizer is None:
+            return None
+        tok = self.tokenizer
+        return lambda _row, ids: any(s in tok.decode(ids) for s in stop)
+
+    def decode(self, ids: list[int], stop: list[str] | None = None) -> str:
+        """Text of ``ids`` (ids as text without a tokenizer), cut at the first stop string."""
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        text = self.tokenizer.decode(ids)
+        for s in stop or []:
+            text = text.split(s)[0] if s in text else text
+        return text
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 32, *, chat: bool = False,
+                 stop: list[str] | None = None, **sampling: Any) -> str | list[str]:
+        """Text in, text out; a list of prompts runs as one left-padded batch."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = [self.encode(p, chat) for p in prompts]
+        out = self.generate_ids(ids, max_new_tokens, SamplingConfig(**sampling), stop)
+        texts = [self.decode(o, stop) for o in out]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 32, *, chat: bool = False,
+               stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
+        """Yield text pieces as tokens are produced (one prompt)."""
+        from mixport.runtime.streaming import stream_text
+
+        yield from stream_text(self, prompt, max_new_tokens, chat=chat, stop=stop, **sampling)
+
+
+def load(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Pipeline:
+    """Open an export folder with ONNX Runtime."""
+    folder = Path(folder)
+    manifest = artifact.read_manifest(folder)
+    path = validate_folder(folder, manifest)
+    session = OrtSession(path, manifest, device=device, threads=threads)
+    return Pipeline(folder, session, manifest, load_tokenizer(folder))

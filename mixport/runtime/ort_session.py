@@ -1,0 +1,88 @@
+"""ONNX Runtime backend of the Session interface (CPU by default, CUDA when asked and present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixport.errors import RuntimeFailure
+
+NP_DTYPES = {"float": np.float32, "float16": np.float16, "bfloat16": None}
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeFailure("ONNX Runtime has no CUDA provider here", given=", ".join(available),
+                                 expected="CUDAExecutionProvider",
+                                 hint="pip install 'mixport[gpu]' (onnxruntime-gpu) on a CUDA machine")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise RuntimeFailure("unknown device", given=device, expected="cpu | cuda")
+
+
+class OrtSession:
+    """model.onnx in an InferenceSession; the cache is the previous step's present tensors."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str = "cpu",
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.sess = ort.InferenceSession(str(model_path), opts, providers=providers_for(device))
+        except Exception as exc:  # ORT raises its own exception types; one line for the user
+            raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
+                                 f"{str(exc).splitlines()[0][:300]}", expected="a valid model.onnx") from None
+        cfg = manifest["config"]
+        self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
+                                                     cfg["head_dim"])
+        past = next(i for i in self.sess.get_inputs() if i.name.startswith("past_key_values"))
+        self.dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(past.type)
+        if self.dtype is None:
+            raise RuntimeFailure("this ONNX Runtime build cannot feed the model's cache type",
+                                 given=past.type, expected="float or float16",
+                                 hint="export with --dtype fp32 or fp16 for ONNX Runtime's CPU provider")
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.past: list[np.ndarray] = []
+        self.past_len = 0
+
+    def reset(self, batch: int) -> None:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        self.past = [np.zeros(shape, self.dtype) for _ in range(2 * self.layers)]
+        self.past_len = 0
+
+    def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64)}
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
+            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+        return feed
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One raw inference (Polygraphy-runner shaped): every graph output by name."""
+        return dict(zip(self.output_names, self.sess.run(self.output_names, feed), strict=True))
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        out = self.run(self.feed(input_ids, attention_mask, position_ids))
+        self.past = [out[f"present.{i}.{kv}"] for i in range(self.layers) for kv in ("key", "value")]
+        self.past_len += input_ids.shape[1]
+        return out["logits"]
+
+    def close(self) -> None:
+        self.sess = None

@@ -1,0 +1,65 @@
+"""Incremental detokenization: text pieces as tokens arrive, never a broken UTF-8 sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from mixport.runtime.generate import GenerationRequest, iter_generate
+from mixport.runtime.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from mixport.runtime.api import Pipeline
+
+
+class TextStream:
+    """Feed token ids; ``push`` returns the newly printable text (held back while a
+    multi-byte character or a possible stop string is incomplete)."""
+
+    def __init__(self, decode, stop: list[str] | None = None) -> None:  # noqa: ANN001
+        self.decode, self.stop = decode, stop or []
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        for s in self.stop:
+            if s in text:
+                self.stopped = True
+                text = text.split(s)[0]
+        if self.stopped:
+            return self._take(text)
+        if text.endswith("\ufffd"):
+            return ""
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = len(text) - hold if hold else len(text)
+        return self._take(text[:max(safe, self.emitted)])
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        for s in self.stop:
+            text = text.split(s)[0] if s in text else text
+        return self._take(text)
+
+    def _take(self, text: str) -> str:
+        piece = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        return piece
+
+
+def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
+                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
+    ids = pipe.encode(prompt, chat)
+    text = TextStream(pipe.decode, stop)
+    req = GenerationRequest([ids], max_new_tokens, SamplingConfig(**sampling), pipe.eos_ids(),
+                            pad_id=int(pipe.config.get("pad_token_id") or 0),
+                            stop=lambda _row, _ids: text.stopped)
+    for _row, token in iter_generate(pipe.session, req, pipe.context):
+        piece = text.push(token)
+        if piece:
+            yield piece
+    tail = text.flush()
+    if tail:
+        yield tail

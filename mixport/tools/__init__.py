@@ -1,0 +1,1 @@
+"""Checks and benchmarks over export folders (parity, timing)."""

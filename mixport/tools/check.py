@@ -1,0 +1,226 @@
+"""``mixport check``: PyTorch vs ONNX Runtime through Polygraphy's Comparator.
+
+Teacher-forced: the prompt and the greedy continuation come from the PyTorch
+reference; every runner sees the same tokens (and ONNX Runtime the reference's
+cache), so each step compares like with like. Routing ids per layer are compared
+as sets; tokens whose k-th and (k+1)-th router probabilities tie are counted apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from mixport.exporter import artifact
+from mixport.exporter.export import resolve_source
+from mixport.exporter.loader import load_reference
+from mixport.exporter.model import MixtralModel
+
+TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
+TIE_GAP = 1e-6
+
+
+@dataclass
+class OutputStat:
+    name: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclass
+class RoutingStat:
+    layer: int
+    tokens: int
+    agree: int
+    ties: int  # tokens whose k-th / (k+1)-th probabilities tie (either pick is right)
+    tie_mismatch: int
+
+    @property
+    def passed(self) -> bool:
+        return self.agree + self.tie_mismatch == self.tokens
+
+
+@dataclass
+class CheckReport:
+    runners: list[str]
+    steps: int
+    atol: float
+    rtol: float
+    outputs: list[OutputStat] = field(default_factory=list)
+    routing: list[RoutingStat] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
+
+
+def debug_model(model_path: Path, tmp: Path) -> Path:
+    """A copy of model.onnx that also outputs every TopKRouting's ids as routing.{i}.ids."""
+    proto = onnx.load(str(model_path))
+    routers = [n for n in proto.graph.node if n.domain == "mixport" and n.op_type == "TopKRouting"]
+    for i, node in enumerate(routers):
+        name = f"routing.{i}.ids"
+        proto.graph.node.append(onnx.helper.make_node("Identity", [node.output[1]], [name]))
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    path = tmp / "debug.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, location="debug.onnx.data")
+    return path
+
+
+def reference_feeds(model: MixtralModel, prompt: list[int], steps: int) -> list[dict[str, np.ndarray]]:
+    """Prefill + ``steps`` greedy decode feeds, the past taken from the reference's present."""
+    cfg = model.cfg
+    past = model.empty_past(1)
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    pos = torch.arange(len(prompt))[None]
+    feeds = []
+    for _ in range(steps + 1):
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+        for i in range(cfg.num_hidden_layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * i].numpy()
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1].numpy()
+        feeds.append(feed)
+        with torch.no_grad():
+            logits, past = model(ids, mask, pos, past)
+        ids = logits[:, -1:].argmax(-1)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    return feeds
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy() -> Iterator[None]:
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = old
+    logging.getLogger("polygraphy").setLevel(logging.ERROR)
+
+
+def _skip_routing(name: str, _index: int, iter_result: Any) -> list[str]:
+    if name.startswith("routing.") or name not in iter_result:
+        return []
+    return [name]
+
+
+def _output_stats(accuracy: Any, atol: float, rtol: float) -> list[OutputStat]:
+    """Worst case over every step, per output, from Polygraphy's per-iteration results."""
+    worst: dict[str, OutputStat] = {}
+    pairs = [it for acc in accuracy for its in acc.values() for it in its]
+    if True:
+        for iteration in pairs:
+            for name, res in iteration.items():
+                old = worst.get(name)
+                stat = OutputStat(name, float(res.max_absdiff), float(res.max_reldiff), bool(res))
+                if old is None:
+                    worst[name] = stat
+                else:
+                    worst[name] = OutputStat(name, max(old.max_abs, stat.max_abs),
+                                             max(old.max_rel, stat.max_rel), old.passed and stat.passed)
+    return list(worst.values())
+
+
+def _routing_stats(ref: list[Any], ort: list[Any], layers: int, k: int) -> list[RoutingStat]:
+    stats = []
+    for i in range(layers):
+        tokens = agree = ties = tie_mismatch = 0
+        for r, o in zip(ref, ort, strict=True):
+            probs = r[f"routing.{i}.probs"].reshape(-1, r[f"routing.{i}.probs"].shape[-1])
+            a = np.sort(r[f"routing.{i}.ids"].reshape(len(probs), -1), axis=1)
+            b = np.sort(o[f"routing.{i}.ids"].reshape(len(probs), -1), axis=1)
+            srt = -np.sort(-probs, axis=1)
+            tie = (srt[:, k - 1] - srt[:, k] <= TIE_GAP) if probs.shape[1] > k else np.zeros(len(probs), bool)
+            same = (a == b).all(axis=1)
+            tokens += len(probs)
+            agree += int(same.sum())
+            ties += int(tie.sum())
+            tie_mismatch += int((~same & tie).sum())
+        stats.append(RoutingStat(i, tokens, agree, ties, tie_mismatch))
+    return stats
+
+
+def torch_runner(source: Path, model: MixtralModel, prefer_transformers: bool):  # -> BaseRunner
+    from mixport.tools.torch_runners import ReferenceRunner, TransformersRunner
+
+    if prefer_transformers:
+        try:
+            import transformers  # noqa: F401
+            return TransformersRunner(source)
+        except ImportError:
+            pass
+    return ReferenceRunner(model)
+
+
+def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_transformers: bool = True,
+              seed: int = 0) -> CheckReport:
+    """Compare PyTorch and ONNX Runtime on FOLDER's export over a prefill + ``steps`` decodes."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    folder = Path(folder)
+    manifest = artifact.read_manifest(folder)
+    from mixport.runtime.api import validate_folder
+
+    model_path = validate_folder(folder, manifest)
+    dtype = manifest["dtype"]
+    atol, rtol = TOLERANCES[dtype]
+    src_info = manifest["source"]
+    with resolve_source(Path(src_info["path"]) if "path" in src_info else None, src_info.get("builtin")) \
+            as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, _quiet_polygraphy():
+        ref_model, cfg, _ = load_reference(src, "fp32")
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(3, cfg.vocab_size, prompt_len).tolist()
+        feeds = reference_feeds(ref_model, prompt, steps)
+        if dtype != "fp32":
+            feeds = [_cast_past(f, dtype) for f in feeds]
+        runners = [torch_runner(src, ref_model, prefer_transformers),
+                   OnnxrtRunner(SessionFromOnnx(str(debug_model(model_path, Path(tmp)))), name="onnxruntime")]
+        results = Comparator.run(runners, data_loader=feeds)
+        func = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="max",
+                                  find_output_func=_skip_routing)
+        accuracy = Comparator.compare_accuracy(results, compare_func=func)
+        (_, ref_iters), (_, ort_iters) = results.items()
+        report = CheckReport([r.name for r in runners], steps, atol, rtol)
+        report.outputs = _output_stats(accuracy, atol, rtol)
+        report.routing = _routing_stats(ref_iters, ort_iters, cfg.num_hidden_layers, cfg.num_experts_per_tok)
+    return report
+
+
+def _cast_past(feed: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    np_dtype = {"fp16": np.float16}.get(dtype)
+    if np_dtype is None:
+        import ml_dtypes  # bf16 numpy arrays; shipped with onnx
+        np_dtype = ml_dtypes.bfloat16
+    return {k: v.astype(np_dtype) if k.startswith("past") else v for k, v in feed.items()}
+
+
+def format_report(report: CheckReport) -> str:
+    """A plain table: one line per output, one per layer's routing."""
+    a, b = report.runners
+    lines = [f"parity: {a} vs {b}, prefill + {report.steps} decode steps "
+             f"(atol {report.atol:g}, rtol {report.rtol:g})",
+             f"  {'output':<22} {'max abs err':>12} {'max rel err':>12}  result"]
+    for o in report.outputs:
+        lines.append(f"  {o.name:<22} {o.max_abs:>12.3e} {o.max_rel:>12.3e}  {'ok' if o.passed else 'FAIL'}")
+    lines.append(f"  {'routing':<22} {'tokens':>12} {'same experts':>12}  ties")
+    for r in report.routing:
+        lines.append(f"  {'layer ' + str(r.layer):<22} {r.tokens:>12} {r.agree:>12}  {r.ties}"
+                     f"{' (differ only on ties: ' + str(r.tie_mismatch) + ')' if r.tie_mismatch else ''}"
+                     f"  {'ok' if r.passed else 'FAIL'}")
+    lines.append("parity: PASSED" if report.passed else "parity: FAILED")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Polygraphy runners for the PyTorch side of a parity check.
+
+Both take a feed of the exported graph's inputs and return its outputs by name,
+plus ``routing.{i}.ids`` [T, k] and ``routing.{i}.probs`` [T, E] per layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+from mixport.exporter.model import MixtralModel
+
+
+def input_metadata(num_layers: int, dtype: np.dtype = np.float32) -> TensorMetadata:
+    """The exported graph's inputs, so Polygraphy hands a runner the whole feed."""
+    meta = TensorMetadata()
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        meta.add(name, np.int64, (-1, -1))
+    for i in range(num_layers):
+        for kv in ("key", "value"):
+            meta.add(f"past_key_values.{i}.{kv}", dtype, (-1, -1, -1, -1))
+    return meta
+
+
+def _routing(probs: list[torch.Tensor], k: int) -> dict[str, np.ndarray]:
+    out = {}
+    for i, p in enumerate(probs):
+        out[f"routing.{i}.probs"] = p.float().numpy()
+        out[f"routing.{i}.ids"] = torch.topk(p.float(), k, dim=-1).indices.numpy()
+    return out
+
+
+class ReferenceRunner(BaseRunner):
+    """mixport's own reference model; stateless (the past comes from the feed)."""
+
+    def __init__(self, model: MixtralModel, name: str = "pytorch-mixport") -> None:
+        super().__init__(name=name, prefix="pyt-ref")
+        self.model = model
+
+    def activate_impl(self) -> None:
+        self.probs: list[torch.Tensor] = []
+        self.hooks = [layer.block_sparse_moe.gate.register_forward_hook(self._hook)
+                      for layer in self.model.layers]
+
+    def _hook(self, module, args, _out) -> None:  # noqa: ANN001
+        logits = torch.nn.functional.linear(args[0], module.weight)
+        self.probs.append(torch.softmax(logits.float(), dim=-1))
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        return input_metadata(self.model.cfg.num_hidden_layers)
+
+    def infer_impl(self, feed_dict: OrderedDict) -> OrderedDict:
+        start = time.perf_counter()
+        out = self._infer(feed_dict)
+        self.inference_time = time.perf_counter() - start
+        return out
+
+    def _infer(self, feed_dict: OrderedDict) -> OrderedDict:
+        self.probs = []
+        n = self.model.cfg.num_hidden_layers
+        past = [torch.from_numpy(feed_dict[f"past_key_values.{i}.{kv}"]) for i in range(n)
+                for kv in ("key", "value")]
+        with torch.no_grad():
+            logits, present = self.model(*(torch.from_numpy(feed_dict[k]) for k in
+                                           ("input_ids", "attention_mask", "position_ids")), past)
+        out = OrderedDict(logits=logits.float().numpy())
+        for i in range(n):
+            out[f"present.{i}.key"] = present[2 * i].float().numpy()
+            out[f"present.{i}.value"] = present[2 * i + 1].float().numpy()
+        out.update(_routing(self.probs, self.model.cfg.num_experts_per_tok))
+        return out
+
+    def deactivate_impl(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class TransformersRunner(BaseRunner):
+    """transformers' MixtralForCausalLM on the source folder. It keeps its own cache:
+    a feed with an empty past starts a new sequence; later feeds must continue it."""
+
+    def __init__(self, model_dir: Path, name: str = "pytorch-transformers") -> None:
+        super().__init__(name=name, prefix="pyt-hf")
+        self.model_dir = Path(model_dir)
+
+    def activate_impl(self) -> None:
+        from transformers import MixtralForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+        self.model = MixtralForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        self.cache = None
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        return input_metadata(self.model.config.num_hidden_layers)
+
+    def infer_impl(self, feed_dict: OrderedDict) -> OrderedDict:
+        start = time.perf_counter()
+        out = self._infer(feed_dict)
+        self.inference_time = time.perf_counter() - start
+        return out
+
+    def _infer(self, feed_dict: OrderedDict) -> OrderedDict:
+        if feed_dict["past_key_values.0.key"].shape[2] == 0:
+            self.cache = None
+        t = {k: torch.from_numpy(feed_dict[k]) for k in ("input_ids", "attention_mask", "position_ids")}
+        t[self.cache_arg] = self.cache
+        with torch.no_grad():
+            res = self.model(**t, use_cache=True, output_router_logits=True)
+        self.cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+        out = OrderedDict(logits=res.logits.float().numpy())
+        for i, layer in enumerate(self.cache.layers):
+            out[f"present.{i}.key"] = layer.keys.float().numpy()
+            out[f"present.{i}.value"] = layer.values.float().numpy()
+        probs = [torch.softmax(r.float(), dim=-1) for r in res.router_logits]
+        out.update(_routing(probs, self.model.config.num_experts_per_tok))
+        return out
+
+    def deactivate_impl(self) -> None:
+        del self.model

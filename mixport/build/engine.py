@@ -15,7 +15,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mixport.build.network import LayerInfo, ParsedNetwork, list_layers, parse_onnx
+from mixport.build.network import (
+    LayerInfo,
+    ParsedNetwork,
+    collect_plugin_errors,
+    list_layers,
+    parse_onnx,
+)
 from mixport.build.profiles import ProfileSpec, ShapeRange, input_shapes
 from mixport.build.symlink import ensure_parser_symlink
 from mixport.build.targets import DTYPES, apply_targets, check_dtype, resolve_targets
@@ -145,10 +151,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, dtype: str |
     config = builder.create_builder_config()
     concrete = apply_targets(trt, config, names)
     shapes = add_profile(builder, config, parsed, spec)
-    serialized = builder.build_serialized_network(parsed.network, config)
+    plugin_errors: list[str] = []
+    with collect_plugin_errors(plugin_errors):
+        serialized = builder.build_serialized_network(parsed.network, config)
     if serialized is None:
         raise BuildError("TensorRT could not build the engine: "
-                         + ("; ".join(logger.errors) or "no error reported"),
+                         + ("; ".join(plugin_errors + logger.errors) or "no error reported"),
                          given=f"{onnx_path} for {', '.join(concrete)}")
     size = write_atomically(engine_path, serialized)
     return BuildResult(engine_path, size, describe(trt), flavor_of(trt), found, concrete,

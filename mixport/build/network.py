@@ -81,8 +81,8 @@ def set_plugin_attrs(model: Any, use_plugins: bool) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _plugin_log(messages: list[str]) -> Iterator[None]:
-    """Collect what the plugin creators log while the parser runs."""
+def collect_plugin_errors(messages: list[str]) -> Iterator[None]:
+    """Collect the errors mixport plugins log (they reach TensorRT only as codes)."""
 
     class _Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -114,7 +114,7 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     plugin_messages: list[str] = []
-    with _plugin_log(plugin_messages):
+    with collect_plugin_errors(plugin_messages):
         if changes:
             ok = parser.parse(model.SerializeToString(), str(path))
         else:

@@ -68,7 +68,18 @@ class PluginCore:
 
     # -- build --------------------------------------------------------------
     def configure_plugin(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-        return None
+        dims = [tuple(int(d) for d in desc.desc.dims) for desc in inputs]
+        for what, found, expected in self.shape_checks(dims):
+            if found >= 0 and found != expected:  # -1: not known until runtime
+                error = PluginError(f"mixport::{self.op_name}: {what} does not match the node",
+                                    given=found, expected=expected,
+                                    hint=f"node fields: {self.values}")
+                log.error("%s", error)
+                raise error
+
+    def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
+        """(what, found, expected) pairs checked at build time; -1 dims are skipped."""
+        return []
 
     def get_valid_tactics(self) -> list[int]:
         return []  # one implementation: TensorRT passes the default tactic 0

@@ -56,6 +56,18 @@ class MoEPlugin(PluginCore):
             return names[IDS] == "INT64"
         return names[pos] == names[HIDDEN]  # weights, gate_up, down and out
 
+    def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
+        experts, k = int(self.values["num_experts"]), int(self.values["k"])
+        ranks = [(f"input {i} rank", len(d), r) for i, d in enumerate(dims)
+                 for r in [(2, 2, 2, 3, 3)[i]]]
+        if any(found != expected for _, found, expected in ranks):
+            return ranks
+        hidden, (e_gu, h_gu, two_f), (e_dn, f_dn, h_dn) = dims[HIDDEN][1], dims[GATE_UP], dims[DOWN]
+        return [("weights k (dim 1)", dims[WEIGHTS][1], k), ("ids k (dim 1)", dims[IDS][1], k),
+                ("gate_up experts (dim 0)", e_gu, experts), ("down experts (dim 0)", e_dn, experts),
+                ("gate_up hidden (dim 1)", h_gu, hidden), ("down hidden (dim 2)", h_dn, hidden),
+                ("down ffn (dim 1) vs gate_up 2F/2", f_dn, two_f // 2 if two_f >= 0 else -1)]
+
     def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
         tokens, hidden = (max(int(d), 0) for d in inputs[HIDDEN].max)
         experts, _, two_ffn = (max(int(d), 0) for d in inputs[GATE_UP].max)

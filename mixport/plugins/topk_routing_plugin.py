@@ -45,6 +45,13 @@ class TopKRoutingPlugin(PluginCore):
             return names[1] == names[0]  # weights follow the logits type
         return names[pos] == "INT64"  # ids
 
+    def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
+        experts = int(self.values["num_experts"])
+        checks = [("logits rank", len(dims[0]), 2), ("logits experts (dim 1)", dims[0][-1], experts)]
+        if int(self.values["k"]) > experts:
+            checks.append(("k (at most num_experts)", int(self.values["k"]), experts))
+        return checks
+
     def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
         # Room for fp32 probabilities [T, E] at the profile's largest T.
         tokens, experts = (max(int(d), 0) for d in inputs[0].max)

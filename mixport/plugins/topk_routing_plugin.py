@@ -47,7 +47,9 @@ class TopKRoutingPlugin(PluginCore):
 
     def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
         experts = int(self.values["num_experts"])
-        checks = [("logits rank", len(dims[0]), 2), ("logits experts (dim 1)", dims[0][-1], experts)]
+        if len(dims[0]) != 2:
+            return [("logits rank", len(dims[0]), 2)]
+        checks = [("logits experts (dim 1)", dims[0][1], experts)]
         if int(self.values["k"]) > experts:
             checks.append(("k (at most num_experts)", int(self.values["k"]), experts))
         return checks

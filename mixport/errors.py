@@ -44,3 +44,15 @@ class ParityError(MixportError):
     """Outputs of two backends disagree beyond tolerance."""
 
     exit_code = 3
+
+
+class PluginError(MixportError):
+    """A mixport TensorRT plugin cannot be created or registered."""
+
+
+class BuildError(MixportError):
+    """A TensorRT engine cannot be built from the ONNX file."""
+
+
+class TensorRTNotFoundError(BuildError):
+    """Neither `tensorrt` nor `tensorrt_rtx_bindings` can be imported."""

@@ -1,0 +1,21 @@
+"""Engine builder library: mixport ONNX -> TensorRT / TensorRT-RTX engine (see engine.py).
+
+Importing this package is cheap; TensorRT is imported by ``build_engine``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BuildResult", "LayerInfo", "ProfileSpec", "build_engine", "ensure_parser_symlink"]
+
+_WHERE = {"BuildResult": "engine", "build_engine": "engine", "LayerInfo": "network",
+          "ProfileSpec": "profiles", "ensure_parser_symlink": "symlink"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f"mixport.build.{_WHERE[name]}"), name)

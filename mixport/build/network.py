@@ -1,0 +1,150 @@
+"""Parse an ONNX file into a TensorRT network, with or without the mixport plugins.
+
+The parser builds a plugin layer for a mixport node when the node carries
+``plugin_namespace="mixport"`` and the creator is registered; otherwise it
+inlines the node's ONNX function body. The parser's plugin-override flag does
+not change that for namespaced creators, so this module sets (use_plugins) or
+strips (no plugins) the attribute on an in-memory copy of the graph; weights
+stay external and are read from beside the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from mixport.errors import BuildError
+from mixport.ops import DOMAIN, MOE, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_ROUTING
+
+_PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer of the parsed network: its name, LayerType name and plugin id if any."""
+
+    name: str
+    type: str
+    plugin: str | None = None  # "namespace::name" for plugin layers
+
+
+@dataclass
+class ParsedNetwork:
+    """The network and the objects that must outlive it until the build is done."""
+
+    network: Any
+    parser: Any
+    dim_params: dict[str, list[str | None]]
+    mixport_nodes: int
+
+
+def load_onnx(path: Path) -> Any:
+    """The ModelProto of ``path`` without external weights (cheap even for big models)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise BuildError("cannot read the ONNX file", given=str(path),
+                         expected="a valid .onnx model", hint=str(exc)) from exc
+
+
+def input_dim_params(model: Any) -> dict[str, list[str | None]]:
+    """{graph input: [dim_param or None per axis]}."""
+    return {vi.name: [d.dim_param or None for d in vi.type.tensor_type.shape.dim]
+            for vi in model.graph.input}
+
+
+def set_plugin_attrs(model: Any, use_plugins: bool) -> tuple[int, int]:
+    """Add (or strip) the plugin attributes on mixport nodes; returns (nodes, changes)."""
+    from onnx import helper
+
+    nodes = changes = 0
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type not in (TOPK_ROUTING, MOE):
+            continue
+        nodes += 1
+        present = {a.name: i for i, a in enumerate(node.attribute)}
+        for name, value in _PLUGIN_ATTRS.items():
+            if use_plugins and name not in present:
+                node.attribute.append(helper.make_attribute(name, value))
+                changes += 1
+            elif not use_plugins and name in present:
+                del node.attribute[[a.name for a in node.attribute].index(name)]
+                changes += 1
+    return nodes, changes
+
+
+@contextlib.contextmanager
+def collect_plugin_errors(messages: list[str]) -> Iterator[None]:
+    """Collect the errors mixport plugins log (they reach TensorRT only as codes)."""
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, logger = _Keep(logging.ERROR), logging.getLogger("mixport.plugins")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _parser_errors(parser: Any) -> list[str]:
+    errors = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = f"node {err.node()} ({err.node_name()}, {err.node_operator()})"
+        errors.append(f"{where}: {err.desc()}")
+    return errors
+
+
+def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
+               use_plugins: bool) -> ParsedNetwork:
+    """A strongly typed network parsed from ``path``; BuildError with the parser's text."""
+    model = load_onnx(path)
+    mixport_nodes, changes = set_plugin_attrs(model, use_plugins)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    plugin_messages: list[str] = []
+    with collect_plugin_errors(plugin_messages):
+        if changes:
+            ok = parser.parse(model.SerializeToString(), str(path))
+        else:
+            ok = parser.parse_from_file(str(path))
+    if not ok:
+        errors = "; ".join(plugin_messages + _parser_errors(parser)) or "no error reported"
+        hint = ("check the mixport node attributes against mixport/ops.py"
+                if use_plugins and mixport_nodes else
+                "without plugins, mixport nodes need their ONNX function bodies"
+                if mixport_nodes else None)
+        raise BuildError(f"TensorRT could not parse the ONNX file: {errors}",
+                         given=str(path), hint=hint)
+    return ParsedNetwork(network, parser, input_dim_params(model), mixport_nodes)
+
+
+def _plugin_id(trt: ModuleType, layer: Any) -> str | None:
+    try:
+        layer.__class__ = trt.IPluginV3Layer
+        core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+        return f"{core.plugin_namespace}::{core.plugin_name}"
+    except (AttributeError, TypeError, RuntimeError):  # C++ plugin: no Python core
+        return None
+
+
+def list_layers(trt: ModuleType, network: Any) -> tuple[LayerInfo, ...]:
+    """Every layer of ``network`` with its type; plugin layers carry their plugin id."""
+    layers = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = layer.type
+        plugin = _plugin_id(trt, layer) if kind == trt.LayerType.PLUGIN_V3 else None
+        layers.append(LayerInfo(layer.name, kind.name, plugin))
+    return tuple(layers)

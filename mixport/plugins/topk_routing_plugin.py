@@ -1,0 +1,82 @@
+"""``mixport::TopKRouting`` as a TensorRT IPluginV3 (glue only; kernels live elsewhere).
+
+    logits [T, E] float  ->  weights [T, k] same float type,  ids [T, k] int64
+    T tokens, E experts, k active experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from mixport.ops import NORMALIZATIONS, SCORING_FUNCS, TOPK_ROUTING
+from mixport.plugins import device
+from mixport.plugins.base import FLOAT_TYPES, CreatorCore, PluginCore, aligned
+from mixport.plugins.fields import FieldSpec
+
+FIELDS = (
+    FieldSpec("num_experts", "int"),
+    FieldSpec("k", "int"),
+    FieldSpec("scoring_func", "str", "softmax", SCORING_FUNCS),
+    FieldSpec("normalization", "str", "renormalize", NORMALIZATIONS),
+)
+
+
+class TopKRoutingPlugin(PluginCore):
+    """Softmax (fp32) -> top-k -> optional renormalization, one row per token."""
+
+    op_name: ClassVar[str] = TOPK_ROUTING
+    field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS
+    n_outputs: ClassVar[int] = 2
+
+    def get_output_data_types(self, input_types: Sequence[Any]) -> list[Any]:
+        return [input_types[0], self.trt.DataType.INT64]
+
+    def get_output_shapes(self, inputs: Sequence[Any], shape_inputs: Sequence[Any],
+                          expr_builder: Any) -> list[Any]:
+        out = self.trt.DimsExprs(inputs[0])  # [T, E] -> [T, k]
+        out[1] = expr_builder.constant(int(self.values["k"]))
+        return [out, self.trt.DimsExprs(out)]
+
+    def accepts_type(self, pos: int, names: list[str], num_inputs: int) -> bool:
+        if pos == 0:
+            return names[0] in FLOAT_TYPES  # logits
+        if pos == 1:
+            return names[1] == names[0]  # weights follow the logits type
+        return names[pos] == "INT64"  # ids
+
+    def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
+        experts = int(self.values["num_experts"])
+        if len(dims[0]) != 2:
+            return [("logits rank", len(dims[0]), 2)]
+        checks = [("logits experts (dim 1)", dims[0][1], experts)]
+        if int(self.values["k"]) > experts:
+            checks.append(("k (at most num_experts)", int(self.values["k"]), experts))
+        return checks
+
+    def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+        # Room for fp32 probabilities [T, E] at the profile's largest T.
+        tokens, experts = (max(int(d), 0) for d in inputs[0].max)
+        return aligned(tokens * experts * 4)
+
+    def launch(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
+               inputs: Sequence[int], outputs: Sequence[int], workspace: int,
+               stream: int) -> None:
+        if not device.all_nonempty(output_desc):
+            return
+        from mixport.plugins import kernels
+
+        logits = device.as_tensor(inputs[0], input_desc[0])
+        out_weights = device.as_tensor(outputs[0], output_desc[0])
+        out_ids = device.as_tensor(outputs[1], output_desc[1])
+        with device.on_stream(stream):
+            weights, ids = kernels.topk_routing(logits, int(self.values["k"]),
+                                                str(self.values["normalization"]))
+            out_weights.copy_(weights)
+            out_ids.copy_(ids)
+
+
+class TopKRoutingCreator(CreatorCore):
+    """Creates ``TopKRoutingPlugin`` from node attributes or serialized fields."""
+
+    plugin_core: ClassVar[type[PluginCore]] = TopKRoutingPlugin

@@ -1,0 +1,177 @@
+"""mixport IPluginV3 plugins: fields, types, formats, workspace, shapes (TensorRT, no GPU)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mixport.errors import PluginError, TensorRTNotFoundError
+from mixport.ops import MOE, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_ROUTING
+from mixport.plugins.moe_plugin import moe_workspace_bytes
+from mixport.plugins.trt_import import import_trt
+
+ROUTING_FIELDS = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none"}
+MOE_FIELDS = {"num_experts": 8, "k": 2, "activation": "swiglu"}
+
+
+@pytest.fixture(scope="module")
+def trt() -> ModuleType:
+    try:
+        module = import_trt()
+    except TensorRTNotFoundError as exc:
+        pytest.skip(f"TensorRT not importable (pip install tensorrt-rtx-cu13-libs "
+                    f"tensorrt-rtx-cu13-bindings): {exc}")
+    from mixport.plugins.registry import register_plugins
+
+    register_plugins(module)
+    return module
+
+
+def creator(trt: ModuleType, op: str) -> Any:
+    found = trt.get_plugin_registry().get_creator(op, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    assert found is not None, f"{op} creator not registered"
+    return found
+
+
+def field(trt: ModuleType, name: str, value: int | str) -> Any:
+    if isinstance(value, str):
+        return trt.PluginField(name, np.frombuffer(value.encode(), np.int8),
+                               trt.PluginFieldType.CHAR)
+    return trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32)
+
+
+def create(trt: ModuleType, op: str, values: dict[str, int | str]) -> Any:
+    """create_plugin as the ONNX parser calls it (node attributes as fields)."""
+    fields = [field(trt, k, v) for k, v in values.items()]
+    return creator(trt, op).create_plugin("node", trt.PluginFieldCollection(fields),
+                                          trt.TensorRTPhase.BUILD)
+
+
+def descs(trt: ModuleType, *types: str, fmt: str = "LINEAR") -> list[Any]:
+    out = []
+    for name in types:
+        desc = trt.DynamicPluginTensorDesc()
+        desc.desc.type = getattr(trt.DataType, name)
+        desc.desc.format = getattr(trt.TensorFormat, fmt)
+        out.append(desc)
+    return out
+
+
+def test_register_is_idempotent(trt: ModuleType) -> None:
+    from mixport.plugins.registry import (
+        plugins_registered,
+        register_plugins,
+        trt_flavor,
+    )
+
+    assert register_plugins(trt) == register_plugins(trt) == [
+        "mixport::TopKRouting@1", "mixport::MoE@1"]
+    assert plugins_registered(trt)
+    assert trt.__version__ in trt_flavor(trt)
+
+
+def test_creators_declare_fields(trt: ModuleType) -> None:
+    declared = creator(trt, TOPK_ROUTING).field_names
+    kinds = {declared[i].name: declared[i].type for i in range(len(declared))}
+    assert kinds == {"num_experts": trt.PluginFieldType.INT32, "k": trt.PluginFieldType.INT32,
+                     "scoring_func": trt.PluginFieldType.CHAR,
+                     "normalization": trt.PluginFieldType.CHAR}
+
+
+@pytest.mark.parametrize(("op", "values"), [(TOPK_ROUTING, ROUTING_FIELDS), (MOE, MOE_FIELDS)])
+def test_fields_round_trip(trt: ModuleType, op: str, values: dict[str, int | str]) -> None:
+    extra = {"plugin_namespace": "mixport", "plugin_version": "1"}  # must be ignored
+    plugin = create(trt, op, {**values, **extra})
+    assert plugin is not None and plugin.values == values
+    assert (plugin.plugin_name, plugin.plugin_namespace, plugin.plugin_version) == (
+        op, PLUGIN_NAMESPACE, PLUGIN_VERSION)
+    again = creator(trt, op).create_plugin("node", plugin.get_fields_to_serialize(),
+                                           trt.TensorRTPhase.RUNTIME)
+    assert again.values == values
+    assert plugin.clone().values == values and plugin.attach_to_context(None).values == values
+
+
+def test_defaults_fill_optional_fields(trt: ModuleType) -> None:
+    plugin = create(trt, TOPK_ROUTING, {"num_experts": 4, "k": 1})
+    assert plugin.values["normalization"] == "renormalize"
+    assert plugin.values["scoring_func"] == "softmax"
+
+
+@pytest.mark.parametrize("values", [{"num_experts": 4}, {"num_experts": 4, "k": 0},
+                                    {"num_experts": 4, "k": 2, "normalization": "bogus"}])
+def test_bad_fields_create_nothing(trt: ModuleType, values: dict[str, int | str]) -> None:
+    assert create(trt, TOPK_ROUTING, values) is None
+
+
+def test_output_types(trt: ModuleType) -> None:
+    dt = trt.DataType
+    routing, moe = create(trt, TOPK_ROUTING, ROUTING_FIELDS), create(trt, MOE, MOE_FIELDS)
+    assert routing.num_outputs == 2 and moe.num_outputs == 1
+    assert routing.get_output_data_types([dt.HALF]) == [dt.HALF, dt.INT64]
+    assert moe.get_output_data_types([dt.BF16, dt.BF16, dt.INT64, dt.BF16, dt.BF16]) == [dt.BF16]
+
+
+@pytest.mark.parametrize("float_type", ["FLOAT", "HALF", "BF16"])
+def test_formats_accept_float_types(trt: ModuleType, float_type: str) -> None:
+    routing, moe = create(trt, TOPK_ROUTING, ROUTING_FIELDS), create(trt, MOE, MOE_FIELDS)
+    io = descs(trt, float_type, float_type, "INT64")
+    assert all(routing.supports_format_combination(p, io, 1) for p in range(3))
+    io = descs(trt, float_type, float_type, "INT64", float_type, float_type, float_type)
+    assert all(moe.supports_format_combination(p, io, 5) for p in range(6))
+
+
+def test_formats_reject_other_combinations(trt: ModuleType) -> None:
+    routing, moe = create(trt, TOPK_ROUTING, ROUTING_FIELDS), create(trt, MOE, MOE_FIELDS)
+    assert not routing.supports_format_combination(0, descs(trt, "INT8"), 1)
+    assert not routing.supports_format_combination(0, descs(trt, "FLOAT", fmt="HWC"), 1)
+    assert not routing.supports_format_combination(1, descs(trt, "FLOAT", "HALF"), 1)
+    assert not routing.supports_format_combination(2, descs(trt, "HALF", "HALF", "INT32"), 1)
+    assert not moe.supports_format_combination(2, descs(trt, "HALF", "HALF", "INT32"), 5)
+    assert not moe.supports_format_combination(3, descs(trt, "HALF", "HALF", "INT64", "FLOAT"), 5)
+
+
+def test_workspace_covers_sorted_ids_and_activations(trt: ModuleType) -> None:
+    tokens, hidden, ffn, experts, k = 64, 32, 48, 8, 2
+    moe = create(trt, MOE, MOE_FIELDS)
+    inputs = descs(trt, "HALF", "HALF", "INT64", "HALF", "HALF")
+    inputs[0].max = trt.Dims([tokens, hidden])
+    inputs[3].max = trt.Dims([experts, hidden, 2 * ffn])
+    size = moe.get_workspace_size(inputs, descs(trt, "HALF"))
+    assert size == moe_workspace_bytes(tokens, hidden, ffn, experts, k)
+    assert size >= tokens * k * (2 * 8 + ffn * 4) and size % 256 == 0
+    routing = create(trt, TOPK_ROUTING, ROUTING_FIELDS)
+    logits = descs(trt, "HALF")
+    logits[0].max = trt.Dims([tokens, experts])
+    assert routing.get_workspace_size(logits, descs(trt, "HALF", "INT64")) >= tokens * experts * 4
+
+
+def test_enqueue_failure_is_an_exception_not_an_abort(trt: ModuleType) -> None:
+    routing = create(trt, TOPK_ROUTING, ROUTING_FIELDS)
+    desc = trt.PluginTensorDesc()
+    desc.dims, desc.type = trt.Dims([4, 8]), trt.DataType.FLOAT
+    out = trt.PluginTensorDesc()
+    out.dims, out.type = trt.Dims([4, 2]), trt.DataType.FLOAT
+    with pytest.raises(PluginError, match="TopKRouting enqueue failed"):
+        routing.enqueue([desc], [out, out], [0], [0, 0], 0, 0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_output_shapes_through_the_parser(trt: ModuleType, tmp_path: Any, k: int) -> None:
+    from mixport.build.network import parse_onnx
+    from mixport.build.symlink import ensure_parser_symlink
+    from mixport.build.trt_logger import make_logger
+    from mixport.plugins.testing import write_tiny_moe_model
+
+    ensure_parser_symlink()
+    path = write_tiny_moe_model(tmp_path / "tiny.onnx", k=k)
+    logger = make_logger(trt)
+    parsed = parse_onnx(trt, trt.Builder(logger), logger, path, use_plugins=True)
+    outputs = {parsed.network.get_output(i).name: parsed.network.get_output(i)
+               for i in range(parsed.network.num_outputs)}
+    assert tuple(outputs["weights"].shape) == (-1, k) and tuple(outputs["ids"].shape) == (-1, k)
+    assert tuple(outputs["out"].shape) == (-1, 32)
+    assert outputs["ids"].dtype == trt.DataType.INT64
+    assert outputs["weights"].dtype == outputs["out"].dtype == trt.DataType.FLOAT

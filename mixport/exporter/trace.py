@@ -43,7 +43,7 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     cfg = model.cfg
     dtype = model.lm_head.weight.dtype
     b, s, p = 2, 3, 2
-    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(b, p + s, dtype=torch.int64)
     pos = torch.arange(p, p + s)[None].expand(b, s).contiguous()
     past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype)

@@ -9,7 +9,6 @@ import numpy as np
 
 from mixport.errors import RuntimeFailure
 
-NP_DTYPES = {"float": np.float32, "float16": np.float16, "bfloat16": None}
 
 
 def providers_for(device: str) -> list[str]:
@@ -36,6 +35,10 @@ class OrtSession:
                  threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        if manifest.get("dtype") == "bf16" and device == "cpu":
+            raise RuntimeFailure("ONNX Runtime's CPU provider cannot run bf16 graphs", given=str(model_path),
+                                 expected="an fp32 or fp16 export for CPU",
+                                 hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from mixport.errors import MixportError
 from mixport.exporter import artifact
 from mixport.exporter.export import resolve_source
 from mixport.exporter.loader import load_reference
@@ -27,6 +28,10 @@ from mixport.exporter.model import MixtralModel
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
 TIE_GAP = 1e-6
+
+
+class CheckUnavailable(MixportError):
+    """No backend here can run the folder, so parity cannot be checked (not a parity failure)."""
 
 
 @dataclass
@@ -170,7 +175,8 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
               seed: int = 0) -> CheckReport:
     """Compare PyTorch and ONNX Runtime on FOLDER's export over a prefill + ``steps`` decodes."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SimpleCompareFunc
 
     folder = Path(folder)
     manifest = artifact.read_manifest(folder)
@@ -178,6 +184,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
 
     model_path = validate_folder(folder, manifest)
     dtype = manifest["dtype"]
+    _require_runnable(dtype)
     atol, rtol = TOLERANCES[dtype]
     src_info = manifest["source"]
     with resolve_source(Path(src_info["path"]) if "path" in src_info else None, src_info.get("builtin")) \
@@ -191,7 +198,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         runners = [torch_runner(src, ref_model, prefer_transformers),
                    OnnxrtRunner(SessionFromOnnx(str(debug_model(model_path, Path(tmp)))), name="onnxruntime")]
         results = Comparator.run(runners, data_loader=feeds)
-        func = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="max",
+        func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="max",
                                   find_output_func=_skip_routing)
         accuracy = Comparator.compare_accuracy(results, compare_func=func)
         (_, ref_iters), (_, ort_iters) = results.items()
@@ -199,6 +206,16 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         report.outputs = _output_stats(accuracy, atol, rtol)
         report.routing = _routing_stats(ref_iters, ort_iters, cfg.num_hidden_layers, cfg.num_experts_per_tok)
     return report
+
+
+def _require_runnable(dtype: str) -> None:
+    import onnxruntime as ort
+
+    if dtype == "bf16" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise CheckUnavailable("ONNX Runtime's CPU provider cannot run bf16 graphs (no bf16 Mul/MatMul "
+                               "kernels), so there is nothing to compare here", given="dtype bf16",
+                               expected="fp32 or fp16 on CPU, or onnxruntime-gpu",
+                               hint="check a --dtype fp32 export, or build the bf16 file with TensorRT")
 
 
 def _cast_past(feed: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny Mixtral folders built in code from a seed, exported once per session."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mixport.exporter.config import MoEConfig
+from mixport.exporter.tiny import TINY, write_tiny
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet() -> None:
+    for name in ("torch.onnx", "torch.export", "onnxscript", "polygraphy"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def tiny_config(**changes: object) -> MoEConfig:
+    return replace(TINY, **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny model as a Hugging Face folder."""
+    return write_tiny(tmp_path_factory.mktemp("tiny-src"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_dir exported with the default pipeline (read-only for tests: copy before changing)."""
+    from mixport.exporter.export import export
+
+    out = tmp_path_factory.mktemp("tiny-export") / "out"
+    export(tiny_dir, out)
+    return out
+
+
+@pytest.fixture
+def export_copy(tiny_export: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny export."""
+    dst = tmp_path / "export"
+    shutil.copytree(tiny_export, dst)
+    return dst

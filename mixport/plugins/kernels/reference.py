@@ -58,3 +58,25 @@ def reference_moe(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any) 
         tok, slot = np.nonzero(idx == e)
         np.add.at(out, tok, w[tok, slot, None] * reference_expert(x[tok], wu[e], wd[e]))
     return out
+
+
+def reference_align(ids: Any, num_experts: int, block_m: int) -> tuple[I64, I64, int]:
+    """NumPy model of ``moe_align_block_size``: (sorted_token_ids, expert_ids, num_post).
+
+    Stable grouping by expert, segments padded to multiples of ``block_m``,
+    sentinel P = ids.size, expert_ids -1 for blocks past num_post; pairs
+    with ids outside [0, E) are dropped.
+    """
+    flat = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64).reshape(-1)
+    p = flat.size
+    max_padded = p + num_experts * (block_m - 1)
+    sorted_ids = np.full(max_padded, p, dtype=np.int64)
+    expert_ids = np.full(-(-max_padded // block_m), -1, dtype=np.int64)
+    pos = 0
+    for e in range(num_experts):
+        members = np.nonzero(flat == e)[0]
+        sorted_ids[pos:pos + members.size] = members
+        padded = -(-members.size // block_m) * block_m
+        expert_ids[pos // block_m:(pos + padded) // block_m] = e
+        pos += padded
+    return sorted_ids, expert_ids, pos

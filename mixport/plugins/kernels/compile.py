@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixport.plugins.kernels._runtime import Kernel, interpret_mode, next_pow2, require
+from mixport.plugins.kernels._runtime import Kernel, interpret_mode, require
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, gemm_config
 
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

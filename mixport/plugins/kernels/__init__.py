@@ -1,0 +1,30 @@
+"""Sparse expert dispatch kernels (Triton) for the mixport ``TopKRouting`` and ``MoE`` ops.
+
+# T tokens, E experts, H hidden, F intermediate, k active
+
+Public API (torch and triton are imported only when a function is called)::
+
+    topk_routing(logits, k, normalization="renormalize") -> (weights, ids)
+    moe_align_block_size(ids, num_experts, block_m) -> (sorted_token_ids, expert_ids, num_post)
+    fused_moe(hidden, weights, ids, gate_up, down, *, block_m=None) -> out
+    reference_routing(logits, k, normalization="renormalize") -> (weights, ids)   # numpy f64
+    reference_moe(hidden, weights, ids, gate_up, down) -> out                     # numpy f64
+
+Layouts follow ``mixport.ops``: gate_up [E, H, 2F] (gate | up), down [E, F, H].
+"""
+
+from __future__ import annotations
+
+from mixport.plugins.kernels._runtime import KernelDependencyError, KernelInputError
+from mixport.plugins.kernels.api import fused_moe, moe_align_block_size, topk_routing
+from mixport.plugins.kernels.reference import reference_moe, reference_routing
+
+__all__ = [
+    "KernelDependencyError",
+    "KernelInputError",
+    "fused_moe",
+    "moe_align_block_size",
+    "reference_moe",
+    "reference_routing",
+    "topk_routing",
+]

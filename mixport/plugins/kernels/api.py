@@ -1,0 +1,166 @@
+"""Torch-level entry points: validate, allocate, launch the Triton kernels.
+
+# T tokens, E experts, H hidden, F intermediate, k active, P = T*k pairs
+
+CUDA tensors launch compiled kernels; CPU tensors run the same kernels in the
+Triton interpreter (slow; meant for tests and debugging).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mixport.ops import NORMALIZATIONS
+from mixport.plugins.kernels._runtime import (
+    KernelInputError,
+    cdiv,
+    interpret_mode,
+    require,
+)
+from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, choose_block_m, gemm_config
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _torch() -> Any:
+    return require("torch", "the kernel wrappers")
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check(cond: bool, what: str, given: object, expected: object) -> None:
+    if not cond:
+        raise KernelInputError(what, given=given, expected=expected)
+
+
+def _check_shape(t: Tensor, name: str, shape: tuple[int, ...]) -> None:
+    _check(tuple(t.shape) == shape, f"{name} has the wrong shape", tuple(t.shape), shape)
+
+
+def _interpret(t: Tensor) -> bool:
+    """True for the CPU interpreter; checks that tensors sit where the kernels run."""
+    interpret = interpret_mode()
+    on_cpu = t.device.type == "cpu"
+    if on_cpu != interpret:
+        raise KernelInputError(
+            "tensor device does not match the Triton launch mode", given=str(t.device),
+            expected="CPU tensors with TRITON_INTERPRET=1, GPU tensors without it",
+            hint="set TRITON_INTERPRET=1 before importing triton to run on CPU")
+    return interpret
+
+
+def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize") -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (weights [T, k] in logits dtype, ids [T, k] int64).
+
+    Softmax in fp32, top-k by descending weight (ties: lower expert first),
+    then "renormalize" (divide by the top-k sum) or "none".
+    """
+    torch = _torch()
+    from mixport.plugins.kernels.routing import routing_meta, topk_routing_kernel
+
+    _check(logits.dim() == 2, "logits must be 2-D [T, E]", tuple(logits.shape), "[T, E]")
+    _check(_dtype_name(logits) in FLOAT_DTYPES, "logits dtype", logits.dtype, FLOAT_DTYPES)
+    _check(normalization in NORMALIZATIONS, "unknown normalization", normalization, NORMALIZATIONS)
+    t, e = logits.shape
+    _check(1 <= k <= e, "k must be in [1, E]", k, f"1..{e}")
+    logits = logits.contiguous()
+    weights = torch.empty((t, k), dtype=logits.dtype, device=logits.device)
+    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    if t == 0:
+        return weights, ids
+    _interpret(logits)
+    meta = routing_meta(e, k)
+    topk_routing_kernel.launch((cdiv(t, meta["BLOCK_T"]),), logits, weights, ids, t, e,
+                               K=k, RENORMALIZE=normalization == "renormalize", **meta)
+    return weights, ids
+
+
+def moe_align_block_size(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group pairs by expert in block_m-aligned segments (see ``align`` module).
+
+    Returns (sorted_token_ids [P + E*(block_m-1)], expert_ids [cdiv(., block_m)],
+    num_tokens_post_padded [1]), all int32; the sentinel is P = ids.numel().
+    """
+    torch = _torch()
+    from mixport.plugins.kernels.align import align_meta, align_sizes, moe_align_kernel
+
+    _check(ids.dtype == torch.int64, "ids must be int64", ids.dtype, "torch.int64")
+    _check(num_experts >= 1, "num_experts must be positive", num_experts, ">= 1")
+    _check(block_m >= 1, "block_m must be positive", block_m, ">= 1")
+    flat = ids.contiguous().view(-1)
+    p = flat.numel()
+    max_padded, max_blocks = align_sizes(p, num_experts, block_m)
+    dev = ids.device
+    _interpret(ids)
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    moe_align_kernel.launch((1,), flat, sorted_ids, expert_ids, num_post, p, num_experts,
+                            max_padded, max_blocks,
+                            **align_meta(num_experts, block_m))
+    return sorted_ids, expert_ids, num_post
+
+
+def _check_moe(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor,
+               down: Tensor) -> tuple[int, int, int, int, int]:
+    torch = _torch()
+    _check(hidden.dim() == 2, "hidden must be 2-D [T, H]", tuple(hidden.shape), "[T, H]")
+    _check(gate_up.dim() == 3, "gate_up must be 3-D [E, H, 2F]", tuple(gate_up.shape), "[E, H, 2F]")
+    t, h = hidden.shape
+    e, f2 = gate_up.shape[0], gate_up.shape[2]
+    _check(ids.dim() == 2 and ids.shape[0] == t, "ids must be [T, k]", tuple(ids.shape), f"[{t}, k]")
+    k, f = ids.shape[1], f2 // 2
+    _check(f2 % 2 == 0, "gate_up's last dim must be even (gate | up)", f2, "2F")
+    _check_shape(gate_up, "gate_up", (e, h, 2 * f))
+    _check_shape(down, "down", (e, f, h))
+    _check_shape(weights, "weights", (t, k))
+    _check(ids.dtype == torch.int64, "ids must be int64", ids.dtype, "torch.int64")
+    _check(_dtype_name(hidden) in FLOAT_DTYPES, "hidden dtype", hidden.dtype, FLOAT_DTYPES)
+    same = {hidden.dtype, gate_up.dtype, down.dtype}
+    _check(len(same) == 1, "hidden, gate_up and down must share a dtype", same, "one dtype")
+    devices = {str(x.device) for x in (hidden, weights, ids, gate_up, down)}
+    _check(len(devices) == 1, "all inputs must be on one device", devices, "one device")
+    return t, h, f, e, k
+
+
+def fused_moe(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor,
+              *, block_m: int | None = None) -> Tensor:
+    """MoE layer: out [T, H] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t]).
+
+    FFN_e(x) = (silu(x @ gate_up[e][:, :F]) * (x @ gate_up[e][:, F:])) @ down[e].
+    fp32 accumulation; deterministic (no atomics). ``block_m`` (power of two
+    >= 16) overrides the pairs-per-block heuristic.
+    """
+    torch = _torch()
+    from mixport.plugins.kernels import grouped_gemm as gg
+
+    t, h, f, e, k = _check_moe(hidden, weights, ids, gate_up, down)
+    out = torch.empty((t, h), dtype=hidden.dtype, device=hidden.device)
+    if t == 0:
+        return out
+    p, interpret, dtype = t * k, _interpret(hidden), _dtype_name(hidden)
+    cfg = gemm_config(block_m or choose_block_m(p, e), dtype, interpret=interpret)
+    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
+    weights, ids = weights.contiguous().view(-1), ids.contiguous().view(-1)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(ids, e, cfg.block_m)
+    upcast = interpret and dtype == "bfloat16"
+    precision = "ieee" if dtype == "float32" or upcast else "tf32"
+    opts: dict[str, Any] = {"UPCAST": upcast, "PRECISION": precision,
+                            **cfg.constexprs()}
+    if not interpret:
+        opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    inter = torch.empty((p, f), dtype=hidden.dtype, device=hidden.device)
+    grid_m = expert_ids.numel()
+    gg.gate_up_kernel.launch((grid_m, cdiv(f, cfg.block_n)), hidden, gate_up, inter, sorted_ids,
+                             expert_ids, num_post, p, h, f, TOP_K=k, **opts)
+    partial = torch.empty((p, h), dtype=torch.float32, device=hidden.device)
+    gg.down_kernel.launch((grid_m, cdiv(h, cfg.block_n)), inter, down, weights, partial,
+                          sorted_ids, expert_ids, num_post, p, h, f, **opts)
+    gg.reduce_kernel.launch((t, cdiv(h, REDUCE_BLOCK_H)), partial, ids, out, h, e, TOP_K=k,
+                            BLOCK_H=REDUCE_BLOCK_H)
+    return out

@@ -1,0 +1,82 @@
+"""NumPy float64 references for routing and the MoE layer: the test oracle.
+
+# T tokens, E experts, H hidden, F intermediate, k active
+
+Inputs may be NumPy arrays or torch tensors (any float dtype, any device);
+everything is converted to float64 before any arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+
+def as_f64(x: Any) -> F64:
+    """A float64 NumPy copy of an array or torch tensor (bf16 included)."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def reference_routing(logits: Any, k: int, normalization: str = "renormalize") -> tuple[F64, I64]:
+    """softmax (float64) -> top-k (ties: lower index first) -> optional renormalize."""
+    x = as_f64(logits)                                   # [T, E]
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    ids = np.argsort(-p, axis=1, kind="stable")[:, :k]   # [T, k]
+    w = np.take_along_axis(p, ids, axis=1)
+    if normalization == "renormalize":
+        w = w / w.sum(axis=1, keepdims=True)
+    elif normalization != "none":
+        raise ValueError(f"normalization must be 'renormalize' or 'none', got {normalization!r}")
+    return w, ids.astype(np.int64)
+
+
+def reference_expert(x: F64, gate_up: F64, down: F64) -> F64:
+    """SwiGLU FFN of one expert: (silu(x @ gate) * (x @ up)) @ down, float64."""
+    f = gate_up.shape[1] // 2
+    h = x @ gate_up                                      # [n, 2F]
+    gate, up = h[:, :f], h[:, f:]
+    return (gate / (1.0 + np.exp(-gate)) * up) @ down    # [n, H]
+
+
+def reference_moe(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any) -> F64:
+    """out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t]), float64 [T, H]."""
+    x, w = as_f64(hidden), as_f64(weights)               # [T, H], [T, k]
+    wu, wd = as_f64(gate_up), as_f64(down)               # [E, H, 2F], [E, F, H]
+    idx = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64)
+    out = np.zeros_like(x)
+    for e in np.unique(idx):
+        if not 0 <= e < wu.shape[0]:
+            continue
+        tok, slot = np.nonzero(idx == e)
+        np.add.at(out, tok, w[tok, slot, None] * reference_expert(x[tok], wu[e], wd[e]))
+    return out
+
+
+def reference_align(ids: Any, num_experts: int, block_m: int) -> tuple[I64, I64, int]:
+    """NumPy model of ``moe_align_block_size``: (sorted_token_ids, expert_ids, num_post).
+
+    Stable grouping by expert, segments padded to multiples of ``block_m``,
+    sentinel P = ids.size, expert_ids -1 for blocks past num_post; pairs
+    with ids outside [0, E) are dropped.
+    """
+    flat = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64).reshape(-1)
+    p = flat.size
+    max_padded = p + num_experts * (block_m - 1)
+    sorted_ids = np.full(max_padded, p, dtype=np.int64)
+    expert_ids = np.full(-(-max_padded // block_m), -1, dtype=np.int64)
+    pos = 0
+    for e in range(num_experts):
+        members = np.nonzero(flat == e)[0]
+        sorted_ids[pos:pos + members.size] = members
+        padded = -(-members.size // block_m) * block_m
+        expert_ids[pos // block_m:(pos + padded) // block_m] = e
+        pos += padded
+    return sorted_ids, expert_ids, pos

@@ -1,0 +1,145 @@
+"""Triton MoE kernels vs the float64 NumPy reference, in the CPU interpreter.
+
+# T tokens, E experts, H hidden, F intermediate, k active
+
+Sizes are tiny and not powers of two (H=80, F=96, T=37) so masks are
+exercised and the whole file stays well under two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from mixport.errors import MixportError  # noqa: E402
+from mixport.plugins import kernels as K  # noqa: E402
+from mixport.plugins.kernels._runtime import interpret_mode  # noqa: E402
+from mixport.plugins.kernels.reference import reference_align  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not interpret_mode(),
+                                reason="needs TRITON_INTERPRET=1 (set by conftest) for CPU tensors")
+
+H, F = 80, 96
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _layer(t: int, e: int, k: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random MoE layer and routing for T=t tokens, E=e experts, top-k."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, e, generator=g)
+    w, ids = K.reference_routing(logits, k)
+    return {
+        "hidden": torch.randn(t, H, generator=g).to(dtype),
+        "weights": torch.from_numpy(w).to(dtype),
+        "ids": torch.from_numpy(ids),
+        "gate_up": (torch.randn(e, H, 2 * F, generator=g) / H**0.5).to(dtype),
+        "down": (torch.randn(e, F, H, generator=g) / F**0.5).to(dtype),
+    }
+
+
+def _assert_close(got: torch.Tensor, ref: np.ndarray, tol: float) -> None:
+    scale = max(float(np.abs(ref).max()), 1e-6)
+    err = float(np.abs(got.float().numpy() - ref).max())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("t", [1, 37])
+@pytest.mark.parametrize("e", [8, 16])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("normalization", ["renormalize", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routing_matches_reference(t: int, e: int, k: int, normalization: str,
+                                   dtype: torch.dtype) -> None:
+    logits = (torch.randn(t, e, generator=torch.Generator().manual_seed(t + e)) * 3).to(dtype)
+    w, ids = K.topk_routing(logits, k, normalization)
+    rw, rids = K.reference_routing(logits, k, normalization)
+    assert w.dtype == dtype and ids.dtype == torch.int64 and w.shape == (t, k)
+    np.testing.assert_array_equal(ids.numpy(), rids)
+    np.testing.assert_allclose(w.float().numpy(), rw, rtol=TOL[dtype], atol=TOL[dtype] / 10)
+
+
+def test_routing_ties_pick_lower_expert_first() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    w, ids = K.topk_routing(logits, 2, "none")
+    np.testing.assert_array_equal(ids.numpy(), [[1, 2], [0, 1]])
+    np.testing.assert_allclose(w[1].numpy(), [0.2, 0.2], rtol=1e-6)
+    w, _ = K.topk_routing(logits, 2, "renormalize")
+    np.testing.assert_allclose(w.numpy(), np.full((2, 2), 0.5), rtol=1e-6)
+
+
+def test_routing_rejects_bad_arguments() -> None:
+    logits = torch.zeros(3, 4)
+    with pytest.raises(MixportError, match="k must be"):
+        K.topk_routing(logits, 5)
+    with pytest.raises(MixportError, match="normalization"):
+        K.topk_routing(logits, 2, "softmax")
+
+
+@pytest.mark.parametrize("t,e,k,block_m", [(1, 8, 2, 16), (37, 8, 2, 16), (37, 16, 1, 32),
+                                           (200, 8, 2, 64)])
+def test_align_matches_reference(t: int, e: int, k: int, block_m: int) -> None:
+    g = torch.Generator().manual_seed(t)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[ids == 3] = 0                       # expert 3 gets no tokens
+    sorted_ids, expert_ids, num_post = K.moe_align_block_size(ids, e, block_m)
+    r_sorted, r_experts, r_post = reference_align(ids, e, block_m)
+    assert sorted_ids.dtype == expert_ids.dtype == num_post.dtype == torch.int32
+    assert int(num_post) == r_post
+    np.testing.assert_array_equal(sorted_ids.numpy(), r_sorted)
+    np.testing.assert_array_equal(expert_ids.numpy(), r_experts)
+    assert 3 not in expert_ids.tolist()
+
+
+@pytest.mark.parametrize("t", [1, 37])
+@pytest.mark.parametrize("e", [8, 16])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_matches_reference(t: int, e: int, k: int, dtype: torch.dtype) -> None:
+    layer = _layer(t, e, k, dtype, seed=t * e + k)
+    out = K.fused_moe(**layer)
+    assert out.shape == (t, H) and out.dtype == dtype
+    _assert_close(out, K.reference_moe(**layer), TOL[dtype])
+
+
+def test_fused_moe_bf16_upcast_in_interpreter() -> None:
+    layer = _layer(37, 8, 2, torch.bfloat16, seed=5)
+    _assert_close(K.fused_moe(**layer), K.reference_moe(**layer), TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_fused_moe_experts_without_tokens(block_m: int) -> None:
+    layer = _layer(37, 8, 2, torch.float32, seed=1)
+    layer["ids"] = torch.stack([torch.tensor([6, 1])] * 20 + [torch.tensor([1, 6])] * 17)
+    out = K.fused_moe(**layer, block_m=block_m)
+    _assert_close(out, K.reference_moe(**layer), TOL[torch.float32])
+
+
+def test_fused_moe_drops_out_of_range_ids_and_is_deterministic() -> None:
+    layer = _layer(37, 8, 2, torch.float32, seed=2)
+    layer["ids"][::3, 1] = -1
+    out = K.fused_moe(**layer)
+    _assert_close(out, K.reference_moe(**layer), TOL[torch.float32])
+    assert torch.equal(out, K.fused_moe(**layer))
+
+
+def test_routing_then_moe_end_to_end() -> None:
+    layer = _layer(37, 16, 2, torch.float16, seed=3)
+    logits = torch.randn(37, 16, generator=torch.Generator().manual_seed(9)).half()
+    layer["weights"], layer["ids"] = K.topk_routing(logits, 2)
+    _assert_close(K.fused_moe(**layer), K.reference_moe(**layer), TOL[torch.float16])
+
+
+def test_fused_moe_empty_and_shape_errors() -> None:
+    layer = _layer(4, 8, 2, torch.float32)
+    empty = dict(layer, hidden=layer["hidden"][:0], weights=layer["weights"][:0],
+                 ids=layer["ids"][:0])
+    assert K.fused_moe(**empty).shape == (0, H)
+    with pytest.raises(MixportError, match="down has the wrong shape"):
+        K.fused_moe(**dict(layer, down=layer["down"][:, :-1]))
+    with pytest.raises(MixportError, match="share a dtype"):
+        K.fused_moe(**dict(layer, gate_up=layer["gate_up"].half()))
+    with pytest.raises(MixportError, match="int64"):
+        K.fused_moe(**dict(layer, ids=layer["ids"].int()))

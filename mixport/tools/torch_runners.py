@@ -38,7 +38,20 @@ def _routing(probs: list[torch.Tensor], k: int) -> dict[str, np.ndarray]:
     return out
 
 
-class ReferenceRunner(BaseRunner):
+class _TimedRunner(BaseRunner):
+    """Polygraphy wants each runner to report its inference time."""
+
+    def infer_impl(self, feed_dict: OrderedDict) -> OrderedDict:
+        start = time.perf_counter()
+        out = self._infer(feed_dict)
+        self.inference_time = time.perf_counter() - start
+        return out
+
+    def _infer(self, feed_dict: OrderedDict) -> OrderedDict:
+        raise NotImplementedError
+
+
+class ReferenceRunner(_TimedRunner):
     """mixport's own reference model; stateless (the past comes from the feed)."""
 
     def __init__(self, model: MixtralModel, name: str = "pytorch-mixport") -> None:
@@ -56,12 +69,6 @@ class ReferenceRunner(BaseRunner):
 
     def get_input_metadata_impl(self) -> TensorMetadata:
         return input_metadata(self.model.cfg.num_hidden_layers)
-
-    def infer_impl(self, feed_dict: OrderedDict) -> OrderedDict:
-        start = time.perf_counter()
-        out = self._infer(feed_dict)
-        self.inference_time = time.perf_counter() - start
-        return out
 
     def _infer(self, feed_dict: OrderedDict) -> OrderedDict:
         self.probs = []
@@ -83,7 +90,7 @@ class ReferenceRunner(BaseRunner):
             h.remove()
 
 
-class TransformersRunner(BaseRunner):
+class TransformersRunner(_TimedRunner):
     """transformers' MixtralForCausalLM on the source folder. It keeps its own cache:
     a feed with an empty past starts a new sequence; later feeds must continue it."""
 
@@ -105,12 +112,6 @@ class TransformersRunner(BaseRunner):
 
     def get_input_metadata_impl(self) -> TensorMetadata:
         return input_metadata(self.model.config.num_hidden_layers)
-
-    def infer_impl(self, feed_dict: OrderedDict) -> OrderedDict:
-        start = time.perf_counter()
-        out = self._infer(feed_dict)
-        self.inference_time = time.perf_counter() - start
-        return out
 
     def _infer(self, feed_dict: OrderedDict) -> OrderedDict:
         if feed_dict["past_key_values.0.key"].shape[2] == 0:

@@ -47,12 +47,14 @@ def main() -> None:
 @click.option("--no-fuse", is_flag=True, help="Keep the per-expert FFNs (skip the fusion passes).")
 @click.option("--no-check", is_flag=True, help="Skip the quick parity check at the end.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass rewrote.")
+@click.option("--engine", is_flag=True, help="Also build OUT_DIR/model.engine (as `mixport build`).")
+@click.option("--targets", default=None, help="With --engine: GPUs to build for (see `mixport build`).")
 @friendly
 def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: str, force: bool,
-           no_fuse: bool, no_check: bool, verbose: bool) -> None:
+           no_fuse: bool, no_check: bool, verbose: bool, engine: bool, targets: str | None) -> None:
     """Export a Mixtral folder (or --model tiny) to ONNX with mixport routing/MoE ops.
 
-    Example: mixport export --model tiny -o out
+    Example: mixport export --model tiny -o out --engine
     """
     from mixport.exporter.export import export as run_export
 
@@ -62,6 +64,11 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
         for name, count in result.pass_counts.items():
             click.echo(f"  pass {name}: {count} rewrites", err=True)
     click.echo(f"exported {result.out_dir} ({', '.join(result.files)})")
+    if engine:
+        from mixport.build.folder import BuildRequest, build_folder
+
+        built = build_folder(result.out_dir, BuildRequest(targets=targets), progress=_progress)
+        click.echo(built.message)
     if not no_check:
         from mixport.tools.check import CheckUnavailable
 
@@ -81,6 +88,32 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
     if not report.passed:
         raise ParityError("parity check failed", given=folder, expected="every output within tolerance",
                           hint="see the table above")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--targets", default=None,
+              help="GPUs: 'ampere+' (RTX default), 'sm80,sm86,...' (TensorRT-RTX), 'current' (full TensorRT default).")
+@click.option("--dtype", default=None, help="Expected precision (fp32 | fp16 | bf16); must match the export.")
+@click.option("--batch", default=None, metavar="MIN:OPT:MAX", help="Batch range [default: 1:1:4].")
+@click.option("--seq", default=None, metavar="MIN:OPT:MAX", help="New tokens per step [default: 1:64:256].")
+@click.option("--past", default=None, metavar="MIN:OPT:MAX", help="Cached tokens [default: 0:256:context-1].")
+@click.option("--no-plugins", is_flag=True, help="Inline the mixport nodes' ONNX bodies (no plugin layers).")
+@click.option("--force", is_flag=True, help="Rebuild even if an engine exists (stale or built otherwise).")
+@friendly
+def build(out_dir: Path, targets: str | None, dtype: str | None, batch: str | None, seq: str | None,
+          past: str | None, no_plugins: bool, force: bool) -> None:
+    """Build OUT_DIR/model.engine with the mixport TensorRT plugins and record it in the manifest.
+
+    Example: mixport build out --targets sm80,sm86 --batch 1:1:8
+    """
+    from mixport.build.folder import BuildRequest, build_folder, parse_range
+
+    ranges = {name: parse_range(text, name) if text else None
+              for name, text in (("batch", batch), ("seq", seq), ("past", past))}
+    request = BuildRequest(targets=targets, dtype=dtype, use_plugins=not no_plugins, force=force, **ranges)
+    result = build_folder(out_dir, request, progress=_progress)
+    click.echo(result.message)
 
 
 @main.command()

@@ -42,7 +42,7 @@ class ProfileSpec:
             return tuple(self.dims[role])  # type: ignore[return-value]
         role = _ROLE_ALIASES.get(role, role)
         if role == "total":
-            return tuple(p + s for p, s in zip(self.past, self.seq))  # type: ignore[return-value]
+            return tuple(p + s for p, s in zip(self.past, self.seq, strict=True))  # type: ignore[return-value]
         return {"batch": self.batch, "seq": self.seq, "past": self.past}.get(role)
 
     def check(self) -> None:

@@ -80,7 +80,7 @@ class MoEPlugin(PluginCore):
             return
         from mixport.plugins import kernels
 
-        args = [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc)]
+        args = [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
         out = device.as_tensor(outputs[0], output_desc[0])
         with device.on_stream(stream):
             out.copy_(kernels.fused_moe(*args))

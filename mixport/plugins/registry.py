@@ -25,7 +25,7 @@ def register_plugins(trt_module: ModuleType | None = None) -> list[str]:
     """Register both mixport creators (idempotent); returns their ``ns::name@version`` ids."""
     trt = trt_module or trt_import.import_trt()
     registry = trt.get_plugin_registry()
-    for creator_core, plugin_id in zip(CREATORS, plugin_ids()):
+    for creator_core, plugin_id in zip(CREATORS, plugin_ids(), strict=True):
         name = creator_core.plugin_core.op_name
         if registry.get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
             continue  # already registered, by us or by an earlier process-wide call

@@ -10,7 +10,6 @@ import numpy as np
 from mixport.errors import RuntimeFailure
 
 
-
 def providers_for(device: str) -> list[str]:
     import onnxruntime as ort
 

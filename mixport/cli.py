@@ -84,6 +84,8 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
 
     _progress("checking parity (PyTorch vs ONNX Runtime)")
     report = run_check(folder, steps=steps, prefer_transformers=prefer_transformers)
+    for note in report.notes:
+        click.echo(f"[mixport] {note}", err=True)
     click.echo(format_report(report))
     if not report.passed:
         raise ParityError("parity check failed", given=folder, expected="every output within tolerance",
@@ -136,9 +138,11 @@ def check(folder: Path, steps: int, reference: str) -> None:
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="auto: TensorRT when model.engine is up to date and a GPU is visible.")
 @friendly
 def run(folder: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str,
-        threads: int | None) -> None:
+        threads: int | None, backend: str) -> None:
     """Generate text from an export folder (greedy, KV cache).
 
     Example: mixport run out --prompt "The ship sailed" --max-new-tokens 24
@@ -147,8 +151,9 @@ def run(folder: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str
 
     if not prompts:
         raise click.UsageError("give at least one --prompt")
-    pipe = load(folder, device=device, threads=threads)
-    click.echo(f"[mixport] backend: {pipe.session.backend} ({device})", err=True)
+    pipe = load(folder, device=device, threads=threads, backend=backend)
+    where = "cuda" if pipe.session.backend == "tensorrt" else device
+    click.echo(f"[mixport] backend: {pipe.session.backend} ({where}); {pipe.backend_reason}", err=True)
     ids = [_prompt_ids(pipe, p) for p in prompts]
     out = pipe.generate_ids(ids, max_new_tokens)
     for p, o in zip(prompts, out, strict=True):

@@ -1,0 +1,42 @@
+"""The README's first two commands: the main job runs, and .ci/run runs the test command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [b.strip() for b in blocks[:2]]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    _, test_cmd = readme_commands()
+    assert "pytest" in test_cmd
+    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_main_job_runs(tmp_path: Path) -> None:
+    """The mixport steps of the first command, in a fresh folder, with this environment's mixport."""
+    main_cmd, _ = readme_commands()
+    steps = [s.strip() for s in main_cmd.split("&&") if s.strip().startswith("mixport ")]
+    assert [s.split()[1] for s in steps] == ["export", "run"]
+    exe = shutil.which("mixport") or ""
+    prefix = [exe] if exe else [sys.executable, "-m", "mixport.cli"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    outputs = []
+    for step in steps:
+        res = subprocess.run(prefix + shlex.split(step)[1:], cwd=tmp_path, capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outputs.append(res.stdout)
+    assert "parity: PASSED" in outputs[0]
+    assert outputs[1].startswith("The ship sailed") and len(outputs[1]) > len("The ship sailed")

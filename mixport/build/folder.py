@@ -22,7 +22,7 @@ from typing import Any
 
 import mixport
 from mixport.build.engine import BuildResult, build_engine
-from mixport.build.prepare import fold_for_parser
+from mixport.build.prepare import prepare_for_parser
 from mixport.build.profiles import ProfileSpec, Range
 from mixport.build.status import ENGINE_FILE, engine_status, visible_gpu
 from mixport.build.targets import check_dtype, resolve_targets
@@ -178,7 +178,7 @@ def build_folder(folder: str | Path, request: BuildRequest | None = None, *,
     onnx_sha, nodes = artifact.file_sha256(onnx_path), mixport_node_counts(onnx_path)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=folder) as tmp:
         step("folding constants for TensorRT's parser")
-        source, folded = fold_for_parser(onnx_path, Path(tmp))
+        source, folded = prepare_for_parser(onnx_path, Path(tmp), request.use_plugins)
         step(f"building the engine for {', '.join(targets)}")
         result = build_engine(source, Path(tmp) / ENGINE_FILE, dtype=dtype, targets=targets, profiles=spec,
                               use_plugins=request.use_plugins, trt_module=trt)

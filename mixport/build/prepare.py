@@ -5,7 +5,10 @@ Reshape shapes...) that the torch exporter leaves as small constant subgraphs.
 onnx-graphsurgeon folds them (ONNX Runtime underneath). Partitions are folded
 one by one ("recursive"): one subgraph ONNX Runtime refuses (a double-typed
 Expand in the tiny export) must not stop the others. mixport nodes are never
-evaluated. Files whose weights live in external data are parsed as they are.
+evaluated. Without plugins, the MoE nodes need a body TensorRT can parse: the
+portable (sparse, NonZero-based) body is swapped for the dense one when the
+passes module provides it. Files whose weights live in external data are
+parsed as they are.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mixport.ops import DOMAIN
+from mixport.ops import DOMAIN, MOE
 
 log = logging.getLogger("mixport.build")
 FOLDED_FILE = "model.folded.onnx"
@@ -26,16 +29,11 @@ def has_external_data(model: object) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)  # type: ignore[attr-defined]
 
 
-def fold_for_parser(onnx_path: Path, work_dir: Path) -> tuple[Path, int]:
-    """(file to parse, nodes folded away); the folded copy is written into ``work_dir``."""
-    import onnx
+def _fold(model: object) -> tuple[object, int]:
+    """(folded ModelProto, nodes folded away); mixport nodes are never evaluated."""
     import onnx_graphsurgeon as gs
     from onnx_graphsurgeon.logger import G_LOGGER
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    if has_external_data(model):
-        log.info("%s keeps its weights in external data: parsed without folding", onnx_path)
-        return onnx_path, 0
     graph = gs.import_onnx(model)
     before = len(graph.nodes)
     old, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.CRITICAL
@@ -47,9 +45,36 @@ def fold_for_parser(onnx_path: Path, work_dir: Path) -> tuple[Path, int]:
         G_LOGGER.severity = old
     folded = before - len(graph.nodes)
     if folded == 0:
-        return onnx_path, 0
+        return model, 0
     out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
+    out.ir_version = model.ir_version  # type: ignore[attr-defined]
+    return out, folded
+
+
+def _dense_moe_body(model: object) -> bool:
+    """Swap the MoE function body for the dense one TensorRT parses; False when not possible."""
+    if not any(n.domain == DOMAIN and n.op_type == MOE for n in model.graph.node):  # type: ignore[attr-defined]
+        return False
+    try:
+        from mixport.passes import moe_bodies
+    except ImportError:
+        log.warning("mixport.passes.moe_bodies is missing: the MoE nodes keep the export's body")
+        return False
+    return bool(moe_bodies.attach(model, "dense"))
+
+
+def prepare_for_parser(onnx_path: Path, work_dir: Path, use_plugins: bool = True) -> tuple[Path, int]:
+    """(file to parse, nodes folded away); a changed copy is written into ``work_dir``."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if has_external_data(model):
+        log.info("%s keeps its weights in external data: parsed without folding", onnx_path)
+        return onnx_path, 0
+    model, folded = _fold(model)
+    dense = not use_plugins and _dense_moe_body(model)
+    if not folded and not dense:
+        return onnx_path, 0
     path = Path(work_dir) / FOLDED_FILE
-    onnx.save(out, str(path))
+    onnx.save(model, str(path))
     return path, folded

@@ -57,9 +57,11 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
     Example: mixport export --model tiny -o out --engine
     """
     from mixport.exporter.export import export as run_export
+    from mixport.progress import StepBar
 
-    result = run_export(model_dir, out_dir, builtin=builtin, dtype=dtype, force=force, fuse=not no_fuse,
-                        progress=_progress)
+    with StepBar(total=3 if no_fuse else 4, desc="export") as bar:
+        result = run_export(model_dir, out_dir, builtin=builtin, dtype=dtype, force=force, fuse=not no_fuse,
+                            progress=bar)
     if verbose and result.pass_counts:
         for name, count in result.pass_counts.items():
             click.echo(f"  pass {name}: {count} rewrites", err=True)

@@ -15,7 +15,7 @@ import onnx
 import mixport
 from mixport.errors import ConfigError
 from mixport.exporter import artifact
-from mixport.exporter.loader import load_reference
+from mixport.exporter.loader import load_for_export
 from mixport.exporter.routing_onnx import ONNX_OPSET
 from mixport.exporter.tiny import write_tiny
 from mixport.exporter.trace import trace
@@ -63,10 +63,11 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
     _quiet_exporter()
     with resolve_source(model_dir, builtin) as (src, source_info):
         step("loading weights")
-        model, cfg, config_hash = load_reference(src, dtype)
+        model, weights, cfg, config_hash = load_for_export(src, dtype)
         with artifact.staging_dir(out_dir, force) as tmp:
             step("tracing to ONNX")
-            proto = trace(model)
+            proto = trace(model, weights)
+            del weights
             counts: dict[str, int] = {}
             if fuse:
                 step("fusing experts")

@@ -40,3 +40,16 @@ def load_reference(model_dir: Path, dtype: str = "fp32") -> tuple[MixtralModel, 
     cfg, config_hash = load_config(model_dir)
     state = load_state_dict(model_dir, cfg, expected_shapes(cfg), torch_dtype(dtype))
     return build_model(cfg, state), cfg, config_hash
+
+
+def load_for_export(model_dir: Path, dtype: str = "fp32"
+                    ) -> tuple[MixtralModel, dict[str, torch.Tensor], MoEConfig, str]:
+    """A weightless (meta-device) model to trace, plus its weights by name: tracing then never
+    holds a second copy of the weights."""
+    cfg, config_hash = load_config(model_dir)
+    tdtype = torch_dtype(dtype)
+    state = load_state_dict(model_dir, cfg, expected_shapes(cfg), tdtype)
+    with torch.device("meta"):
+        model = MixtralModel(cfg).to(tdtype)
+    model.inv_freq = torch.empty(cfg.head_dim // 2, device="meta")
+    return model.eval(), state, cfg, config_hash

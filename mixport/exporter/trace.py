@@ -7,6 +7,7 @@ dynamic dim, the TopKRouting function body attached, symbolic dims asserted.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import onnx
 import torch
@@ -42,11 +43,12 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     """B=2, S=3, P=2: every dim >= 2 so none is specialized to a constant."""
     cfg = model.cfg
     dtype = model.lm_head.weight.dtype
+    dev = model.lm_head.weight.device  # meta when tracing without weights
     b, s, p = 2, 3, 2
-    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(b, p + s, dtype=torch.int64)
-    pos = torch.arange(p, p + s)[None].expand(b, s).contiguous()
-    past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0)).to(dev)
+    mask = torch.ones(b, p + s, dtype=torch.int64, device=dev)
+    pos = torch.arange(p, p + s, device=dev)[None].expand(b, s).contiguous()
+    past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype, device=dev)
             for _ in range(2 * cfg.num_hidden_layers)]
     B, S, P, T = (torch.export.Dim(n, max=1 << 20) for n in ("batch", "seq", "past", "total"))
     dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: T},
@@ -54,8 +56,12 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     return (ids, mask, pos, past), dyn
 
 
-def trace(model: MixtralModel) -> onnx.ModelProto:
-    """The exported (unfused) model: TopKRouting nodes + per-expert FFNs."""
+def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None) -> onnx.ModelProto:
+    """The exported (unfused) model: TopKRouting nodes + per-expert FFNs.
+
+    ``model`` may live on the meta device (no weights in memory while tracing); ``weights``
+    then supplies every initializer by state_dict name, without a copy until serialization.
+    """
     routing_onnx.register_schema()
     args, dyn = _example(model)
     inputs, outputs = io_names(model.cfg.num_hidden_layers)
@@ -70,9 +76,26 @@ def trace(model: MixtralModel) -> onnx.ModelProto:
     except Exception as exc:  # the exporter raises many types; one clear line for the user
         raise ExportError("torch.onnx.export failed", given=f"{type(exc).__name__}: {str(exc)[:300]}",
                           expected="a traceable Mixtral reference model") from exc
+    if weights is not None:
+        _attach_weights(program.model, weights, model)
     proto = program.model_proto
     finish(proto, model)
     return proto
+
+
+def _attach_weights(ir_model: Any, weights: dict[str, torch.Tensor], model: MixtralModel) -> None:
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    cfg = model.cfg
+    d = cfg.head_dim
+    extra = {"inv_freq": 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))}
+    for name, value in ir_model.graph.initializers.items():
+        key = name.removeprefix("model.")
+        tensor = weights.get(key, extra.get(key))
+        if tensor is None:
+            raise ExportError("the traced graph needs a weight the checkpoint did not provide", given=key,
+                              expected="a reference-model state_dict name")
+        value.const_value = TorchTensor(tensor.contiguous(), name=name)
 
 
 def _rename_dims(proto: onnx.ModelProto) -> None:

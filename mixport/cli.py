@@ -47,12 +47,14 @@ def main() -> None:
 @click.option("--no-fuse", is_flag=True, help="Keep the per-expert FFNs (skip the fusion passes).")
 @click.option("--no-check", is_flag=True, help="Skip the quick parity check at the end.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass rewrote.")
+@click.option("--engine", is_flag=True, help="Also build OUT_DIR/model.engine (as `mixport build`).")
+@click.option("--targets", default=None, help="With --engine: GPUs to build for (see `mixport build`).")
 @friendly
 def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: str, force: bool,
-           no_fuse: bool, no_check: bool, verbose: bool) -> None:
+           no_fuse: bool, no_check: bool, verbose: bool, engine: bool, targets: str | None) -> None:
     """Export a Mixtral folder (or --model tiny) to ONNX with mixport routing/MoE ops.
 
-    Example: mixport export --model tiny -o out
+    Example: mixport export --model tiny -o out --engine
     """
     from mixport.exporter.export import export as run_export
     from mixport.progress import StepBar
@@ -64,6 +66,11 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
         for name, count in result.pass_counts.items():
             click.echo(f"  pass {name}: {count} rewrites", err=True)
     click.echo(f"exported {result.out_dir} ({', '.join(result.files)})")
+    if engine:
+        from mixport.build.folder import BuildRequest, build_folder
+
+        built = build_folder(result.out_dir, BuildRequest(targets=targets), progress=_progress)
+        click.echo(built.message)
     if not no_check:
         from mixport.tools.check import CheckUnavailable
 
@@ -79,10 +86,38 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
 
     _progress("checking parity (PyTorch vs ONNX Runtime)")
     report = run_check(folder, steps=steps, prefer_transformers=prefer_transformers)
+    for note in report.notes:
+        click.echo(f"[mixport] {note}", err=True)
     click.echo(format_report(report))
     if not report.passed:
         raise ParityError("parity check failed", given=folder, expected="every output within tolerance",
                           hint="see the table above")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--targets", default=None,
+              help="GPUs: 'ampere+' (RTX default), 'sm80,sm86,...' (TensorRT-RTX), 'current' (full TensorRT default).")
+@click.option("--dtype", default=None, help="Expected precision (fp32 | fp16 | bf16); must match the export.")
+@click.option("--batch", default=None, metavar="MIN:OPT:MAX", help="Batch range [default: 1:1:4].")
+@click.option("--seq", default=None, metavar="MIN:OPT:MAX", help="New tokens per step [default: 1:64:256].")
+@click.option("--past", default=None, metavar="MIN:OPT:MAX", help="Cached tokens [default: 0:256:context-1].")
+@click.option("--no-plugins", is_flag=True, help="Inline the mixport nodes' ONNX bodies (no plugin layers).")
+@click.option("--force", is_flag=True, help="Rebuild even if an engine exists (stale or built otherwise).")
+@friendly
+def build(out_dir: Path, targets: str | None, dtype: str | None, batch: str | None, seq: str | None,
+          past: str | None, no_plugins: bool, force: bool) -> None:
+    """Build OUT_DIR/model.engine with the mixport TensorRT plugins and record it in the manifest.
+
+    Example: mixport build out --targets sm80,sm86 --batch 1:1:8
+    """
+    from mixport.build.folder import BuildRequest, build_folder, parse_range
+
+    ranges = {name: parse_range(text, name) if text else None
+              for name, text in (("batch", batch), ("seq", seq), ("past", past))}
+    request = BuildRequest(targets=targets, dtype=dtype, use_plugins=not no_plugins, force=force, **ranges)
+    result = build_folder(out_dir, request, progress=_progress)
+    click.echo(result.message)
 
 
 @main.command()
@@ -105,9 +140,11 @@ def check(folder: Path, steps: int, reference: str) -> None:
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="auto: TensorRT when model.engine is up to date and a GPU is visible.")
 @friendly
 def run(folder: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str,
-        threads: int | None) -> None:
+        threads: int | None, backend: str) -> None:
     """Generate text from an export folder (greedy, KV cache).
 
     Example: mixport run out --prompt "The ship sailed" --max-new-tokens 24
@@ -116,8 +153,9 @@ def run(folder: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str
 
     if not prompts:
         raise click.UsageError("give at least one --prompt")
-    pipe = load(folder, device=device, threads=threads)
-    click.echo(f"[mixport] backend: {pipe.session.backend} ({device})", err=True)
+    pipe = load(folder, device=device, threads=threads, backend=backend)
+    where = "cuda" if pipe.session.backend == "tensorrt" else device
+    click.echo(f"[mixport] backend: {pipe.session.backend} ({where}); {pipe.backend_reason}", err=True)
     ids = [_prompt_ids(pipe, p) for p in prompts]
     out = pipe.generate_ids(ids, max_new_tokens)
     for p, o in zip(prompts, out, strict=True):

@@ -62,3 +62,34 @@ def export_copy(tiny_export: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "export"
     shutil.copytree(tiny_export, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def trt_module():  # noqa: ANN201 - the tensorrt / tensorrt_rtx_bindings module
+    """The TensorRT module mixport would use; skips when neither flavor is importable."""
+    from mixport.errors import TensorRTNotFoundError
+    from mixport.plugins.trt_import import import_trt
+
+    try:
+        return import_trt()
+    except TensorRTNotFoundError as exc:
+        pytest.skip(f"TensorRT not importable (pip install 'mixport[trt]'): {exc}")
+
+
+@pytest.fixture(scope="session")
+def engine_export(tiny_export: Path, trt_module: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_export plus model.engine from `mixport build` defaults (read-only: copy to change)."""
+    from mixport.build.folder import build_folder
+
+    dst = tmp_path_factory.mktemp("tiny-engine") / "out"
+    shutil.copytree(tiny_export, dst)
+    build_folder(dst)
+    return dst
+
+
+@pytest.fixture
+def engine_copy(engine_export: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of engine_export."""
+    dst = tmp_path / "engine-export"
+    shutil.copytree(engine_export, dst)
+    return dst

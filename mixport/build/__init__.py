@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BuildResult", "LayerInfo", "ProfileSpec", "build_engine", "ensure_parser_symlink"]
+__all__ = ["BuildRequest", "BuildResult", "LayerInfo", "ProfileSpec", "build_engine", "build_folder",
+           "engine_status", "ensure_parser_symlink"]
 
 _WHERE = {"BuildResult": "engine", "build_engine": "engine", "LayerInfo": "network",
-          "ProfileSpec": "profiles", "ensure_parser_symlink": "symlink"}
+          "ProfileSpec": "profiles", "ensure_parser_symlink": "symlink", "BuildRequest": "folder",
+          "build_folder": "folder", "engine_status": "status"}
 
 
 def __getattr__(name: str) -> Any:

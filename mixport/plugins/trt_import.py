@@ -18,8 +18,8 @@ FULL = "tensorrt"
 RTX = "tensorrt_rtx"
 _MODULES = {FULL: "tensorrt", RTX: "tensorrt_rtx_bindings"}
 INSTALL_HINT = (
-    "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings  "
-    "(TensorRT-RTX, builds on CPU-only machines), or pip install tensorrt"
+    "pip install 'mixport[trt]' (= tensorrt-rtx-cu13-libs + tensorrt-rtx-cu13-bindings: "
+    "TensorRT-RTX, builds on CPU-only machines), or pip install tensorrt"
 )
 
 
@@ -30,10 +30,16 @@ def _try_import(module_name: str) -> tuple[ModuleType | None, str]:
         return None, f"{module_name}: {exc}"
 
 
-@functools.cache
 def import_trt(flavor: str | None = None) -> ModuleType:
-    """Return the TensorRT Python module to use (``flavor``: "tensorrt" or "tensorrt_rtx")."""
-    flavor = flavor or os.environ.get("MIXPORT_TRT") or None
+    """Return the TensorRT Python module to use (``flavor``: "tensorrt" or "tensorrt_rtx").
+
+    ``MIXPORT_TRT`` is read on every call (the import itself is cached per flavor).
+    """
+    return _import_trt(flavor or os.environ.get("MIXPORT_TRT") or None)
+
+
+@functools.cache
+def _import_trt(flavor: str | None) -> ModuleType:
     if flavor is not None and flavor not in _MODULES:
         raise TensorRTNotFoundError(
             "unknown TensorRT flavor", given=flavor, expected=" or ".join(_MODULES),

@@ -41,9 +41,10 @@ class Pipeline:
     """A loaded export folder: session + tokenizer + generation."""
 
     def __init__(self, folder: Path, session: Session, manifest: dict[str, Any],
-                 tokenizer: Tokenizer | None) -> None:
+                 tokenizer: Tokenizer | None, backend_reason: str = "") -> None:
         self.folder, self.session, self.manifest, self.tokenizer = folder, session, manifest, tokenizer
         self.config = manifest["config"]
+        self.backend_reason = backend_reason  # why this backend (e.g. why not TensorRT)
 
     @property
     def context(self) -> int:
@@ -109,10 +110,21 @@ class Pipeline:
         yield from stream_text(self, prompt, max_new_tokens, chat=chat, stop=stop, **sampling)
 
 
-def load(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Pipeline:
-    """Open an export folder with ONNX Runtime."""
+def load(folder: str | Path, device: str = "cpu", threads: int | None = None,
+         backend: str = "auto") -> Pipeline:
+    """Open an export folder; ``backend``: "onnxruntime", "tensorrt" or "auto" (TensorRT when
+    model.engine is up to date and a GPU is visible, else ONNX Runtime; see ``backend_reason``)."""
+    from mixport.runtime.select import choose_backend
+
     folder = Path(folder)
     manifest = artifact.read_manifest(folder)
     path = validate_folder(folder, manifest)
-    session = OrtSession(path, manifest, device=device, threads=threads)
-    return Pipeline(folder, session, manifest, load_tokenizer(folder))
+    choice = choose_backend(folder, manifest, backend)
+    session: Session
+    if choice.backend == "tensorrt":
+        from mixport.runtime.trt_session import TrtSession
+
+        session = TrtSession(folder / manifest["engine"]["file"], manifest)
+    else:
+        session = OrtSession(path, manifest, device=device, threads=threads)
+    return Pipeline(folder, session, manifest, load_tokenizer(folder), choice.reason)

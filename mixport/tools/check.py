@@ -1,9 +1,11 @@
-"""``mixport check``: PyTorch vs ONNX Runtime through Polygraphy's Comparator.
+"""``mixport check``: PyTorch vs ONNX Runtime (and TensorRT) through Polygraphy's Comparator.
 
 Teacher-forced: the prompt and the greedy continuation come from the PyTorch
 reference; every runner sees the same tokens (and ONNX Runtime the reference's
 cache), so each step compares like with like. Routing ids per layer are compared
 as sets; tokens whose k-th and (k+1)-th router probabilities tie are counted apart.
+TensorRT joins (compared with the reference, outputs only) when the folder's
+engine is up to date and a GPU is visible; otherwise ``notes`` says why not.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class CheckReport:
     rtol: float
     outputs: list[OutputStat] = field(default_factory=list)
     routing: list[RoutingStat] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. why TensorRT was not compared
     ref_tokens: list[int] = field(default_factory=list)
     ort_tokens: list[int] = field(default_factory=list)
     tokens_must_match: bool = True  # greedy tokens may legitimately flip on near-ties in fp16/bf16
@@ -151,19 +154,18 @@ def _skip_routing(name: str, _index: int, iter_result: Any) -> list[str]:
 
 
 def _output_stats(accuracy: Any, atol: float, rtol: float) -> list[OutputStat]:
-    """Worst case over every step, per output, from Polygraphy's per-iteration results."""
+    """Worst case over every step, per output; outputs of runners after the second are
+    labelled "name [runner]" (every pair is (reference, runner))."""
     worst: dict[str, OutputStat] = {}
-    pairs = [it for acc in accuracy for its in acc.values() for it in its]
-    if True:
-        for iteration in pairs:
-            for name, res in iteration.items():
-                old = worst.get(name)
-                stat = OutputStat(name, float(res.max_absdiff), float(res.max_reldiff), bool(res))
-                if old is None:
-                    worst[name] = stat
-                else:
-                    worst[name] = OutputStat(name, max(old.max_abs, stat.max_abs),
-                                             max(old.max_rel, stat.max_rel), old.passed and stat.passed)
+    for acc in accuracy:  # one AccuracyResult per compare function
+        for index, ((_ref, runner), iterations) in enumerate(acc.items()):
+            label = f" [{runner}]" if index else ""
+            for iteration in iterations:
+                for output, res in iteration.items():
+                    stat = OutputStat(output + label, float(res.max_absdiff), float(res.max_reldiff), bool(res))
+                    old = worst.setdefault(stat.name, stat)
+                    worst[stat.name] = OutputStat(stat.name, max(old.max_abs, stat.max_abs),
+                                                  max(old.max_rel, stat.max_rel), old.passed and stat.passed)
     return list(worst.values())
 
 
@@ -224,18 +226,33 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
             feeds = [_cast_past(f, dtype) for f in feeds]
         runners = [torch_runner(src, ref_model, prefer_transformers),
                    OnnxrtRunner(SessionFromOnnx(str(debug_model(model_path, Path(tmp)))), name="onnxruntime")]
+        notes = _add_tensorrt(runners, folder, manifest)
         results = Comparator.run(runners, data_loader=feeds)
         func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="max",
                                   find_output_func=_skip_routing)
-        accuracy = Comparator.compare_accuracy(results, compare_func=func)
-        (_, ref_iters), (_, ort_iters) = results.items()
-        report = CheckReport([r.name for r in runners], steps, atol, rtol)
+        accuracy = Comparator.compare_accuracy(results, compare_func=func,
+                                               comparisons=[(0, i) for i in range(1, len(runners))])
+        (_, ref_iters), (_, ort_iters) = list(results.items())[:2]
+        report = CheckReport([r.name for r in runners], steps, atol, rtol, notes=notes)
         report.outputs = _output_stats(accuracy, atol, rtol)
         report.routing = _routing_stats(ref_iters, ort_iters, cfg.num_hidden_layers, cfg.num_experts_per_tok)
         report.ref_tokens = ref_tokens
         report.ort_tokens = ort_greedy(model_path, manifest, prompt, len(ref_tokens))
         report.tokens_must_match = dtype == "fp32"
     return report
+
+
+def _add_tensorrt(runners: list[Any], folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Append the TensorRT runner when it can run here; else one note saying why not."""
+    from mixport.runtime.select import tensorrt_unavailable
+
+    why_not = tensorrt_unavailable(folder, manifest)
+    if why_not is not None:
+        return [f"TensorRT not compared: {why_not}"]
+    from mixport.tools.trt_runner import TrtSessionRunner
+
+    runners.append(TrtSessionRunner(folder, manifest))
+    return []
 
 
 def _require_runnable(dtype: str) -> None:
@@ -258,7 +275,7 @@ def _cast_past(feed: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]
 
 def format_report(report: CheckReport) -> str:
     """A plain table: one line per output, one per layer's routing."""
-    a, b = report.runners
+    a, b = report.runners[0], " and ".join(report.runners[1:])
     lines = [f"parity: {a} vs {b}, prefill + {report.steps} decode steps "
              f"(atol {report.atol:g}, rtol {report.rtol:g})",
              f"  {'output':<22} {'max abs err':>12} {'max rel err':>12}  result"]

@@ -1,0 +1,192 @@
+"""``mixport build``: an export folder's model.onnx -> model.engine, recorded in manifest.json.
+
+    result = build_folder("out", BuildRequest(targets="sm80,sm86"))
+    print(result.message, result.record["plugin_layer_count"])
+
+The engine is built into a hidden temp folder inside OUT_DIR, checked (every
+mixport node must have become a plugin layer when plugins are on), moved into
+place with os.replace, and only then recorded in the manifest (also atomic).
+An existing engine is never replaced without ``force``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import mixport
+from mixport.build.engine import BuildResult, build_engine
+from mixport.build.prepare import prepare_for_parser
+from mixport.build.profiles import ProfileSpec, Range
+from mixport.build.status import ENGINE_FILE, engine_status, visible_gpu
+from mixport.build.targets import check_dtype, resolve_targets
+from mixport.errors import BuildError
+from mixport.exporter import artifact
+from mixport.ops import DOMAIN, MOE, TOPK_ROUTING
+from mixport.plugins.trt_import import flavor_of, import_trt
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build; None means "the default" (or, for an existing engine, "whatever it has")."""
+
+    targets: str | None = None  # "ampere+", "sm80,sm86", "current"
+    dtype: str | None = None  # must match the ONNX file's precision
+    batch: Range | None = None
+    seq: Range | None = None
+    past: Range | None = None
+    use_plugins: bool = True
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class FolderBuild:
+    folder: Path
+    built: bool  # False: the engine was already up to date
+    message: str
+    record: dict[str, Any]
+
+
+def parse_range(text: str, name: str) -> Range:
+    """"1:4:8" -> (1, 4, 8); "8" -> (8, 8, 8). BuildError when it is neither."""
+    parts = text.split(":")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not 0 <= values[0] <= values[1] <= values[2]:
+        raise BuildError(f"bad --{name} range", given=text, expected="MIN:OPT:MAX with 0 <= MIN <= OPT <= MAX",
+                         hint=f"e.g. --{name} 1:1:4")
+    return values  # type: ignore[return-value]
+
+
+def profile_for(config: dict[str, Any], request: BuildRequest) -> ProfileSpec:
+    """Requested ranges, defaults clipped to the model's context (max_position_embeddings)."""
+    context = int(config.get("max_position_embeddings") or 1024)
+    seq = request.seq or (1, min(64, context), min(256, context))
+    past = request.past or (0, min(256, context - 1), max(context - 1, 0))
+    return ProfileSpec(batch=request.batch or (1, 1, 4), seq=seq, past=past)
+
+
+def mixport_node_counts(onnx_path: Path) -> dict[str, int]:
+    """{"TopKRouting": n, "MoE": m}: the mixport nodes of the file's main graph."""
+    from mixport.build.network import load_onnx
+
+    counts = Counter(n.op_type for n in load_onnx(onnx_path).graph.node if n.domain == DOMAIN)
+    return {op: counts.get(op, 0) for op in (TOPK_ROUTING, MOE)}
+
+
+def check_plugin_layers(result: BuildResult, nodes: dict[str, int]) -> None:
+    """Every mixport node became one plugin layer (plugins on), or none did (plugins off)."""
+    found = Counter(layer.plugin for layer in result.plugin_layers)
+    expected = {f"{DOMAIN}::{op}": (n if result.use_plugins else 0) for op, n in nodes.items()}
+    got = {name: found.get(name, 0) for name in expected}
+    if got != expected or sum(found.values()) != sum(expected.values()):
+        raise BuildError("the engine's plugin layers do not match the ONNX file's mixport nodes",
+                         given=dict(found), expected=expected,
+                         hint="a mixport node was inlined instead of becoming a plugin layer: "
+                              "are the plugin_namespace attributes and creators in place?")
+
+
+def _request_differences(record: dict[str, Any], request: BuildRequest, targets: tuple[str, ...],
+                         spec: ProfileSpec) -> list[str]:
+    diffs = []
+    if request.targets is not None and list(targets) != record.get("requested_targets"):
+        diffs.append(f"targets {','.join(targets)} (engine: {','.join(record.get('requested_targets', []))})")
+    if request.use_plugins != record.get("use_plugins", True):
+        diffs.append(f"plugins {'on' if request.use_plugins else 'off'} (engine: "
+                     f"{'on' if record.get('use_plugins', True) else 'off'})")
+    for role in ("batch", "seq", "past"):
+        if getattr(request, role) is not None and list(getattr(spec, role)) != record["ranges"].get(role):
+            diffs.append(f"{role} {getattr(spec, role)} (engine: {record['ranges'].get(role)})")
+    return diffs
+
+
+def _existing(folder: Path, manifest: dict[str, Any], trt: ModuleType, request: BuildRequest,
+              targets: tuple[str, ...], spec: ProfileSpec) -> FolderBuild | None:
+    """The up-to-date answer for an existing engine; BuildError when it must be forced."""
+    record = manifest.get("engine")
+    if not record or request.force:
+        return None
+    ok, reason = engine_status(folder, trt, manifest=manifest)
+    if not ok:
+        raise BuildError(f"{ENGINE_FILE} is stale: {reason}", given=str(folder),
+                         hint=f"rebuild it: mixport build {folder} --force")
+    diffs = _request_differences(record, request, targets, spec)
+    if diffs:
+        raise BuildError(f"{ENGINE_FILE} exists and was built with other options", given="; ".join(diffs),
+                         hint=f"replace it: mixport build {folder} --force ...")
+    return FolderBuild(folder, False, f"{ENGINE_FILE} is up to date ({reason})", record)
+
+
+def engine_record(result: BuildResult, trt: ModuleType, onnx_sha: str, nodes: dict[str, int],
+                  targets: tuple[str, ...], spec: ProfileSpec, folded: int) -> dict[str, Any]:
+    """The manifest's ``engine`` section."""
+    path = result.engine_path
+    return {
+        "file": ENGINE_FILE, "sha256": artifact.file_sha256(path), "bytes": path.stat().st_size,
+        "trt": result.trt, "trt_flavor": flavor_of(trt), "trt_version": str(getattr(trt, "__version__", "?")),
+        "targets": list(result.targets), "requested_targets": list(targets), "gpu_at_build": visible_gpu(),
+        "dtype": result.dtype, "onnx_sha256": onnx_sha,
+        "ranges": {"batch": list(spec.batch), "seq": list(spec.seq), "past": list(spec.past)},
+        "profiles": {name: [list(s) for s in shapes] for name, shapes in result.profile.items()},
+        "use_plugins": result.use_plugins, "mixport_nodes": nodes,
+        "plugin_layers": [{"name": layer.name, "plugin": layer.plugin} for layer in result.plugin_layers],
+        "plugin_layer_count": len(result.plugin_layers), "folded_nodes": folded,
+        "build_seconds": round(result.seconds, 3), "mixport_version": mixport.__version__,
+    }
+
+
+def _check_dtype(request: BuildRequest, manifest: dict[str, Any]) -> str | None:
+    if request.dtype is None:
+        return None
+    dtype = check_dtype(request.dtype)
+    exported = manifest.get("dtype")
+    if exported and dtype != exported:
+        raise BuildError("the requested dtype differs from the export's", given=dtype, expected=exported,
+                         hint="the engine's precision is the ONNX file's: re-export with "
+                              f"--dtype {dtype}, or drop --dtype")
+    return dtype
+
+
+def build_folder(folder: str | Path, request: BuildRequest | None = None, *,
+                 trt_module: ModuleType | None = None,
+                 progress: Callable[[str], None] | None = None) -> FolderBuild:
+    """Build OUT_DIR/model.engine from OUT_DIR/model.onnx (unless up to date) and record it."""
+    from mixport.runtime.api import validate_folder
+
+    request, step = request or BuildRequest(), progress or (lambda _msg: None)
+    folder = Path(folder)
+    manifest = artifact.read_manifest(folder)
+    onnx_path = validate_folder(folder, manifest)
+    dtype = _check_dtype(request, manifest)
+    trt = trt_module or import_trt()
+    targets = resolve_targets(trt, request.targets)
+    spec = profile_for(manifest.get("config", {}), request)
+    spec.check()
+    existing = _existing(folder, manifest, trt, request, targets, spec)
+    if existing is not None:
+        return existing
+    onnx_sha, nodes = artifact.file_sha256(onnx_path), mixport_node_counts(onnx_path)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=folder) as tmp:
+        step("folding constants for TensorRT's parser")
+        source, folded = prepare_for_parser(onnx_path, Path(tmp), request.use_plugins)
+        step(f"building the engine for {', '.join(targets)}")
+        result = build_engine(source, Path(tmp) / ENGINE_FILE, dtype=dtype, targets=targets, profiles=spec,
+                              use_plugins=request.use_plugins, trt_module=trt)
+        check_plugin_layers(result, nodes)
+        record = engine_record(result, trt, onnx_sha, nodes, targets, spec, folded)
+        artifact.set_default_mode(result.engine_path)
+        os.replace(result.engine_path, folder / ENGINE_FILE)
+    manifest["engine"] = record
+    artifact.write_manifest(folder, manifest)
+    return FolderBuild(folder, True, f"built {folder / ENGINE_FILE} ({result.trt}, {len(result.plugin_layers)} "
+                                     f"plugin layers, {result.seconds:.1f} s)", record)

@@ -1,0 +1,133 @@
+"""Backend choice for `mixport run` / `check`, and the CPU-side half of the TensorRT runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from mixport.cli import main
+from mixport.errors import RuntimeFailure
+from mixport.exporter import artifact
+from mixport.runtime.select import choose_backend, tensorrt_unavailable
+from mixport.runtime.trt_session import BindingPlan, torch_dtype_name
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+no_gpu = pytest.mark.skipif(_has_gpu(), reason="checks the no-GPU fallback; this machine has a GPU")
+
+
+def _invoke(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@no_gpu
+def test_run_falls_back_to_onnxruntime_and_says_why(engine_export: Path) -> None:
+    res = _invoke("run", engine_export, "--prompt", "The ship", "--max-new-tokens", "3")
+    assert res.exit_code == 0, res.output
+    assert ("[mixport] backend: onnxruntime (cpu); TensorRT not used: model.engine is up to date "
+            "but no CUDA GPU is visible") in res.output
+    assert res.output.splitlines()[-1].startswith("The ship")
+
+
+@no_gpu
+def test_forced_tensorrt_is_refused_in_one_line(engine_export: Path) -> None:
+    res = _invoke("run", engine_export, "--prompt", "The ship", "--backend", "tensorrt")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cannot run with TensorRT: model.engine is up to date but no CUDA GPU" in errors[0]
+
+
+def test_stale_engine_is_never_run(engine_copy: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(engine_copy / "model.onnx"))
+    onnx.helper.set_model_props(model, {"re-exported": "yes"})
+    onnx.save(model, str(engine_copy / "model.onnx"))
+    manifest = _manifest(engine_copy)
+    manifest["onnx_sha256"] = artifact.file_sha256(engine_copy / "model.onnx")
+    artifact.write_manifest(engine_copy, manifest)
+    choice = choose_backend(engine_copy, manifest, "auto")
+    assert choice.backend == "onnxruntime"
+    assert "model.engine is stale: model.onnx changed since the engine was built" in choice.reason
+    with pytest.raises(RuntimeFailure, match="cannot run with TensorRT: model.engine is stale"):
+        choose_backend(engine_copy, manifest, "tensorrt")
+    res = _invoke("run", engine_copy, "--prompt", "The ship", "--max-new-tokens", "2")
+    assert res.exit_code == 0 and "TensorRT not used: model.engine is stale" in res.output, res.output
+
+
+def test_folder_without_engine(export_copy: Path) -> None:
+    manifest = _manifest(export_copy)
+    assert tensorrt_unavailable(export_copy, manifest).startswith("the folder has no engine")
+    assert choose_backend(export_copy, manifest, "onnxruntime").reason == "asked for with --backend onnxruntime"
+
+
+@no_gpu
+def test_check_says_why_tensorrt_was_not_compared(engine_export: Path) -> None:
+    res = _invoke("check", engine_export, "--steps", "1", "--reference", "mixport")
+    assert res.exit_code == 0, res.output
+    assert "[mixport] TensorRT not compared: model.engine is up to date but no CUDA GPU is visible" in res.output
+    assert "pytorch-mixport vs onnxruntime," in res.output
+
+
+def test_binding_plan_from_the_built_manifest(engine_export: Path) -> None:
+    manifest = _manifest(engine_export)
+    plan = BindingPlan.from_manifest(manifest)
+    cfg, ranges = manifest["config"], manifest["engine"]["ranges"]
+    shapes = plan.input_shapes(2, 1, 7)
+    assert shapes["attention_mask"] == (2, 8) and shapes["input_ids"] == (2, 1)
+    assert shapes["past_key_values.1.value"] == (2, cfg["num_key_value_heads"], 7, cfg["head_dim"])
+    assert set(shapes) == {i["name"] for i in manifest["inputs"]}  # every graph input is bound
+    assert plan.present_names == [o["name"] for o in manifest["outputs"] if o["name"].startswith("present")]
+    assert plan.max_tokens() == ranges["past"][2] + ranges["seq"][2]
+    plan.check(plan.input_shapes(1, 5, 0))  # prefill with an empty cache fits
+    with pytest.raises(RuntimeFailure, match=r"input 'input_ids' is outside .* profile.*--batch MIN:OPT:MAX"):
+        plan.check(plan.input_shapes(ranges["batch"][2] + 1, 1, 0))
+    with pytest.raises(RuntimeFailure, match=r"past_key_values.0.key' is outside"):
+        plan.check(plan.input_shapes(1, 1, ranges["past"][2] + 1))
+
+
+def test_torch_dtypes_of_engine_tensors() -> None:
+    import torch
+
+    for trt_name in ("FLOAT", "HALF", "BF16", "INT64", "INT32", "BOOL"):
+        assert isinstance(getattr(torch, torch_dtype_name(trt_name)), torch.dtype)
+    with pytest.raises(RuntimeFailure, match="tensor type mixport cannot bind; given: FP8"):
+        torch_dtype_name("FP8")
+
+
+@pytest.mark.gpu
+def test_tensorrt_generation_matches_onnxruntime(engine_export: Path, trt_module: ModuleType) -> None:
+    from mixport.runtime import load
+
+    prompts = [[1, 5, 9, 13, 200], [1, 7]]
+    trt = load(engine_export, backend="tensorrt")
+    ort = load(engine_export, backend="onnxruntime")
+    assert trt.session.backend == "tensorrt"
+    assert trt.generate_ids(prompts, 12) == ort.generate_ids(prompts, 12)
+    trt.session.reset(1)
+    logits = trt.session.step(np.array([[1, 5, 9]]), np.ones((1, 3), np.int64), np.arange(3)[None])
+    ort.session.reset(1)
+    ref = ort.session.step(np.array([[1, 5, 9]]), np.ones((1, 3), np.int64), np.arange(3)[None])
+    np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=1e-3)
+    assert trt.session.past_len == 3 and trt.session.past[0].is_cuda
+
+
+@pytest.mark.gpu
+def test_check_compares_tensorrt(engine_export: Path, trt_module: ModuleType) -> None:
+    res = _invoke("check", engine_export, "--steps", "2", "--reference", "mixport")
+    assert res.exit_code == 0, res.output
+    assert "vs onnxruntime and tensorrt" in res.output and "logits [tensorrt]" in res.output

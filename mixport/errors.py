@@ -44,3 +44,7 @@ class ParityError(MixportError):
     """Outputs of two backends disagree beyond tolerance."""
 
     exit_code = 3
+
+
+class PassError(MixportError):
+    """A graph pass could not do what the pipeline requires (e.g. no MoE layer fused)."""

@@ -19,8 +19,8 @@ import onnx_graphsurgeon as gs
 
 from mixport import ops
 from mixport.errors import PassError
-from mixport.passes import graph_utils as gu
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
+from mixport.passes import graph_utils as gu
 
 TARGETS = ("portable", "trt-noplugin", "ort")
 BODY_FOR_TARGET = {"portable": "sparse", "trt-noplugin": "dense", "ort": "sparse"}

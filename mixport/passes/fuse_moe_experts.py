@@ -49,6 +49,9 @@ def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
         reasons.append(f"{NAME}: no {ops.DOMAIN}::{ops.TOPK_ROUTING} node in the graph")
     fused = 0
     for router in routers:
+        if any(u.domain == ops.DOMAIN and u.op == ops.MOE for u in router.outputs[1].outputs):
+            reasons.append(f"{NAME}: router '{router.name}' already feeds a {ops.MOE} node")
+            continue
         try:
             _fuse_layer(graph, router)
             fused += 1

@@ -42,50 +42,56 @@ def _swiglu_ffn(x: str, gate_up: str, down: str, s: str) -> list[onnx.NodeProto]
     ]
 
 
-def _sparse_expert(e: int) -> list[onnx.NodeProto]:
-    """Expert e on its own tokens: -> rows{e} [n,1] (token index), yw{e} [n,H] (weighted output)."""
+def _sparse_expert(e: int, k: int, inter: int) -> list[onnx.NodeProto]:
+    """Expert e on its own tokens -> pos_{e} [n] (flat slot t*k+j), y_{e} [n, H] (unweighted)."""
     s = f"_{e}"
     return [
         _const(f"e{s}", [e], []),
-        helper.make_node("Equal", ["ids", f"e{s}"], [f"mask{s}"]),
-        helper.make_node("NonZero", [f"mask{s}"], [f"nz{s}"]),  # [2, n]: (token, slot)
-        helper.make_node("Transpose", [f"nz{s}"], [f"pos{s}"], perm=[1, 0]),
-        helper.make_node("Gather", [f"nz{s}", "zero"], [f"tok{s}"], axis=0),
-        helper.make_node("GatherND", ["weights", f"pos{s}"], [f"w{s}"]),  # [n]
+        helper.make_node("Equal", ["flat_ids", f"e{s}"], [f"mask{s}"]),
+        helper.make_node("NonZero", [f"mask{s}"], [f"nz{s}"]),  # [1, n]
+        helper.make_node("Reshape", [f"nz{s}", "minus1"], [f"pos{s}"]),
+        helper.make_node("Div", [f"pos{s}", "k"], [f"tok{s}"]),  # int64: token = slot // k
         helper.make_node("Gather", ["hidden", f"tok{s}"], [f"x{s}"], axis=0),  # [n, H]
-        helper.make_node("Gather", ["gate_up", f"e{s}"], [f"gu{s}"], axis=0),  # folded by ORT
-        helper.make_node("Gather", ["down", f"e{s}"], [f"dn{s}"], axis=0),
-        *_swiglu_ffn(f"x{s}", f"gu{s}", f"dn{s}", s),
-        helper.make_node("Unsqueeze", [f"w{s}", "one"], [f"wc{s}"]),
-        helper.make_node("Mul", [f"y{s}", f"wc{s}"], [f"yw{s}"]),
-        helper.make_node("Unsqueeze", [f"tok{s}", "one"], [f"rows{s}"]),
+        # constant slabs: ONNX Runtime folds these into per-expert initializers at load
+        helper.make_node("Gather", ["gate_up", f"e{s}"], [f"gu{s}"], axis=0),  # [H, 2F]
+        helper.make_node("Slice", [f"gu{s}", "zero1", "F", "one"], [f"wg{s}"]),  # [H, F]
+        helper.make_node("Slice", [f"gu{s}", "F", "F2", "one"], [f"wu{s}"]),
+        helper.make_node("Gather", ["down", f"e{s}"], [f"dn{s}"], axis=0),  # [F, H]
+        helper.make_node("MatMul", [f"x{s}", f"wg{s}"], [f"g{s}"]),
+        helper.make_node("MatMul", [f"x{s}", f"wu{s}"], [f"u{s}"]),
+        helper.make_node("Sigmoid", [f"g{s}"], [f"sg{s}"]),
+        helper.make_node("Mul", [f"g{s}", f"sg{s}"], [f"silu{s}"]),
+        helper.make_node("Mul", [f"silu{s}", f"u{s}"], [f"a{s}"]),
+        helper.make_node("MatMul", [f"a{s}", f"dn{s}"], [f"y{s}"]),
     ]
 
 
-def sparse_nodes(num_experts: int, elem_type: int) -> list[onnx.NodeProto]:
-    """ScatterND(add) sums in the model's type for fp32; fp16/bf16 sum in fp32 (ORT's CPU
-    ScatterND has no fp16 add) and round once at the end, as the exported Add chain does for k=2."""
-    wide = elem_type != TensorProto.FLOAT
-    nodes = [_const("zero", [0], []), _const("one", [1]),
-             helper.make_node("Constant", [], ["zero_f"], value_float=0.0),
-             helper.make_node("Shape", ["hidden"], ["shape_h"]),
-             helper.make_node("Expand", ["zero_f", "shape_h"], ["acc0"])]  # fp32 [T, H]
+def sparse_nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
+    """Per-expert work on gathered rows; the k results per token come back through the inverse
+    permutation of the expert-major slot order (TopK of the slot positions), are weighted and
+    summed over k. No Scatter: every float type works in ONNX Runtime's CPU kernels."""
+    nodes = [_const("minus1", [-1]), _const("k", [k], []), _const("zero1", [0]), _const("one", [1]),
+             _const("two", [2]), _const("F", [inter]), _const("F2", [2 * inter]),
+             helper.make_node("Reshape", ["ids", "minus1"], ["flat_ids"])]  # [T*k]
     for e in range(num_experts):
-        nodes += _sparse_expert(e)
-    nodes += [
-        helper.make_node("Concat", [f"rows_{e}" for e in range(num_experts)], ["rows"], axis=0),
-        helper.make_node("Concat", [f"yw_{e}" for e in range(num_experts)], ["ys_t" if wide else "ys"], axis=0),
+        nodes += _sparse_expert(e, k, inter)
+    experts = range(num_experts)
+    return nodes + [
+        helper.make_node("Concat", [f"pos_{e}" for e in experts], ["pos"], axis=0),  # [T*k]
+        helper.make_node("Concat", [f"y_{e}" for e in experts], ["ys"], axis=0),  # [T*k, H]
+        helper.make_node("Shape", ["pos"], ["n_slots"]),
+        helper.make_node("TopK", ["pos", "n_slots"], ["sorted_pos", "order"], largest=0, sorted=1),
+        helper.make_node("Gather", ["ys", "order"], ["ys_tok"], axis=0),  # token-major [T*k, H]
+        helper.make_node("Shape", ["ids"], ["shape_ids"]),
+        helper.make_node("Concat", ["shape_ids", "minus1"], ["shape3"], axis=0),
+        helper.make_node("Reshape", ["ys_tok", "shape3"], ["y3"]),  # [T, k, H]
+        helper.make_node("Unsqueeze", ["weights", "two"], ["w3"]),  # [T, k, 1]
+        helper.make_node("Mul", ["y3", "w3"], ["yw"]),
+        helper.make_node("ReduceSum", ["yw", "one"], ["out"], keepdims=0),  # [T, H]
     ]
-    if wide:
-        nodes.append(helper.make_node("Cast", ["ys_t"], ["ys"], to=TensorProto.FLOAT))
-    nodes.append(helper.make_node("ScatterND", ["acc0", "rows", "ys"], ["out_f" if wide else "out"],
-                                  reduction="add"))
-    if wide:
-        nodes.append(helper.make_node("Cast", ["out_f"], ["out"], to=elem_type))
-    return nodes
 
 
-def dense_nodes(num_experts: int, elem_type: int) -> list[onnx.NodeProto]:
+def dense_nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
     """All experts on all tokens; dense [T,E] routing weights from a one-hot of the ids."""
     return [
         _const("experts", list(range(num_experts))), _const("two", [2]), _const("first", [0]),
@@ -107,11 +113,15 @@ def dense_nodes(num_experts: int, elem_type: int) -> list[onnx.NodeProto]:
 BODIES = {"sparse": sparse_nodes, "dense": dense_nodes}
 
 
-def moe_function(body: str, num_experts: int, elem_type: int) -> onnx.FunctionProto:
-    """The FunctionProto for mixport::MoE with ``body`` ("sparse" | "dense"), E experts, one float type."""
-    nodes = BODIES[body](num_experts, elem_type)
+def moe_function(body: str, num_experts: int, k: int, inter: int) -> onnx.FunctionProto:
+    """The FunctionProto for mixport::MoE: ``body`` ("sparse" | "dense") for E experts, top-k, F."""
+    nodes = BODIES[body](num_experts, k, inter)
     return helper.make_function(ops.DOMAIN, ops.MOE, INPUTS, ["out"], nodes,
                                 [helper.make_opsetid("", ONNX_OPSET)], attributes=ATTRIBUTES)
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int | None:
+    return next((a.i for a in node.attribute if a.name == name), None)
 
 
 def attach(model: onnx.ModelProto, body: str) -> int:
@@ -122,10 +132,10 @@ def attach(model: onnx.ModelProto, body: str) -> int:
     model.functions.extend(keep)
     if not moes:
         return 0
-    types = {t.name: t.data_type for t in model.graph.initializer}
-    kinds = {(next(a.i for a in n.attribute if a.name == "num_experts"), types.get(n.input[3])) for n in moes}
+    down_dims = {t.name: t.dims[1] for t in model.graph.initializer if len(t.dims) == 3}
+    kinds = {(_attr(n, "num_experts"), _attr(n, "k"), down_dims.get(n.input[4])) for n in moes}
     if len(kinds) != 1 or None in next(iter(kinds)):
-        raise ValueError(f"MoE nodes disagree on (num_experts, weight type) or lack weights: {sorted(kinds)}")
+        raise ValueError(f"MoE nodes disagree on (num_experts, k, intermediate) or lack weights: {kinds}")
     model.functions.append(moe_function(body, *kinds.pop()))
     if not any(o.domain == ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))

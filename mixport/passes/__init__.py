@@ -91,7 +91,8 @@ def run_passes(proto: onnx.ModelProto, target: str = "portable") -> PipelineRepo
 def run_pipeline(proto: onnx.ModelProto, target: str = "portable", verbose: bool = False
                  ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The fused model and {pass_name: rewrites}; with ``verbose`` the counts and no-match reasons
-    go to stderr. Raises PassError when a Mixtral graph's experts could not be fused."""
+    go to stderr. Raises PassError when a Mixtral graph's experts could not be fused.
+    ``proto`` itself is only touched where Constant nodes are rewritten to an equivalent form."""
     report = run_passes(proto, target)
     if verbose:
         print("\n".join(report.lines()), file=sys.stderr)

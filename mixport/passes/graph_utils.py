@@ -18,10 +18,6 @@ def producer_op(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
     return node if node is not None and node.op in ops and (node.domain or "") in ("", "ai.onnx") else None
 
 
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
-
-
 def const_array(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant node output), exact dtype (bf16 too)."""
     if isinstance(tensor, gs.Constant):
@@ -67,10 +63,6 @@ def make_constant(name: str, array: np.ndarray) -> gs.Constant:
     return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))
 
 
-def elem_type(array: np.ndarray) -> int:
-    return numpy_helper.from_array(np.zeros((0,), array.dtype)).data_type
-
-
 def unique_name(graph: gs.Graph, base: str) -> str:
     taken = graph.tensors()
     name, i = base, 1
@@ -85,10 +77,6 @@ def node_count(graph: gs.Graph) -> int:
 
 def initializer_count(graph: gs.Graph) -> int:
     return sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
-
-
-def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
-    return next((o.version for o in model.opset_import if o.domain == domain), 0)
 
 
 _LIST_ATTRS = {"value_ints": (onnx.TensorProto.INT64, True), "value_int": (onnx.TensorProto.INT64, False),

@@ -71,8 +71,11 @@ def _fuse_layer(graph: gs.Graph, router: gs.Node) -> None:
     found = sorted(e.index for e in experts)
     if found != list(range(num_experts)):
         raise NoMatch(f"expert indices {found} do not cover 0..{num_experts - 1} exactly once")
-    if any(e.x is not experts[0].x for e in experts):
+    x = experts[0].x
+    if any(e.x is not x for e in experts):
         raise NoMatch("the experts read different input tensors")
+    if x.shape is not None and len(x.shape) != 2:
+        raise NoMatch(f"the experts' input '{x.name}' has rank {len(x.shape)}, the MoE op takes [T, H]")
     start, last = _add_chain([e.scaled for e in experts])
     experts.sort(key=lambda e: e.index)
     gate_up, down = _stacked(graph, experts)
@@ -80,7 +83,7 @@ def _fuse_layer(graph: gs.Graph, router: gs.Node) -> None:
     last.outputs.clear()
     attrs = dict(num_experts=num_experts, k=k, activation="swiglu",
                  plugin_namespace=ops.PLUGIN_NAMESPACE, plugin_version=ops.PLUGIN_VERSION)
-    inputs = [experts[0].x, weights, ids, gate_up, down]
+    inputs = [x, weights, ids, gate_up, down]
     name = gu.unique_name(graph, f"{router.name or 'router'}/MoE")
     if start is None or gu.is_zero(start):
         graph.nodes.append(gs.Node(ops.MOE, name, attrs, inputs, [out], domain=ops.DOMAIN))

@@ -12,6 +12,7 @@ Usage: PYTHONPATH=. python tools/bench_moe.py [--threads 2] [--reps 40] [--skip-
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -135,7 +136,8 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep/reuse the mini-Mixtral exports here.")
     args = ap.parse_args()
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads")
+    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, "
+          f"load average {os.getloadavg()[0]:.2f} (other processes share these cores)")
     print_layer(bench_layer(args.threads, args.reps))
     if args.skip_e2e:
         return
@@ -143,6 +145,7 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         print_e2e(bench_e2e(work, args.threads, max(args.reps // 4, 10)))
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,12 @@ def test_portable_body_is_not_trt_parsable() -> None:
     assert "NonZero" in {n.op_type for n in moe.node}
     _builder, _network, _parser, errors = _parse(trt, fused.SerializeToString())
     assert errors, "the sparse body parsed in TensorRT; trt-noplugin may no longer be needed"
+
+
+@pytest.mark.slow
+def test_whole_tiny_export_parses_with_trt_noplugin(tiny_unfused) -> None:
+    trt = _tensorrt_rtx()
+    fused, counts = run_pipeline(tiny_unfused, target="trt-noplugin")
+    assert counts["fuse_moe_experts"] == 2
+    _builder, _network, _parser, errors = _parse(trt, fused.SerializeToString())
+    assert errors is None, errors

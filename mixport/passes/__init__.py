@@ -2,7 +2,7 @@
 
 Targets choose what the fused ``mixport::MoE`` nodes run when no plugin is registered:
 
-* ``portable``     sparse function body (NonZero / Gather / MatMul / ScatterND): ONNX Runtime, any EP
+* ``portable``     sparse function body (TopK-sorted slots / Gather / Split / MatMul): ONNX Runtime, any EP
 * ``trt-noplugin`` dense function body (one-hot + batched MatMul): parses and builds in TensorRT
 * ``ort``          ONNX Runtime's ``com.microsoft.MoE`` contrib op (ORT only), sparse body otherwise
 """
@@ -23,7 +23,7 @@ from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_
 from mixport.passes import graph_utils as gu
 
 TARGETS = ("portable", "trt-noplugin", "ort")
-BODY_FOR_TARGET = {"portable": "sparse", "trt-noplugin": "dense", "ort": "sparse"}
+BODY_FOR_TARGET = {"portable": "sorted", "trt-noplugin": "dense", "ort": "sorted"}
 
 
 @dataclass(frozen=True)

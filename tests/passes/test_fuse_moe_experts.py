@@ -10,7 +10,7 @@ import pytest
 from mixport.errors import PassError
 from mixport.exporter import artifact
 from mixport.exporter.tiny import TINY
-from mixport.passes import fuse_moe_experts, run_pipeline
+from mixport.passes import fuse_moe_experts, moe_bodies, run_pipeline
 from mixport.tools.moe_layer import LayerSpec, dense_layer, swiglu_mlp
 
 from .conftest import model_feed, moe_nodes, op_counts, ort_run, routers
@@ -88,13 +88,15 @@ CASES = {  # name: (spec, tokens, experts that must get tokens (None: all))
 }
 
 
-@pytest.mark.parametrize("target", ["portable", "trt-noplugin", "ort"])
+@pytest.mark.parametrize("target", ["portable", "portable/nonzero", "trt-noplugin", "ort"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_outputs_match(case: str, target: str) -> None:
     spec, tokens, hot = CASES[case]
     dense = dense_layer(spec)
-    fused, counts = run_pipeline(dense, target=target)
+    fused, counts = run_pipeline(dense, target=target.split("/")[0])
     assert counts["fuse_moe_experts"] == 1
+    if "/" in target:  # the alternative sparse body
+        moe_bodies.attach(fused, target.split("/")[1])
     x = np.random.default_rng(1).standard_normal((tokens, spec.hidden)).astype(np.float32)
     used = set(_routing(spec, dense, x).ravel().tolist())
     assert used == (hot if hot is not None else set(range(spec.experts)))  # the case hits what it claims

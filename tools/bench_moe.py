@@ -10,7 +10,7 @@ other processes hits them alike; medians in ms. "steady": 5 calls in a row per v
 after the other variants' weights went through the caches (closer to a real model,
 where every layer has its own weights).
 
-Usage: PYTHONPATH=. python tools/bench_moe.py [--threads 2] [--reps 40] [--skip-e2e]
+Usage: PYTHONPATH=. python tools/bench_moe.py [--threads 2] [--reps 60] [--skip-e2e]
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def print_e2e(m: dict[str, float]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep/reuse the mini-Mixtral exports here.")
     args = ap.parse_args()

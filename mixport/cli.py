@@ -162,6 +162,28 @@ def run(folder: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str
         click.echo(p + pipe.decode(o) if pipe.tokenizer else pipe.decode(o))
 
 
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the optimized model.")
+@click.option("--target", type=click.Choice(["portable", "trt-noplugin", "ort"]), default="portable",
+              show_default=True, help="MoE body: sparse (portable), dense (TensorRT without plugin), "
+              "or ONNX Runtime's com.microsoft.MoE (ort).")
+@click.option("-v", "--verbose", is_flag=True, help="Print each pass's rewrites and why passes did not match.")
+@friendly
+def optimize(src: Path, dst: Path, target: str, verbose: bool) -> None:
+    """Fuse an unfused export's experts into mixport MoE nodes and fold constants.
+
+    Example: mixport optimize out/model.onnx -o fused.onnx --target trt-noplugin -v
+    """
+    from mixport.passes import optimize_file
+
+    report = optimize_file(src, dst, target)
+    if verbose:
+        click.echo("\n".join(report.lines()), err=True)
+    click.echo(f"optimized {dst} (target {target})")
+
+
 def _prompt_ids(pipe: Any, prompt: str) -> list[int]:
     if pipe.tokenizer is not None:
         return pipe.encode(prompt)

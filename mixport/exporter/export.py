@@ -71,7 +71,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             counts: dict[str, int] = {}
             if fuse:
                 step("fusing experts")
-                counts = _run_passes(proto)
+                proto, counts = _run_passes(proto)
             step("writing files")
             files = artifact.save_model(proto, tmp)
             files += artifact.copy_tokenizer(src, tmp)
@@ -79,16 +79,15 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
                 "mixport_version": mixport.__version__, "source": source_info,
                 "config_sha256": config_hash, "dtype": dtype, "opset": ONNX_OPSET,
                 "onnx_sha256": artifact.file_sha256(tmp / artifact.MODEL_FILE),
-                "fused": bool(counts), "passes": counts, "files": files,
+                "fused": bool(counts), "passes": counts, "target": "portable" if fuse else None,
+                "files": files,
                 "config": asdict(cfg), **artifact.io_signature(proto)}
             artifact.write_manifest(tmp, manifest)
     return ExportResult(Path(out_dir), files, counts, manifest)
 
 
-def _run_passes(proto: onnx.ModelProto) -> dict[str, int]:
-    """The fusion pipeline, when mixport.passes provides one (see the fusion issue)."""
-    try:
-        from mixport.passes import run_pipeline
-    except ImportError:
-        return {}
-    return run_pipeline(proto)
+def _run_passes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The fusion pipeline (mixport.passes): the fused model and {pass: rewrites}."""
+    from mixport.passes import run_pipeline
+
+    return run_pipeline(proto, target="portable")

@@ -1,0 +1,112 @@
+"""Graph passes: one explicit, ordered PIPELINE; each pass returns how many rewrites it made.
+
+Targets choose what the fused ``mixport::MoE`` nodes run when no plugin is registered:
+
+* ``portable``     sparse function body (TopK-sorted slots / Gather / Split / MatMul): ONNX Runtime, any EP
+* ``trt-noplugin`` dense function body (one-hot + batched MatMul): parses and builds in TensorRT
+* ``ort``          ONNX Runtime's ``com.microsoft.MoE`` contrib op (ORT only), sparse body otherwise
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from mixport import ops
+from mixport.errors import PassError
+from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
+from mixport.passes import graph_utils as gu
+
+TARGETS = ("portable", "trt-noplugin", "ort")
+BODY_FOR_TARGET = {"portable": "sorted", "trt-noplugin": "dense", "ort": "sorted"}
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    apply: Callable[[gs.Graph, list[str]], int]
+    required: bool = False  # must fire on a graph with unfused TopKRouting nodes
+    targets: tuple[str, ...] = TARGETS
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass(fold_constants.NAME, fold_constants.apply),
+    Pass(fuse_moe_experts.NAME, fuse_moe_experts.apply, required=True),
+    Pass(lower_ort_moe.NAME, lower_ort_moe.apply, targets=("ort",)),
+    Pass(remove_dead.NAME, remove_dead.apply),
+)
+ATTACH = "attach_moe_body"
+
+
+@dataclass
+class PipelineReport:
+    model: onnx.ModelProto
+    target: str
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"pass {name}: {count} rewrites" for name, count in self.counts.items()]
+        return out + [f"  no match: {why}" for why in self.reasons]
+
+
+def _count(graph: gs.Graph, op: str) -> int:
+    return sum(n.domain == ops.DOMAIN and n.op == op for n in graph.nodes)
+
+
+def _check_required(graph: gs.Graph, step: Pass, report: PipelineReport) -> None:
+    routers, moes = _count(graph, ops.TOPK_ROUTING), _count(graph, ops.MOE)
+    if routers and moes < routers:
+        why = "; ".join(r for r in report.reasons if r.startswith(step.name)) or "no reason recorded"
+        raise PassError(f"required pass {step.name} left {routers - moes} of {routers} MoE layers unfused",
+                        given=why, expected="one mixport MoE node per TopKRouting node",
+                        hint="is this a Mixtral-style export from `mixport export --no-fuse`?")
+
+
+def run_passes(proto: onnx.ModelProto, target: str = "portable") -> PipelineReport:
+    """Run PIPELINE for ``target`` and attach the MoE function body; the full report."""
+    if target not in TARGETS:
+        raise PassError("unknown optimization target", given=target, expected=" | ".join(TARGETS))
+    gu.tensorize_constants(proto)  # same meaning; keeps onnx-graphsurgeon's import exact
+    graph = gs.import_onnx(proto)
+    report = PipelineReport(proto, target)
+    for step in PIPELINE:
+        if target not in step.targets:
+            continue
+        report.counts[step.name] = step.apply(graph, report.reasons)
+        if step.required:
+            _check_required(graph, step, report)
+    model = gs.export_onnx(graph)
+    model.ir_version = proto.ir_version
+    report.counts[ATTACH] = moe_bodies.attach(model, BODY_FOR_TARGET[target])
+    report.model = model
+    return report
+
+
+def run_pipeline(proto: onnx.ModelProto, target: str = "portable", verbose: bool = False
+                 ) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The fused model and {pass_name: rewrites}; with ``verbose`` the counts and no-match reasons
+    go to stderr. Raises PassError when a Mixtral graph's experts could not be fused.
+    ``proto`` itself is only touched where Constant nodes are rewritten to an equivalent form."""
+    report = run_passes(proto, target)
+    if verbose:
+        print("\n".join(report.lines()), file=sys.stderr)
+    return report.model, report.counts
+
+
+def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineReport:
+    """``mixport optimize``: read SRC (external data too), run the pipeline, write DST."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise PassError("input model not found", given=str(src), expected="an .onnx file")
+    report = run_passes(onnx.load(str(src)), target)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(len(t.raw_data) for t in report.model.graph.initializer) > (2**31 - 2**26)
+    onnx.save_model(report.model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data", size_threshold=1024)
+    return report

@@ -1,0 +1,32 @@
+"""fold_constants: Constant nodes -> initializers, and constant subgraphs evaluated once.
+
+onnx-graphsurgeon's folder (ONNX Runtime underneath); mixport custom nodes are never
+evaluated, tensors over SIZE_LIMIT bytes are not materialized, and a subgraph ONNX
+Runtime cannot run (bf16 on CPU, say) is left as it was, quietly.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from mixport import ops
+
+NAME = "fold_constants"
+SIZE_LIMIT = 16 << 20
+
+
+def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
+    """Fold; return how many nodes disappeared."""
+    before = len(graph.nodes)
+    old, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.CRITICAL
+    try:
+        graph.fold_constants(size_threshold=SIZE_LIMIT, error_ok=True,
+                             should_exclude_node=lambda n: n.domain == ops.DOMAIN)
+    finally:
+        G_LOGGER.severity = old
+    graph.cleanup()
+    folded = before - len(graph.nodes)
+    if not folded and reasons is not None:
+        reasons.append(f"{NAME}: nothing constant to fold")
+    return folded

@@ -1,0 +1,217 @@
+"""fuse_moe_experts: TopKRouting + its per-expert SwiGLU FFNs -> ONE ``mixport::MoE`` node.
+
+The exported (dense) pattern per layer, for every expert e (see ``Experts._dense``)::
+
+    w_e  = ReduceSum(weights * Cast(Equal(ids, e)), -1, keepdims)   # [T, 1] (maybe Cast-wrapped)
+    y_e  = W2_e( silu(W1_e(x)) * W3_e(x) )                           # Gemm / MatMul (+Transpose)
+    acc  = acc + y_e * w_e                                           # Add chain, from zeros
+
+Matched by structure from each TopKRouting node; initializer names are never needed.
+The rewrite stacks the weights ([E,H,2F] gate|up and [E,F,H] down, ops.py layout),
+re-points the chain's last output at the new node and leaves the rest to cleanup.
+Legend: T tokens, H hidden, F intermediate, E experts, k active.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from mixport import ops
+from mixport.passes import graph_utils as gu
+
+NAME = "fuse_moe_experts"
+
+
+class NoMatch(Exception):
+    """Why one layer's pattern did not match (collected as a reason, never raised to users)."""
+
+
+@dataclass
+class ExpertFFN:
+    index: int
+    x: gs.Tensor
+    w1: np.ndarray  # [H, F]  (gate, row-major [in, out])
+    w3: np.ndarray  # [H, F]  (up)
+    w2: np.ndarray  # [F, H]  (down)
+    scaled: gs.Tensor  # y_e * w_e, the Add chain's operand
+    hint: str  # a weight's initializer name, for naming the stacked ones
+
+
+def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
+    """Fuse every routed expert block; return how many MoE nodes were made."""
+    reasons = reasons if reasons is not None else []
+    routers = [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == ops.TOPK_ROUTING]
+    if not routers:
+        reasons.append(f"{NAME}: no {ops.DOMAIN}::{ops.TOPK_ROUTING} node in the graph")
+    fused = 0
+    for router in routers:
+        if any(u.domain == ops.DOMAIN and u.op == ops.MOE for u in router.outputs[1].outputs):
+            reasons.append(f"{NAME}: router '{router.name}' already feeds a {ops.MOE} node")
+            continue
+        try:
+            _fuse_layer(graph, router)
+            fused += 1
+        except NoMatch as why:
+            reasons.append(f"{NAME}: router '{router.name}': {why}")
+    if fused:
+        graph.cleanup().toposort()
+    return fused
+
+
+def _fuse_layer(graph: gs.Graph, router: gs.Node) -> None:
+    weights, ids = router.outputs[0], router.outputs[1]
+    num_experts, k = int(router.attrs.get("num_experts", 0)), int(router.attrs.get("k", 0))
+    experts = [_expert(eq, weights) for eq in ids.outputs if eq.op == "Equal"]
+    if not experts:
+        raise NoMatch("its expert ids feed no Equal(ids, e) routing-weight extraction")
+    found = sorted(e.index for e in experts)
+    if found != list(range(num_experts)):
+        raise NoMatch(f"expert indices {found} do not cover 0..{num_experts - 1} exactly once")
+    x = experts[0].x
+    if any(e.x is not x for e in experts):
+        raise NoMatch("the experts read different input tensors")
+    if x.shape is not None and len(x.shape) != 2:
+        raise NoMatch(f"the experts' input '{x.name}' has rank {len(x.shape)}, the MoE op takes [T, H]")
+    start, last = _add_chain([e.scaled for e in experts])
+    experts.sort(key=lambda e: e.index)
+    gate_up, down = _stacked(graph, experts)
+    out = last.outputs[0]
+    last.outputs.clear()
+    attrs = dict(num_experts=num_experts, k=k, activation="swiglu",
+                 plugin_namespace=ops.PLUGIN_NAMESPACE, plugin_version=ops.PLUGIN_VERSION)
+    inputs = [x, weights, ids, gate_up, down]
+    name = gu.unique_name(graph, f"{router.name or 'router'}/MoE")
+    if start is None or gu.is_zero(start):
+        graph.nodes.append(gs.Node(ops.MOE, name, attrs, inputs, [out], domain=ops.DOMAIN))
+        return
+    moe_out = gs.Variable(gu.unique_name(graph, f"{name}_out"), dtype=out.dtype, shape=out.shape)
+    graph.nodes.append(gs.Node(ops.MOE, name, attrs, inputs, [moe_out], domain=ops.DOMAIN))
+    graph.nodes.append(gs.Node("Add", f"{name}/residual", inputs=[start, moe_out], outputs=[out]))
+
+
+def _only(tensor: gs.Tensor, op: str, what: str) -> gs.Node:
+    """The single consumer of ``tensor``, which must be ``op``."""
+    users = tensor.outputs
+    if len(users) != 1 or users[0].op != op:
+        raise NoMatch(f"{what}: expected one {op} consumer, found {[u.op for u in users]}")
+    return users[0]
+
+
+def _skip_cast(tensor: gs.Tensor) -> gs.Tensor:
+    """Follow a lone Cast consumer (bf16/fp16 exports reduce in fp32 and cast back)."""
+    users = tensor.outputs
+    return users[0].outputs[0] if len(users) == 1 and users[0].op == "Cast" else tensor
+
+
+def _route_weight(eq: gs.Node, weights: gs.Tensor) -> tuple[int, gs.Tensor]:
+    """Equal(ids, e) -> Cast -> Mul(weights) -> [Cast] -> ReduceSum(-1) -> [Cast]: (e, w_e)."""
+    e = gu.const_int(eq.inputs[1])
+    if e is None:
+        raise NoMatch(f"Equal node '{eq.name}' does not compare the ids with a constant expert index")
+    cast = _only(eq.outputs[0], "Cast", f"expert {e} mask")
+    mul = _only(cast.outputs[0], "Mul", f"expert {e} mask")
+    if weights not in mul.inputs:
+        raise NoMatch(f"expert {e}: the mask is not multiplied with the routing weights")
+    red = _only(_skip_cast(mul.outputs[0]), "ReduceSum", f"expert {e} masked weights")
+    axes = gu.const_array(red.inputs[1]) if len(red.inputs) > 1 else red.attrs.get("axes")
+    if axes is None or [int(a) for a in np.ravel(axes)] not in ([-1], [1]) or not red.attrs.get("keepdims", 1):
+        raise NoMatch(f"expert {e}: routing weights are not summed over the last axis with keepdims")
+    return e, _skip_cast(red.outputs[0])
+
+
+def _expert(eq: gs.Node, weights: gs.Tensor) -> ExpertFFN:
+    e, w_e = _route_weight(eq, weights)
+    scales = [n for n in w_e.outputs if n.op == "Mul"]
+    if len(scales) != 1 or len(w_e.outputs) != 1:
+        raise NoMatch(f"expert {e}: its routing weight should feed exactly one Mul")
+    scale = scales[0]
+    y = scale.inputs[1] if scale.inputs[0] is w_e else scale.inputs[0]
+    act, w2, hint = _linear(y, f"expert {e} down projection")
+    gate, up = _swiglu(act, e)
+    x1, w1, _ = _linear(gate, f"expert {e} gate projection")
+    x3, w3, _ = _linear(up, f"expert {e} up projection")
+    if x1 is not x3:
+        raise NoMatch(f"expert {e}: gate and up projections read different inputs")
+    if w1.shape != w3.shape or w2.shape != w1.shape[::-1]:
+        raise NoMatch(f"expert {e}: weight shapes {w1.shape}, {w3.shape}, {w2.shape} are not SwiGLU's")
+    return ExpertFFN(e, x1, w1, w3, w2, scale.outputs[0], hint)
+
+
+def _swiglu(act: gs.Tensor, e: int) -> tuple[gs.Tensor, gs.Tensor]:
+    """act = Mul(silu(g), u) with silu(g) = Mul(g, Sigmoid(g)): return (g, u)."""
+    mul = gu.producer_op(act, "Mul")
+    if mul is None:
+        raise NoMatch(f"expert {e}: the down projection's input is not a Mul (silu(gate) * up)")
+    for silu, up in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+        inner = gu.producer_op(silu, "Mul")
+        if inner is None:
+            continue
+        for g, s in ((inner.inputs[0], inner.inputs[1]), (inner.inputs[1], inner.inputs[0])):
+            sig = gu.producer_op(s, "Sigmoid")
+            if sig is not None and sig.inputs[0] is g:
+                return g, up
+    raise NoMatch(f"expert {e}: no silu(gate) = gate * Sigmoid(gate) found before the down projection")
+
+
+def _linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, np.ndarray, str]:
+    """y = x @ W (Gemm with transB or not, MatMul, MatMul of a Transpose): (x, W as [in, out], name)."""
+    node = gu.producer_op(y, "Gemm", "MatMul")
+    if node is None:
+        raise NoMatch(f"{what}: {y.name} is not made by Gemm or MatMul")
+    x, w = node.inputs[0], node.inputs[1]
+    if node.op == "Gemm":
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 \
+                or (bias is not None and not gu.is_zero(bias)):
+            raise NoMatch(f"{what}: Gemm '{node.name}' has transA, alpha != 1 or a bias")
+        transposed = bool(node.attrs.get("transB", 0))
+    else:
+        transposed = False
+        tr = gu.producer_op(w, "Transpose")
+        if tr is not None and list(tr.attrs.get("perm", [1, 0])) == [1, 0]:
+            w, transposed = tr.inputs[0], True
+    arr = gu.const_array(w)
+    if arr is None or arr.ndim != 2:
+        raise NoMatch(f"{what}: the weight of '{node.name}' is not a constant 2-D tensor")
+    return x, (arr.T if transposed else arr), w.name
+
+
+def _add_chain(scaled: list[gs.Tensor]) -> tuple[gs.Tensor | None, gs.Node]:
+    """The Add chain summing the scaled expert outputs: (its start tensor or None, its last Add)."""
+    adds: dict[int, gs.Node] = {}
+    for t in scaled:
+        add = _only(t, "Add", f"scaled expert output {t.name}")
+        adds[id(add)] = add
+    if len(adds) != len(scaled):
+        raise NoMatch("two expert outputs meet in one Add; expected a running sum")
+    chain_outputs = {id(a.outputs[0]) for a in adds.values()}
+    scaled_ids = {id(t) for t in scaled}
+    starts, lasts = [], []
+    for add in adds.values():
+        others = [t for t in add.inputs if id(t) not in scaled_ids]
+        if len(others) > 1:
+            raise NoMatch(f"Add '{add.name}' adds no expert output")
+        prev = others[0] if others else None
+        if prev is None or id(prev) not in chain_outputs:
+            starts.append(prev)
+        elif len(prev.outputs) != 1:
+            raise NoMatch("a partial expert sum is used outside the running sum")
+        if not any(id(u) in adds for u in add.outputs[0].outputs):
+            lasts.append(add)
+    if len(starts) != 1 or len(lasts) != 1:
+        raise NoMatch(f"the expert outputs are not summed by one Add chain ({len(starts)} starts)")
+    return starts[0], lasts[0]
+
+
+def _stacked(graph: gs.Graph, experts: list[ExpertFFN]) -> tuple[gs.Constant, gs.Constant]:
+    """[E, H, 2F] (gate | up) and [E, F, H] (down), named after the experts' common prefix."""
+    gate_up = np.stack([np.concatenate([e.w1, e.w3], axis=1) for e in experts])
+    down = np.stack([e.w2 for e in experts])
+    prefix = os.path.commonprefix([e.hint for e in experts]).rstrip(".0123456789")
+    base = prefix if len(prefix) >= 3 else "moe"
+    return (gu.make_constant(gu.unique_name(graph, f"{base}.gate_up"), gate_up),
+            gu.make_constant(gu.unique_name(graph, f"{base}.down"), down))

@@ -1,0 +1,104 @@
+"""Small onnx-graphsurgeon helpers shared by the passes: look-ups by structure, constants."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that writes ``tensor`` (None for constants and graph inputs)."""
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def producer_op(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
+    node = producer(tensor)
+    return node if node is not None and node.op in ops and (node.domain or "") in ("", "ai.onnx") else None
+
+
+def const_array(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), exact dtype (bf16 too)."""
+    if isinstance(tensor, gs.Constant):
+        lazy = getattr(tensor, "_values", None)
+        if isinstance(lazy, gs.ir.tensor.LazyValues):
+            return numpy_helper.to_array(lazy.tensor)
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and not node.inputs:
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return const_array(value)
+    return None
+
+
+def const_int(tensor: gs.Tensor) -> int | None:
+    """A scalar (or one-element) integer constant, else None."""
+    arr = const_array(tensor)
+    if arr is None or arr.size != 1 or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    return int(arr.reshape(-1)[0])
+
+
+def is_zero(tensor: gs.Tensor) -> bool:
+    """True when ``tensor`` is provably all zeros: a zero constant, or Expand/CastLike/Cast of one."""
+    arr = const_array(tensor)
+    if arr is not None:
+        return bool(arr.size and not np.any(arr.astype(np.float32)))
+    node = producer(tensor)
+    if node is None or (node.domain or "") not in ("", "ai.onnx"):
+        return False
+    if node.op in ("Expand", "CastLike", "Cast", "Identity"):
+        return is_zero(node.inputs[0])
+    if node.op == "ConstantOfShape":
+        value = node.attrs.get("value")
+        return value is None or not np.any(const_array(value).astype(np.float32))
+    return False
+
+
+def make_constant(name: str, array: np.ndarray) -> gs.Constant:
+    """A gs.Constant that exports bit-exact, bf16 included (through a TensorProto, not a numpy cast)."""
+    proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    taken = graph.tensors()
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def node_count(graph: gs.Graph) -> int:
+    return len(graph.nodes)
+
+
+def initializer_count(graph: gs.Graph) -> int:
+    return sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
+
+
+_LIST_ATTRS = {"value_ints": (onnx.TensorProto.INT64, True), "value_int": (onnx.TensorProto.INT64, False),
+               "value_floats": (onnx.TensorProto.FLOAT, True), "value_float": (onnx.TensorProto.FLOAT, False)}
+
+
+def tensorize_constants(model: onnx.ModelProto) -> int:
+    """Constant nodes given as value_int(s)/value_float(s) -> one ``value`` tensor (same meaning).
+
+    onnx-graphsurgeon reads an EMPTY value_ints as a float64 array; a typed tensor keeps int64.
+    """
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name not in _LIST_ATTRS:
+            continue
+        dtype, is_list = _LIST_ATTRS[attr.name]
+        values = list(onnx.helper.get_attribute_value(attr)) if is_list else [onnx.helper.get_attribute_value(attr)]
+        tensor = onnx.helper.make_tensor(node.output[0], dtype, [len(values)] if is_list else [], values)
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", tensor))
+        changed += 1
+    return changed

@@ -1,0 +1,77 @@
+"""lower_ort_moe (target ``ort`` only): mixport MoE + its TopKRouting -> ``com.microsoft.MoE``.
+
+The contrib op routes by itself from the router logits (softmax -> top-k -> renormalize)
+and wants, on CPU, gate/up interleaved per row ([E, 2F, H]: g0, u0, g1, u1, ...) and
+the down weights as [E, H, F] (both [out, in]). The file then runs in ONNX Runtime only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from mixport import ops
+from mixport.passes import graph_utils as gu
+
+NAME = "lower_ort_moe"
+MS_DOMAIN = "com.microsoft"
+
+
+def interleaved_fc1(gate_up: np.ndarray) -> np.ndarray:
+    """[E, H, 2F] (gate | up) -> [E, 2F, H] with rows g0, u0, g1, u1, ..."""
+    e, h, two_f = gate_up.shape
+    f = two_f // 2
+    pairs = np.stack([gate_up[:, :, :f], gate_up[:, :, f:]], axis=-1)  # [E, H, F, 2]
+    return np.ascontiguousarray(pairs.reshape(e, h, two_f).transpose(0, 2, 1))
+
+
+def contrib_fc2(down: np.ndarray) -> np.ndarray:
+    """[E, F, H] -> [E, H, F]."""
+    return np.ascontiguousarray(down.transpose(0, 2, 1))
+
+
+def contrib_attrs(k: int) -> dict[str, object]:
+    return dict(k=k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+                activation_alpha=1.0, activation_beta=0.0)
+
+
+def _lower(graph: gs.Graph, moe: gs.Node) -> str | None:
+    """Replace one MoE node; a reason string when it cannot be lowered."""
+    router = gu.producer(moe.inputs[1])
+    if router is None or router.op != ops.TOPK_ROUTING or gu.producer(moe.inputs[2]) is not router:
+        return f"MoE '{moe.name}': weights/ids do not come from one TopKRouting node"
+    if router.attrs.get("normalization") != "renormalize":
+        return f"MoE '{moe.name}': com.microsoft.MoE only renormalizes (router has " \
+               f"normalization={router.attrs.get('normalization')!r})"
+    gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
+    if gate_up is None or down is None:
+        return f"MoE '{moe.name}': expert weights are not constants"
+    fc1 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[3].name}.ort_fc1"), interleaved_fc1(gate_up))
+    fc2 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"), contrib_fc2(down))
+    empty = gs.Variable.empty()
+    node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"])),
+                   [moe.inputs[0], router.inputs[0], fc1, empty, fc2], list(moe.outputs), domain=MS_DOMAIN)
+    moe.outputs.clear()
+    graph.nodes.append(node)
+    return None
+
+
+def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
+    """Lower every lowerable MoE node; return how many were lowered."""
+    reasons = reasons if reasons is not None else []
+    moes = [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == ops.MOE]
+    if not moes:
+        reasons.append(f"{NAME}: no {ops.DOMAIN}::{ops.MOE} node to lower")
+    lowered = 0
+    for moe in moes:
+        why = _lower(graph, moe)
+        if why:
+            reasons.append(f"{NAME}: {why}")
+        else:
+            lowered += 1
+    if lowered:
+        if not any(d.domain == MS_DOMAIN for d in graph.import_domains):
+            graph.import_domains.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+        graph.cleanup().toposort()
+    return lowered

@@ -1,0 +1,66 @@
+"""fold_constants, remove_dead and lower_ort_moe: each fires where it should, says why where not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from mixport.passes import fold_constants, lower_ort_moe, remove_dead, run_pipeline
+from mixport.tools.moe_layer import LayerSpec, dense_layer, swiglu_mlp
+
+from .conftest import moe_nodes, op_counts, ort_run
+
+
+def test_fold_constants_removes_constant_nodes(tiny_unfused: onnx.ModelProto) -> None:
+    graph = gs.import_onnx(tiny_unfused)
+    assert fold_constants.apply(graph, []) > 0
+    assert not [n for n in graph.nodes if n.op == "Constant"]
+
+
+def test_fold_constants_nothing_to_fold() -> None:
+    reasons: list[str] = []
+    assert fold_constants.apply(gs.import_onnx(swiglu_mlp()), reasons) == 0
+    assert reasons == ["fold_constants: nothing constant to fold"]
+
+
+def test_remove_dead_drops_unused_node_and_initializer() -> None:
+    model = swiglu_mlp()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((3,), np.float32), "unused_w"))
+    model.graph.node.append(onnx.helper.make_node("Relu", ["g"], ["dead"]))
+    graph = gs.import_onnx(model)
+    assert remove_dead.apply(graph, []) == 1  # the Relu (graphsurgeon never imports unused initializers)
+    reasons: list[str] = []
+    assert remove_dead.apply(graph, reasons) == 0 and reasons
+    out, _ = run_pipeline(model)
+    assert {t.name for t in out.graph.initializer} == {"w1", "w2", "w3"}
+    assert op_counts(out)[("", "Relu")] == 0
+
+
+def test_lower_ort_moe_fires_and_matches() -> None:
+    dense = dense_layer(LayerSpec(hidden=32, inter=48, experts=4, k=2))
+    lowered, counts = run_pipeline(dense, target="ort")
+    assert counts["lower_ort_moe"] == 1 and not moe_nodes(lowered)
+    assert op_counts(lowered)[("com.microsoft", "MoE")] == 1
+    x = np.random.default_rng(0).standard_normal((20, 32)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(lowered, {"hidden": x})[0], ort_run(dense, {"hidden": x})[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_lower_ort_moe_refuses_unnormalized_routing() -> None:
+    dense = dense_layer(LayerSpec(hidden=16, inter=24, experts=4, k=2, normalization="none"))
+    fused, counts = run_pipeline(dense, target="ort")
+    assert counts["lower_ort_moe"] == 0 and len(moe_nodes(fused)) == 1  # stays on the sparse body
+    graph = gs.import_onnx(fused)
+    reasons: list[str] = []
+    assert lower_ort_moe.apply(graph, reasons) == 0
+    assert any("only renormalizes" in r for r in reasons)
+
+
+def test_interleaved_fc1_layout() -> None:
+    gate_up = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # E=2, H=3, F=2
+    fc1 = lower_ort_moe.interleaved_fc1(gate_up)
+    assert fc1.shape == (2, 4, 3)
+    np.testing.assert_array_equal(fc1[1, 0], gate_up[1, :, 0])  # g0
+    np.testing.assert_array_equal(fc1[1, 1], gate_up[1, :, 2])  # u0
+    np.testing.assert_array_equal(fc1[1, 3], gate_up[1, :, 3])  # u1

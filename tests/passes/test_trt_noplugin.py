@@ -1,0 +1,62 @@
+"""The trt-noplugin MoE body parses in TensorRT-RTX's ONNX parser and builds an engine (CPU-only AOT)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mixport.passes import run_pipeline
+from mixport.tools.moe_layer import LayerSpec, dense_layer
+
+
+def _tensorrt_rtx():  # -> module
+    trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed "
+                              "(pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)")
+    import tensorrt_rtx_libs
+
+    folder = Path(tensorrt_rtx_libs.__file__).parent
+    plain = folder / "libtensorrt_rtx.so"
+    if not plain.exists() and (folder / "libtensorrt_rtx.so.1").exists():
+        try:  # the parser dlopens the unversioned name
+            os.symlink("libtensorrt_rtx.so.1", plain)
+        except OSError as exc:
+            pytest.skip(f"cannot create {plain}: {exc}")
+    return trt
+
+
+def _parse(trt, model_bytes: bytes):  # -> (builder, network, parser, errors)
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(model_bytes)
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    return builder, network, parser, (None if ok else errors)
+
+
+@pytest.mark.slow
+def test_trt_noplugin_body_parses_and_builds() -> None:
+    trt = _tensorrt_rtx()
+    fused, counts = run_pipeline(dense_layer(LayerSpec(hidden=32, inter=48, experts=4, k=2)),
+                                 target="trt-noplugin")
+    assert counts["fuse_moe_experts"] == 1
+    assert not {"NonZero", "ScatterND", "ScatterElements"} & {n.op_type for f in fused.functions for n in f.node}
+    builder, network, _parser, errors = _parse(trt, fused.SerializeToString())
+    assert errors is None, errors
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("hidden", (1, 32), (16, 32), (256, 32))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    assert engine is not None and engine.nbytes > 0
+
+
+@pytest.mark.slow
+def test_whole_tiny_export_parses_with_trt_noplugin(tiny_unfused) -> None:
+    trt = _tensorrt_rtx()
+    fused, counts = run_pipeline(tiny_unfused, target="trt-noplugin")
+    assert counts["fuse_moe_experts"] == 2
+    _builder, _network, _parser, errors = _parse(trt, fused.SerializeToString())
+    assert errors is None, errors

@@ -57,5 +57,6 @@ class BuildError(MixportError):
 class TensorRTNotFoundError(BuildError):
     """Neither `tensorrt` nor `tensorrt_rtx_bindings` can be imported."""
 
+
 class PassError(MixportError):
     """A graph pass could not do what the pipeline requires (e.g. no MoE layer fused)."""

@@ -9,6 +9,7 @@ from typing import Any
 import mixport
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
+from mixport.runtime import ort_graph
 from mixport.runtime.generate import GenerationRequest, generate
 from mixport.runtime.ort_session import OrtSession
 from mixport.runtime.sampling import SamplingConfig
@@ -109,10 +110,32 @@ class Pipeline:
         yield from stream_text(self, prompt, max_new_tokens, chat=chat, stop=stop, **sampling)
 
 
-def load(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Pipeline:
-    """Open an export folder with ONNX Runtime."""
+GRAPHS = ("auto", "fast", "portable")
+
+
+def open_session(folder: Path, manifest: dict[str, Any], path: Path, device: str, threads: int | None,
+                 graph: str, progress: Callable[[str], None] | None = None) -> Session:
+    """The ONNX Runtime session for ``graph``: fast (ort_graph, CPU), portable (model.onnx),
+    or auto (fast when the model and device allow it, else portable)."""
+    if graph not in GRAPHS:
+        raise RuntimeFailure("unknown graph", given=graph, expected=" | ".join(GRAPHS))
+    why_not = "device is not cpu" if device != "cpu" else ort_graph.supported(
+        manifest["config"], str(manifest.get("dtype", "fp32")))
+    if graph == "fast" or (graph == "auto" and why_not is None):
+        from mixport.runtime.ort_fast import OrtFastSession
+
+        if graph == "fast" and device != "cpu":
+            raise RuntimeFailure("the fast graph is built for ONNX Runtime's CPU provider", given=device,
+                                 expected="--device cpu", hint="use --graph portable on cuda")
+        return OrtFastSession(ort_graph.ensure(folder, manifest, progress), manifest, device, threads)
+    return OrtSession(path, manifest, device=device, threads=threads)
+
+
+def load(folder: str | Path, device: str = "cpu", threads: int | None = None, graph: str = "auto",
+         progress: Callable[[str], None] | None = None) -> Pipeline:
+    """Open an export folder with ONNX Runtime (graph: auto | fast | portable)."""
     folder = Path(folder)
     manifest = artifact.read_manifest(folder)
     path = validate_folder(folder, manifest)
-    session = OrtSession(path, manifest, device=device, threads=threads)
+    session = open_session(folder, manifest, path, device, threads, graph, progress)
     return Pipeline(folder, session, manifest, load_tokenizer(folder))

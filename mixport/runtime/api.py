@@ -10,7 +10,7 @@ import mixport
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
 from mixport.runtime import ort_graph
-from mixport.runtime.generate import GenerationRequest, generate
+from mixport.runtime.generate import GenerationRequest, check_request, generate
 from mixport.runtime.ort_session import OrtSession
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
@@ -50,17 +50,21 @@ class Pipeline:
     def context(self) -> int:
         return int(self.config["max_position_embeddings"])
 
+    @property
+    def pad_id(self) -> int:
+        return int(self.config.get("pad_token_id") or 0)
+
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
             return prompt
+        if not prompt.strip():
+            raise RuntimeFailure("empty prompt", given=repr(prompt), expected="some text")
         if self.tokenizer is None:
             raise RuntimeFailure("the folder has no tokenizer, so prompts must be token ids",
                                  given=repr(prompt[:40]), expected="--prompt '1 2 3' (ids separated by spaces)")
         if chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt, add_bos=False)
-        if not prompt:
-            raise RuntimeFailure("empty prompt", given="''", expected="some text")
         return self.tokenizer.encode(prompt)
 
     def eos_ids(self) -> tuple[int, ...]:
@@ -70,11 +74,15 @@ class Pipeline:
             ids.add(self.tokenizer.eos_id)
         return tuple(sorted(ids))
 
+    def check(self, prompts: list[list[int]], max_new_tokens: int = 32) -> None:
+        """Raise RuntimeFailure now for a request generation would refuse (empty, too long...)."""
+        check_request(GenerationRequest(prompts, max_new_tokens), self.context)
+
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                      on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
         req = GenerationRequest(prompts, max_new_tokens, sampling or SamplingConfig(), self.eos_ids(),
-                                pad_id=int(self.config.get("pad_token_id") or 0),
+                                pad_id=self.pad_id,
                                 stop=self._stopper(stop), on_token=on_token)
         return generate(self.session, req, self.context)
 
@@ -104,10 +112,20 @@ class Pipeline:
 
     def stream(self, prompt: str, max_new_tokens: int = 32, *, chat: bool = False,
                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
-        """Yield text pieces as tokens are produced (one prompt)."""
-        from mixport.runtime.streaming import stream_text
+        """Yield text pieces as tokens are produced (one prompt); joined, they equal generate()."""
+        from mixport.runtime.streaming import stream_ids
 
-        yield from stream_text(self, prompt, max_new_tokens, chat=chat, stop=stop, **sampling)
+        ids = self.encode(prompt, chat)
+        yield from stream_ids(self, ids, max_new_tokens, SamplingConfig(**sampling), stop)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 GRAPHS = ("auto", "fast", "portable")

@@ -77,7 +77,7 @@ class OrtFastSession:
     def _compact(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids [B, S] -> right-padded ids [B, S] and the new tokens per row [B]."""
         s = input_ids.shape[1]
-        new = np.maximum(attention_mask[:, -s:].sum(axis=1), 1)  # a finished row still takes a slot
+        new = np.maximum(np.asarray(attention_mask)[:, -s:].sum(axis=1), 1).astype(np.int64)  # done rows too
         if (new == s).all():
             return np.ascontiguousarray(input_ids, dtype=np.int64), new
         ids = np.zeros_like(input_ids, dtype=np.int64)

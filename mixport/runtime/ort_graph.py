@@ -123,7 +123,26 @@ def _expert(g: _Builder, cfg: dict[str, Any], i: int, e: int, flat: str, dense: 
     return g.op1("ScatterND", [acc, idx, y], reduction="add")
 
 
+def _moe_contrib(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
+    """ONNX Runtime's own com.microsoft.MoE (one node): router logits in, top-k inside."""
+    pre = f"layers.{i}.block_sparse_moe"
+    e_n = cfg["num_local_experts"]
+    flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
+    gate = f"{pre}.gate.weight"
+    logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
+    fc1 = np.stack([np.stack([g.w[f"{pre}.experts.{e}.w1.weight"], g.w[f"{pre}.experts.{e}.w3.weight"]], axis=1)
+                    .reshape(-1, cfg["hidden_size"]) for e in range(e_n)])  # [E, 2F, H], gate/up rows interleaved
+    fc2 = np.stack([g.w[f"{pre}.experts.{e}.w2.weight"] for e in range(e_n)])  # [E, H, F]
+    out = g.op1("MoE", [flat, logits, g.weight(f"{pre}.fc1", fc1), "", g.weight(f"{pre}.fc2", fc2)], domain=MS,
+                k=cfg["num_experts_per_tok"], activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                activation_beta=0.0,
+                normalize_routing_weights=int(cfg.get("normalization", "renormalize") == "renormalize"))
+    return g.op1("Reshape", [out, g.op1("Shape", [h])])
+
+
 def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
+    if cfg.get("_moe") == "ort":
+        return _moe_contrib(g, cfg, i, h)
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
     dense = _router(g, cfg, i, flat)
     acc = g.op1("Mul", [flat, g.const("zero", np.zeros((), g.dtype))])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from mixport.runtime.generate import GenerationRequest, iter_generate
@@ -16,7 +16,7 @@ class TextStream:
     """Feed token ids; ``push`` returns the newly printable text (held back while a
     multi-byte character or a possible stop string is incomplete)."""
 
-    def __init__(self, decode, stop: list[str] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | None = None) -> None:
         self.decode, self.stop = decode, stop or []
         self.ids: list[int] = []
         self.emitted = 0
@@ -49,13 +49,12 @@ class TextStream:
         return piece
 
 
-def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
-                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
-    ids = pipe.encode(prompt, chat)
+def stream_ids(pipe: Pipeline, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
+               stop: list[str] | None = None) -> Iterator[str]:
+    """Text pieces of the continuation of ``ids`` as tokens are produced (stop strings cut)."""
     text = TextStream(pipe.decode, stop)
-    req = GenerationRequest([ids], max_new_tokens, SamplingConfig(**sampling), pipe.eos_ids(),
-                            pad_id=int(pipe.config.get("pad_token_id") or 0),
-                            stop=lambda _row, _ids: text.stopped)
+    req = GenerationRequest([ids], max_new_tokens, sampling, pipe.eos_ids(),
+                            pad_id=pipe.pad_id, stop=lambda _row, _ids: text.stopped)
     for _row, token in iter_generate(pipe.session, req, pipe.context):
         piece = text.push(token)
         if piece:
@@ -63,3 +62,8 @@ def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool 
     tail = text.flush()
     if tail:
         yield tail
+
+
+def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
+                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
+    yield from stream_ids(pipe, pipe.encode(prompt, chat), max_new_tokens, SamplingConfig(**sampling), stop)

@@ -147,19 +147,20 @@ def _print_rows(pipe: Any, texts: list[str], out: list[list[int]], stop: list[st
 
 def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampling: Any,
                 stop: list[str]) -> None:
-    """Print the prompt, then each piece as it is produced; Ctrl-C keeps what was printed."""
-    from mixport.runtime.streaming import stream_ids
+    """Print the prompt, then each piece as it is produced; Ctrl-C keeps what was printed (exit 130)."""
+    from mixport.runtime.streaming import Interrupt, stream_ids
 
-    click.echo(text if pipe.tokenizer else "", nl=not pipe.tokenizer)
-    try:
+    with Interrupt() as interrupt:
+        click.echo(text if pipe.tokenizer else "", nl=not pipe.tokenizer)
         for piece in stream_ids(pipe, ids, max_new_tokens, sampling, stop):
             click.echo(piece, nl=False)
             sys.stdout.flush()
-    except KeyboardInterrupt:
+            if interrupt.set:
+                break
         click.echo("")
+    if interrupt.set:
         click.echo("[mixport] interrupted", err=True)
         sys.exit(130)
-    click.echo("")
 
 
 @main.command()

@@ -145,7 +145,13 @@ def open_session(folder: Path, manifest: dict[str, Any], path: Path, device: str
         if graph == "fast" and device != "cpu":
             raise RuntimeFailure("the fast graph is built for ONNX Runtime's CPU provider", given=device,
                                  expected="--device cpu", hint="use --graph portable on cuda")
-        return OrtFastSession(ort_graph.ensure(folder, manifest, progress), manifest, device, threads)
+        try:
+            return OrtFastSession(ort_graph.ensure(folder, manifest, progress), manifest, device, threads)
+        except RuntimeFailure as exc:
+            if graph == "fast":
+                raise
+            if progress:
+                progress(f"fast graph unavailable, using model.onnx ({exc})")
     return OrtSession(path, manifest, device=device, threads=threads)
 
 

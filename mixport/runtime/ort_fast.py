@@ -85,7 +85,7 @@ class OrtFastSession:
             ids[row, :n] = input_ids[row, s - n:]
         return ids, new
 
-    def _run(self, ids: np.ndarray, new: np.ndarray, index: np.ndarray) -> None:
+    def _run(self, ids: np.ndarray, new: np.ndarray, index: np.ndarray, last: bool) -> np.ndarray:
         total = self.lengths + new
         if total.max() > self.capacity:
             if total.max() > self.context:
@@ -97,19 +97,20 @@ class OrtFastSession:
         io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total.max(), dtype=np.int32))
         io.bind_cpu_input("logits_index", index)
-        if index.shape[0] != self.logits.shape[0]:
-            io.bind_output("logits", "cpu")
+        out = self.logits if last else np.empty((index.shape[0], self.vocab), self.dtype)
+        io.bind_output("logits", "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
         self.sess.run_with_iobinding(io)
         self.lengths = total
         self.past_len += ids.shape[1]
+        return out
 
     def step_last(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                   position_ids: np.ndarray) -> np.ndarray:
-        """Logits of each row's last new token [B, V] (the graph computes only those)."""
+        """Logits of each row's last new token [B, V] (the graph computes only those), in a
+        buffer the session reuses: valid until the next step."""
         ids, new = self._compact(input_ids, attention_mask)
         s = ids.shape[1]
-        self._run(ids, new, np.arange(len(new), dtype=np.int64) * s + new - 1)
-        return self.logits
+        return self._run(ids, new, np.arange(len(new), dtype=np.int64) * s + new - 1, last=True)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
@@ -118,10 +119,7 @@ class OrtFastSession:
         b, s = ids.shape
         col = np.arange(s)[None] - (s - new)[:, None]  # left-padded column -> right-padded slot
         index = (np.arange(b)[:, None] * s + np.clip(col, 0, None)).reshape(-1).astype(np.int64)
-        self._run(ids, new, index)
-        out = self.io.get_outputs()[0].numpy().reshape(b, s, self.vocab)
-        self.io.bind_output("logits", "cpu", 0, self.dtype, list(self.logits.shape), self.logits.ctypes.data)
-        return out
+        return self._run(ids, new, index, last=False).reshape(b, s, self.vocab)
 
     def close(self) -> None:
         self.sess = None

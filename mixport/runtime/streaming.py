@@ -67,3 +67,29 @@ def stream_ids(pipe: Pipeline, ids: list[int], max_new_tokens: int, sampling: Sa
 def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
                 stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
     yield from stream_ids(pipe, pipe.encode(prompt, chat), max_new_tokens, SamplingConfig(**sampling), stop)
+
+
+class Interrupt:
+    """Within ``with Interrupt() as flag``, Ctrl-C (SIGINT) only sets ``flag.set``: the caller
+    stops at its next check, with no KeyboardInterrupt landing halfway through an output."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> Interrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

@@ -9,8 +9,10 @@ it needs about once:
 * ``com.microsoft.GroupQueryAttention`` with rotary inside and a fixed-capacity
   cache whose past and present are one buffer (``past_present_share_buffer``);
 * residual add + RMSNorm as ``SkipSimplifiedLayerNormalization``;
-* sparse experts: each expert gathers the tokens routed to it (none: its
-  MatMuls have zero rows and read nothing) and scatter-adds its output back;
+* sparse experts: token slots sorted by expert once per layer, each expert runs
+  its two MatMuls on its slice (none routed: zero rows, no weight read), one
+  scatter-add combines (measured: same speed as per-expert gather/scatter with
+  ~40% fewer nodes; ORT's com.microsoft.MoE was slower in both prefill and decode);
 * lm_head only on the rows named by ``logits_index`` (the last token of each row).
 
 Signature (B batch, S new tokens, C cache capacity, G kv heads, D head dim, N rows):
@@ -35,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
 
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 MS = "com.microsoft"
@@ -92,63 +94,51 @@ def _attention(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
     return g.op1("MatMul", [attn, g.weight(f"{pre}.o_proj.weight", g.w[f"{pre}.o_proj.weight"].T)])
 
 
-def _router(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> str:
-    """flat [T, H] -> dense routing weights [T, E] (0 for experts a token does not use)."""
+def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str, str, list[str], list[str]]:
+    """Token slots sorted by expert: token ids [T*k], weights [T*k, 1], x rows [T*k, H], and
+    per expert its slice [start], [end] of that order."""
     gate = f"layers.{i}.block_sparse_moe.gate.weight"
-    logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
-    probs = g.op1("Softmax", [logits], axis=-1)
-    k = g.const("k", np.array([cfg["num_experts_per_tok"]], dtype=np.int64))
-    top, ids = g.op("TopK", [probs, k], 2, axis=-1, largest=1, sorted=1)  # [T, k] x2
+    e_n, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    probs = g.op1("Softmax", [g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])], axis=-1)  # [T, E]
+    top, ids = g.op("TopK", [probs, g.const("k", np.array([k], dtype=np.int64))], 2, axis=-1)  # [T, k]
     if cfg.get("normalization", "renormalize") == "renormalize":
         top = g.op1("Div", [top, g.op1("ReduceSum", [top, g.const("ax", np.array([-1]))], keepdims=1)])
-    zeros = g.op1("Mul", [probs, g.const("zero", np.zeros((), g.dtype))])
-    return g.op1("ScatterElements", [zeros, ids, top], axis=1)  # [T, E]
-
-
-def _expert(g: _Builder, cfg: dict[str, Any], i: int, e: int, flat: str, dense: str, acc: str) -> str:
-    """acc [T, H] + expert e's output on the tokens routed to it, scaled by their weights."""
-    pre = f"layers.{i}.block_sparse_moe.experts.{e}"
-    col = g.op1("Gather", [dense, g.const("e", np.array(e, dtype=np.int64))], axis=1)  # [T]
-    rows = g.op1("NonZero", [g.op1("Greater", [col, g.const("zero", np.zeros((), g.dtype))])])  # [1, N]
-    rows = g.op1("Reshape", [rows, g.const("shape", np.array([-1]))])  # [N]
-    x = g.op1("Gather", [flat, rows], axis=0)  # [N, H]
-    gate_up = np.concatenate([g.w[f"{pre}.w1.weight"].T, g.w[f"{pre}.w3.weight"].T], axis=1)  # [H, 2F]
-    gu = g.op1("MatMul", [x, g.weight(f"{pre}.w13.weight", gate_up)])
-    gate, up = g.op("Split", [gu], 2, axis=-1, num_outputs=2)
-    act = g.op1("Mul", [g.op1("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # silu(gate) * up
-    y = g.op1("MatMul", [act, g.weight(f"{pre}.w2.weight", g.w[f"{pre}.w2.weight"].T)])  # [N, H]
-    ax1 = g.const("ax", np.array([1]))
-    idx = g.op1("Unsqueeze", [rows, ax1])  # [N, 1]
-    y = g.op1("Mul", [y, g.op1("Unsqueeze", [g.op1("Gather", [col, rows]), ax1])])  # * routing weight [N, 1]
-    return g.op1("ScatterND", [acc, idx, y], reduction="add")
-
-
-def _moe_contrib(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
-    """ONNX Runtime's own com.microsoft.MoE (one node): router logits in, top-k inside."""
-    pre = f"layers.{i}.block_sparse_moe"
-    e_n = cfg["num_local_experts"]
-    flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
-    gate = f"{pre}.gate.weight"
-    logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
-    fc1 = np.stack([np.stack([g.w[f"{pre}.experts.{e}.w1.weight"], g.w[f"{pre}.experts.{e}.w3.weight"]], axis=1)
-                    .reshape(-1, cfg["hidden_size"]) for e in range(e_n)])  # [E, 2F, H], gate/up rows interleaved
-    fc2 = np.stack([g.w[f"{pre}.experts.{e}.w2.weight"] for e in range(e_n)])  # [E, H, F]
-    out = g.op1("MoE", [flat, logits, g.weight(f"{pre}.fc1", fc1), "", g.weight(f"{pre}.fc2", fc2)], domain=MS,
-                k=cfg["num_experts_per_tok"], activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                activation_beta=0.0,
-                normalize_routing_weights=int(cfg.get("normalization", "renormalize") == "renormalize"))
-    return g.op1("Reshape", [out, g.op1("Shape", [h])])
+    flat_shape = g.const("shape", np.array([-1]))
+    key = g.op1("Cast", [g.op1("Reshape", [ids, flat_shape])], to=TensorProto.FLOAT)  # [T*k] expert ids
+    n = g.op1("Shape", [key])
+    _, order = g.op("TopK", [key, n], 2, axis=-1, largest=0, sorted=1)  # slots grouped by expert
+    token = g.op1("Div", [order, g.const("k", np.array(k, dtype=np.int64))])  # [T*k]
+    weight = g.op1("Gather", [g.op1("Reshape", [top, g.const("shape", np.array([-1, 1]))]), order])  # [T*k, 1]
+    onehot = g.op1("Equal", [g.op1("Unsqueeze", [key, g.const("ax", np.array([1]))]),
+                             g.const("experts", np.arange(e_n, dtype=np.float32))])  # [T*k, E]
+    counts = g.op1("ReduceSum", [g.op1("Cast", [onehot], to=TensorProto.INT64), g.const("ax", np.array([0]))],
+                   keepdims=0)  # [E]
+    end = g.op1("CumSum", [counts, g.const("ax", np.array(0, dtype=np.int64))])
+    start = g.op1("Sub", [end, counts])
+    starts = g.op("Split", [start], e_n, axis=0, num_outputs=e_n)
+    ends = g.op("Split", [end], e_n, axis=0, num_outputs=e_n)
+    return token, weight, g.op1("Gather", [flat, token], axis=0), starts, ends
 
 
 def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
-    if cfg.get("_moe") == "ort":
-        return _moe_contrib(g, cfg, i, h)
+    """Sparse experts over expert-sorted token slots: one slice and two MatMuls per expert."""
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
-    dense = _router(g, cfg, i, flat)
-    acc = g.op1("Mul", [flat, g.const("zero", np.zeros((), g.dtype))])
+    token, weight, xs, starts, ends = _routes(g, cfg, i, flat)
+    ax0 = g.const("ax", np.array([0]))
+    outs = []
     for e in range(cfg["num_local_experts"]):
-        acc = _expert(g, cfg, i, e, flat, dense, acc)
-    return g.op1("Reshape", [acc, g.op1("Shape", [h])])
+        pre = f"layers.{i}.block_sparse_moe.experts.{e}"
+        x = g.op1("Slice", [xs, starts[e], ends[e], ax0])  # [N_e, H]
+        gate_up = np.concatenate([g.w[f"{pre}.w1.weight"].T, g.w[f"{pre}.w3.weight"].T], axis=1)  # [H, 2F]
+        gate, up = g.op("Split", [g.op1("MatMul", [x, g.weight(f"{pre}.w13.weight", gate_up)])], 2, axis=-1,
+                        num_outputs=2)
+        act = g.op1("Mul", [g.op1("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # silu(gate) * up
+        outs.append(g.op1("MatMul", [act, g.weight(f"{pre}.w2.weight", g.w[f"{pre}.w2.weight"].T)]))
+    y = g.op1("Mul", [g.op1("Concat", outs, axis=0), weight])  # [T*k, H], expert-sorted
+    zeros = g.op1("Mul", [flat, g.const("zero", np.zeros((), g.dtype))])
+    idx = g.op1("Unsqueeze", [token, g.const("ax", np.array([1]))])
+    out = g.op1("ScatterND", [zeros, idx, y], reduction="add")
+    return g.op1("Reshape", [out, g.op1("Shape", [h])])
 
 
 def _rope_cache(cfg: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -73,7 +73,7 @@ class OrtSession:
                                  given=past.type, expected="float or float16",
                                  hint="export with --dtype fp32 or fp16 for ONNX Runtime's CPU provider")
         self.output_names = [o.name for o in self.sess.get_outputs()]
-        self.past: list[np.ndarray] = []
+        self.past: list[Any] = []  # numpy arrays after reset, ONNX Runtime OrtValues after a step
         self.past_len = 0
 
     def reset(self, batch: int) -> None:
@@ -85,9 +85,10 @@ class OrtSession:
              position_ids: np.ndarray) -> dict[str, np.ndarray]:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                 "position_ids": position_ids.astype(np.int64)}
+        past = [p if isinstance(p, np.ndarray) else p.numpy() for p in self.past]
         for i in range(self.layers):
-            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
-            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
         return feed
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,10 +97,26 @@ class OrtSession:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
-        out = self.run(self.feed(input_ids, attention_mask, position_ids))
-        self.past = [out[f"present.{i}.{kv}"] for i in range(self.layers) for kv in ("key", "value")]
+        """One cached step through IOBinding: the presents stay ONNX Runtime values and are bound
+        as the next step's pasts, never copied out to numpy."""
+        io = self.sess.io_binding()
+        for name, arr in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                          ("position_ids", position_ids)):
+            io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
+        names = [f"{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        for name, past in zip(names, self.past, strict=True):
+            if isinstance(past, np.ndarray):
+                io.bind_cpu_input(f"past_key_values.{name}", past)
+            else:
+                io.bind_ortvalue_input(f"past_key_values.{name}", past)
+        io.bind_output("logits", "cpu")
+        for name in names:
+            io.bind_output(f"present.{name}", "cpu")
+        self.sess.run_with_iobinding(io)
+        out = io.get_outputs()  # in bind order: logits, then the presents
+        self.past = list(out[1:])
         self.past_len += input_ids.shape[1]
-        return out["logits"]
+        return out[0].numpy()
 
     def close(self) -> None:
         self.sess = None

@@ -8,7 +8,8 @@ Builds the mini-Mixtral (vocab 32000, hidden 512, intermediate 1792, 4 layers, 8
 * PyTorch eager: transformers MixtralForCausalLM.generate with its KV cache;
 * GEMV bandwidth: one large MatMul in ORT, hot (one 65 MB matrix, cache-resident on big-L3
   hosts) and cold (a chain of matrices larger than the last-level cache);
-* an ORT graph of only the MatMuls one decode token needs (the practical bound);
+* an ORT graph of only the model's MatMuls, each step feeding rows to the k experts a random
+  router picks per layer (0 rows to the others): the bound with ORT's own GEMV;
 * the fraction of the bandwidth bound: decode tok/s / (bandwidth / weight bytes per token);
 * RSS before / after generation.
 
@@ -56,51 +57,62 @@ def decode_bytes(cfg: MoEConfig, itemsize: int = 4) -> int:
     return (cfg.num_hidden_layers * layer + h * cfg.vocab_size) * itemsize
 
 
-def _ort_time(model, feed: dict, threads: int, reps: int) -> float:  # noqa: ANN001
+def _ort_time(model, feeds: list[dict], threads: int, reps: int) -> float:  # noqa: ANN001
+    """Seconds per run, cycling through ``feeds`` (after a warm-up pass over them)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    for _ in range(3):
+    for feed in feeds[:8]:
         sess.run(None, feed)
     t = time.perf_counter()
-    for _ in range(reps):
-        sess.run(None, feed)
+    for i in range(reps):
+        sess.run(None, feeds[i % len(feeds)])
     return (time.perf_counter() - t) / reps
 
 
 def _matmul_graph(shapes: list[tuple[int, int]]):  # -> onnx.ModelProto
-    """One MatMul per [K, N] weight, each fed its own input [1, K]; all outputs kept."""
+    """One MatMul per [K, N] weight, each fed its own input x{i} [M, K] (M = 0 skips it)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    nodes, inits, inputs, outputs = [], [], {}, []
+    nodes, inits, inputs, outputs = [], [], [], []
     for i, (k, n) in enumerate(shapes):
         inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), f"w{i}"))
-        inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))
-        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
-    graph = helper.make_graph(nodes, "mm", list(inputs.values()), outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), sorted(inputs)
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["m", k]))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n]))
+    graph = helper.make_graph(nodes, "mm", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def gemv_bandwidth(threads: int, matrices: int) -> float:
     """GB/s of [1, 512] @ [512, 32000] MatMuls over ``matrices`` distinct 65.5 MB weights."""
-    model, ks = _matmul_graph([(512, 32000)] * matrices)
-    feed = {f"x{k}": np.ones((1, k), np.float32) for k in ks}
-    return matrices * 512 * 32000 * 4 / _ort_time(model, feed, threads, max(10, 200 // matrices)) / 1e9
+    model = _matmul_graph([(512, 32000)] * matrices)
+    feed = {f"x{i}": np.ones((1, 512), np.float32) for i in range(matrices)}
+    return matrices * 512 * 32000 * 4 / _ort_time(model, [feed], threads, max(10, 200 // matrices)) / 1e9
 
 
-def matmul_only_steps(cfg: MoEConfig, threads: int) -> float:
-    """Steps/s of a graph holding only the MatMuls one decode token needs."""
-    h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+def matmul_only_steps(cfg: MoEConfig, threads: int, steps: int = 64) -> float:
+    """Steps/s of a graph holding only the model's MatMuls, each step feeding rows to the
+    attention, router, lm_head and k random experts per layer (the others get 0 rows)."""
+    h, f, d, e_n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_local_experts
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
-    layer = [(h, qkv), (cfg.num_attention_heads * d, h), (h, cfg.num_local_experts)]
-    layer += [(h, 2 * f), (f, h)] * cfg.num_experts_per_tok
-    model, ks = _matmul_graph(layer * cfg.num_hidden_layers + [(h, cfg.vocab_size)])
-    feed = {f"x{k}": np.ones((1, k), np.float32) for k in ks}
-    return 1.0 / _ort_time(model, feed, threads, 100)
+    layer = [(h, qkv), (cfg.num_attention_heads * d, h), (h, e_n)] + [(h, 2 * f), (f, h)] * e_n
+    shapes = layer * cfg.num_hidden_layers + [(h, cfg.vocab_size)]
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(steps):
+        rows = np.ones(len(shapes), dtype=int)
+        for layer_i in range(cfg.num_hidden_layers):
+            off = layer_i * len(layer) + 3
+            chosen = rng.choice(e_n, cfg.num_experts_per_tok, replace=False)
+            for e in range(e_n):
+                rows[off + 2 * e: off + 2 * e + 2] = int(e in chosen)
+        feeds.append({f"x{i}": np.ones((m, k), np.float32)
+                      for i, ((k, _), m) in enumerate(zip(shapes, rows, strict=True))})
+    return 1.0 / _ort_time(_matmul_graph(shapes), feeds, threads, steps)
 
 
 def mixport_speed(folder: Path, threads: int, runs: int, graph: str, new_tokens: int) -> dict:
@@ -173,7 +185,7 @@ def report(r: dict) -> None:
     print(f"  GEMV bandwidth: hot {r['gemv_gb_s_hot']:.1f} GB/s, cold {r['gemv_gb_s_cold']:.1f} GB/s; "
           f"weights per decode token {mb:.0f} MB")
     print(f"  bound: hot {bound_hot:.0f} steps/s, cold {bound_cold:.0f} steps/s; "
-          f"MatMul-only ORT graph {r['matmul_only_steps_s']:.0f} steps/s")
+          f"MatMul-only ORT graph (random top-k) {r['matmul_only_steps_s']:.0f} steps/s")
     print(f"  ratios: mixport/PyTorch decode {m['decode_tok_s'] / pt['decode_tok_s']:.2f}x, "
           f"prefill {pt['prefill_ms'] / m['prefill_ms']:.2f}x; fraction of bound: hot "
           f"{m['decode_tok_s'] / bound_hot:.2f}, cold {m['decode_tok_s'] / bound_cold:.2f}, "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mixport.errors import RuntimeFailure
-from mixport.runtime.ort_session import open_session
+from mixport.runtime.ort_session import open_session, run_failure
 
 # B batch, S new tokens, C capacity, G kv heads, D head dim, V vocab
 
@@ -99,7 +99,10 @@ class OrtFastSession:
         io.bind_cpu_input("logits_index", index)
         out = self.logits if last else np.empty((index.shape[0], self.vocab), self.dtype)
         io.bind_output("logits", "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
-        self.sess.run_with_iobinding(io)
+        try:
+            self.sess.run_with_iobinding(io)
+        except Exception as exc:  # ORT raises RuntimeError / its own types
+            raise run_failure(exc) from None
         self.lengths = total
         self.past_len += ids.shape[1]
         return out

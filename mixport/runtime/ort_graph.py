@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
 
-GRAPH_VERSION = 2
+GRAPH_VERSION = 4
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 MS = "com.microsoft"
@@ -99,7 +99,10 @@ def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, s
     per expert its slice [start], [end] of that order."""
     gate = f"layers.{i}.block_sparse_moe.gate.weight"
     e_n, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
-    probs = g.op1("Softmax", [g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])], axis=-1)  # [T, E]
+    logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
+    if g.dtype != np.float32:  # routing in fp32, as the reference does
+        logits = g.op1("Cast", [logits], to=TensorProto.FLOAT)
+    probs = g.op1("Softmax", [logits], axis=-1)
     top, ids = g.op("TopK", [probs, g.const("k", np.array([k], dtype=np.int64))], 2, axis=-1)  # [T, k]
     if cfg.get("normalization", "renormalize") == "renormalize":
         top = g.op1("Div", [top, g.op1("ReduceSum", [top, g.const("ax", np.array([-1]))], keepdims=1)])
@@ -109,6 +112,8 @@ def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, s
     _, order = g.op("TopK", [key, n], 2, axis=-1, largest=0, sorted=1)  # slots grouped by expert
     token = g.op1("Div", [order, g.const("k", np.array(k, dtype=np.int64))])  # [T*k]
     weight = g.op1("Gather", [g.op1("Reshape", [top, g.const("shape", np.array([-1, 1]))]), order])  # [T*k, 1]
+    if g.dtype != np.float32:
+        weight = g.op1("Cast", [weight], to=helper.np_dtype_to_tensor_dtype(g.dtype))
     onehot = g.op1("Equal", [g.op1("Unsqueeze", [key, g.const("ax", np.array([1]))]),
                              g.const("experts", np.arange(e_n, dtype=np.float32))])  # [T*k, E]
     counts = g.op1("ReduceSum", [g.op1("Cast", [onehot], to=TensorProto.INT64), g.const("ax", np.array([0]))],
@@ -137,7 +142,11 @@ def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
     y = g.op1("Mul", [g.op1("Concat", outs, axis=0), weight])  # [T*k, H], expert-sorted
     zeros = g.op1("Mul", [flat, g.const("zero", np.zeros((), g.dtype))])
     idx = g.op1("Unsqueeze", [token, g.const("ax", np.array([1]))])
+    if g.dtype != np.float32:  # ORT's CPU ScatterND adds only fp32: combine in fp32
+        y, zeros = (g.op1("Cast", [t], to=TensorProto.FLOAT) for t in (y, zeros))
     out = g.op1("ScatterND", [zeros, idx, y], reduction="add")
+    if g.dtype != np.float32:
+        out = g.op1("Cast", [out], to=helper.np_dtype_to_tensor_dtype(g.dtype))
     return g.op1("Reshape", [out, g.op1("Shape", [h])])
 
 

@@ -40,6 +40,7 @@ def session_options(threads: int | None) -> Any:
     opts.inter_op_num_threads = 1
     opts.enable_cpu_mem_arena = True
     opts.enable_mem_pattern = True
+    opts.log_severity_level = 4  # failures reach the user as one RuntimeFailure line, not ORT's log too
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
     return opts
 
@@ -53,6 +54,13 @@ def open_session(model_path: Path, device: str, threads: int | None) -> Any:
     except Exception as exc:  # ORT raises its own exception types; one line for the user
         raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
                              f"{str(exc).splitlines()[0][:300]}", expected="a valid model.onnx") from None
+
+
+def run_failure(exc: Exception) -> RuntimeFailure:
+    """ONNX Runtime's error during a run, as one line (what failed, ORT's first message line)."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    return RuntimeFailure("ONNX Runtime failed while running the model", given=lines[-1][:300],
+                          hint="try --graph portable; report this with the export folder's manifest.json")
 
 
 class OrtSession:
@@ -112,7 +120,10 @@ class OrtSession:
         io.bind_output("logits", "cpu")
         for name in names:
             io.bind_output(f"present.{name}", "cpu")
-        self.sess.run_with_iobinding(io)
+        try:
+            self.sess.run_with_iobinding(io)
+        except Exception as exc:  # ORT raises RuntimeError / its own types
+            raise run_failure(exc) from None
         out = io.get_outputs()  # in bind order: logits, then the presents
         self.past = list(out[1:])
         self.past_len += input_ids.shape[1]

@@ -144,3 +144,37 @@ def test_fast_graph_is_recorded_in_the_manifest(rt_export: Path) -> None:
     assert rec["signature"] == "ort-cpu-gqa-v1"
     assert rec["sha256"] == file_sha256(rt_export / rec["file"])
     assert rec["source_onnx_sha256"] == manifest["onnx_sha256"]
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_batch_stops_each_row_on_its_own(pipes: dict[str, Pipeline], graph: str) -> None:
+    pipe = pipes[graph]
+    texts = ["The ship", "A router scores the experts, keeps"]
+    first = pipe.generate(texts[0], 24)
+    stop = [first[len(texts[0]) + 4: len(texts[0]) + 6]]  # a string only row 0 is sure to produce
+    batch = pipe.generate(texts, 24, stop=stop)
+    assert batch == [pipe.generate(t, 24, stop=stop) for t in texts]
+    assert len(batch[0]) < len(first)
+
+
+def test_fast_graph_in_fp16_agrees_with_fp32(rt_export: Path, pipes: dict[str, Pipeline], tmp_path: Path) -> None:
+    import json
+
+    import onnx
+
+    from mixport.runtime import ort_graph
+    from mixport.runtime.ort_fast import OrtFastSession
+
+    manifest = json.loads((rt_export / "manifest.json").read_text())
+    proto = ort_graph.build(ort_graph.export_weights(rt_export / "model.onnx"), manifest["config"], "fp16")
+    onnx.save_model(proto, str(tmp_path / "fp16.onnx"))
+    half = OrtFastSession(tmp_path / "fp16.onnx", {**manifest, "dtype": "fp16"}, threads=1)
+    ids = np.array([pipes["fast"].encode(PROMPT)])
+    mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
+    half.reset(1)
+    full = pipes["fast"].session
+    full.reset(1)
+    got = half.step(ids, mask, pos).astype(np.float32)
+    want = full.step(ids, mask, pos)
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9

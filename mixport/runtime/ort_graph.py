@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
 
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 MS = "com.microsoft"
@@ -94,46 +94,44 @@ def _attention(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
     return g.op1("MatMul", [attn, g.weight(f"{pre}.o_proj.weight", g.w[f"{pre}.o_proj.weight"].T)])
 
 
-def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str, str, list[str], list[str]]:
+def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str, str, list[str]]:
     """Token slots sorted by expert: token ids [T*k], weights [T*k, 1], x rows [T*k, H], and
-    per expert its slice [start], [end] of that order."""
+    the E+1 slice bounds [1] of each expert's run in that order."""
     gate = f"layers.{i}.block_sparse_moe.gate.weight"
     e_n, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
     logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
     if g.dtype != np.float32:  # routing in fp32, as the reference does
         logits = g.op1("Cast", [logits], to=TensorProto.FLOAT)
-    probs = g.op1("Softmax", [logits], axis=-1)
-    top, ids = g.op("TopK", [probs, g.const("k", np.array([k], dtype=np.int64))], 2, axis=-1)  # [T, k]
-    if cfg.get("normalization", "renormalize") == "renormalize":
-        top = g.op1("Div", [top, g.op1("ReduceSum", [top, g.const("ax", np.array([-1]))], keepdims=1)])
-    flat_shape = g.const("shape", np.array([-1]))
-    key = g.op1("Cast", [g.op1("Reshape", [ids, flat_shape])], to=TensorProto.FLOAT)  # [T*k] expert ids
-    n = g.op1("Shape", [key])
-    _, order = g.op("TopK", [key, n], 2, axis=-1, largest=0, sorted=1)  # slots grouped by expert
+    kk = g.const("k", np.array([k], dtype=np.int64))
+    if cfg.get("normalization", "renormalize") == "renormalize":  # softmax of the top-k logits
+        top, ids = g.op("TopK", [logits, kk], 2, axis=-1)  # = top-k probs renormalized
+        top = g.op1("Softmax", [top], axis=-1)  # [T, k]
+    else:
+        top, ids = g.op("TopK", [g.op1("Softmax", [logits], axis=-1), kk], 2, axis=-1)
+    key = g.op1("Reshape", [ids, g.const("shape", np.array([-1]))])  # [T*k] expert of each slot
+    _, order = g.op("TopK", [key, g.op1("Shape", [key])], 2, axis=-1, largest=0, sorted=1)  # by expert
     token = g.op1("Div", [order, g.const("k", np.array(k, dtype=np.int64))])  # [T*k]
     weight = g.op1("Gather", [g.op1("Reshape", [top, g.const("shape", np.array([-1, 1]))]), order])  # [T*k, 1]
     if g.dtype != np.float32:
         weight = g.op1("Cast", [weight], to=helper.np_dtype_to_tensor_dtype(g.dtype))
-    onehot = g.op1("Equal", [g.op1("Unsqueeze", [key, g.const("ax", np.array([1]))]),
-                             g.const("experts", np.arange(e_n, dtype=np.float32))])  # [T*k, E]
-    counts = g.op1("ReduceSum", [g.op1("Cast", [onehot], to=TensorProto.INT64), g.const("ax", np.array([0]))],
-                   keepdims=0)  # [E]
-    end = g.op1("CumSum", [counts, g.const("ax", np.array(0, dtype=np.int64))])
-    start = g.op1("Sub", [end, counts])
-    starts = g.op("Split", [start], e_n, axis=0, num_outputs=e_n)
-    ends = g.op("Split", [end], e_n, axis=0, num_outputs=e_n)
-    return token, weight, g.op1("Gather", [flat, token], axis=0), starts, ends
+    below = g.op1("LessOrEqual", [g.op1("Unsqueeze", [key, g.const("ax", np.array([1]))]),
+                                  g.const("experts", np.arange(e_n, dtype=np.int64))])  # [T*k, E]
+    ends = g.op1("ReduceSum", [g.op1("Cast", [below], to=TensorProto.INT64), g.const("ax", np.array([0]))],
+                 keepdims=0)  # [E]: slots of experts <= e
+    bounds = g.op1("Concat", [g.const("zero", np.array([0])), ends], axis=0)  # [E+1]
+    return token, weight, g.op1("Gather", [flat, token], axis=0), g.op("Split", [bounds], e_n + 1, axis=0,
+                                                                         num_outputs=e_n + 1)
 
 
-def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
+def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str, shape: str) -> str:
     """Sparse experts over expert-sorted token slots: one slice and two MatMuls per expert."""
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
-    token, weight, xs, starts, ends = _routes(g, cfg, i, flat)
+    token, weight, xs, bounds = _routes(g, cfg, i, flat)
     ax0 = g.const("ax", np.array([0]))
     outs = []
     for e in range(cfg["num_local_experts"]):
         pre = f"layers.{i}.block_sparse_moe.experts.{e}"
-        x = g.op1("Slice", [xs, starts[e], ends[e], ax0])  # [N_e, H]
+        x = g.op1("Slice", [xs, bounds[e], bounds[e + 1], ax0])  # [N_e, H]
         gate_up = np.concatenate([g.w[f"{pre}.w1.weight"].T, g.w[f"{pre}.w3.weight"].T], axis=1)  # [H, 2F]
         gate, up = g.op("Split", [g.op1("MatMul", [x, g.weight(f"{pre}.w13.weight", gate_up)])], 2, axis=-1,
                         num_outputs=2)
@@ -147,7 +145,7 @@ def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
     out = g.op1("ScatterND", [zeros, idx, y], reduction="add")
     if g.dtype != np.float32:
         out = g.op1("Cast", [out], to=helper.np_dtype_to_tensor_dtype(g.dtype))
-    return g.op1("Reshape", [out, g.op1("Shape", [h])])
+    return g.op1("Reshape", [out, shape])  # [B, S, H]
 
 
 def _rope_cache(cfg: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +158,7 @@ def _rope_cache(cfg: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.nd
 def _decoder(g: _Builder, cfg: dict[str, Any]) -> None:
     eps = float(cfg["rms_norm_eps"])
     x = g.op1("Gather", [g.weight("embed_tokens.weight"), "input_ids"])  # [B, S, H]
+    shape = g.op1("Shape", [x])
     cos, sin = _rope_cache(cfg, g.dtype)
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
@@ -173,7 +172,7 @@ def _decoder(g: _Builder, cfg: dict[str, Any]) -> None:
         attn = _attention(g, cfg, i, h)
         ln2 = g.weight(f"layers.{i}.post_attention_layernorm.weight")
         h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [attn, x, ln2], 4, MS, epsilon=eps)
-        moe_out = _moe(g, cfg, i, h)
+        moe_out = _moe(g, cfg, i, h, shape)
     h = g.op("SkipSimplifiedLayerNormalization", [moe_out, x, g.weight("norm.weight")], 4, MS,
              epsilon=eps)[0]
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [B*S, H]

@@ -120,6 +120,8 @@ def run(folder: Path, prompts: tuple[str, ...], prompts_file: Path | None, max_n
     from mixport.runtime import SamplingConfig, load
     from mixport.runtime.prompts import collect, prompt_ids
 
+    if not prompts and prompts_file is None:
+        raise click.UsageError("give at least one --prompt or a --prompts-file")
     texts = collect(prompts, prompts_file)
     sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     pipe = load(folder, device=device, threads=threads, graph=graph, progress=_progress)

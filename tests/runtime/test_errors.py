@@ -81,3 +81,8 @@ def test_ctrl_c_while_streaming_keeps_the_text_and_exits_130(rt_export: Path) ->
     assert proc.returncode == 130, err.decode()
     assert (first + rest).decode().startswith("The ship")
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+def test_no_prompt_is_a_usage_error(rt_export: Path) -> None:
+    code, _, err = run_cli("run", str(rt_export))
+    assert code == 2 and "--prompt" in err

@@ -117,28 +117,56 @@ def run(folder: Path, prompts: tuple[str, ...], prompts_file: Path | None, max_n
 
     Example: mixport run out --prompt "The ship sailed" --max-new-tokens 24
     """
-    from mixport.runtime import SamplingConfig, load
-    from mixport.runtime.prompts import collect, prompt_ids
+    from mixport.runtime import SamplingConfig
+    from mixport.runtime.prompts import collect
 
     if not prompts and prompts_file is None:
         raise click.UsageError("give at least one --prompt or a --prompts-file")
-    texts = collect(prompts, prompts_file)
-    sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
-    pipe = load(folder, device=device, threads=threads, graph=graph, progress=_progress)
-    click.echo(f"[mixport] backend: {pipe.session.backend} ({device}, {getattr(pipe.session, 'graph', 'portable')}"
-               " graph)", err=True)
-    ids = [prompt_ids(pipe, p, chat) for p in texts]
-    pipe.check(ids, max_new_tokens)
-    if stream and len(texts) == 1:
-        _stream_one(pipe, texts[0], ids[0], max_new_tokens, sampling, list(stop))
-        return
-    out: list[list[int]] = [[] for _ in ids]
     try:
-        pipe.generate_ids(ids, max_new_tokens, sampling, list(stop), on_token=lambda r, t: out[r].append(t))
-    except KeyboardInterrupt:
-        _print_rows(pipe, texts, out, list(stop))
+        _run(folder, collect(prompts, prompts_file), max_new_tokens,
+             SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed), list(stop), chat, stream, device,
+             threads, graph)
+    except KeyboardInterrupt:  # before generation started (loading, tokenizing)
+        click.echo("[mixport] interrupted", err=True)
         sys.exit(130)
-    _print_rows(pipe, texts, out, list(stop))
+
+
+def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, stop: list[str], chat: bool,
+         stream: bool, device: str, threads: int | None, graph: str) -> None:
+    from mixport.runtime import load
+    from mixport.runtime.prompts import prompt_ids
+    from mixport.runtime.streaming import Interrupt
+
+    pipe = load(folder, device=device, threads=threads, graph=graph, progress=_progress)
+    with Interrupt() as interrupt:  # from here Ctrl-C stops generation at a token boundary
+        click.echo(f"[mixport] backend: {pipe.session.backend} ({device}, "
+                   f"{getattr(pipe.session, 'graph', 'portable')} graph)", err=True)
+        ids = [prompt_ids(pipe, p, chat) for p in texts]
+        pipe.check(ids, max_new_tokens)
+        if stream and len(texts) == 1:
+            _stream_one(pipe, texts[0], ids[0], max_new_tokens, sampling, stop, interrupt)
+        else:
+            _run_batch(pipe, texts, ids, max_new_tokens, sampling, stop, interrupt)
+    if interrupt.set:
+        click.echo("[mixport] interrupted", err=True)
+        sys.exit(130)
+
+
+def _run_batch(pipe: Any, texts: list[str], ids: list[list[int]], max_new_tokens: int, sampling: Any,
+               stop: list[str], interrupt: Any) -> None:
+    """Generate all rows, then print them (on Ctrl-C: the rows so far)."""
+    out: list[list[int]] = [[] for _ in ids]
+
+    def on_token(row: int, token: int) -> None:
+        out[row].append(token)
+        if interrupt.set:
+            raise KeyboardInterrupt  # leaves the loop at a token boundary
+
+    try:
+        pipe.generate_ids(ids, max_new_tokens, sampling, stop, on_token=on_token)
+    except KeyboardInterrupt:
+        interrupt.set = True
+    _print_rows(pipe, texts, out, stop)
 
 
 def _print_rows(pipe: Any, texts: list[str], out: list[list[int]], stop: list[str]) -> None:
@@ -148,21 +176,17 @@ def _print_rows(pipe: Any, texts: list[str], out: list[list[int]], stop: list[st
 
 
 def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampling: Any,
-                stop: list[str]) -> None:
-    """Print the prompt, then each piece as it is produced; Ctrl-C keeps what was printed (exit 130)."""
-    from mixport.runtime.streaming import Interrupt, stream_ids
+                stop: list[str], interrupt: Any) -> None:
+    """Print the prompt, then each piece as it is produced (on Ctrl-C: stop there)."""
+    from mixport.runtime.streaming import stream_ids
 
-    with Interrupt() as interrupt:
-        click.echo(text if pipe.tokenizer else "", nl=not pipe.tokenizer)
-        for piece in stream_ids(pipe, ids, max_new_tokens, sampling, stop):
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-            if interrupt.set:
-                break
-        click.echo("")
-    if interrupt.set:
-        click.echo("[mixport] interrupted", err=True)
-        sys.exit(130)
+    click.echo(text if pipe.tokenizer else "", nl=not pipe.tokenizer)
+    for piece in stream_ids(pipe, ids, max_new_tokens, sampling, stop):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+        if interrupt.set:
+            break
+    click.echo("")
 
 
 @main.command()

@@ -86,3 +86,18 @@ def test_ctrl_c_while_streaming_keeps_the_text_and_exits_130(rt_export: Path) ->
 def test_no_prompt_is_a_usage_error(rt_export: Path) -> None:
     code, _, err = run_cli("run", str(rt_export))
     assert code == 2 and "--prompt" in err
+
+
+def test_ctrl_c_in_a_batch_prints_the_rows_so_far(rt_export: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(mixport.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "mixport.cli", "run", str(rt_export), "--prompt", "The ship",
+                             "--prompt", "A router", "--max-new-tokens", "480", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    for line in proc.stderr:  # the backend line comes right before generation starts
+        if b"backend:" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert out.decode().startswith("[0] The ship") and "\n[1] A router" in out.decode()
+    assert b"Traceback" not in err

@@ -2,9 +2,10 @@
 in-place KV cache bound through IOBinding. Nothing is copied or re-planned per step
 except the few int inputs; logits land in a preallocated buffer.
 
-Rows are stored right-aligned-free: row b's tokens occupy cache slots 0..len_b-1 (the
-left padding the generation loop uses is dropped on the way in), so GroupQueryAttention
-sees per-row lengths (seqlens_k) instead of a mask.
+Rows are stored left-aligned: row b's tokens occupy cache slots 0..len_b-1 (the left
+padding the generation loop uses is dropped on the way in), so GroupQueryAttention
+sees per-row lengths (seqlens_k) instead of a mask, and positions follow from the
+slots (position_ids, which the loop sets to the same values, are not fed).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class OrtFastSession:
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.past_len = 0
         self.logits = np.zeros((batch, self.vocab), self.dtype)
-        self._allocate(batch, max(self.capacity, MIN_CAPACITY) if len(self.cache) else MIN_CAPACITY)
+        self._allocate(batch, min(max(self.capacity, MIN_CAPACITY), self.context))
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` tokens per row (the cache otherwise grows by doubling)."""

@@ -13,7 +13,7 @@ Builds the mini-Mixtral (vocab 32000, hidden 512, intermediate 1792, 4 layers, 8
 * the fraction of the bandwidth bound: decode tok/s / (bandwidth / weight bytes per token);
 * RSS before / after generation.
 
-Usage: PYTHONPATH=. python tools/bench_run.py [--work DIR] [--threads 2] [--runs 3]
+Usage: PYTHONPATH=. python tools/bench_run.py [--work DIR] [--threads 2] [--runs 5] [--json]
 """
 
 from __future__ import annotations
@@ -115,15 +115,15 @@ def matmul_only_steps(cfg: MoEConfig, threads: int, steps: int = 64) -> float:
     return 1.0 / _ort_time(_matmul_graph(shapes), feeds, threads, steps)
 
 
-def mixport_speed(folder: Path, threads: int, runs: int, graph: str, new_tokens: int) -> dict:
+def mixport_runner(folder: Path, threads: int, graph: str, new_tokens: int):  # -> () -> (prefill s, decode s)
+    """One timed generation through the session and loop calls `mixport run` uses."""
     from mixport.runtime import load
-    from mixport.tools.bench import bench_session, rss_mb
+    from mixport.tools.bench import time_once
 
     pipe = load(folder, threads=threads, graph=graph)
-    before = rss_mb()
-    row = bench_session(pipe.session, MINI.vocab_size, pipe.context, 64, new_tokens, 1, runs)
-    return {"prefill_ms": row.prefill_ms, "decode_tok_s": row.decode_tok_s, "rss_before": before,
-            "rss_after": rss_mb()}
+    prompt = np.random.default_rng(0).integers(3, MINI.vocab_size, 64).tolist()
+    time_once(pipe.session, [prompt], 4)  # warm-up
+    return lambda: time_once(pipe.session, [prompt], new_tokens)
 
 
 class _Stamps:
@@ -139,9 +139,9 @@ class _Stamps:
         pass
 
 
-def torch_speed(src: Path, threads: int, runs: int, new_tokens: int) -> dict:
-    """transformers MixtralForCausalLM.generate (greedy, KV cache): time to first token and
-    decode time of the other tokens, each from per-token timestamps; median of runs."""
+def torch_runner(src: Path, threads: int, new_tokens: int):  # -> () -> (prefill s, decode s)
+    """transformers MixtralForCausalLM.generate (greedy, KV cache), timed from per-token
+    timestamps: time to the first token, then the other tokens."""
     import torch
     from transformers import MixtralForCausalLM
 
@@ -159,27 +159,44 @@ def torch_speed(src: Path, threads: int, runs: int, new_tokens: int) -> dict:
         return first - t, last - first
 
     timed(4)
-    times = [timed(new_tokens) for _ in range(runs)]
-    prefill = float(np.median([t[0] for t in times]))
-    decode = float(np.median([t[1] for t in times]))
-    return {"prefill_ms": prefill * 1e3, "decode_tok_s": (new_tokens - 1) / decode}
+    return lambda: timed(new_tokens)
+
+
+def interleaved(runners: dict, runs: int, new_tokens: int) -> dict:
+    """Rounds of one run per runner, so that other jobs' load hits all of them alike;
+    per runner the median prefill ms / decode tok/s, and per round the ratios to mixport."""
+    rounds = [{name: run() for name, run in runners.items()} for _ in range(runs)]
+    out: dict = {}
+    for name in runners:
+        out[name] = {"prefill_ms": float(np.median([r[name][0] for r in rounds])) * 1e3,
+                     "decode_tok_s": (new_tokens - 1) / float(np.median([r[name][1] for r in rounds]))}
+    out["decode_speedup_vs_pytorch"] = float(np.median([r["pytorch"][1] / r["mixport"][1] for r in rounds]))
+    out["prefill_speedup_vs_pytorch"] = float(np.median([r["pytorch"][0] / r["mixport"][0] for r in rounds]))
+    return out
 
 
 def main() -> None:
+    from mixport.tools.bench import rss_mb
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=None, help="Folder to keep the export in (reused).")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="mixport-bench-run-"))
-    src, folder = build_export(work)
+    src, folder = build_export(args.work or Path(tempfile.mkdtemp(prefix="mixport-bench-run-")))
     load0 = os.getloadavg()[0]
     res: dict = {"threads": args.threads, "new_tokens": args.new_tokens, "prompt_len": 64}
-    res["mixport"] = mixport_speed(folder, args.threads, args.runs, "fast", args.new_tokens)
-    res["mixport_portable"] = mixport_speed(folder, args.threads, 1, "portable", 16)
-    res["pytorch"] = torch_speed(src, args.threads, args.runs, args.new_tokens)
+    portable = mixport_runner(folder, args.threads, "portable", 16)()
+    res["mixport_portable"] = {"prefill_ms": portable[0] * 1e3, "decode_tok_s": 15 / portable[1]}
+    fast = mixport_runner(folder, args.threads, "fast", args.new_tokens)
+    res["rss_before"] = rss_mb()
+    for _ in range(3):
+        fast()
+    res["rss_after"] = rss_mb()  # after 3 generations of new_tokens (before PyTorch is loaded)
+    res.update(interleaved({"mixport": fast, "pytorch": torch_runner(src, args.threads, args.new_tokens)},
+                           args.runs, args.new_tokens))
     res["gemv_gb_s_hot"] = gemv_bandwidth(args.threads, 1)
     res["gemv_gb_s_cold"] = gemv_bandwidth(args.threads, 8)
     res["matmul_only_steps_s"] = matmul_only_steps(MINI, args.threads)
@@ -204,11 +221,11 @@ def report(r: dict) -> None:
           f"weights per decode token {mb:.0f} MB")
     print(f"  bound: hot {bound_hot:.0f} steps/s, cold {bound_cold:.0f} steps/s; "
           f"MatMul-only ORT graph (random top-k) {r['matmul_only_steps_s']:.0f} steps/s")
-    print(f"  ratios: mixport/PyTorch decode {m['decode_tok_s'] / pt['decode_tok_s']:.2f}x, "
-          f"prefill {pt['prefill_ms'] / m['prefill_ms']:.2f}x; fraction of bound: hot "
+    print(f"  ratios: mixport/PyTorch decode {r['decode_speedup_vs_pytorch']:.2f}x, "
+          f"prefill {r['prefill_speedup_vs_pytorch']:.2f}x (median of interleaved rounds); fraction of bound: hot "
           f"{m['decode_tok_s'] / bound_hot:.2f}, cold {m['decode_tok_s'] / bound_cold:.2f}, "
           f"MatMul-only {m['decode_tok_s'] / r['matmul_only_steps_s']:.2f}")
-    print(f"  RSS: {m['rss_before']:.0f} MB before generation, {m['rss_after']:.0f} MB after")
+    print(f"  RSS: {r['rss_before']:.0f} MB before generation, {r['rss_after']:.0f} MB after 3 generations")
 
 
 if __name__ == "__main__":

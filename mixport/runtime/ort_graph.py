@@ -241,13 +241,13 @@ def ensure(folder: Path, manifest: dict[str, Any], progress: Any = None) -> Path
     """FOLDER/model.ort.onnx, built on first use (and again when model.onnx changed);
     recorded in the manifest as ``ort_graph`` {file, version, signature, sha256, source}."""
     folder = Path(folder)
-    source_sha = manifest.get("onnx_sha256") or artifact.file_sha256(folder / artifact.MODEL_FILE)
-    if _is_current(folder, manifest.get("ort_graph"), source_sha):
-        return folder / FILE
     why = supported(manifest["config"], manifest.get("dtype", "fp32"))
     if why:
         raise RuntimeFailure("the fast ONNX Runtime graph cannot express this model", given=why,
                              expected="fp32/fp16, no sliding window", hint="run with --graph portable")
+    source_sha = manifest.get("onnx_sha256") or artifact.file_sha256(folder / artifact.MODEL_FILE)
+    if _is_current(folder, manifest.get("ort_graph"), source_sha):
+        return folder / FILE
     if progress:
         progress("building the ONNX Runtime CPU graph (once per export folder)")
     proto = build(export_weights(folder / artifact.MODEL_FILE), manifest["config"], manifest.get("dtype", "fp32"))

@@ -101,3 +101,16 @@ def test_ctrl_c_in_a_batch_prints_the_rows_so_far(rt_export: Path) -> None:
     assert proc.returncode == 130, err.decode()
     assert out.decode().startswith("[0] The ship") and "\n[1] A router" in out.decode()
     assert b"Traceback" not in err
+
+
+def test_auto_uses_the_portable_graph_where_the_fast_one_cannot_run(rt_copy: Path) -> None:
+    from mixport.errors import RuntimeFailure
+    from mixport.runtime import load
+    from mixport.runtime.ort_session import OrtSession
+
+    manifest = json.loads((rt_copy / "manifest.json").read_text())
+    manifest["config"]["sliding_window"] = 16  # GroupQueryAttention here runs without a window
+    (rt_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert isinstance(load(rt_copy, threads=1).session, OrtSession)
+    with pytest.raises(RuntimeFailure, match="cannot express this model"):
+        load(rt_copy, threads=1, graph="fast")

@@ -134,32 +134,107 @@ def check(folder: Path, steps: int, reference: str) -> None:
     _check_and_report(folder, steps, prefer_transformers=reference == "auto")
 
 
+
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="UTF-8 file, one prompt per line.")
 @click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; > 0: sample.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: off).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop a row when its text contains this (repeatable).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as produced.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True,
+              help="fast: ONNX Runtime CPU graph (built once into FOLDER); portable: model.onnx.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="auto: TensorRT when model.engine is up to date and a GPU is visible.")
 @friendly
-def run(folder: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str,
-        threads: int | None, backend: str) -> None:
-    """Generate text from an export folder (greedy, KV cache).
+def run(folder: Path, prompts: tuple[str, ...], prompts_file: Path | None, max_new_tokens: int,
+        temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
+        stop: tuple[str, ...], chat: bool, stream: bool, device: str, threads: int | None, graph: str,
+        backend: str) -> None:
+    """Generate text from an export folder (greedy or sampled, KV cache, batches).
 
     Example: mixport run out --prompt "The ship sailed" --max-new-tokens 24
     """
-    from mixport.runtime import load
+    from mixport.runtime import SamplingConfig
+    from mixport.runtime.prompts import collect
 
-    if not prompts:
-        raise click.UsageError("give at least one --prompt")
-    pipe = load(folder, device=device, threads=threads, backend=backend)
-    where = "cuda" if pipe.session.backend == "tensorrt" else device
-    click.echo(f"[mixport] backend: {pipe.session.backend} ({where}); {pipe.backend_reason}", err=True)
-    ids = [_prompt_ids(pipe, p) for p in prompts]
-    out = pipe.generate_ids(ids, max_new_tokens)
-    for p, o in zip(prompts, out, strict=True):
-        click.echo(p + pipe.decode(o) if pipe.tokenizer else pipe.decode(o))
+    if not prompts and prompts_file is None:
+        raise click.UsageError("give at least one --prompt or a --prompts-file")
+    try:
+        _run(folder, collect(prompts, prompts_file), max_new_tokens,
+             SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed), list(stop), chat, stream, device,
+             threads, graph, backend)
+    except KeyboardInterrupt:  # before generation started (loading, tokenizing)
+        click.echo("[mixport] interrupted", err=True)
+        sys.exit(130)
+
+
+def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, stop: list[str], chat: bool,
+         stream: bool, device: str, threads: int | None, graph: str, backend: str) -> None:
+    from mixport.runtime import load
+    from mixport.runtime.prompts import prompt_ids
+    from mixport.runtime.streaming import Interrupt
+
+    pipe = load(folder, device=device, threads=threads, graph=graph, progress=_progress, backend=backend)
+    with Interrupt() as interrupt:  # from here Ctrl-C stops generation at a token boundary
+        where = "cuda" if pipe.session.backend == "tensorrt" else f"{device}, " \
+            f"{getattr(pipe.session, 'graph', 'portable')} graph"
+        click.echo(f"[mixport] backend: {pipe.session.backend} ({where}); {pipe.backend_reason}", err=True)
+        ids = [prompt_ids(pipe, p, chat) for p in texts]
+        pipe.check(ids, max_new_tokens)
+        if stream and len(texts) == 1:
+            _stream_one(pipe, texts[0], ids[0], max_new_tokens, sampling, stop, interrupt)
+        else:
+            _run_batch(pipe, texts, ids, max_new_tokens, sampling, stop, interrupt)
+    if interrupt.set:
+        click.echo("[mixport] interrupted", err=True)
+        sys.exit(130)
+
+
+def _run_batch(pipe: Any, texts: list[str], ids: list[list[int]], max_new_tokens: int, sampling: Any,
+               stop: list[str], interrupt: Any) -> None:
+    """Generate all rows, then print them (on Ctrl-C: the rows so far)."""
+    out: list[list[int]] = [[] for _ in ids]
+
+    def on_token(row: int, token: int) -> None:
+        out[row].append(token)
+        if interrupt.set:
+            raise KeyboardInterrupt  # leaves the loop at a token boundary
+
+    try:
+        pipe.generate_ids(ids, max_new_tokens, sampling, stop, on_token=on_token)
+    except KeyboardInterrupt:
+        interrupt.set = True
+    _print_rows(pipe, texts, out, stop)
+
+
+def _print_rows(pipe: Any, texts: list[str], out: list[list[int]], stop: list[str]) -> None:
+    for i, (p, o) in enumerate(zip(texts, out, strict=True)):
+        prefix = f"[{i}] " if len(texts) > 1 else ""
+        click.echo(prefix + (p + pipe.decode(o, stop) if pipe.tokenizer else pipe.decode(o)))
+
+
+def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampling: Any,
+                stop: list[str], interrupt: Any) -> None:
+    """Print the prompt, then each piece as it is produced (on Ctrl-C: stop there)."""
+    from mixport.runtime.streaming import stream_ids
+
+    click.echo(text if pipe.tokenizer else "", nl=not pipe.tokenizer)
+    for piece in stream_ids(pipe, ids, max_new_tokens, sampling, stop):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+        if interrupt.set:
+            break
+    click.echo("")
+
 
 
 @main.command()
@@ -184,13 +259,29 @@ def optimize(src: Path, dst: Path, target: str, verbose: bool) -> None:
     click.echo(f"optimized {dst} (target {target})")
 
 
-def _prompt_ids(pipe: Any, prompt: str) -> list[int]:
-    if pipe.tokenizer is not None:
-        return pipe.encode(prompt)
-    try:
-        return [int(t) for t in prompt.split()]
-    except ValueError:
-        return pipe.encode(prompt)  # raises the clear "no tokenizer" error
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt-len", default=64, show_default=True, help="Prompt tokens (random ids).")
+@click.option("--new-tokens", default=128, show_default=True, help="Tokens decoded per run.")
+@click.option("--batch", "batches", multiple=True, type=int, default=(1,), show_default=True,
+              help="Batch size (repeat to time several).")
+@click.option("--runs", default=3, show_default=True, help="Timed runs (median; one warm-up run excluded).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly
+def bench(folder: Path, prompt_len: int, new_tokens: int, batches: tuple[int, ...], runs: int,
+          threads: int | None, graph: str, as_json: bool) -> None:
+    """Time prefill (ms) and decode (tok/s) of an export folder, as `mixport run` runs it.
+
+    Example: mixport bench out --prompt-len 64 --new-tokens 128 --batch 1 --batch 4
+    """
+    from mixport.tools.bench import bench_folder, format_table, to_json
+
+    result = bench_folder(folder, prompt_len, new_tokens, batches, runs, threads, graph, progress=_progress)
+    click.echo(to_json(result) if as_json else format_table(result))
 
 
 if __name__ == "__main__":

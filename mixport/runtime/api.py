@@ -9,7 +9,8 @@ from typing import Any
 import mixport
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
-from mixport.runtime.generate import GenerationRequest, generate
+from mixport.runtime import ort_graph
+from mixport.runtime.generate import GenerationRequest, check_request, generate
 from mixport.runtime.ort_session import OrtSession
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
@@ -50,17 +51,21 @@ class Pipeline:
     def context(self) -> int:
         return int(self.config["max_position_embeddings"])
 
+    @property
+    def pad_id(self) -> int:
+        return int(self.config.get("pad_token_id") or 0)
+
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
             return prompt
+        if not prompt.strip():
+            raise RuntimeFailure("empty prompt", given=repr(prompt), expected="some text")
         if self.tokenizer is None:
             raise RuntimeFailure("the folder has no tokenizer, so prompts must be token ids",
                                  given=repr(prompt[:40]), expected="--prompt '1 2 3' (ids separated by spaces)")
         if chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt, add_bos=False)
-        if not prompt:
-            raise RuntimeFailure("empty prompt", given="''", expected="some text")
         return self.tokenizer.encode(prompt)
 
     def eos_ids(self) -> tuple[int, ...]:
@@ -70,11 +75,15 @@ class Pipeline:
             ids.add(self.tokenizer.eos_id)
         return tuple(sorted(ids))
 
+    def check(self, prompts: list[list[int]], max_new_tokens: int = 32) -> None:
+        """Raise RuntimeFailure now for a request generation would refuse (empty, too long...)."""
+        check_request(GenerationRequest(prompts, max_new_tokens), self.context)
+
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                      on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
         req = GenerationRequest(prompts, max_new_tokens, sampling or SamplingConfig(), self.eos_ids(),
-                                pad_id=int(self.config.get("pad_token_id") or 0),
+                                pad_id=self.pad_id,
                                 stop=self._stopper(stop), on_token=on_token)
         return generate(self.session, req, self.context)
 
@@ -104,16 +113,54 @@ class Pipeline:
 
     def stream(self, prompt: str, max_new_tokens: int = 32, *, chat: bool = False,
                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
-        """Yield text pieces as tokens are produced (one prompt)."""
-        from mixport.runtime.streaming import stream_text
+        """Yield text pieces as tokens are produced (one prompt); joined, they equal generate()."""
+        from mixport.runtime.streaming import stream_ids
 
-        yield from stream_text(self, prompt, max_new_tokens, chat=chat, stop=stop, **sampling)
+        ids = self.encode(prompt, chat)
+        yield from stream_ids(self, ids, max_new_tokens, SamplingConfig(**sampling), stop)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def load(folder: str | Path, device: str = "cpu", threads: int | None = None,
-         backend: str = "auto") -> Pipeline:
-    """Open an export folder; ``backend``: "onnxruntime", "tensorrt" or "auto" (TensorRT when
-    model.engine is up to date and a GPU is visible, else ONNX Runtime; see ``backend_reason``)."""
+GRAPHS = ("auto", "fast", "portable")
+
+
+def open_session(folder: Path, manifest: dict[str, Any], path: Path, device: str, threads: int | None,
+                 graph: str, progress: Callable[[str], None] | None = None) -> Session:
+    """The ONNX Runtime session for ``graph``: fast (ort_graph, CPU), portable (model.onnx),
+    or auto (fast when the model and device allow it, else portable)."""
+    if graph not in GRAPHS:
+        raise RuntimeFailure("unknown graph", given=graph, expected=" | ".join(GRAPHS))
+    why_not = "device is not cpu" if device != "cpu" else ort_graph.supported(
+        manifest["config"], str(manifest.get("dtype", "fp32")))
+    if graph == "fast" or (graph == "auto" and why_not is None):
+        from mixport.runtime.ort_fast import OrtFastSession
+
+        if graph == "fast" and device != "cpu":
+            raise RuntimeFailure("the fast graph is built for ONNX Runtime's CPU provider", given=device,
+                                 expected="--device cpu", hint="use --graph portable on cuda")
+        try:
+            return OrtFastSession(ort_graph.ensure(folder, manifest, progress), manifest, device, threads)
+        except RuntimeFailure as exc:
+            if graph == "fast":
+                raise
+            if progress:
+                progress(f"fast graph unavailable, using model.onnx ({exc})")
+    return OrtSession(path, manifest, device=device, threads=threads)
+
+
+def load(folder: str | Path, device: str = "cpu", threads: int | None = None, graph: str = "auto",
+         progress: Callable[[str], None] | None = None, backend: str = "auto") -> Pipeline:
+    """Open an export folder. ``backend``: "onnxruntime", "tensorrt" or "auto" (TensorRT when
+    model.engine is up to date and a GPU is visible, else ONNX Runtime; see ``backend_reason``).
+    ``graph`` (ONNX Runtime): auto | fast | portable."""
     from mixport.runtime.select import choose_backend
 
     folder = Path(folder)
@@ -126,5 +173,5 @@ def load(folder: str | Path, device: str = "cpu", threads: int | None = None,
 
         session = TrtSession(folder / manifest["engine"]["file"], manifest)
     else:
-        session = OrtSession(path, manifest, device=device, threads=threads)
+        session = open_session(folder, manifest, path, device, threads, graph, progress)
     return Pipeline(folder, session, manifest, load_tokenizer(folder), choice.reason)

@@ -50,6 +50,13 @@ def check_request(req: GenerationRequest, context: int) -> None:
         raise RuntimeFailure("max_new_tokens must be positive", given=req.max_new_tokens, expected=">= 1")
 
 
+def last_logits(session: Session, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """[B, V] logits of each row's last token (``step_last`` when the backend has it)."""
+    if hasattr(session, "step_last"):
+        return session.step_last(ids, mask, pos)
+    return session.step(ids, mask, pos)[:, -1]
+
+
 def iter_generate(session: Session, req: GenerationRequest, context: int) -> Iterator[tuple[int, int]]:
     """Prefill in one step, then one token per step; yields (row, token) as produced."""
     check_request(req, context)
@@ -61,7 +68,9 @@ def iter_generate(session: Session, req: GenerationRequest, context: int) -> Ite
     new: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     steps = min(req.max_new_tokens, context - ids.shape[1])
-    logits = session.step(ids, mask, pos)[:, -1]  # [B, V]
+    if hasattr(session, "reserve"):
+        session.reserve(ids.shape[1] + steps)
+    logits = last_logits(session, ids, mask, pos)  # [B, V]
     for step in range(steps):
         nxt = sampler(logits, seen)
         for row in np.flatnonzero(~done):
@@ -76,7 +85,7 @@ def iter_generate(session: Session, req: GenerationRequest, context: int) -> Ite
         nxt = np.where(done, req.pad_id, nxt)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         pos = pos[:, -1:] + 1
-        logits = session.step(nxt[:, None].astype(np.int64), mask, pos)[:, -1]
+        logits = last_logits(session, nxt[:, None].astype(np.int64), mask, pos)
 
 
 def generate(session: Session, req: GenerationRequest, context: int) -> list[list[int]]:

@@ -25,6 +25,42 @@ def providers_for(device: str) -> list[str]:
     raise RuntimeFailure("unknown device", given=device, expected="cpu | cuda")
 
 
+def session_options(threads: int | None) -> Any:
+    """Options tuned for one-request-at-a-time decoding: all graph optimizations, a fixed
+    intra-op pool (physical cores by default), no inter-op pool, arena + memory pattern on."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:  # else ONNX Runtime's default: one thread per physical core
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = True
+    opts.log_severity_level = 4  # failures reach the user as one RuntimeFailure line, not ORT's log too
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    return opts
+
+
+def open_session(model_path: Path, device: str, threads: int | None) -> Any:
+    """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_path), session_options(threads), providers=providers_for(device))
+    except Exception as exc:  # ORT raises its own exception types; one line for the user
+        raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
+                             f"{str(exc).splitlines()[0][:300]}", expected="a valid model.onnx") from None
+
+
+def run_failure(exc: Exception) -> RuntimeFailure:
+    """ONNX Runtime's error during a run, as one line (what failed, ORT's first message line)."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    return RuntimeFailure("ONNX Runtime failed while running the model", given=lines[-1][:300],
+                          hint="try --graph portable; report this with the export folder's manifest.json")
+
+
 class OrtSession:
     """model.onnx in an InferenceSession; the cache is the previous step's present tensors."""
 
@@ -32,22 +68,11 @@ class OrtSession:
 
     def __init__(self, model_path: Path, manifest: dict[str, Any], device: str = "cpu",
                  threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         if manifest.get("dtype") == "bf16" and device == "cpu":
             raise RuntimeFailure("ONNX Runtime's CPU provider cannot run bf16 graphs", given=str(model_path),
                                  expected="an fp32 or fp16 export for CPU",
                                  hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        try:
-            self.sess = ort.InferenceSession(str(model_path), opts, providers=providers_for(device))
-        except Exception as exc:  # ORT raises its own exception types; one line for the user
-            raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
-                                 f"{str(exc).splitlines()[0][:300]}", expected="a valid model.onnx") from None
+        self.sess = open_session(model_path, device, threads)
         cfg = manifest["config"]
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])
@@ -58,7 +83,7 @@ class OrtSession:
                                  given=past.type, expected="float or float16",
                                  hint="export with --dtype fp32 or fp16 for ONNX Runtime's CPU provider")
         self.output_names = [o.name for o in self.sess.get_outputs()]
-        self.past: list[np.ndarray] = []
+        self.past: list[Any] = []  # numpy arrays after reset, ONNX Runtime OrtValues after a step
         self.past_len = 0
 
     def reset(self, batch: int) -> None:
@@ -70,9 +95,10 @@ class OrtSession:
              position_ids: np.ndarray) -> dict[str, np.ndarray]:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                 "position_ids": position_ids.astype(np.int64)}
+        past = [p if isinstance(p, np.ndarray) else p.numpy() for p in self.past]
         for i in range(self.layers):
-            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
-            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
         return feed
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,10 +107,29 @@ class OrtSession:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
-        out = self.run(self.feed(input_ids, attention_mask, position_ids))
-        self.past = [out[f"present.{i}.{kv}"] for i in range(self.layers) for kv in ("key", "value")]
+        """One cached step through IOBinding: the presents stay ONNX Runtime values and are bound
+        as the next step's pasts, never copied out to numpy."""
+        io = self.sess.io_binding()
+        for name, arr in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                          ("position_ids", position_ids)):
+            io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=np.int64))
+        names = [f"{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        for name, past in zip(names, self.past, strict=True):
+            if isinstance(past, np.ndarray):
+                io.bind_cpu_input(f"past_key_values.{name}", past)
+            else:
+                io.bind_ortvalue_input(f"past_key_values.{name}", past)
+        io.bind_output("logits", "cpu")
+        for name in names:
+            io.bind_output(f"present.{name}", "cpu")
+        try:
+            self.sess.run_with_iobinding(io)
+        except Exception as exc:  # ORT raises RuntimeError / its own types
+            raise run_failure(exc) from None
+        out = io.get_outputs()  # in bind order: logits, then the presents
+        self.past = list(out[1:])
         self.past_len += input_ids.shape[1]
-        return out["logits"]
+        return out[0].numpy()
 
     def close(self) -> None:
         self.sess = None

@@ -3,6 +3,11 @@
 A Session owns its KV cache. ``reset(batch)`` empties it; ``step`` feeds new tokens
 [B, S] (with the full attention mask [B, P+S] and positions [B, S]) and returns the
 logits of those tokens [B, S, V], appending their keys/values to the cache.
+
+Optional (the generation loop uses them when present):
+``reserve(capacity)`` sizes the cache for ``capacity`` tokens per row before the
+prefill; ``step_last(...)`` is ``step(...)[:, -1]`` ([B, V]) for backends that can
+skip the other positions' logits.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from mixport.runtime.generate import GenerationRequest, iter_generate
@@ -16,7 +16,7 @@ class TextStream:
     """Feed token ids; ``push`` returns the newly printable text (held back while a
     multi-byte character or a possible stop string is incomplete)."""
 
-    def __init__(self, decode, stop: list[str] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | None = None) -> None:
         self.decode, self.stop = decode, stop or []
         self.ids: list[int] = []
         self.emitted = 0
@@ -49,13 +49,12 @@ class TextStream:
         return piece
 
 
-def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
-                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
-    ids = pipe.encode(prompt, chat)
+def stream_ids(pipe: Pipeline, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
+               stop: list[str] | None = None) -> Iterator[str]:
+    """Text pieces of the continuation of ``ids`` as tokens are produced (stop strings cut)."""
     text = TextStream(pipe.decode, stop)
-    req = GenerationRequest([ids], max_new_tokens, SamplingConfig(**sampling), pipe.eos_ids(),
-                            pad_id=int(pipe.config.get("pad_token_id") or 0),
-                            stop=lambda _row, _ids: text.stopped)
+    req = GenerationRequest([ids], max_new_tokens, sampling, pipe.eos_ids(),
+                            pad_id=pipe.pad_id, stop=lambda _row, _ids: text.stopped)
     for _row, token in iter_generate(pipe.session, req, pipe.context):
         piece = text.push(token)
         if piece:
@@ -63,3 +62,34 @@ def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool 
     tail = text.flush()
     if tail:
         yield tail
+
+
+def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
+                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
+    yield from stream_ids(pipe, pipe.encode(prompt, chat), max_new_tokens, SamplingConfig(**sampling), stop)
+
+
+class Interrupt:
+    """Within ``with Interrupt() as flag``, Ctrl-C (SIGINT) only sets ``flag.set``: the caller
+    stops at its next check, with no KeyboardInterrupt landing halfway through an output."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> Interrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

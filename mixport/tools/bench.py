@@ -1,0 +1,108 @@
+"""``mixport bench``: prefill latency and decode throughput of an export folder.
+
+Timed through the generation loop's own calls (``generate.last_logits`` on the
+session ``mixport run`` opens): one warm-up run, then the median of ``runs``.
+Greedy, no early stop, so every run decodes exactly ``new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mixport.errors import RuntimeFailure
+from mixport.runtime.generate import last_logits, left_pad
+from mixport.runtime.session import Session
+
+# B batch, L prompt length, N new tokens
+
+
+@dataclass
+class BenchRow:
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    prefill_ms: float  # median, whole batch
+    decode_ms_per_step: float  # median
+    decode_tok_s: float  # batch * steps / decode time (all rows)
+    runs: int
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def time_once(session: Session, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps), greedy."""
+    ids, mask, pos = left_pad(prompts, 0)
+    b = len(prompts)
+    session.reset(b)
+    if hasattr(session, "reserve"):
+        session.reserve(ids.shape[1] + new_tokens)
+    t0 = time.perf_counter()
+    nxt = last_logits(session, ids, mask, pos).argmax(-1)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        nxt = last_logits(session, nxt[:, None].astype(np.int64), mask, pos).argmax(-1)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def bench_session(session: Session, vocab: int, context: int, prompt_len: int, new_tokens: int,
+                  batch: int, runs: int, seed: int = 0) -> BenchRow:
+    if prompt_len < 1 or new_tokens < 2 or batch < 1 or runs < 1:
+        raise RuntimeFailure("invalid bench sizes", given=f"prompt {prompt_len}, new {new_tokens}, "
+                             f"batch {batch}, runs {runs}", expected="prompt >= 1, new >= 2, batch >= 1, runs >= 1")
+    if prompt_len + new_tokens > context:
+        raise RuntimeFailure("prompt + new tokens exceed the model's context",
+                             given=prompt_len + new_tokens, expected=f"<= {context}")
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(batch)]
+    time_once(session, prompts, min(new_tokens, 4))  # warm-up: allocations, kernels, caches
+    times = [time_once(session, prompts, new_tokens) for _ in range(runs)]
+    prefill = statistics.median(t[0] for t in times)
+    decode = statistics.median(t[1] for t in times)
+    steps = new_tokens - 1
+    return BenchRow(batch, prompt_len, new_tokens, prefill * 1e3, decode / steps * 1e3,
+                    batch * steps / decode, runs)
+
+
+def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batches: tuple[int, ...] = (1,),
+                 runs: int = 3, threads: int | None = None, graph: str = "auto",
+                 progress: object = None) -> dict[str, object]:
+    """Load FOLDER like ``mixport run`` does and time each batch size."""
+    from mixport.runtime import load
+
+    pipe = load(folder, threads=threads, graph=graph, progress=progress)  # type: ignore[arg-type]
+    rss_before = rss_mb()
+    rows = [bench_session(pipe.session, int(pipe.config["vocab_size"]), pipe.context, prompt_len, new_tokens,
+                          b, runs) for b in batches]
+    return {"folder": str(folder), "graph": getattr(pipe.session, "graph", "portable"),
+            "threads": threads, "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(rss_mb(), 1),
+            "rows": [asdict(r) for r in rows]}
+
+
+def format_table(result: dict[str, object]) -> str:
+    head = f"{'batch':>5} {'prompt':>6} {'new':>5} {'prefill ms':>11} {'ms/step':>8} {'decode tok/s':>13}"
+    lines = [f"graph: {result['graph']}  RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", head]
+    for r in result["rows"]:  # type: ignore[union-attr]
+        lines.append(f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>5} {r['prefill_ms']:>11.1f} "
+                     f"{r['decode_ms_per_step']:>8.2f} {r['decode_tok_s']:>13.1f}")
+    return "\n".join(lines)
+
+
+def to_json(result: dict[str, object]) -> str:
+    return json.dumps(result, indent=2)

@@ -16,13 +16,20 @@ NAME = "fold_constants"
 SIZE_LIMIT = 16 << 20
 
 
+def _keep(node: gs.Node) -> bool:
+    """Never evaluate mixport nodes; keep Transpose(weight) so weights keep their checkpoint
+    names and single copy (runtimes fold that transpose at load, the fast ORT graph reads by name)."""
+    if node.domain == ops.DOMAIN:
+        return True
+    return node.op == "Transpose" and isinstance(node.inputs[0], gs.Constant) and node.inputs[0].values.size >= 1024
+
+
 def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
     """Fold; return how many nodes disappeared."""
     before = len(graph.nodes)
     old, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.CRITICAL
     try:
-        graph.fold_constants(size_threshold=SIZE_LIMIT, error_ok=True,
-                             should_exclude_node=lambda n: n.domain == ops.DOMAIN)
+        graph.fold_constants(size_threshold=SIZE_LIMIT, error_ok=True, should_exclude_node=_keep)
     finally:
         G_LOGGER.severity = old
     graph.cleanup()

@@ -215,7 +215,7 @@ def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> on
         _decoder(g, cfg)
     except KeyError as exc:
         raise RuntimeFailure("the export's weights are not named as the fast graph expects",
-                             given=f"missing {exc}", expected="an unfused mixport export (state-dict names)",
+                             given=f"missing {exc}", expected="a mixport export (state-dict weight names)",
                              hint="run with --graph portable") from None
     elem = helper.np_dtype_to_tensor_dtype(np_dtype)
     inputs, outputs = _io(cfg, elem)
@@ -225,9 +225,19 @@ def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> on
 
 
 def export_weights(model_path: Path) -> dict[str, np.ndarray]:
-    """The initializers of an export's model.onnx by name (external data resolved)."""
+    """The initializers of an export's model.onnx by state-dict name (external data resolved);
+    a fused export's stacked experts are viewed as the per-expert w1/w3/w2 [out, in] slabs."""
     proto = onnx.load(str(model_path))
-    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for name in [n for n in weights if n.endswith(".experts.gate_up")]:
+        base = name.removesuffix(".gate_up")
+        gate_up, down = weights.pop(name), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
+        f = down.shape[1]
+        for e in range(gate_up.shape[0]):
+            weights[f"{base}.{e}.w1.weight"] = gate_up[e, :, :f].T
+            weights[f"{base}.{e}.w3.weight"] = gate_up[e, :, f:].T
+            weights[f"{base}.{e}.w2.weight"] = down[e].T
+    return weights
 
 
 def _is_current(folder: Path, record: dict[str, Any] | None, source_sha: str) -> bool:

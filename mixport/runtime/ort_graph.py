@@ -201,6 +201,8 @@ def supported(cfg: dict[str, Any], dtype: str) -> str | None:
     """None when the fast graph can express this model, else why not."""
     if dtype not in ("fp32", "fp16"):
         return f"dtype {dtype} (ONNX Runtime CPU runs fp32 / fp16)"
+    if cfg["head_dim"] % 8:
+        return f"head_dim {cfg['head_dim']} (GroupQueryAttention wants a multiple of 8)"
     window = cfg.get("sliding_window")
     if window is not None and window < cfg["max_position_embeddings"]:
         return f"sliding_window {window} < context"

@@ -44,15 +44,18 @@ def test_ort_matches_reference_prefill_and_decode(name: str, tmp_path: Path) -> 
     src = write_tiny(tmp_path / "src", tiny_config(**CONFIGS[name]), seed=7)
     export(src, tmp_path / "out")
     ref, cfg, _ = load_reference(src)
-    pipe = load(tmp_path / "out")
     prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, 11).tolist()
     tokens, ref_logits = _greedy_reference(ref, prompt, 16)
-    sess = pipe.session
+    for graph in ("portable", "auto"):  # model.onnx itself, and what `mixport run` picks
+        _assert_follows(load(tmp_path / "out", graph=graph).session, prompt, tokens, ref_logits)
+
+
+def _assert_follows(sess, prompt: list[int], tokens: list[int], ref_logits: list[np.ndarray]) -> None:  # noqa: ANN001
     sess.reset(1)
     ids, mask, pos = np.array([prompt]), np.ones((1, len(prompt)), np.int64), np.arange(len(prompt))[None]
     for step, want in enumerate(tokens):
         logits = sess.step(ids, mask, pos)[0, -1]
-        assert np.abs(logits - ref_logits[step]).max() <= 1e-4, f"step {step}"
+        assert np.abs(logits - ref_logits[step]).max() <= 1e-4, f"{type(sess).__name__} step {step}"
         assert int(logits.argmax()) == want
         ids, pos = np.array([[want]]), pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
@@ -96,7 +99,7 @@ def test_routing_the_trace_never_saw(tiny_dir: Path, tiny_export: Path) -> None:
     from mixport.exporter.loader import load_reference
 
     ref, cfg, _ = load_reference(tiny_dir)
-    pipe = load(tiny_export)
+    pipe = load(tiny_export, graph="portable")  # model.onnx itself
     (trace_ids, *_), _ = _example(ref)  # the exact input the export traced with
     seen = _expert_sets(pipe, trace_ids.numpy())
     assert any(len(s) < cfg.num_local_experts for s in seen), "the trace input already hit every expert"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -72,6 +73,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             if fuse:
                 step("fusing experts")
                 proto, counts = _run_passes(proto)
+                gc.collect()  # the unfused graph and the graph-surgeon copy hold the weights in cycles
             step("writing files")
             files = artifact.save_model(proto, tmp)
             files += artifact.copy_tokenizer(src, tmp)

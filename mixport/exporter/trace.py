@@ -6,6 +6,7 @@ dynamic dim, the TopKRouting function body attached, symbolic dims asserted.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Any
 
@@ -79,6 +80,8 @@ def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None) -
     if weights is not None:
         _attach_weights(program.model, weights, model)
     proto = program.model_proto
+    del program  # the exporter's graph holds references to every weight
+    gc.collect()
     finish(proto, model)
     return proto
 

@@ -227,7 +227,8 @@ def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampl
     """Print the prompt, then each piece as it is produced (on Ctrl-C: stop there)."""
     from mixport.runtime.streaming import stream_ids
 
-    click.echo(text if pipe.tokenizer else "", nl=not pipe.tokenizer)
+    if pipe.tokenizer:  # without one, only the new token ids are printed
+        click.echo(text, nl=False)
     for piece in stream_ids(pipe, ids, max_new_tokens, sampling, stop):
         click.echo(piece, nl=False)
         sys.stdout.flush()

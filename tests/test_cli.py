@@ -100,3 +100,13 @@ def test_bf16_export_and_cpu_refusal(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "parity check skipped" in res.output
     _one_clean_error(_invoke("run", tmp_path / "bf16", "--prompt", "x"), "cannot run bf16")
+
+
+def test_run_without_tokenizer_prints_token_ids(export_copy: Path) -> None:
+    (export_copy / "tokenizer.json").unlink()
+    res = CliRunner().invoke(main, ["run", str(export_copy), "--prompt", "1 5 9", "--max-new-tokens", "5",
+                                    "--graph", "portable"])
+    assert res.exit_code == 0, res.output
+    ids = res.stdout.split()
+    assert 1 <= len(ids) <= 5 and all(t.isdigit() for t in ids), res.stdout
+    _one_clean_error(_invoke("run", export_copy, "--prompt", "hello"), "no tokenizer")

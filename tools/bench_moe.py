@@ -80,12 +80,20 @@ def round_robin(runs: dict[str, Callable[[], object]], rounds: int, inner: int =
 MODES = {"steady": 5, "cold": 1}  # timed runs per visit (see round_robin)
 
 
-def bench_layer(threads: int, reps: int) -> list[tuple[int, str, dict[str, float]]]:
+def layer_models() -> tuple[onnx.ModelProto, ...]:
+    """dense, fused, fused with the nonzero body, com.microsoft.MoE — built before the shared ORT
+    pool exists (the passes fold constants through ORT sessions of their own)."""
     dense = dense_layer(LayerSpec())
     fused, _ = run_pipeline(dense)
     nonzero = copy.deepcopy(fused)
     moe_bodies.attach(nonzero, "nonzero")
     contrib, _ = run_pipeline(dense, target="ort")
+    return dense, fused, nonzero, contrib
+
+
+def bench_layer(models: tuple[onnx.ModelProto, ...], threads: int, reps: int
+                ) -> list[tuple[int, str, dict[str, float]]]:
+    dense, fused, nonzero, contrib = models
     sessions = {"dense": session(dense, threads), "com.microsoft.MoE": session(contrib, threads),
                 "fused": session(fused, threads), "fused-nonzero": session(nonzero, threads),
                 "fused-nofold": session(fused, threads, fold=False)}
@@ -144,8 +152,8 @@ def _feeds(prompt: int, layers: int) -> tuple[dict, dict]:
     return pre, dec
 
 
-def bench_e2e(work: Path, threads: int, reps: int) -> dict[str, float]:
-    unfused, fused = _export_mini(work)
+def bench_e2e(exports: tuple[Path, Path], threads: int, reps: int) -> dict[str, float]:
+    unfused, fused = exports
     pre, dec = _feeds(64, MINI["num_hidden_layers"])
     s_un, s_fu = session(str(unfused), threads), session(str(fused), threads)
     a, b = s_un.run(None, pre)[0], s_fu.run(None, pre)[0]
@@ -170,17 +178,18 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep/reuse the mini-Mixtral exports here.")
     args = ap.parse_args()
-    GLOBAL_POOL["on"] = use_global_threads(args.threads)
-    pool = "one shared pool" if GLOBAL_POOL["on"] else "a pool per session"
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads ({pool}), "
-          f"load average {os.getloadavg()[0]:.2f} (other processes share these cores)")
-    print_layer(bench_layer(args.threads, args.reps))
-    if args.skip_e2e:
-        return
     with tempfile.TemporaryDirectory(prefix="mixport-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print_e2e(bench_e2e(work, args.threads, max(args.reps // 4, 10)))
+        models = layer_models()  # everything that runs the passes, before the shared pool exists
+        exports = None if args.skip_e2e else _export_mini(work)
+        GLOBAL_POOL["on"] = use_global_threads(args.threads)
+        pool = "one shared pool" if GLOBAL_POOL["on"] else "a pool per session"
+        print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads ({pool}), "
+              f"load average {os.getloadavg()[0]:.2f} (other processes share these cores)")
+        print_layer(bench_layer(models, args.threads, args.reps))
+        if exports is not None:
+            print_e2e(bench_e2e(exports, args.threads, max(args.reps // 4, 10)))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -27,6 +27,7 @@ from mixport.exporter import artifact
 from mixport.exporter.export import resolve_source
 from mixport.exporter.loader import load_reference
 from mixport.exporter.model import MixtralModel
+from mixport.tools.check_fast import FastGraphStat, check_fast_graph
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
 TIE_GAP = 1e-6
@@ -66,6 +67,7 @@ class CheckReport:
     outputs: list[OutputStat] = field(default_factory=list)
     routing: list[RoutingStat] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. why TensorRT was not compared
+    fast: FastGraphStat | None = None  # the graph `mixport run` uses on CPU
     ref_tokens: list[int] = field(default_factory=list)
     ort_tokens: list[int] = field(default_factory=list)
     tokens_must_match: bool = True  # greedy tokens may legitimately flip on near-ties in fp16/bf16
@@ -73,16 +75,27 @@ class CheckReport:
     @property
     def same_tokens(self) -> int:
         """Length of the common prefix of the two free-running greedy sequences."""
+        return self.common_prefix(self.ort_tokens)
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` agree with the reference's greedy tokens before the first difference."""
         n = 0
-        for a, b in zip(self.ref_tokens, self.ort_tokens, strict=False):
+        for a, b in zip(self.ref_tokens, tokens, strict=False):
             if a != b:
                 break
             n += 1
         return n
 
     @property
+    def fast_passed(self) -> bool:
+        f = self.fast
+        if f is None or f.skipped:
+            return True
+        return f.within and (not self.tokens_must_match or self.common_prefix(f.tokens) == len(self.ref_tokens))
+
+    @property
     def passed(self) -> bool:
-        tokens_ok = not self.tokens_must_match or self.same_tokens == len(self.ref_tokens)
+        tokens_ok = (not self.tokens_must_match or self.same_tokens == len(self.ref_tokens)) and self.fast_passed
         return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing) and tokens_ok
 
 
@@ -239,6 +252,8 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         report.ref_tokens = ref_tokens
         report.ort_tokens = ort_greedy(model_path, manifest, prompt, len(ref_tokens))
         report.tokens_must_match = dtype == "fp32"
+        ref_logits = [it["logits"][0, -1] for it in ref_iters]
+        report.fast = check_fast_graph(folder, manifest, prompt, ref_tokens, ref_logits, atol, rtol)
     return report
 
 
@@ -288,5 +303,12 @@ def format_report(report: CheckReport) -> str:
                      f"  {'ok' if r.passed else 'FAIL'}")
     lines.append(f"  greedy tokens (free-running): {report.same_tokens}/{len(report.ref_tokens)} identical"
                  + ("" if report.tokens_must_match else " (informative at this dtype)"))
+    f = report.fast
+    if f is not None and f.skipped:
+        lines.append(f"  fast ORT graph: not checked ({f.skipped})")
+    elif f is not None:
+        lines.append(f"  fast ORT graph (`mixport run` on CPU): logits max abs err {f.max_abs:.3e} "
+                     f"{'ok' if f.within else 'FAIL'}; greedy tokens {report.common_prefix(f.tokens)}/"
+                     f"{len(report.ref_tokens)} identical")
     lines.append("parity: PASSED" if report.passed else "parity: FAILED")
     return "\n".join(lines)

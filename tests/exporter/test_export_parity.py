@@ -137,6 +137,10 @@ def test_transformers_parity_over_32_decode_steps(tiny_export: Path) -> None:
     logits = next(o for o in report.outputs if o.name == "logits")
     assert logits.max_abs <= 1e-4
     assert report.same_tokens == len(report.ref_tokens) == 33
+    fast = report.fast  # the graph `mixport run` uses on CPU, checked in the same report
+    assert fast is not None and fast.skipped is None
+    assert fast.within and fast.max_abs <= 1e-4
+    assert report.common_prefix(fast.tokens) == 33
     assert report.passed
 
 

@@ -19,3 +19,4 @@ def test_bench_moe_layer_table() -> None:
     assert "fused/dense" in res.stdout and "fused/ms.MoE" in res.stdout
     rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip().split(" ")[0] in ("1", "16", "256")]
     assert [r[0] for r in rows] == ["1", "1", "16", "16", "256", "256"]
+

@@ -54,13 +54,20 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(proto: onnx.ModelProto, folder: Path) -> list[str]:
-    """Write model.onnx; weights go to model.onnx.data when the file would pass 2 GB."""
-    path = folder / MODEL_FILE
+def save_onnx(proto: onnx.ModelProto, path: Path) -> list[str]:
+    """Write PATH; its weights go to PATH.data when the file would pass protobuf's 2 GB limit.
+    Returns the names of the files written."""
+    path = Path(path)
+    data = f"{path.name}.data"
     external = not _small_enough(proto) or proto.ByteSize() > TWO_GB
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-    return [MODEL_FILE, DATA_FILE] if external else [MODEL_FILE]
+                    location=data, size_threshold=1024)
+    return [path.name, data] if external else [path.name]
+
+
+def save_model(proto: onnx.ModelProto, folder: Path) -> list[str]:
+    """Write model.onnx (+ model.onnx.data past 2 GB) into FOLDER."""
+    return save_onnx(proto, Path(folder) / MODEL_FILE)
 
 
 def _small_enough(proto: onnx.ModelProto) -> bool:

@@ -9,7 +9,7 @@ import torch
 from mixport.errors import ConfigError
 from mixport.exporter.checkpoint import load_state_dict
 from mixport.exporter.config import MoEConfig, load_config
-from mixport.exporter.model import MixtralModel
+from mixport.exporter.model import MixtralModel, rope_inv_freq
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,8 +25,7 @@ def build_model(cfg: MoEConfig, state: dict[str, torch.Tensor]) -> MixtralModel:
     with torch.device("meta"):
         model = MixtralModel(cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    d = cfg.head_dim  # the rope buffer is not in the checkpoint: compute it off the meta device
-    model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    model.inv_freq = rope_inv_freq(cfg)  # not in the checkpoint: computed off the meta device
     return model.eval()
 
 
@@ -35,10 +34,15 @@ def expected_shapes(cfg: MoEConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in MixtralModel(cfg).state_dict().items()}
 
 
+def _load(model_dir: Path, dtype: str) -> tuple[MoEConfig, str, dict[str, torch.Tensor]]:
+    """(config, config sha256, every parameter in ``dtype``) for MODEL_DIR."""
+    cfg, config_hash = load_config(model_dir)
+    return cfg, config_hash, load_state_dict(model_dir, cfg, expected_shapes(cfg), torch_dtype(dtype))
+
+
 def load_reference(model_dir: Path, dtype: str = "fp32") -> tuple[MixtralModel, MoEConfig, str]:
     """(model, config, config sha256) for MODEL_DIR, weights in ``dtype``."""
-    cfg, config_hash = load_config(model_dir)
-    state = load_state_dict(model_dir, cfg, expected_shapes(cfg), torch_dtype(dtype))
+    cfg, config_hash, state = _load(model_dir, dtype)
     return build_model(cfg, state), cfg, config_hash
 
 
@@ -46,10 +50,8 @@ def load_for_export(model_dir: Path, dtype: str = "fp32"
                     ) -> tuple[MixtralModel, dict[str, torch.Tensor], MoEConfig, str]:
     """A weightless (meta-device) model to trace, plus its weights by name: tracing then never
     holds a second copy of the weights."""
-    cfg, config_hash = load_config(model_dir)
-    tdtype = torch_dtype(dtype)
-    state = load_state_dict(model_dir, cfg, expected_shapes(cfg), tdtype)
+    cfg, config_hash, state = _load(model_dir, dtype)
     with torch.device("meta"):
-        model = MixtralModel(cfg).to(tdtype)
-    model.inv_freq = torch.empty(cfg.head_dim // 2, device="meta")
+        model = MixtralModel(cfg).to(torch_dtype(dtype))
+        model.inv_freq = rope_inv_freq(cfg)  # fp32 even when the weights are not
     return model.eval(), state, cfg, config_hash

@@ -165,6 +165,12 @@ def attention_bias(attention_mask: torch.Tensor, past_len: int, new_len: int,
     return torch.where(allowed, zero, torch.full_like(zero, NEG))
 
 
+def rope_inv_freq(cfg: MoEConfig) -> torch.Tensor:
+    """[D/2] fp32 rotary frequencies for the config's theta (on the current default device)."""
+    d = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+
+
 class MixtralModel(nn.Module):
     """Decoder stack + lm_head. forward(ids, mask, positions, past) -> logits, present."""
 
@@ -175,9 +181,7 @@ class MixtralModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        d = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, S, D/2]

@@ -16,10 +16,12 @@ import torch
 from mixport import ops
 from mixport.errors import ExportError
 from mixport.exporter import routing_onnx
-from mixport.exporter.model import MixtralModel
+from mixport.exporter.model import MixtralModel, rope_inv_freq
 
 DIM_NAMES = {"batch": "batch", "seq": "seq", "past": "past_seq", "total": "total_seq"}
 TOTAL = "total_seq"  # past_seq + seq
+ONNX_FLOAT = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+              torch.bfloat16: onnx.TensorProto.BFLOAT16}
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -89,9 +91,7 @@ def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None) -
 def _attach_weights(ir_model: Any, weights: dict[str, torch.Tensor], model: MixtralModel) -> None:
     from onnx_ir.tensor_adapters import TorchTensor
 
-    cfg = model.cfg
-    d = cfg.head_dim
-    extra = {"inv_freq": 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))}
+    extra = {"inv_freq": rope_inv_freq(model.cfg)}
     for name, value in ir_model.graph.initializers.items():
         key = name.removeprefix("model.")
         tensor = weights.get(key, extra.get(key))
@@ -131,9 +131,7 @@ def finish(proto: onnx.ModelProto, model: MixtralModel) -> None:
     _rename_dims(proto)
     _check_dims(proto)
     cfg = model.cfg
-    elem = onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=model.lm_head.weight.dtype)
-                                                .numpy(force=True).dtype) \
-        if model.lm_head.weight.dtype != torch.bfloat16 else onnx.TensorProto.BFLOAT16
+    elem = ONNX_FLOAT[model.lm_head.weight.dtype]
     proto.functions.append(routing_onnx.routing_function(cfg.num_experts_per_tok, cfg.normalization, elem))
     if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from mixport import ops
 from mixport.errors import PassError
+from mixport.exporter import artifact
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
 from mixport.passes import graph_utils as gu
 
@@ -106,7 +107,5 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
         raise PassError("input model not found", given=str(src), expected="an .onnx file")
     report = run_passes(onnx.load(str(src)), target)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(len(t.raw_data) for t in report.model.graph.initializer) > (2**31 - 2**26)
-    onnx.save_model(report.model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data", size_threshold=1024)
+    artifact.save_onnx(report.model, dst)
     return report

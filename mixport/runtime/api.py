@@ -14,6 +14,7 @@ from mixport.runtime.generate import GenerationRequest, check_request, generate
 from mixport.runtime.ort_session import OrtSession
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
+from mixport.runtime.streaming import cut_at_stops, stream_ids
 from mixport.runtime.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -97,10 +98,7 @@ class Pipeline:
         """Text of ``ids`` (ids as text without a tokenizer), cut at the first stop string."""
         if self.tokenizer is None:
             return " ".join(map(str, ids))
-        text = self.tokenizer.decode(ids)
-        for s in stop or []:
-            text = text.split(s)[0] if s in text else text
-        return text
+        return cut_at_stops(self.tokenizer.decode(ids), stop)
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 32, *, chat: bool = False,
                  stop: list[str] | None = None, **sampling: Any) -> str | list[str]:
@@ -114,8 +112,6 @@ class Pipeline:
     def stream(self, prompt: str, max_new_tokens: int = 32, *, chat: bool = False,
                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
         """Yield text pieces as tokens are produced (one prompt); joined, they equal generate()."""
-        from mixport.runtime.streaming import stream_ids
-
         ids = self.encode(prompt, chat)
         yield from stream_ids(self, ids, max_new_tokens, SamplingConfig(**sampling), stop)
 

@@ -24,7 +24,6 @@ logits [N, V], present.{i}.key/value [B, G, C, D] (same buffers as past).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -267,22 +266,17 @@ def ensure(folder: Path, manifest: dict[str, Any], progress: Any = None) -> Path
 
 
 def _write(folder: Path, proto: onnx.ModelProto, manifest: dict[str, Any], source_sha: str) -> Path:
-    big = sum(len(t.raw_data) for t in proto.graph.initializer) >= artifact.TWO_GB
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".ort-", dir=folder))
     except OSError as exc:
         raise RuntimeFailure("cannot write the fast graph into the export folder", given=str(exc),
                              expected="a writable folder", hint="run with --graph portable") from None
-    onnx.save_model(proto, str(tmp / FILE), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=FILE + ".data", size_threshold=1024)
+    files = artifact.save_onnx(proto, tmp / FILE)
     for name in os.listdir(tmp):
         os.replace(tmp / name, folder / name)
     tmp.rmdir()
     record = {"file": FILE, "version": GRAPH_VERSION, "signature": SIGNATURE,
               "sha256": artifact.file_sha256(folder / FILE), "source_onnx_sha256": source_sha,
-              "external_data": big}
-    manifest = {**artifact.read_manifest(folder), "ort_graph": record}
-    tmp_manifest = folder / f".{artifact.MANIFEST}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, folder / artifact.MANIFEST)
+              "external_data": len(files) > 1}
+    artifact.write_manifest(folder, {**artifact.read_manifest(folder), "ort_graph": record})
     return folder / FILE

@@ -12,6 +12,13 @@ if TYPE_CHECKING:
     from mixport.runtime.api import Pipeline
 
 
+def cut_at_stops(text: str, stops: list[str] | None) -> str:
+    """``text`` up to (not including) the first occurrence of any stop string."""
+    for s in stops or []:
+        text = text.split(s)[0]
+    return text
+
+
 class TextStream:
     """Feed token ids; ``push`` returns the newly printable text (held back while a
     multi-byte character or a possible stop string is incomplete)."""
@@ -24,11 +31,9 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
-        for s in self.stop:
-            if s in text:
-                self.stopped = True
-                text = text.split(s)[0]
+        full = self.decode(self.ids)
+        text = cut_at_stops(full, self.stop)
+        self.stopped = self.stopped or len(text) < len(full)
         if self.stopped:
             return self._take(text)
         if text.endswith("\ufffd"):
@@ -38,10 +43,7 @@ class TextStream:
         return self._take(text[:max(safe, self.emitted)])
 
     def flush(self) -> str:
-        text = self.decode(self.ids)
-        for s in self.stop:
-            text = text.split(s)[0] if s in text else text
-        return self._take(text)
+        return self._take(cut_at_stops(self.decode(self.ids), self.stop))
 
     def _take(self, text: str) -> str:
         piece = text[self.emitted:]
@@ -62,11 +64,6 @@ def stream_ids(pipe: Pipeline, ids: list[int], max_new_tokens: int, sampling: Sa
     tail = text.flush()
     if tail:
         yield tail
-
-
-def stream_text(pipe: Pipeline, prompt: str, max_new_tokens: int, *, chat: bool = False,
-                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
-    yield from stream_ids(pipe, pipe.encode(prompt, chat), max_new_tokens, SamplingConfig(**sampling), stop)
 
 
 class Interrupt:

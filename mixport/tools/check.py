@@ -22,12 +22,13 @@ import numpy as np
 import onnx
 import torch
 
+from mixport import ops
 from mixport.errors import MixportError
 from mixport.exporter import artifact
 from mixport.exporter.export import resolve_source
 from mixport.exporter.loader import load_reference
 from mixport.exporter.model import MixtralModel
-from mixport.tools.check_fast import FastGraphStat, check_fast_graph
+from mixport.tools.check_fast import FastGraphStat, check_fast_graph, greedy_tokens
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
 TIE_GAP = 1e-6
@@ -102,7 +103,7 @@ class CheckReport:
 def debug_model(model_path: Path, tmp: Path) -> Path:
     """A copy of model.onnx that also outputs every TopKRouting's ids as routing.{i}.ids."""
     proto = onnx.load(str(model_path))
-    routers = [n for n in proto.graph.node if n.domain == "mixport" and n.op_type == "TopKRouting"]
+    routers = [n for n in proto.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.TOPK_ROUTING]
     for i, node in enumerate(routers):
         name = f"routing.{i}.ids"
         proto.graph.node.append(onnx.helper.make_node("Identity", [node.output[1]], [name]))
@@ -139,12 +140,9 @@ def reference_feeds(model: MixtralModel, prompt: list[int], steps: int
 
 def ort_greedy(model_path: Path, manifest: dict[str, Any], prompt: list[int], count: int) -> list[int]:
     """Free-running greedy tokens from ONNX Runtime (its own cache, its own choices)."""
-    from mixport.runtime.generate import GenerationRequest, generate
     from mixport.runtime.ort_session import OrtSession
 
-    session = OrtSession(model_path, manifest)
-    req = GenerationRequest([prompt], count, eos_ids=())
-    return generate(session, req, context=len(prompt) + count + 1)[0]
+    return greedy_tokens(OrtSession(model_path, manifest), prompt, count)
 
 
 @contextlib.contextmanager

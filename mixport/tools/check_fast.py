@@ -27,7 +27,6 @@ class FastGraphStat:
 def check_fast_graph(folder: Path, manifest: dict[str, Any], prompt: list[int], ref_tokens: list[int],
                      ref_logits: list[np.ndarray], atol: float, rtol: float) -> FastGraphStat:
     from mixport.runtime import ort_graph
-    from mixport.runtime.generate import GenerationRequest, generate
     from mixport.runtime.ort_fast import OrtFastSession
 
     why = ort_graph.supported(manifest["config"], str(manifest.get("dtype", "fp32")))
@@ -48,7 +47,14 @@ def check_fast_graph(folder: Path, manifest: dict[str, Any], prompt: list[int], 
         stat.within &= bool((err <= atol + rtol * np.abs(want)).all())
         ids, pos = np.array([[token]], dtype=np.int64), pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-    req = GenerationRequest([prompt], len(ref_tokens), eos_ids=())
-    stat.tokens = generate(session, req, context=len(prompt) + len(ref_tokens) + 1)[0]
+    stat.tokens = greedy_tokens(session, prompt, len(ref_tokens))
     session.close()
     return stat
+
+
+def greedy_tokens(session: Any, prompt: list[int], count: int) -> list[int]:
+    """``count`` free-running greedy tokens after ``prompt`` (EOS does not stop them)."""
+    from mixport.runtime.generate import GenerationRequest, generate
+
+    req = GenerationRequest([prompt], count, eos_ids=())
+    return generate(session, req, context=len(prompt) + count + 1)[0]

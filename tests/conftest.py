@@ -11,18 +11,11 @@ import pytest
 
 from mixport.exporter.config import MoEConfig
 from mixport.exporter.tiny import TINY, write_tiny
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+from tests.helpers import has_gpu
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_gpu():
+    if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none on this machine")
     for item in items:

@@ -10,40 +10,28 @@ import pytest
 from click.testing import CliRunner
 
 from mixport.cli import main
-
-
-def _invoke(*args: str):  # -> click.testing.Result
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_clean_error(result, *fragments: str) -> None:  # noqa: ANN001
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from tests.helpers import invoke, one_line_error
 
 
 def test_export_run_check_builtin(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    res = _invoke("export", "--model", "tiny", "-o", out)
+    res = invoke("export", "--model", "tiny", "-o", out)
     assert res.exit_code == 0, res.output
     assert "parity: PASSED" in res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == {"builtin": "tiny", "seed": 0}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
-    res = _invoke("run", out, "--prompt", "The ship sailed", "--max-new-tokens", "8")
+    res = invoke("run", out, "--prompt", "The ship sailed", "--max-new-tokens", "8")
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[-1].startswith("The ship sailed")
-    res = _invoke("check", out, "--steps", "3", "--reference", "mixport")
+    res = invoke("check", out, "--steps", "3", "--reference", "mixport")
     assert res.exit_code == 0 and "pytorch-mixport vs onnxruntime" in res.output
 
 
 def test_output_exists_refused(export_copy: Path) -> None:
     before = sorted(p.name for p in export_copy.iterdir())
-    _one_clean_error(_invoke("export", "--model", "tiny", "-o", export_copy, "--no-check"),
+    one_line_error(invoke("export", "--model", "tiny", "-o", export_copy, "--no-check"),
                      "already exists", "--force")
     assert sorted(p.name for p in export_copy.iterdir()) == before
 
@@ -66,8 +54,8 @@ def test_bad_model_folder(case: str, tiny_dir: Path, tmp_path: Path) -> None:
         (src / "model.safetensors").write_bytes(data[: len(data) // 2])
     (src / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    res = _invoke("export", src if case != "no-folder" else tmp_path / "nope", "-o", out, "--no-check")
-    _one_clean_error(res, expect[case])
+    res = invoke("export", src if case != "no-folder" else tmp_path / "nope", "-o", out, "--no-check")
+    one_line_error(res, expect[case])
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"], "something half-written was left"
 
@@ -87,19 +75,19 @@ def test_interrupted_export_leaves_no_output(tiny_dir: Path, tmp_path: Path, mon
 
 
 def test_run_errors(export_copy: Path, tmp_path: Path) -> None:
-    _one_clean_error(_invoke("run", tmp_path, "--prompt", "x"), "no manifest.json")
+    one_line_error(invoke("run", tmp_path, "--prompt", "x"), "no manifest.json")
     long_prompt = "the " * 600
-    _one_clean_error(_invoke("run", export_copy, "--prompt", long_prompt), "longer than the model's context")
+    one_line_error(invoke("run", export_copy, "--prompt", long_prompt), "longer than the model's context")
     model = export_copy / "model.onnx"
     model.write_bytes(model.read_bytes() + b"\0")
-    _one_clean_error(_invoke("run", export_copy, "--prompt", "x"), "does not match the manifest")
+    one_line_error(invoke("run", export_copy, "--prompt", "x"), "does not match the manifest")
 
 
 def test_bf16_export_and_cpu_refusal(tmp_path: Path) -> None:
-    res = _invoke("export", "--model", "tiny", "-o", tmp_path / "bf16", "--dtype", "bf16")
+    res = invoke("export", "--model", "tiny", "-o", tmp_path / "bf16", "--dtype", "bf16")
     assert res.exit_code == 0, res.output
     assert "parity check skipped" in res.output
-    _one_clean_error(_invoke("run", tmp_path / "bf16", "--prompt", "x"), "cannot run bf16")
+    one_line_error(invoke("run", tmp_path / "bf16", "--prompt", "x"), "cannot run bf16")
 
 
 def test_run_without_tokenizer_prints_token_ids(export_copy: Path) -> None:
@@ -109,4 +97,4 @@ def test_run_without_tokenizer_prints_token_ids(export_copy: Path) -> None:
     assert res.exit_code == 0, res.output
     ids = res.stdout.split()
     assert 1 <= len(ids) <= 5 and all(t.isdigit() for t in ids), res.stdout
-    _one_clean_error(_invoke("run", export_copy, "--prompt", "hello"), "no tokenizer")
+    one_line_error(invoke("run", export_copy, "--prompt", "hello"), "no tokenizer")

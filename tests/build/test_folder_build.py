@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 from collections import Counter
@@ -12,29 +11,11 @@ from types import ModuleType
 
 import onnx
 import pytest
-from click.testing import CliRunner, Result
 
 from mixport.build.status import engine_status, gpu_mismatch
-from mixport.cli import main
 from mixport.exporter import artifact
 from mixport.plugins.trt_import import RTX, flavor_of
-
-
-def _invoke(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+from tests.helpers import invoke, one_line_error, reexport_changed
 
 
 def _mixport_nodes(folder: Path) -> Counter:
@@ -42,19 +23,9 @@ def _mixport_nodes(folder: Path) -> Counter:
     return Counter(n.op_type for n in model.graph.node if n.domain == "mixport")
 
 
-def _reexport_changed(folder: Path) -> None:
-    """What a re-export does to the folder: a different model.onnx, the manifest's hash updated."""
-    model = onnx.load(str(folder / "model.onnx"))
-    onnx.helper.set_model_props(model, {"re-exported": "yes"})
-    onnx.save(model, str(folder / "model.onnx"))
-    manifest = _manifest(folder)
-    manifest["onnx_sha256"] = artifact.file_sha256(folder / "model.onnx")
-    artifact.write_manifest(folder, manifest)
-
-
 def test_build_records_the_engine(engine_export: Path, trt_module: ModuleType) -> None:
     engine = engine_export / "model.engine"
-    record = _manifest(engine_export)["engine"]
+    record = artifact.read_manifest(engine_export)["engine"]
     assert engine.is_file() and record["bytes"] == engine.stat().st_size > 0
     assert record["sha256"] == artifact.file_sha256(engine)
     assert record["onnx_sha256"] == artifact.file_sha256(engine_export / "model.onnx")
@@ -62,14 +33,14 @@ def test_build_records_the_engine(engine_export: Path, trt_module: ModuleType) -
     if flavor_of(trt_module) == RTX:
         assert record["requested_targets"] == ["ampere+"] and "sm80" in record["targets"]
     assert record["dtype"] == "fp32" and record["use_plugins"] is True
-    assert record["ranges"]["past"][2] < _manifest(engine_export)["config"]["max_position_embeddings"]
+    assert record["ranges"]["past"][2] < artifact.read_manifest(engine_export)["config"]["max_position_embeddings"]
     assert not [p for p in engine_export.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
 def test_every_mixport_node_became_a_plugin_layer(engine_export: Path) -> None:
     nodes = _mixport_nodes(engine_export)
     assert nodes["TopKRouting"] > 0
-    record = _manifest(engine_export)["engine"]
+    record = artifact.read_manifest(engine_export)["engine"]
     layers = Counter(layer["plugin"] for layer in record["plugin_layers"])  # from the parsed network
     assert layers == Counter({f"mixport::{op}": n for op, n in nodes.items()})
     assert record["plugin_layer_count"] == sum(nodes.values())
@@ -77,32 +48,32 @@ def test_every_mixport_node_became_a_plugin_layer(engine_export: Path) -> None:
 
 
 def test_no_plugins_build_has_no_plugin_layers(engine_copy: Path) -> None:
-    res = _invoke("build", engine_copy, "--no-plugins")
-    _one_line_error(res, "built with other options", "plugins off (engine: on)", "--force")
-    res = _invoke("build", engine_copy, "--no-plugins", "--force")
+    res = invoke("build", engine_copy, "--no-plugins")
+    one_line_error(res, "built with other options", "plugins off (engine: on)", "--force")
+    res = invoke("build", engine_copy, "--no-plugins", "--force")
     assert res.exit_code == 0, res.output
-    record = _manifest(engine_copy)["engine"]
+    record = artifact.read_manifest(engine_copy)["engine"]
     assert record["use_plugins"] is False and record["plugin_layers"] == [] and record["plugin_layer_count"] == 0
 
 
 def test_up_to_date_engine_is_kept(engine_copy: Path) -> None:
     before = (engine_copy / "model.engine").stat().st_mtime_ns
-    res = _invoke("build", engine_copy)
+    res = invoke("build", engine_copy)
     assert res.exit_code == 0 and "model.engine is up to date" in res.output, res.output
     assert (engine_copy / "model.engine").stat().st_mtime_ns == before
-    _one_line_error(_invoke("build", engine_copy, "--batch", "1:2:8"), "other options", "batch (1, 2, 8)")
+    one_line_error(invoke("build", engine_copy, "--batch", "1:2:8"), "other options", "batch (1, 2, 8)")
 
 
 def test_reexport_makes_the_engine_stale_and_force_rebuilds(engine_copy: Path,
                                                             trt_module: ModuleType) -> None:
-    old = _manifest(engine_copy)["engine"]["sha256"]
-    _reexport_changed(engine_copy)
+    old = artifact.read_manifest(engine_copy)["engine"]["sha256"]
+    reexport_changed(engine_copy)
     ok, reason = engine_status(engine_copy, trt_module, gpu=None)
     assert not ok and "model.onnx changed since the engine was built" in reason
-    _one_line_error(_invoke("build", engine_copy), "model.engine is stale", "model.onnx changed", "--force")
-    res = _invoke("build", engine_copy, "--force")
+    one_line_error(invoke("build", engine_copy), "model.engine is stale", "model.onnx changed", "--force")
+    res = invoke("build", engine_copy, "--force")
     assert res.exit_code == 0 and "built" in res.output, res.output
-    record = _manifest(engine_copy)["engine"]
+    record = artifact.read_manifest(engine_copy)["engine"]
     assert record["onnx_sha256"] == artifact.file_sha256(engine_copy / "model.onnx")
     assert record["sha256"] != old and engine_status(engine_copy, trt_module, gpu=None)[0]
 
@@ -114,7 +85,7 @@ def test_engine_status_reasons(engine_copy: Path, trt_module: ModuleType) -> Non
     assert not ok and "this GPU (sm75) is not among its targets" in reason
     if flavor_of(trt_module) == RTX:
         assert engine_status(engine_copy, trt_module, gpu="sm86") == (True, reason_for(engine_copy, "sm86"))
-    manifest = _manifest(engine_copy)
+    manifest = artifact.read_manifest(engine_copy)
     manifest["engine"]["trt_version"] = "0.0.1"
     ok, reason = engine_status(engine_copy, trt_module, gpu=None, manifest=manifest)
     assert not ok and "engines run only with the TensorRT flavor and version that built them" in reason
@@ -128,7 +99,7 @@ def test_engine_status_reasons(engine_copy: Path, trt_module: ModuleType) -> Non
 
 
 def reason_for(folder: Path, gpu: str) -> str:
-    record = _manifest(folder)["engine"]
+    record = artifact.read_manifest(folder)["engine"]
     return (f"built with {record['trt']} for {', '.join(record['targets'])} from model.onnx "
             f"{record['onnx_sha256'][:12]}..., runs on this {gpu}")
 
@@ -151,28 +122,28 @@ def test_gpu_mismatch_rules() -> None:
 ])
 def test_bad_options_are_one_line_errors(export_copy: Path, trt_module: ModuleType, args: list[str],
                                          fragments: list[str]) -> None:
-    _one_line_error(_invoke("build", export_copy, *args), *fragments)
-    assert not (export_copy / "model.engine").exists() and "engine" not in _manifest(export_copy)
+    one_line_error(invoke("build", export_copy, *args), *fragments)
+    assert not (export_copy / "model.engine").exists() and "engine" not in artifact.read_manifest(export_copy)
 
 
 def test_no_tensorrt_names_the_packages(export_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("full TensorRT is installed here: MIXPORT_TRT=tensorrt would import it")
     monkeypatch.setenv("MIXPORT_TRT", "tensorrt")
-    line = _one_line_error(_invoke("build", export_copy), "TensorRT is not installed", "No module named 'tensorrt'")
+    line = one_line_error(invoke("build", export_copy), "TensorRT is not installed", "No module named 'tensorrt'")
     assert re.search(r"pip install 'mixport\[trt\]'.*tensorrt-rtx-cu13-libs.*pip install tensorrt", line)
 
 
 def test_not_an_export_folder(tmp_path: Path) -> None:
-    _one_line_error(_invoke("build", tmp_path), "not a mixport export folder")
+    one_line_error(invoke("build", tmp_path), "not a mixport export folder")
 
 
 @pytest.mark.slow
 def test_export_with_engine_end_to_end(tmp_path: Path, trt_module: ModuleType) -> None:
     out = tmp_path / "out"
-    res = _invoke("export", "--model", "tiny", "-o", out, "--engine", "--no-check")
+    res = invoke("export", "--model", "tiny", "-o", out, "--engine", "--no-check")
     assert res.exit_code == 0, res.output
-    record = _manifest(out)["engine"]
+    record = artifact.read_manifest(out)["engine"]
     assert (out / "model.engine").stat().st_size == record["bytes"]
     assert record["plugin_layer_count"] == sum(_mixport_nodes(out).values()) > 0
     assert engine_status(out, trt_module, gpu=None)[0]

@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
-from mixport.cli import main
 from mixport.errors import RuntimeFailure
 from mixport.exporter import artifact
 from mixport.runtime.select import choose_backend, tensorrt_unavailable
 from mixport.runtime.trt_session import BindingPlan, torch_dtype_name
+from tests.helpers import has_gpu, invoke, one_line_error, reexport_changed
 
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-no_gpu = pytest.mark.skipif(_has_gpu(), reason="checks the no-GPU fallback; this machine has a GPU")
-
-
-def _invoke(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+no_gpu = pytest.mark.skipif(has_gpu(), reason="checks the no-GPU fallback; this machine has a GPU")
 
 
 @no_gpu
 def test_run_falls_back_to_onnxruntime_and_says_why(engine_export: Path) -> None:
-    res = _invoke("run", engine_export, "--prompt", "The ship", "--max-new-tokens", "3")
+    res = invoke("run", engine_export, "--prompt", "The ship", "--max-new-tokens", "3")
     assert res.exit_code == 0, res.output
     assert "[mixport] backend: onnxruntime (cpu, " in res.output
     assert "TensorRT not used: model.engine is up to date but no CUDA GPU is visible" in res.output
@@ -45,46 +28,38 @@ def test_run_falls_back_to_onnxruntime_and_says_why(engine_export: Path) -> None
 
 @no_gpu
 def test_forced_tensorrt_is_refused_in_one_line(engine_export: Path) -> None:
-    res = _invoke("run", engine_export, "--prompt", "The ship", "--backend", "tensorrt")
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "cannot run with TensorRT: model.engine is up to date but no CUDA GPU" in errors[0]
+    res = invoke("run", engine_export, "--prompt", "The ship", "--backend", "tensorrt")
+    one_line_error(res, "cannot run with TensorRT: model.engine is up to date but no CUDA GPU")
 
 
 def test_stale_engine_is_never_run(engine_copy: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(engine_copy / "model.onnx"))
-    onnx.helper.set_model_props(model, {"re-exported": "yes"})
-    onnx.save(model, str(engine_copy / "model.onnx"))
-    manifest = _manifest(engine_copy)
-    manifest["onnx_sha256"] = artifact.file_sha256(engine_copy / "model.onnx")
-    artifact.write_manifest(engine_copy, manifest)
+    reexport_changed(engine_copy)
+    manifest = artifact.read_manifest(engine_copy)
     choice = choose_backend(engine_copy, manifest, "auto")
     assert choice.backend == "onnxruntime"
     assert "model.engine is stale: model.onnx changed since the engine was built" in choice.reason
     with pytest.raises(RuntimeFailure, match="cannot run with TensorRT: model.engine is stale"):
         choose_backend(engine_copy, manifest, "tensorrt")
-    res = _invoke("run", engine_copy, "--prompt", "The ship", "--max-new-tokens", "2")
+    res = invoke("run", engine_copy, "--prompt", "The ship", "--max-new-tokens", "2")
     assert res.exit_code == 0 and "TensorRT not used: model.engine is stale" in res.output, res.output
 
 
 def test_folder_without_engine(export_copy: Path) -> None:
-    manifest = _manifest(export_copy)
+    manifest = artifact.read_manifest(export_copy)
     assert tensorrt_unavailable(export_copy, manifest).startswith("the folder has no engine")
     assert choose_backend(export_copy, manifest, "onnxruntime").reason == "asked for with --backend onnxruntime"
 
 
 @no_gpu
 def test_check_says_why_tensorrt_was_not_compared(engine_export: Path) -> None:
-    res = _invoke("check", engine_export, "--steps", "1", "--reference", "mixport")
+    res = invoke("check", engine_export, "--steps", "1", "--reference", "mixport")
     assert res.exit_code == 0, res.output
     assert "[mixport] TensorRT not compared: model.engine is up to date but no CUDA GPU is visible" in res.output
     assert "pytorch-mixport vs onnxruntime," in res.output
 
 
 def test_binding_plan_from_the_built_manifest(engine_export: Path) -> None:
-    manifest = _manifest(engine_export)
+    manifest = artifact.read_manifest(engine_export)
     plan = BindingPlan.from_manifest(manifest)
     cfg, ranges = manifest["config"], manifest["engine"]["ranges"]
     shapes = plan.input_shapes(2, 1, 7)
@@ -128,6 +103,6 @@ def test_tensorrt_generation_matches_onnxruntime(engine_export: Path, trt_module
 
 @pytest.mark.gpu
 def test_check_compares_tensorrt(engine_export: Path, trt_module: ModuleType) -> None:
-    res = _invoke("check", engine_export, "--steps", "2", "--reference", "mixport")
+    res = invoke("check", engine_export, "--steps", "2", "--reference", "mixport")
     assert res.exit_code == 0, res.output
     assert "vs onnxruntime and tensorrt" in res.output and "logits [tensorrt]" in res.output

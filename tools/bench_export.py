@@ -18,10 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-MINI = dict(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-            head_dim=64, max_position_embeddings=4096, rope_theta=1e6)
-
 EXPORT_SCRIPT = """
 import sys, time, json
 from mixport.exporter.export import export
@@ -77,8 +73,7 @@ def bench_torch(src: Path, prompt: list[int], new_tokens: int, threads: int, run
 
 
 def main() -> None:
-    from mixport.exporter.config import MoEConfig
-    from mixport.exporter.tiny import write_tiny
+    from mixport.exporter.tiny import MINI_MIXTRAL, write_tiny
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -88,9 +83,9 @@ def main() -> None:
     ap.add_argument("--no-fuse", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mixport-bench-") as tmp:
-        src = write_tiny(Path(tmp) / "mini", MoEConfig(**MINI), seed=0)
+        src = write_tiny(Path(tmp) / "mini", MINI_MIXTRAL, seed=0)
         seconds, rss = export_in_child(src, Path(tmp) / "out", fuse=not args.no_fuse)
-        prompt = np.random.default_rng(0).integers(3, MINI["vocab_size"], args.prompt_len).tolist()
+        prompt = np.random.default_rng(0).integers(3, MINI_MIXTRAL.vocab_size, args.prompt_len).tolist()
         m_pre, m_tps = bench_mixport(Path(tmp) / "out", prompt, args.new_tokens, args.threads, args.runs)
         t_pre, t_tps = bench_torch(src, prompt, args.new_tokens, args.threads, args.runs)
     print(f"mini-Mixtral fp32, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "

@@ -27,12 +27,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from mixport.exporter.tiny import MINI_MIXTRAL as MINI
 from mixport.passes import moe_bodies, run_pipeline
 from mixport.tools.moe_layer import LayerSpec, dense_layer
-
-MINI = dict(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-            head_dim=64, max_position_embeddings=4096)
 
 
 def use_global_threads(threads: int) -> bool:
@@ -123,14 +120,12 @@ def print_layer(rows: list[tuple[int, str, dict[str, float]]]) -> None:
 
 
 def _export_mini(work: Path) -> tuple[Path, Path]:
-    from mixport.exporter.config import MoEConfig
     from mixport.exporter.export import export
     from mixport.exporter.tiny import write_tiny
 
     unfused = work / "unfused"
     if not (unfused / "model.onnx").is_file():
-        cfg = MoEConfig(**MINI)
-        export(write_tiny(work / "hf", cfg, seed=0), unfused, fuse=False, force=True)
+        export(write_tiny(work / "hf", MINI, seed=0), unfused, fuse=False, force=True)
     fused = work / "fused.onnx"
     if not fused.is_file():
         proto, _ = run_pipeline(onnx.load(str(unfused / "model.onnx")))
@@ -139,8 +134,8 @@ def _export_mini(work: Path) -> tuple[Path, Path]:
 
 
 def _feeds(prompt: int, layers: int) -> tuple[dict, dict]:
-    kv = MINI["num_key_value_heads"], MINI["head_dim"]
-    ids = np.random.default_rng(0).integers(3, MINI["vocab_size"], (1, prompt))
+    kv = MINI.num_key_value_heads, MINI.head_dim
+    ids = np.random.default_rng(0).integers(3, MINI.vocab_size, (1, prompt))
     pre = {"input_ids": ids, "attention_mask": np.ones((1, prompt), np.int64),
            "position_ids": np.arange(prompt)[None]}
     dec = {"input_ids": ids[:, :1], "attention_mask": np.ones((1, prompt + 1), np.int64),
@@ -154,7 +149,7 @@ def _feeds(prompt: int, layers: int) -> tuple[dict, dict]:
 
 def bench_e2e(exports: tuple[Path, Path], threads: int, reps: int) -> dict[str, float]:
     unfused, fused = exports
-    pre, dec = _feeds(64, MINI["num_hidden_layers"])
+    pre, dec = _feeds(64, MINI.num_hidden_layers)
     s_un, s_fu = session(str(unfused), threads), session(str(fused), threads)
     a, b = s_un.run(None, pre)[0], s_fu.run(None, pre)[0]
     assert float(np.abs(a - b).max()) < 1e-4, "fused mini-Mixtral disagrees with the unfused one"

@@ -28,10 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mixport.exporter.config import MoEConfig
-
-MINI = MoEConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                 head_dim=64, max_position_embeddings=1024, rope_theta=1e6)
+from mixport.exporter.tiny import MINI_MIXTRAL as MINI
 
 
 def build_export(work: Path) -> tuple[Path, Path]:
@@ -44,7 +41,7 @@ def build_export(work: Path) -> tuple[Path, Path]:
         write_tiny(src, cfg=MINI, seed=0)
     if not (out / "manifest.json").is_file():
         t = time.perf_counter()
-        export(src, out, fuse=False, force=True)
+        export(src, out, force=True)  # fused, as `mixport export` writes it
         print(f"# exported {out} in {time.perf_counter() - t:.0f} s")
     return src, out
 

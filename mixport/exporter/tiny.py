@@ -36,6 +36,11 @@ TINY = MoEConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidde
                  num_experts_per_tok=2, head_dim=16, max_position_embeddings=512,
                  rope_theta=10000.0)
 
+# The issues' benchmark model: Mixtral's shape at 1/8 width (about 490 MB of fp32 weights).
+MINI_MIXTRAL = MoEConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                         num_experts_per_tok=2, head_dim=64, max_position_embeddings=4096, rope_theta=1e6)
+
 
 def build_tokenizer(vocab_size: int = 512):  # -> tokenizers.Tokenizer
     """A byte-level BPE trained on CORPUS: deterministic, no download."""

@@ -21,8 +21,8 @@ no_gpu = pytest.mark.skipif(has_gpu(), reason="checks the no-GPU fallback; this 
 def test_run_falls_back_to_onnxruntime_and_says_why(engine_export: Path) -> None:
     res = invoke("run", engine_export, "--prompt", "The ship", "--max-new-tokens", "3")
     assert res.exit_code == 0, res.output
-    assert "[mixport] backend: onnxruntime (cpu, " in res.output
-    assert "TensorRT not used: model.engine is up to date but no CUDA GPU is visible" in res.output
+    assert ("[mixport] backend: onnxruntime (cpu, fast graph); TensorRT not used: model.engine is up to date "
+            "but no CUDA GPU is visible") in res.output
     assert res.output.splitlines()[-1].startswith("The ship")
 
 

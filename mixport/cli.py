@@ -46,7 +46,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-fuse", is_flag=True, help="Keep the per-expert FFNs (skip the fusion passes).")
 @click.option("--no-check", is_flag=True, help="Skip the quick parity check at the end.")
-@click.option("-v", "--verbose", is_flag=True, help="Print what each pass rewrote.")
+@click.option("-v", "--verbose", is_flag=True, help="Print each pass's rewrites and why passes did not match.")
 @click.option("--engine", is_flag=True, help="Also build OUT_DIR/model.engine (as `mixport build`).")
 @click.option("--targets", default=None, help="With --engine: GPUs to build for (see `mixport build`).")
 @friendly
@@ -63,8 +63,9 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
         result = run_export(model_dir, out_dir, builtin=builtin, dtype=dtype, force=force, fuse=not no_fuse,
                             progress=bar)
     if verbose and result.pass_counts:
-        for name, count in result.pass_counts.items():
-            click.echo(f"  pass {name}: {count} rewrites", err=True)
+        from mixport.passes import report_lines
+
+        click.echo("\n".join(report_lines(result.pass_counts, result.pass_reasons)), err=True)
     click.echo(f"exported {result.out_dir} ({', '.join(result.files)})")
     if engine:
         from mixport.build.folder import BuildRequest, build_folder

@@ -15,9 +15,11 @@ from tests.helpers import invoke, one_line_error
 
 def test_export_run_check_builtin(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    res = invoke("export", "--model", "tiny", "-o", out)
+    res = invoke("export", "--model", "tiny", "-o", out, "-v")
     assert res.exit_code == 0, res.output
     assert "parity: PASSED" in res.output
+    assert "pass fuse_moe_experts: 2 rewrites" in res.output  # -v: counts and no-match reasons
+    assert "no match: remove_dead: every node and initializer is used" in res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == {"builtin": "tiny", "seed": 0}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= {p.name for p in out.iterdir()}

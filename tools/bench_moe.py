@@ -7,8 +7,9 @@ with ORT's constant folding disabled (shows the per-run weight-slab copies foldi
 avoids). All sessions share one ORT thread pool and are timed round-robin, so load from
 other processes hits them alike; medians in ms. "steady": 5 calls in a row per visit
 (one layer called again and again, weights hot in cache); "cold": 1 call per visit,
-after the other variants' weights went through the caches (closer to a real model,
-where every layer has its own weights).
+after the other variants' weights went through the caches; "flushed": 1 call per visit
+after streaming a buffer twice the size of the last-level cache, so every weight comes
+from DRAM (a real model: every layer has its own weights, far more than any cache).
 
 Usage: PYTHONPATH=. python tools/bench_moe.py [--threads 2] [--reps 60] [--skip-e2e]
 """
@@ -58,15 +59,29 @@ def session(model: onnx.ModelProto | str, threads: int, fold: bool = True) -> or
                                 disabled_optimizers=[] if fold else ["ConstantFolding"])
 
 
-def round_robin(runs: dict[str, Callable[[], object]], rounds: int, inner: int = 1) -> dict[str, float]:
+def cache_flusher() -> Callable[[], object]:
+    """A call that streams a buffer of twice the last-level cache through it (evicts all weights)."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        llc = int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]] if size[-1] in "KM" else int(size)
+    except (OSError, ValueError, KeyError):
+        llc = 256 * 2**20
+    buffer = np.ones(2 * llc // 4, np.float32)
+    return buffer.sum
+
+
+def round_robin(runs: dict[str, Callable[[], object]], rounds: int, inner: int = 1,
+                flush: Callable[[], object] | None = None) -> dict[str, float]:
     """Median ms per variant. Each round visits every variant once; a visit runs once untimed,
-    then times ``inner`` runs in a row.
+    (then flushes the caches, if ``flush``), then times ``inner`` runs in a row.
     inner=1 is the cold case (weights of the other variants went through the caches in between);
     inner>1 adds the steady state of one layer called again and again (weights hot)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             fn()
+            if flush is not None:
+                flush()
             for _ in range(inner):
                 t0 = time.perf_counter()
                 fn()
@@ -74,7 +89,7 @@ def round_robin(runs: dict[str, Callable[[], object]], rounds: int, inner: int =
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-MODES = {"steady": 5, "cold": 1}  # timed runs per visit (see round_robin)
+MODES = {"steady": 5, "cold": 1, "flushed": 1}  # timed runs per visit (see round_robin)
 
 
 def layer_models() -> tuple[onnx.ModelProto, ...]:
@@ -95,6 +110,7 @@ def bench_layer(models: tuple[onnx.ModelProto, ...], threads: int, reps: int
                 "fused": session(fused, threads), "fused-nonzero": session(nonzero, threads),
                 "fused-nofold": session(fused, threads, fold=False)}
     rng = np.random.default_rng(0)
+    flush = cache_flusher()
     rows = []
     for t in (1, 16, 256):
         feed = {"hidden": rng.standard_normal((t, 512)).astype(np.float32)}
@@ -105,7 +121,8 @@ def bench_layer(models: tuple[onnx.ModelProto, ...], threads: int, reps: int
         runs = {name: (lambda s=s, feed=feed: s.run(None, feed)) for name, s in sessions.items()}
         rounds = reps if t < 256 else max(reps // 4, 8)
         for mode, inner in MODES.items():
-            rows.append((t, mode, round_robin(runs, max(rounds // inner, 4), inner)))
+            n = max(rounds // inner, 4) if mode != "flushed" else max(rounds // 4, 8)
+            rows.append((t, mode, round_robin(runs, n, inner, flush if mode == "flushed" else None)))
     return rows
 
 

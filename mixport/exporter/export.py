@@ -29,6 +29,7 @@ class ExportResult:
     out_dir: Path
     files: list[str]
     pass_counts: dict[str, int] = field(default_factory=dict)
+    pass_reasons: list[str] = field(default_factory=list)  # why pass patterns did not match (-v)
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,9 +71,10 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             proto = trace(model, weights)
             del weights
             counts: dict[str, int] = {}
+            reasons: list[str] = []
             if fuse:
                 step("fusing experts")
-                proto, counts = _run_passes(proto)
+                proto, counts, reasons = _run_passes(proto)
                 gc.collect()  # the unfused graph and the graph-surgeon copy hold the weights in cycles
             step("writing files")
             files = artifact.save_model(proto, tmp)
@@ -85,11 +87,12 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
                 "files": files,
                 "config": asdict(cfg), **artifact.io_signature(proto)}
             artifact.write_manifest(tmp, manifest)
-    return ExportResult(Path(out_dir), files, counts, manifest)
+    return ExportResult(Path(out_dir), files, counts, reasons, manifest)
 
 
-def _run_passes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The fusion pipeline (mixport.passes): the fused model and {pass: rewrites}."""
-    from mixport.passes import run_pipeline
+def _run_passes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
+    """The fusion pipeline (mixport.passes): the fused model, {pass: rewrites}, no-match reasons."""
+    from mixport.passes import run_passes
 
-    return run_pipeline(proto, target="portable")
+    report = run_passes(proto, target="portable")
+    return report.model, report.counts, report.reasons

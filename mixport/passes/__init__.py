@@ -52,8 +52,13 @@ class PipelineReport:
     reasons: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"pass {name}: {count} rewrites" for name, count in self.counts.items()]
-        return out + [f"  no match: {why}" for why in self.reasons]
+        return report_lines(self.counts, self.reasons)
+
+
+def report_lines(counts: dict[str, int], reasons: list[str]) -> list[str]:
+    """What ``-v`` prints: each pass's rewrites, then why patterns did not match."""
+    return [f"pass {name}: {count} rewrites" for name, count in counts.items()] + \
+        [f"  no match: {why}" for why in reasons]
 
 
 def _count(graph: gs.Graph, op: str) -> int:

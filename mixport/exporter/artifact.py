@@ -19,6 +19,7 @@ from typing import Any
 import onnx
 
 from mixport.errors import OutputExistsError, RuntimeFailure
+from mixport.exporter import external_data
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -54,25 +55,26 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_onnx(proto: onnx.ModelProto, path: Path) -> list[str]:
+def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = None) -> list[str]:
     """Write PATH; its weights go to PATH.data when the file would pass protobuf's 2 GB limit.
-    Returns the names of the files written."""
-    path = Path(path)
-    data = f"{path.name}.data"
-    external = not _small_enough(proto) or proto.ByteSize() > TWO_GB
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)
-    return [path.name, data] if external else [path.name]
+    ``weights_dir`` resolves initializers that point to work files (external data): they are
+    copied into PATH (or PATH.data) a tensor at a time. Returns the names of the files written."""
+    return external_data.write_model(proto, Path(path), weights_dir, TWO_GB)
 
 
-def save_model(proto: onnx.ModelProto, folder: Path) -> list[str]:
+def save_model(proto: onnx.ModelProto, folder: Path, weights_dir: Path | None = None) -> list[str]:
     """Write model.onnx (+ model.onnx.data past 2 GB) into FOLDER."""
-    return save_onnx(proto, Path(folder) / MODEL_FILE)
+    return save_onnx(proto, Path(folder) / MODEL_FILE, weights_dir)
 
 
-def _small_enough(proto: onnx.ModelProto) -> bool:
-    total = sum(len(t.raw_data) for t in proto.graph.initializer)
-    return total < TWO_GB
+TRACED_DATA = ".traced.onnx.data"  # the traced weights (exporter.trace)
+FUSED_DATA = ".fused.data"  # the passes' new big tensors: stacked experts (passes.run_passes)
+WORK_FILES = (TRACED_DATA, FUSED_DATA)  # weights of the graph while it is worked on
+
+
+def remove_work_files(folder: Path) -> None:
+    for name in WORK_FILES:
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:

@@ -68,16 +68,18 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
         model, weights, cfg, config_hash = load_for_export(src, dtype)
         with artifact.staging_dir(out_dir, force) as tmp:
             step("tracing to ONNX")
-            proto = trace(model, weights)
+            proto = trace(model, weights, spill_dir=tmp)  # weights streamed to a file in tmp
             del weights
+            gc.collect()
             counts: dict[str, int] = {}
             reasons: list[str] = []
             if fuse:
                 step("fusing experts")
-                proto, counts, reasons = _run_passes(proto)
-                gc.collect()  # the unfused graph and the graph-surgeon copy hold the weights in cycles
+                proto, counts, reasons = _run_passes(proto, tmp)
+                gc.collect()
             step("writing files")
-            files = artifact.save_model(proto, tmp)
+            files = artifact.save_model(proto, tmp, weights_dir=tmp)
+            artifact.remove_work_files(tmp)
             files += artifact.copy_tokenizer(src, tmp)
             manifest = {
                 "mixport_version": mixport.__version__, "source": source_info,
@@ -90,9 +92,9 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
     return ExportResult(Path(out_dir), files, counts, reasons, manifest)
 
 
-def _run_passes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
+def _run_passes(proto: onnx.ModelProto, weights_dir: Path) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
     """The fusion pipeline (mixport.passes): the fused model, {pass: rewrites}, no-match reasons."""
     from mixport.passes import run_passes
 
-    report = run_passes(proto, target="portable")
+    report = run_passes(proto, target="portable", weights_dir=weights_dir)
     return report.model, report.counts, report.reasons

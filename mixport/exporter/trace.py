@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -16,6 +17,7 @@ import torch
 from mixport import ops
 from mixport.errors import ExportError
 from mixport.exporter import routing_onnx
+from mixport.exporter.artifact import TRACED_DATA
 from mixport.exporter.model import MixtralModel, rope_inv_freq
 
 DIM_NAMES = {"batch": "batch", "seq": "seq", "past": "past_seq", "total": "total_seq"}
@@ -59,11 +61,14 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     return (ids, mask, pos, past), dyn
 
 
-def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None) -> onnx.ModelProto:
+def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None,
+          spill_dir: Path | None = None) -> onnx.ModelProto:
     """The exported (unfused) model: TopKRouting nodes + per-expert FFNs.
 
     ``model`` may live on the meta device (no weights in memory while tracing); ``weights``
     then supplies every initializer by state_dict name, without a copy until serialization.
+    ``spill_dir``: the weights are streamed to ``spill_dir/TRACED_DATA`` a tensor at a time and
+    the returned graph points there (external data) instead of holding a second copy.
     """
     routing_onnx.register_schema()
     args, dyn = _example(model)
@@ -81,7 +86,15 @@ def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None) -
                           expected="a traceable Mixtral reference model") from exc
     if weights is not None:
         _attach_weights(program.model, weights, model)
-    proto = program.model_proto
+    if spill_dir is None:
+        proto = program.model_proto
+    else:
+        import onnx_ir as ir
+
+        graph_file = Path(spill_dir) / ".traced.onnx"
+        ir.save(program.model, graph_file, external_data=TRACED_DATA)
+        proto = onnx.load(str(graph_file), load_external_data=False)
+        graph_file.unlink()
     del program  # the exporter's graph holds references to every weight
     gc.collect()
     finish(proto, model)

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from mixport import ops
 from mixport.errors import PassError
 from mixport.exporter import artifact
+from mixport.exporter.external_data import Sink
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
 from mixport.passes import graph_utils as gu
 
@@ -74,19 +75,26 @@ def _check_required(graph: gs.Graph, step: Pass, report: PipelineReport) -> None
                         hint="is this a Mixtral-style export from `mixport export --no-fuse`?")
 
 
-def run_passes(proto: onnx.ModelProto, target: str = "portable") -> PipelineReport:
-    """Run PIPELINE for ``target`` and attach the MoE function body; the full report."""
+def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Path | None = None
+               ) -> PipelineReport:
+    """Run PIPELINE for ``target`` and attach the MoE function body; the full report.
+
+    ``weights_dir``: ``proto``'s external-data weights are read from there (memory-mapped, never
+    all loaded), and the stacked expert weights the passes make are written there, to
+    artifact.FUSED_DATA; the report's model then points into both files (see exporter.external_data)."""
     if target not in TARGETS:
         raise PassError("unknown optimization target", given=target, expected=" | ".join(TARGETS))
     gu.tensorize_constants(proto)  # same meaning; keeps onnx-graphsurgeon's import exact
+    files = None if weights_dir is None else gu.WeightFiles(Path(weights_dir), Sink(Path(weights_dir), artifact.FUSED_DATA))
     graph = gs.import_onnx(proto)
     report = PipelineReport(proto, target)
-    for step in PIPELINE:
-        if target not in step.targets:
-            continue
-        report.counts[step.name] = step.apply(graph, report.reasons)
-        if step.required:
-            _check_required(graph, step, report)
+    with gu.weight_files(files):
+        for step in PIPELINE:
+            if target not in step.targets:
+                continue
+            report.counts[step.name] = step.apply(graph, report.reasons)
+            if step.required:
+                _check_required(graph, step, report)
     model = gs.export_onnx(graph)
     model.ir_version = proto.ir_version
     report.counts[ATTACH] = moe_bodies.attach(model, BODY_FOR_TARGET[target])

@@ -7,6 +7,7 @@ Runtime cannot run (bf16 on CPU, say) is left as it was, quietly.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -21,7 +22,8 @@ def _keep(node: gs.Node) -> bool:
     names and single copy (runtimes fold that transpose at load, the fast ORT graph reads by name)."""
     if node.domain == ops.DOMAIN:
         return True
-    return node.op == "Transpose" and isinstance(node.inputs[0], gs.Constant) and node.inputs[0].values.size >= 1024
+    weight = node.inputs[0] if node.op == "Transpose" else None
+    return isinstance(weight, gs.Constant) and int(np.prod(weight.shape)) >= 1024  # shape: no load
 
 
 def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:

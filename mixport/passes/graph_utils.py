@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
+
+from mixport.exporter import external_data
+
+
+@dataclass
+class WeightFiles:
+    """Where initializers stored as external data are read (``base_dir``), and where new
+    tensors of ``threshold`` bytes or more go (``sink``; None keeps them in memory)."""
+    base_dir: Path
+    sink: external_data.Sink | None = None
+    threshold: int = 1024
+
+
+_FILES: contextvars.ContextVar[WeightFiles | None] = contextvars.ContextVar("mixport_weight_files", default=None)
+
+
+@contextlib.contextmanager
+def weight_files(files: WeightFiles | None) -> Iterator[None]:
+    """Passes run inside this read external weights from, and write big new ones to, ``files``."""
+    token = _FILES.set(files)
+    try:
+        yield
+    finally:
+        _FILES.reset(token)
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -23,6 +53,11 @@ def const_array(tensor: gs.Tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         lazy = getattr(tensor, "_values", None)
         if isinstance(lazy, gs.ir.tensor.LazyValues):
+            if external_data_helper.uses_external_data(lazy.tensor):
+                files = _FILES.get()
+                if files is None:
+                    raise ValueError(f"constant {tensor.name} is external data, and no weight folder is set")
+                return external_data.read_array(lazy.tensor, files.base_dir)
             return numpy_helper.to_array(lazy.tensor)
         return np.asarray(tensor.values)
     node = producer(tensor)
@@ -58,8 +93,13 @@ def is_zero(tensor: gs.Tensor) -> bool:
 
 
 def make_constant(name: str, array: np.ndarray) -> gs.Constant:
-    """A gs.Constant that exports bit-exact, bf16 included (through a TensorProto, not a numpy cast)."""
-    proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    """A gs.Constant that exports bit-exact, bf16 included (through a TensorProto, not a numpy cast);
+    inside ``weight_files`` with a sink, a big one is written there instead of kept in memory."""
+    files = _FILES.get()
+    if files is not None and files.sink is not None and array.nbytes >= files.threshold:
+        proto = files.sink.add(name, array)
+    else:
+        proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
     return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))
 
 

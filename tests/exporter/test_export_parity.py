@@ -144,7 +144,8 @@ def test_transformers_parity_over_32_decode_steps(tiny_export: Path) -> None:
     assert report.passed
 
 
-def test_external_data_past_threshold(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_external_data_past_threshold(tiny_dir: Path, tiny_export: Path, tmp_path: Path,
+                                      monkeypatch) -> None:  # noqa: ANN001
     """Past the 2 GB limit (lowered here) the weights go to model.onnx.data and ORT still loads."""
     from mixport.exporter import artifact
 
@@ -152,5 +153,10 @@ def test_external_data_past_threshold(tiny_dir: Path, tmp_path: Path, monkeypatc
     result = export(tiny_dir, tmp_path / "ext")
     assert "model.onnx.data" in result.files
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < (tmp_path / "ext" / "model.onnx.data").stat().st_size
+    assert not [p.name for p in (tmp_path / "ext").iterdir() if p.name.startswith(".")]  # no work files left
+    # each weight stored once: the data file is no bigger than the inline export (+ alignment padding)
+    tensors = len(onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False).graph.initializer)
+    inline = (tiny_export / "model.onnx").stat().st_size
+    assert (tmp_path / "ext" / "model.onnx.data").stat().st_size <= inline + 64 * tensors
     pipe = load(tmp_path / "ext")
     assert len(pipe.generate_ids([[1, 5, 9]], 4)[0]) >= 1

@@ -1,0 +1,150 @@
+"""Weights kept in files while the graph is worked on: the export's memory stays near one copy.
+
+The traced graph's weights are streamed to a data file as soon as the exporter has them;
+the graph (small) is loaded without them. Passes read a weight through a memory map of
+that file (``read_array``) and write the big tensors they make (stacked experts) to a
+second file (``Sink``). ``write_model`` finally copies every weight the graph still uses
+into the output: inline in ``model.onnx`` under 2 GB, else ``model.onnx.data``, a tensor
+at a time. Locations in the TensorProtos are relative to one folder (``base_dir``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper
+
+ALIGN = 64  # byte alignment of tensors in the files written here (memory maps, SIMD loads)
+CHUNK = 64 << 20
+
+
+def _info(tensor: TensorProto) -> tuple[str, int, int | None]:
+    fields = {e.key: e.value for e in tensor.external_data}
+    length = fields.get("length")
+    return fields["location"], int(fields.get("offset", 0)), None if length is None else int(length)
+
+
+def _point(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` external data at ``location`` (relative to the model's folder)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def nbytes(tensor: TensorProto) -> int:
+    """Bytes of the tensor's data, wherever it lives."""
+    if external_data_helper.uses_external_data(tensor):
+        length = _info(tensor)[2]
+        if length is not None:
+            return length
+        return int(np.prod(tensor.dims)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+
+
+def read_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
+    """A read-only memory map of an external tensor (exact dtype, bf16 included)."""
+    location, offset, _ = _info(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(int(d) for d in tensor.dims)
+    if not int(np.prod(shape)):
+        return np.zeros(shape, dtype)
+    return np.memmap(Path(base_dir) / location, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def read_bytes(tensor: TensorProto, base_dir: Path) -> bytes:
+    location, offset, length = _info(tensor)
+    with (Path(base_dir) / location).open("rb") as fh:
+        fh.seek(offset)
+        return fh.read(nbytes(tensor) if length is None else length)
+
+
+class Sink:
+    """Appends arrays to ``base_dir/name``; each append returns a TensorProto pointing there."""
+
+    def __init__(self, base_dir: Path, name: str) -> None:
+        self.base_dir, self.name = Path(base_dir), name
+        self.path = self.base_dir / name
+        self.path.write_bytes(b"")
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        with self.path.open("r+b") as fh:
+            fh.seek(0, 2)
+            offset = -(-fh.tell() // ALIGN) * ALIGN
+            fh.seek(offset)
+            fh.write(array.reshape(-1).view(np.uint8))
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=list(array.shape))
+        _point(tensor, self.name, offset, array.nbytes)
+        return tensor
+
+
+def spill(proto: onnx.ModelProto, base_dir: Path, name: str, threshold: int = 1024) -> None:
+    """Move every in-memory initializer of ``threshold`` bytes or more to ``base_dir/name``
+    (one at a time, each freed as it is written)."""
+    sink = Sink(base_dir, name)
+    with sink.path.open("r+b") as fh:
+        for tensor in proto.graph.initializer:
+            if external_data_helper.uses_external_data(tensor) or not tensor.HasField("raw_data") \
+                    or len(tensor.raw_data) < threshold:
+                continue
+            fh.seek(0, 2)
+            offset = -(-fh.tell() // ALIGN) * ALIGN
+            fh.seek(offset)
+            fh.write(tensor.raw_data)
+            _point(tensor, sink.name, offset, len(tensor.raw_data))
+
+
+def total_bytes(proto: onnx.ModelProto) -> int:
+    return sum(nbytes(t) for t in proto.graph.initializer)
+
+
+def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_gb: int) -> list[str]:
+    """Write PATH with every weight it uses: inline when the file stays under ``two_gb``, else
+    PATH.data (a tensor at a time; in-memory tensors of 1 KB+ move there too). ``base_dir``
+    resolves the initializers that point to files. Returns the file names written."""
+    path = Path(path)
+    data_name = f"{path.name}.data"
+    external = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
+    inline_size = proto.ByteSize() + sum(nbytes(t) for t in external)
+    if inline_size < two_gb and total_bytes(proto) < two_gb:
+        for tensor in external:
+            raw = read_bytes(tensor, base_dir)
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            tensor.raw_data = raw
+        onnx.save_model(proto, str(path))
+        return [path.name]
+    with (path.parent / data_name).open("wb") as out:
+        for tensor in proto.graph.initializer:
+            uses_file = external_data_helper.uses_external_data(tensor)
+            if not uses_file and (not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024):
+                continue
+            offset = -(-out.tell() // ALIGN) * ALIGN
+            out.seek(offset)
+            if uses_file:
+                location, start, _ = _info(tensor)
+                length = nbytes(tensor)
+                with (Path(base_dir) / location).open("rb") as src:
+                    src.seek(start)
+                    _copy(src, out, length)
+            else:
+                length = len(tensor.raw_data)
+                out.write(tensor.raw_data)
+            _point(tensor, data_name, offset, length)
+    onnx.save_model(proto, str(path))
+    return [path.name, data_name]
+
+
+def _copy(src, dst, length: int) -> None:  # noqa: ANN001 - binary file objects
+    left = length
+    while left:
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            raise OSError(f"external data ended {left} bytes early")
+        dst.write(chunk)
+        left -= len(chunk)

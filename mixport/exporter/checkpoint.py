@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,43 +73,64 @@ def check_safetensors(path: Path) -> None:
                               hint="download or copy it again")
 
 
-def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hf_name, tensor) for every tensor of the folder, after validating each file."""
+@dataclass(frozen=True)
+class LazyWeight:
+    """One parameter, read from its safetensors file only when ``read()`` is called."""
+    shape: torch.Size
+    path: Path
+    hf_name: str
+    index: tuple = ()  # a slice of the stored tensor (transformers-5 stacked experts)
+    dtype: torch.dtype | None = None  # converted to on read
+
+    def read(self) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as fh:
+            tensor = fh.get_slice(self.hf_name)[self.index] if self.index else fh.get_tensor(self.hf_name)
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+
+def iter_weights(model_dir: Path) -> Iterator[tuple[str, LazyWeight]]:
+    """(mixport name, lazy weight) for every tensor of the folder, after validating each file;
+    nothing but the headers is read."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
         check_safetensors(path)
         with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                yield name, fh.get_tensor(name)
+            for hf_name in fh.keys():
+                shape = torch.Size(fh.get_slice(hf_name).get_shape())
+                yield from _mixport_names(hf_name, shape, path)
 
 
-def to_mixport_names(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF name -> mixport state_dict names; splits transformers-v5 fused expert tensors."""
-    name = name.removeprefix("model.").replace(".mlp.gate.", ".block_sparse_moe.gate.")
+def _mixport_names(hf_name: str, shape: torch.Size, path: Path) -> Iterator[tuple[str, LazyWeight]]:
+    """HF name -> mixport state_dict names; splits transformers-v5 stacked expert tensors."""
+    name = hf_name.removeprefix("model.").replace(".mlp.gate.", ".block_sparse_moe.gate.")
     fused = _FUSED.search(name)
     if not fused:
-        yield name, tensor
+        yield name, LazyWeight(shape, path, hf_name)
         return
     layer, kind = fused.groups()
     base = f"layers.{layer}.block_sparse_moe.experts"
-    for e in range(tensor.shape[0]):
-        if kind == "gate_up_proj":  # [E, 2F, H]
-            gate, up = tensor[e].chunk(2, dim=0)
-            yield f"{base}.{e}.w1.weight", gate
-            yield f"{base}.{e}.w3.weight", up
+    for e in range(shape[0]):
+        if kind == "gate_up_proj":  # [E, 2F, H]: gate rows, then up rows
+            f = shape[1] // 2
+            yield f"{base}.{e}.w1.weight", LazyWeight(torch.Size((f, shape[2])), path, hf_name,
+                                                      (e, slice(0, f)))
+            yield f"{base}.{e}.w3.weight", LazyWeight(torch.Size((f, shape[2])), path, hf_name,
+                                                      (e, slice(f, 2 * f)))
         else:  # down_proj [E, H, F]
-            yield f"{base}.{e}.w2.weight", tensor[e]
+            yield f"{base}.{e}.w2.weight", LazyWeight(shape[1:], path, hf_name, (e,))
 
 
 def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.Size],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every parameter the reference model expects, checked for presence and shape."""
-    state: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in iter_tensors(model_dir):
-        for name, t in to_mixport_names(hf_name, tensor):
-            if name in expected:
-                state[name] = t.to(dtype)
+                    dtype: torch.dtype, lazy: bool = False) -> dict[str, torch.Tensor] | dict[str, LazyWeight]:
+    """Every parameter the reference model expects, checked for presence and shape (from the
+    headers); ``lazy``: LazyWeights that read (and convert) one tensor when asked."""
+    state: dict[str, LazyWeight] = {}
+    for name, weight in iter_weights(model_dir):
+        if name in expected:
+            state[name] = dataclasses.replace(weight, dtype=dtype)
     if "lm_head.weight" not in state and cfg.tie_word_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = sorted(set(expected) - set(state))
@@ -115,8 +138,13 @@ def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.S
         raise CheckpointError(f"{len(missing)} weights missing from the checkpoint",
                               given=", ".join(missing[:3]) + ("..." if len(missing) > 3 else ""),
                               expected="every Mixtral parameter for this config.json")
-    for name, t in state.items():
-        if t.shape != expected[name]:
-            raise CheckpointError(f"weight '{name}' has the wrong shape", given=tuple(t.shape),
+    for name, w in state.items():
+        if w.shape != expected[name]:
+            raise CheckpointError(f"weight '{name}' has the wrong shape", given=tuple(w.shape),
                                   expected=tuple(expected[name]), hint="does config.json match the weights?")
-    return state
+    if lazy:
+        return state
+    tensors = {name: w.read() for name, w in state.items() if name != "lm_head.weight"}
+    tied = state["lm_head.weight"] is state.get("embed_tokens.weight")
+    tensors["lm_head.weight"] = tensors["embed_tokens.weight"] if tied else state["lm_head.weight"].read()
+    return tensors

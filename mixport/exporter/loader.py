@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mixport.errors import ConfigError
-from mixport.exporter.checkpoint import load_state_dict
+from mixport.exporter.checkpoint import LazyWeight, load_state_dict
 from mixport.exporter.config import MoEConfig, load_config
 from mixport.exporter.model import MixtralModel, rope_inv_freq
 
@@ -34,10 +35,10 @@ def expected_shapes(cfg: MoEConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in MixtralModel(cfg).state_dict().items()}
 
 
-def _load(model_dir: Path, dtype: str) -> tuple[MoEConfig, str, dict[str, torch.Tensor]]:
-    """(config, config sha256, every parameter in ``dtype``) for MODEL_DIR."""
+def _load(model_dir: Path, dtype: str, lazy: bool = False) -> tuple[MoEConfig, str, dict[str, Any]]:
+    """(config, config sha256, every parameter in ``dtype``: tensors, or LazyWeights) for MODEL_DIR."""
     cfg, config_hash = load_config(model_dir)
-    return cfg, config_hash, load_state_dict(model_dir, cfg, expected_shapes(cfg), torch_dtype(dtype))
+    return cfg, config_hash, load_state_dict(model_dir, cfg, expected_shapes(cfg), torch_dtype(dtype), lazy)
 
 
 def load_reference(model_dir: Path, dtype: str = "fp32") -> tuple[MixtralModel, MoEConfig, str]:
@@ -47,10 +48,10 @@ def load_reference(model_dir: Path, dtype: str = "fp32") -> tuple[MixtralModel, 
 
 
 def load_for_export(model_dir: Path, dtype: str = "fp32"
-                    ) -> tuple[MixtralModel, dict[str, torch.Tensor], MoEConfig, str]:
-    """A weightless (meta-device) model to trace, plus its weights by name: tracing then never
-    holds a second copy of the weights."""
-    cfg, config_hash, state = _load(model_dir, dtype)
+                    ) -> tuple[MixtralModel, dict[str, LazyWeight], MoEConfig, str]:
+    """A weightless (meta-device) model to trace, plus its weights by name, each read from the
+    checkpoint only when the exporter writes it: export never holds the weights in memory."""
+    cfg, config_hash, state = _load(model_dir, dtype, lazy=True)
     with torch.device("meta"):
         model = MixtralModel(cfg).to(torch_dtype(dtype))
         model.inv_freq = rope_inv_freq(cfg)  # fp32 even when the weights are not

@@ -18,6 +18,7 @@ from mixport import ops
 from mixport.errors import ExportError
 from mixport.exporter import routing_onnx
 from mixport.exporter.artifact import TRACED_DATA
+from mixport.exporter.checkpoint import LazyWeight
 from mixport.exporter.model import MixtralModel, rope_inv_freq
 
 DIM_NAMES = {"batch": "batch", "seq": "seq", "past": "past_seq", "total": "total_seq"}
@@ -101,7 +102,10 @@ def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None,
     return proto
 
 
-def _attach_weights(ir_model: Any, weights: dict[str, torch.Tensor], model: MixtralModel) -> None:
+def _attach_weights(ir_model: Any, weights: dict[str, Any], model: MixtralModel) -> None:
+    """Each initializer gets its checkpoint tensor: a torch tensor, or a LazyWeight read (and
+    converted) only when the graph is serialized, then dropped (one weight in memory at a time)."""
+    import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
     extra = {"inv_freq": rope_inv_freq(model.cfg)}
@@ -111,7 +115,11 @@ def _attach_weights(ir_model: Any, weights: dict[str, torch.Tensor], model: Mixt
         if tensor is None:
             raise ExportError("the traced graph needs a weight the checkpoint did not provide", given=key,
                               expected="a reference-model state_dict name")
-        value.const_value = TorchTensor(tensor.contiguous(), name=name)
+        if isinstance(tensor, LazyWeight):
+            value.const_value = ir.LazyTensor(lambda w=tensor, n=name: TorchTensor(w.read().contiguous(), name=n),
+                                              dtype=value.dtype, shape=value.shape, name=name)
+        else:
+            value.const_value = TorchTensor(tensor.contiguous(), name=name)
 
 
 def _rename_dims(proto: onnx.ModelProto) -> None:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from mixport.errors import CheckpointError, ConfigError
-from mixport.exporter.checkpoint import INDEX
+from mixport.exporter.checkpoint import INDEX, LazyWeight
 from mixport.exporter.config import load_config
-from mixport.exporter.loader import load_reference
+from mixport.exporter.loader import load_for_export, load_reference
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -155,3 +155,11 @@ def test_transformers_v5_fused_expert_names(tiny_dir: Path, tmp_path: Path) -> N
     b, _, _ = load_reference(d)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+    # the export path reads the same tensors lazily (one at a time, slices of the stacked experts)
+    for folder in (tiny_dir, d):
+        _, weights, _, _ = load_for_export(folder, "fp16")
+        assert all(isinstance(w, LazyWeight) for w in weights.values())
+        for name, x in a.state_dict().items():
+            if name in weights:
+                got = weights[name].read()
+                assert got.dtype == torch.float16 and torch.equal(got, x.to(torch.float16)), name

@@ -112,12 +112,7 @@ def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_g
     external = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
     inline_size = proto.ByteSize() + sum(nbytes(t) for t in external)
     if inline_size < two_gb and total_bytes(proto) < two_gb:
-        for tensor in external:
-            raw = read_bytes(tensor, base_dir)
-            del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
-            tensor.raw_data = raw
-        onnx.save_model(proto, str(path))
+        _write_inline(proto, path, base_dir)
         return [path.name]
     with (path.parent / data_name).open("wb") as out:
         for tensor in proto.graph.initializer:
@@ -138,6 +133,45 @@ def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_g
             _point(tensor, data_name, offset, length)
     onnx.save_model(proto, str(path))
     return [path.name, data_name]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_GRAPH_FIELD = b"\x3a"  # ModelProto.graph: field 7, length-delimited
+
+
+def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None) -> None:
+    """One self-contained file, written a weight at a time: the model without its big
+    initializers, then each as its own ``graph { initializer { ... } }`` record. Protobuf
+    parsers merge repeated occurrences of a message field, so readers see one graph holding
+    every initializer (as if serialized at once), without the whole file ever in memory."""
+    big = [t for t in proto.graph.initializer
+           if external_data_helper.uses_external_data(t) or len(t.raw_data) >= 1024]
+    head = onnx.ModelProto()
+    head.CopyFrom(proto)  # external tensors are small here; in-memory ones cost what serializing did
+    kept = [t for t in head.graph.initializer if not external_data_helper.uses_external_data(t)
+            and len(t.raw_data) < 1024]
+    del head.graph.initializer[:]
+    head.graph.initializer.extend(kept)
+    with path.open("wb") as out:
+        out.write(head.SerializeToString())
+        for tensor in big:
+            record = TensorProto()
+            record.name, record.data_type = tensor.name, tensor.data_type
+            record.dims.extend(tensor.dims)
+            record.raw_data = read_bytes(tensor, base_dir) if external_data_helper.uses_external_data(tensor) \
+                else tensor.raw_data
+            graph = onnx.GraphProto()
+            graph.initializer.append(record)
+            body = graph.SerializeToString()
+            out.write(_GRAPH_FIELD + _varint(len(body)) + body)
 
 
 def _copy(src, dst, length: int) -> None:  # noqa: ANN001 - binary file objects

@@ -23,16 +23,21 @@ import sys, time, json
 from mixport.exporter.export import export
 t = time.perf_counter()
 export(sys.argv[1], sys.argv[2], fuse=sys.argv[3] == "1")
-print(json.dumps({"seconds": time.perf_counter() - t}))
+seconds = time.perf_counter() - t
+status = open("/proc/self/status").read()  # VmHWM: this process's peak RSS since exec (kB)
+peak = next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+print(json.dumps({"seconds": seconds, "peak_kb": peak}))
 """
 
 
 def export_in_child(src: Path, out: Path, fuse: bool) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of the export, measured in a fresh process."""
+    """(seconds, peak RSS MB) of the export, measured in a fresh process. The peak is the child's own
+    (VmHWM); getrusage's ru_maxrss would count this process's memory, which a forked child starts with."""
     res = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(src), str(out), "1" if fuse else "0"],
                          check=True, capture_output=True, text=True)
-    seconds = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    peak = got["peak_kb"] / 1024 if got["peak_kb"] else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return got["seconds"], peak
 
 
 def bench_mixport(out: Path, prompt: list[int], new_tokens: int, threads: int, runs: int) -> tuple[float, float]:

@@ -10,6 +10,7 @@ at a time. Locations in the TensorProtos are relative to one folder (``base_dir`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,14 @@ def read_bytes(tensor: TensorProto, base_dir: Path) -> bytes:
 
 
 class Sink:
-    """Appends arrays to ``base_dir/name``; each append returns a TensorProto pointing there."""
+    """Appends arrays to a file; each append returns a TensorProto pointing there."""
 
-    def __init__(self, base_dir: Path, name: str) -> None:
-        self.base_dir, self.name = Path(base_dir), name
-        self.path = self.base_dir / name
+    def __init__(self, base_dir: Path, name: str, folder: Path | None = None) -> None:
+        """The file is ``folder/name`` (default ``base_dir/name``); TensorProtos locate it
+        relative to ``base_dir``, the folder every location of the graph is resolved from."""
+        self.base_dir = Path(base_dir)
+        self.path = Path(folder or base_dir) / name
+        self.name = os.path.relpath(self.path, self.base_dir)
         self.path.write_bytes(b"")
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:

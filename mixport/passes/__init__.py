@@ -9,7 +9,9 @@ Targets choose what the fused ``mixport::MoE`` nodes run when no plugin is regis
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,17 +77,19 @@ def _check_required(graph: gs.Graph, step: Pass, report: PipelineReport) -> None
                         hint="is this a Mixtral-style export from `mixport export --no-fuse`?")
 
 
-def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Path | None = None
-               ) -> PipelineReport:
+def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Path | None = None,
+               work_dir: Path | None = None) -> PipelineReport:
     """Run PIPELINE for ``target`` and attach the MoE function body; the full report.
 
     ``weights_dir``: ``proto``'s external-data weights are read from there (memory-mapped, never
-    all loaded), and the stacked expert weights the passes make are written there, to
-    artifact.FUSED_DATA; the report's model then points into both files (see exporter.external_data)."""
+    all loaded), and the stacked expert weights the passes make are written to
+    ``work_dir/artifact.FUSED_DATA`` (default: ``weights_dir``); the report's model then points
+    into those files, relative to ``weights_dir`` (see exporter.external_data)."""
     if target not in TARGETS:
         raise PassError("unknown optimization target", given=target, expected=" | ".join(TARGETS))
     gu.tensorize_constants(proto)  # same meaning; keeps onnx-graphsurgeon's import exact
-    files = None if weights_dir is None else gu.WeightFiles(Path(weights_dir), Sink(Path(weights_dir), artifact.FUSED_DATA))
+    files = None if weights_dir is None else gu.WeightFiles(
+        Path(weights_dir), Sink(Path(weights_dir), artifact.FUSED_DATA, work_dir))
     graph = gs.import_onnx(proto)
     report = PipelineReport(proto, target)
     with gu.weight_files(files):
@@ -114,11 +118,22 @@ def run_pipeline(proto: onnx.ModelProto, target: str = "portable", verbose: bool
 
 
 def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineReport:
-    """``mixport optimize``: read SRC (external data too), run the pipeline, write DST."""
+    """``mixport optimize``: read SRC, run the pipeline, write DST (+ DST.data past 2 GB).
+
+    SRC's external data is memory-mapped, not loaded, and the stacked experts go to a work file
+    beside DST: a model far bigger than memory optimizes. DST appears only when complete."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise PassError("input model not found", given=str(src), expected="an .onnx file")
-    report = run_passes(onnx.load(str(src)), target)
+    try:
+        proto = onnx.load(str(src), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise PassError("cannot read the input model", given=f"{src}: {type(exc).__name__}",
+                        expected="an ONNX model file") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
-    artifact.save_onnx(report.model, dst)
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.tmp-", dir=dst.parent) as tmp:
+        report = run_passes(proto, target, weights_dir=src.parent, work_dir=Path(tmp))
+        files = artifact.save_onnx(report.model, Path(tmp) / dst.name, weights_dir=src.parent)
+        for name in files:
+            os.replace(Path(tmp) / name, dst.parent / name)
     return report

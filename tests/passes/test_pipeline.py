@@ -97,3 +97,38 @@ def test_fused_e4k1_matches_pytorch(exports, tmp_path: Path) -> None:
 def test_fused_fp16_matches_pytorch(exports, tmp_path: Path) -> None:
     report = run_check(fused_folder(exports("fp16"), tmp_path / "fp16"), steps=3)
     assert report.passed, format_report(report)
+
+
+def test_optimize_external_data_model_streams_and_matches(exports, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """An input with external data is read through memory maps; the output (past a lowered 2 GB
+    limit: DST + DST.data) holds the same graph and weights as optimizing the inline file."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from mixport.passes import optimize_file
+
+    src = exports("tiny") / artifact.MODEL_FILE
+    ext = tmp_path / "src" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=1024)
+    optimize_file(src, tmp_path / "inline" / "fused.onnx")
+    monkeypatch.setattr(artifact, "TWO_GB", 1 << 16)
+    optimize_file(ext, tmp_path / "out" / "fused.onnx")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fused.onnx", "fused.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["model.onnx", "model.onnx.data"]
+    a, b = onnx.load(str(tmp_path / "inline" / "fused.onnx")), onnx.load(str(tmp_path / "out" / "fused.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    want = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_cli_optimize_unreadable_input(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff\xff not a protobuf")
+    result = CliRunner().invoke(main, ["optimize", str(bad), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot read the input model" in result.output and not (tmp_path / "out.onnx").exists()

@@ -14,7 +14,7 @@ from mixport.runtime.generate import GenerationRequest, check_request, generate
 from mixport.runtime.ort_session import OrtSession
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
-from mixport.runtime.streaming import cut_at_stops, stream_ids
+from mixport.runtime.streaming import cut_at_stops, stop_checker, stream_ids
 from mixport.runtime.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -91,8 +91,7 @@ class Pipeline:
     def _stopper(self, stop: list[str] | None) -> Callable[[int, list[int]], bool] | None:
         if not stop or self.tokenizer is None:
             return None
-        tok = self.tokenizer
-        return lambda _row, ids: any(s in tok.decode(ids) for s in stop)
+        return stop_checker(self.tokenizer.decode, stop)
 
     def decode(self, ids: list[int], stop: list[str] | None = None) -> str:
         """Text of ``ids`` (ids as text without a tokenizer), cut at the first stop string."""

@@ -19,6 +19,14 @@ def cut_at_stops(text: str, stops: list[str] | None) -> str:
     return text
 
 
+def stop_checker(decode: Callable[[list[int]], str], stops: list[str]) -> Callable[[int, list[int]], bool]:
+    """stop(row, new_ids): does the row's text contain a stop string? Called after every token, so
+    a match ends with the newest token: only a window of the last tokens is decoded (a character
+    is at most 4 byte-tokens, plus tokens that begin before the match), never the whole text."""
+    window = 4 * max(len(s) for s in stops) + 4
+    return lambda _row, ids: any(s in decode(ids[-window:]) for s in stops)
+
+
 class TextStream:
     """Feed token ids; ``push`` returns the newly printable text (held back while a
     multi-byte character or a possible stop string is incomplete)."""

@@ -178,3 +178,22 @@ def test_fast_graph_in_fp16_agrees_with_fp32(rt_export: Path, pipes: dict[str, P
     want = full.step(ids, mask, pos)
     np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_stop_checker_window_finds_the_first_match_as_a_full_decode_does(pipes: dict[str, Pipeline]) -> None:
+    """The stop check decodes only the last tokens; called after each token it must fire at the
+    same token as checking the whole decoded text would."""
+    from mixport.runtime.streaming import stop_checker
+
+    pipe = pipes["fast"]
+    ids = pipe.generate_ids([pipe.encode(PROMPT)], 64)[0]
+    text = pipe.decode(ids)
+    stops = [text[i: i + n] for i, n in ((len(text) // 5, 1), (len(text) // 3, 3), (len(text) // 2, 6),
+                                         (len(text) - 8, 8))] + ["not in the text"]
+    decode = pipe.tokenizer.decode
+    for stop in stops:
+        check = stop_checker(decode, [stop])
+        first_window = next((n for n in range(1, len(ids) + 1) if check(0, ids[:n])), None)
+        first_full = next((n for n in range(1, len(ids) + 1) if stop in decode(ids[:n])), None)
+        assert first_window == first_full, (stop, first_window, first_full)
+        assert (first_full is None) == (stop not in text)

@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from mixport.errors import MixportError
+from mixport.errors import FileSystemError, MixportError
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """MixportError -> one line on stderr and its exit code (1, or 3 for parity)."""
+    """MixportError -> one line on stderr and its exit code (1, or 3 for parity); OSError -> one line, 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -23,6 +23,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MixportError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # disk full, permission denied: still one line, exit 1
+            click.echo(f"error: {FileSystemError.from_os_error(exc)}", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -60,3 +60,19 @@ class TensorRTNotFoundError(BuildError):
 
 class PassError(MixportError):
     """A graph pass could not do what the pipeline requires (e.g. no MoE layer fused)."""
+
+
+class FileSystemError(MixportError):
+    """Reading or writing a file failed (disk full, permission denied...)."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> FileSystemError:
+        import errno
+
+        where = exc.filename or "a file"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cls("out of disk space", given=f"while writing {where}",
+                       expected="free space for the output", hint="an export needs about three times the "
+                       "model's weights free beside OUT while it works (work files, then the output)")
+        return cls(f"file access failed: {exc.strerror or exc}", given=where,
+                   expected="a readable input and a writable output location")

@@ -76,6 +76,23 @@ def test_interrupted_export_leaves_no_output(tiny_dir: Path, tmp_path: Path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_during_export_is_one_line(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The disk filling up while the passes write the stacked experts: one line with a hint,
+    exit 1, and neither OUT nor the staging folder (with its work files) left behind."""
+    import errno
+
+    from mixport.exporter import external_data
+
+    def full(self: object, name: str, array: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(external_data.Sink, "add", full)
+    line = one_line_error(invoke("export", tiny_dir, "-o", tmp_path / "out", "--no-check"),
+                          "out of disk space", ".fused.data", "three times")
+    assert line.startswith("error: out of disk space")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_errors(export_copy: Path, tmp_path: Path) -> None:
     one_line_error(invoke("run", tmp_path, "--prompt", "x"), "no manifest.json")
     long_prompt = "the " * 600

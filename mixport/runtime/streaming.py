@@ -29,23 +29,36 @@ def stop_checker(decode: Callable[[list[int]], str], stops: list[str]) -> Callab
 
 class TextStream:
     """Feed token ids; ``push`` returns the newly printable text (held back while a
-    multi-byte character or a possible stop string is incomplete)."""
+    multi-byte character or a possible stop string is incomplete).
+
+    Decoding is incremental: each push decodes only the tokens since the last complete
+    piece plus that piece as context (a leading-space marker decodes as in the full text),
+    so a long generation costs linear, not quadratic, decoding; ``flush`` decodes the whole
+    continuation once and is authoritative."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | None = None) -> None:
         self.decode, self.stop = decode, stop or []
         self.ids: list[int] = []
+        self.text = ""  # text of ids[:self.read]
+        self.prefix = self.read = 0  # ids[prefix:read]: the context the next piece is decoded with
         self.emitted = 0
         self.stopped = False
 
+    def _advance(self) -> None:
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return  # an incomplete character: wait for the next token
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+
     def push(self, token: int) -> str:
         self.ids.append(token)
-        full = self.decode(self.ids)
-        text = cut_at_stops(full, self.stop)
-        self.stopped = self.stopped or len(text) < len(full)
+        self._advance()
+        text = cut_at_stops(self.text, self.stop)
+        self.stopped = self.stopped or len(text) < len(self.text)
         if self.stopped:
             return self._take(text)
-        if text.endswith("\ufffd"):
-            return ""
         hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = len(text) - hold if hold else len(text)
         return self._take(text[:max(safe, self.emitted)])

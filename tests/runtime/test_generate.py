@@ -197,3 +197,35 @@ def test_stop_checker_window_finds_the_first_match_as_a_full_decode_does(pipes: 
         first_full = next((n for n in range(1, len(ids) + 1) if stop in decode(ids[:n])), None)
         assert first_window == first_full, (stop, first_window, first_full)
         assert (first_full is None) == (stop not in text)
+
+
+def test_text_stream_incremental_equals_full_decode(pipes: dict[str, Pipeline]) -> None:
+    """Pieces pushed token by token join to the full decode, for long sequences of any ids
+    (partial byte tokens included), with and without stop strings, and never decode the whole
+    text per token."""
+    from mixport.runtime.streaming import TextStream, cut_at_stops
+
+    decode = pipes["fast"].tokenizer.decode
+    rng = np.random.default_rng(0)
+    vocab = pipes["fast"].tokenizer.tok.get_vocab_size()
+    for trial in range(4):
+        ids = rng.integers(3, vocab, 300).tolist()
+        full = decode(ids)
+        for stop in (None, [full[150:153]]):
+            calls: list[int] = []
+
+            def counted(x: list[int], calls: list[int] = calls) -> str:
+                calls.append(len(x))
+                return decode(x)
+
+            stream = TextStream(counted, stop)
+            pieces = []
+            for token in ids:
+                pieces.append(stream.push(token))
+                if stream.stopped:
+                    break
+            pieces.append(stream.flush())
+            assert "".join(pieces) == cut_at_stops(full if not stream.stopped else decode(stream.ids), stop)
+            if stop:
+                assert stream.stopped and "".join(pieces) == full.split(stop[0])[0], trial
+            assert max(calls[:-1]) < 50, "push decoded a long prefix"

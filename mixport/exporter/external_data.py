@@ -103,10 +103,6 @@ def spill(proto: onnx.ModelProto, base_dir: Path, name: str, threshold: int = 10
             _point(tensor, sink.name, offset, len(tensor.raw_data))
 
 
-def total_bytes(proto: onnx.ModelProto) -> int:
-    return sum(nbytes(t) for t in proto.graph.initializer)
-
-
 def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_gb: int) -> list[str]:
     """Write PATH with every weight it uses: inline when the file stays under ``two_gb``, else
     PATH.data (a tensor at a time; in-memory tensors of 1 KB+ move there too). ``base_dir``
@@ -114,8 +110,9 @@ def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_g
     path = Path(path)
     data_name = f"{path.name}.data"
     external = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
-    inline_size = proto.ByteSize() + sum(nbytes(t) for t in external)
-    if inline_size < two_gb and total_bytes(proto) < two_gb:
+    if external and base_dir is None:
+        raise ValueError(f"{len(external)} initializers are external data, and no folder resolves them")
+    if proto.ByteSize() + sum(nbytes(t) for t in external) < two_gb:  # ByteSize holds in-memory data
         _write_inline(proto, path, base_dir)
         return [path.name]
     with (path.parent / data_name).open("wb") as out:
@@ -168,10 +165,11 @@ def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None) -> 
         out.write(head.SerializeToString())
         for tensor in big:
             record = TensorProto()
-            record.name, record.data_type = tensor.name, tensor.data_type
-            record.dims.extend(tensor.dims)
-            record.raw_data = read_bytes(tensor, base_dir) if external_data_helper.uses_external_data(tensor) \
-                else tensor.raw_data
+            record.CopyFrom(tensor)  # one tensor at a time
+            if external_data_helper.uses_external_data(tensor):
+                del record.external_data[:]
+                record.data_location = TensorProto.DEFAULT
+                record.raw_data = read_bytes(tensor, base_dir)
             graph = onnx.GraphProto()
             graph.initializer.append(record)
             body = graph.SerializeToString()

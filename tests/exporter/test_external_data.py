@@ -75,5 +75,7 @@ def test_passes_on_file_backed_weights_match_in_memory(target: str, tmp_path: Pa
     assert len(stacked) == 2
     for t in stacked:
         assert dict((e.key, e.value) for e in t.external_data)["location"] == artifact.FUSED_DATA
+    loaded = [t.name for t in on_disk.graph.initializer if len(t.raw_data) >= 1024]
+    assert not loaded, f"the passes materialized weights in memory: {loaded}"
     assert [n.op_type for n in on_disk.graph.node] == [n.op_type for n in in_memory.graph.node]
     np.testing.assert_equal(_arrays(on_disk, tmp_path), _arrays(in_memory))

@@ -62,12 +62,13 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     return (ids, mask, pos, past), dyn
 
 
-def trace(model: MixtralModel, weights: dict[str, torch.Tensor] | None = None,
+def trace(model: MixtralModel, weights: dict[str, Any] | None = None,
           spill_dir: Path | None = None) -> onnx.ModelProto:
     """The exported (unfused) model: TopKRouting nodes + per-expert FFNs.
 
     ``model`` may live on the meta device (no weights in memory while tracing); ``weights``
-    then supplies every initializer by state_dict name, without a copy until serialization.
+    then supplies every initializer by state_dict name (tensors, or LazyWeights read one at a
+    time while the graph is serialized).
     ``spill_dir``: the weights are streamed to ``spill_dir/TRACED_DATA`` a tensor at a time and
     the returned graph points there (external data) instead of holding a second copy.
     """

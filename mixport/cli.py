@@ -64,7 +64,7 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
 
     with StepBar(total=3 if no_fuse else 4, desc="export") as bar:
         result = run_export(model_dir, out_dir, builtin=builtin, dtype=dtype, force=force, fuse=not no_fuse,
-                            progress=bar)
+                            progress=bar, detail=bar.detail)
     if verbose and result.pass_counts:
         from mixport.passes import report_lines
 

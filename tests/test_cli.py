@@ -20,6 +20,7 @@ def test_export_run_check_builtin(tmp_path: Path) -> None:
     assert "parity: PASSED" in res.output
     assert "pass fuse_moe_experts: 2 rewrites" in res.output  # -v: counts and no-match reasons
     assert "no match: remove_dead: every node and initializer is used" in res.output
+    assert "weights 1/" in res.output  # progress inside the long steps
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == {"builtin": "tiny", "seed": 0}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= {p.name for p in out.iterdir()}

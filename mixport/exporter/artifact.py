@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,18 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = None) -> list[str]:
+def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = None,
+              on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
     """Write PATH; its weights go to PATH.data when the file would pass protobuf's 2 GB limit.
     ``weights_dir`` resolves initializers that point to work files (external data): they are
     copied into PATH (or PATH.data) a tensor at a time. Returns the names of the files written."""
-    return external_data.write_model(proto, Path(path), weights_dir, TWO_GB)
+    return external_data.write_model(proto, Path(path), weights_dir, TWO_GB, on_tensor)
 
 
-def save_model(proto: onnx.ModelProto, folder: Path, weights_dir: Path | None = None) -> list[str]:
+def save_model(proto: onnx.ModelProto, folder: Path, weights_dir: Path | None = None,
+               on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
     """Write model.onnx (+ model.onnx.data past 2 GB) into FOLDER."""
-    return save_onnx(proto, Path(folder) / MODEL_FILE, weights_dir)
+    return save_onnx(proto, Path(folder) / MODEL_FILE, weights_dir, on_tensor)
 
 
 TRACED_DATA = ".traced.onnx.data"  # the traced weights (exporter.trace)

@@ -57,10 +57,12 @@ def _quiet_exporter() -> None:
 
 
 def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None, dtype: str = "fp32",
-           force: bool = False, fuse: bool = True, progress: Callable[[str], None] | None = None
-           ) -> ExportResult:
-    """Export MODEL_DIR (or a built-in model) into OUT_DIR atomically; returns what was written."""
+           force: bool = False, fuse: bool = True, progress: Callable[[str], None] | None = None,
+           detail: Callable[[str], None] | None = None) -> ExportResult:
+    """Export MODEL_DIR (or a built-in model) into OUT_DIR atomically; returns what was written.
+    ``progress(step)`` names each step, ``detail(text)`` says how far a long one is."""
     step = progress or (lambda _msg: None)
+    weights_done = None if detail is None else (lambda i, n: detail(f"weights {i}/{n}"))
     artifact.check_target(out_dir, force)
     _quiet_exporter()
     with resolve_source(model_dir, builtin) as (src, source_info):
@@ -68,7 +70,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
         model, weights, cfg, config_hash = load_for_export(src, dtype)
         with artifact.staging_dir(out_dir, force) as tmp:
             step("tracing to ONNX")
-            proto = trace(model, weights, spill_dir=tmp)  # weights streamed to a file in tmp
+            proto = trace(model, weights, spill_dir=tmp, on_tensor=weights_done)  # streamed to tmp
             del weights
             gc.collect()
             counts: dict[str, int] = {}
@@ -78,7 +80,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
                 proto, counts, reasons = _run_passes(proto, tmp)
                 gc.collect()
             step("writing files")
-            files = artifact.save_model(proto, tmp, weights_dir=tmp)
+            files = artifact.save_model(proto, tmp, weights_dir=tmp, on_tensor=weights_done)
             artifact.remove_work_files(tmp)
             files += artifact.copy_tokenizer(src, tmp)
             manifest = {

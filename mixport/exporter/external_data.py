@@ -11,6 +11,7 @@ at a time. Locations in the TensorProtos are relative to one folder (``base_dir`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,23 +104,26 @@ def spill(proto: onnx.ModelProto, base_dir: Path, name: str, threshold: int = 10
             _point(tensor, sink.name, offset, len(tensor.raw_data))
 
 
-def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_gb: int) -> list[str]:
+def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_gb: int,
+                on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
     """Write PATH with every weight it uses: inline when the file stays under ``two_gb``, else
     PATH.data (a tensor at a time; in-memory tensors of 1 KB+ move there too). ``base_dir``
-    resolves the initializers that point to files. Returns the file names written."""
+    resolves the initializers that point to files; ``on_tensor(done, total)`` after each big
+    tensor. Returns the file names written."""
+    report = on_tensor or (lambda _done, _total: None)
     path = Path(path)
     data_name = f"{path.name}.data"
     external = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
     if external and base_dir is None:
         raise ValueError(f"{len(external)} initializers are external data, and no folder resolves them")
     if proto.ByteSize() + sum(nbytes(t) for t in external) < two_gb:  # ByteSize holds in-memory data
-        _write_inline(proto, path, base_dir)
+        _write_inline(proto, path, base_dir, report)
         return [path.name]
+    moving = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)
+              or (t.HasField("raw_data") and len(t.raw_data) >= 1024)]
     with (path.parent / data_name).open("wb") as out:
-        for tensor in proto.graph.initializer:
+        for done, tensor in enumerate(moving, 1):
             uses_file = external_data_helper.uses_external_data(tensor)
-            if not uses_file and (not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024):
-                continue
             offset = -(-out.tell() // ALIGN) * ALIGN
             out.seek(offset)
             if uses_file:
@@ -132,6 +136,7 @@ def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_g
                 length = len(tensor.raw_data)
                 out.write(tensor.raw_data)
             _point(tensor, data_name, offset, length)
+            report(done, len(moving))
     onnx.save_model(proto, str(path))
     return [path.name, data_name]
 
@@ -148,7 +153,8 @@ def _varint(n: int) -> bytes:
 _GRAPH_FIELD = b"\x3a"  # ModelProto.graph: field 7, length-delimited
 
 
-def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None) -> None:
+def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None,
+                  report: Callable[[int, int], None]) -> None:
     """One self-contained file, written a weight at a time: the model without its big
     initializers, then each as its own ``graph { initializer { ... } }`` record. Protobuf
     parsers merge repeated occurrences of a message field, so readers see one graph holding
@@ -163,7 +169,7 @@ def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None) -> 
     head.graph.initializer.extend(kept)
     with path.open("wb") as out:
         out.write(head.SerializeToString())
-        for tensor in big:
+        for done, tensor in enumerate(big, 1):
             record = TensorProto()
             record.CopyFrom(tensor)  # one tensor at a time
             if external_data_helper.uses_external_data(tensor):
@@ -174,6 +180,7 @@ def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None) -> 
             graph.initializer.append(record)
             body = graph.SerializeToString()
             out.write(_GRAPH_FIELD + _varint(len(body)) + body)
+            report(done, len(big))
 
 
 def _copy(src, dst, length: int) -> None:  # noqa: ANN001 - binary file objects

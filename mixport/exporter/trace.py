@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,16 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     return (ids, mask, pos, past), dyn
 
 
-def trace(model: MixtralModel, weights: dict[str, Any] | None = None,
-          spill_dir: Path | None = None) -> onnx.ModelProto:
+def trace(model: MixtralModel, weights: dict[str, Any] | None = None, spill_dir: Path | None = None,
+          on_tensor: Callable[[int, int], None] | None = None) -> onnx.ModelProto:
     """The exported (unfused) model: TopKRouting nodes + per-expert FFNs.
 
     ``model`` may live on the meta device (no weights in memory while tracing); ``weights``
     then supplies every initializer by state_dict name (tensors, or LazyWeights read one at a
     time while the graph is serialized).
     ``spill_dir``: the weights are streamed to ``spill_dir/TRACED_DATA`` a tensor at a time and
-    the returned graph points there (external data) instead of holding a second copy.
+    the returned graph points there (external data) instead of holding a second copy;
+    ``on_tensor(done, total)`` after each one.
     """
     routing_onnx.register_schema()
     args, dyn = _example(model)
@@ -94,7 +96,8 @@ def trace(model: MixtralModel, weights: dict[str, Any] | None = None,
         import onnx_ir as ir
 
         graph_file = Path(spill_dir) / ".traced.onnx"
-        ir.save(program.model, graph_file, external_data=TRACED_DATA)
+        report = None if on_tensor is None else (lambda _t, info: on_tensor(info.index + 1, info.total))
+        ir.save(program.model, graph_file, external_data=TRACED_DATA, callback=report)
         proto = onnx.load(str(graph_file), load_external_data=False)
         graph_file.unlink()
     del program  # the exporter's graph holds references to every weight

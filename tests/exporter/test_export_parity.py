@@ -150,7 +150,12 @@ def test_external_data_past_threshold(tiny_dir: Path, tiny_export: Path, tmp_pat
     from mixport.exporter import artifact
 
     monkeypatch.setattr(artifact, "TWO_GB", 1 << 16)
-    result = export(tiny_dir, tmp_path / "ext")
+    details: list[str] = []
+    result = export(tiny_dir, tmp_path / "ext", detail=details.append)
+    # progress inside the long steps: every weight streamed while tracing, every one written out
+    counts = [tuple(map(int, d.removeprefix("weights ").split("/"))) for d in details]
+    ends = [i for i, (done, total) in enumerate(counts) if done == total]
+    assert len(ends) == 2 and counts[0][0] == 1 and counts[ends[0] + 1][0] == 1, details[:3]
     assert "model.onnx.data" in result.files
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < (tmp_path / "ext" / "model.onnx.data").stat().st_size
     assert not [p.name for p in (tmp_path / "ext").iterdir() if p.name.startswith(".")]  # no work files left

@@ -77,7 +77,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             reasons: list[str] = []
             if fuse:
                 step("fusing experts")
-                proto, counts, reasons = _run_passes(proto, tmp)
+                proto, counts, reasons = _run_passes(proto, tmp, detail)
                 gc.collect()
             step("writing files")
             files = artifact.save_model(proto, tmp, weights_dir=tmp, on_tensor=weights_done)
@@ -94,9 +94,10 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
     return ExportResult(Path(out_dir), files, counts, reasons, manifest)
 
 
-def _run_passes(proto: onnx.ModelProto, weights_dir: Path) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
+def _run_passes(proto: onnx.ModelProto, weights_dir: Path, detail: Callable[[str], None] | None
+                ) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
     """The fusion pipeline (mixport.passes): the fused model, {pass: rewrites}, no-match reasons."""
     from mixport.passes import run_passes
 
-    report = run_passes(proto, target="portable", weights_dir=weights_dir)
+    report = run_passes(proto, target="portable", weights_dir=weights_dir, detail=detail)
     return report.model, report.counts, report.reasons

@@ -78,18 +78,20 @@ def _check_required(graph: gs.Graph, step: Pass, report: PipelineReport) -> None
 
 
 def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Path | None = None,
-               work_dir: Path | None = None) -> PipelineReport:
+               work_dir: Path | None = None, detail: Callable[[str], None] | None = None) -> PipelineReport:
     """Run PIPELINE for ``target`` and attach the MoE function body; the full report.
 
     ``weights_dir``: ``proto``'s external-data weights are read from there (memory-mapped, never
     all loaded), and the stacked expert weights the passes make are written to
     ``work_dir/artifact.FUSED_DATA`` (default: ``weights_dir``); the report's model then points
-    into those files, relative to ``weights_dir`` (see exporter.external_data)."""
+    into those files, relative to ``weights_dir`` (see exporter.external_data). ``detail(text)``
+    hears of each tensor written there (progress for big models)."""
     if target not in TARGETS:
         raise PassError("unknown optimization target", given=target, expected=" | ".join(TARGETS))
     gu.tensorize_constants(proto)  # same meaning; keeps onnx-graphsurgeon's import exact
     files = None if weights_dir is None else gu.WeightFiles(
-        Path(weights_dir), Sink(Path(weights_dir), artifact.FUSED_DATA, work_dir))
+        Path(weights_dir), Sink(Path(weights_dir), artifact.FUSED_DATA, work_dir),
+        on_write=None if detail is None else (lambda name: detail(f"wrote {name}")))
     graph = gs.import_onnx(proto)
     report = PipelineReport(proto, target)
     with gu.weight_files(files):

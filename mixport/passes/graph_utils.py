@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ class WeightFiles:
     base_dir: Path
     sink: external_data.Sink | None = None
     threshold: int = 1024
+    on_write: Callable[[str], None] | None = None  # told each tensor written to the sink
 
 
 _FILES: contextvars.ContextVar[WeightFiles | None] = contextvars.ContextVar("mixport_weight_files", default=None)
@@ -98,6 +99,8 @@ def make_constant(name: str, array: np.ndarray) -> gs.Constant:
     files = _FILES.get()
     if files is not None and files.sink is not None and array.nbytes >= files.threshold:
         proto = files.sink.add(name, array)
+        if files.on_write is not None:
+            files.on_write(name)
     else:
         proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
     return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))

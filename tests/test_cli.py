@@ -118,3 +118,15 @@ def test_run_without_tokenizer_prints_token_ids(export_copy: Path) -> None:
     ids = res.stdout.split()
     assert 1 <= len(ids) <= 5 and all(t.isdigit() for t in ids), res.stdout
     one_line_error(invoke("run", export_copy, "--prompt", "hello"), "no tokenizer")
+
+
+def test_check_refuses_up_front_without_enough_memory(export_copy: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A check that would exhaust memory is refused with one line before loading anything;
+    after an export it is skipped with a note (the export itself is complete)."""
+    from mixport.tools import check
+
+    monkeypatch.setattr(check, "available_memory", lambda: 100 << 20)
+    one_line_error(invoke("check", export_copy), "not enough memory for the parity check", "GB available")
+    res = invoke("export", "--model", "tiny", "-o", export_copy, "--force")
+    assert res.exit_code == 0, res.output
+    assert "parity check skipped: not enough memory" in res.output

@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper
 
 ALIGN = 64  # byte alignment of tensors in the files written here (memory maps, SIMD loads)
+SMALL = 1024  # in-memory tensors under this many bytes stay in the graph itself
 CHUNK = 64 << 20
 
 
@@ -35,6 +36,11 @@ def _point(tensor: TensorProto, location: str, offset: int, length: int) -> None
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=key, value=value)
     tensor.data_location = TensorProto.EXTERNAL
+
+
+def stored_apart(tensor: TensorProto) -> bool:
+    """Does the tensor's data live outside the graph (a file, or a separate record) when written?"""
+    return external_data_helper.uses_external_data(tensor) or len(tensor.raw_data) >= SMALL
 
 
 def nbytes(tensor: TensorProto) -> int:
@@ -88,26 +94,10 @@ class Sink:
         return tensor
 
 
-def spill(proto: onnx.ModelProto, base_dir: Path, name: str, threshold: int = 1024) -> None:
-    """Move every in-memory initializer of ``threshold`` bytes or more to ``base_dir/name``
-    (one at a time, each freed as it is written)."""
-    sink = Sink(base_dir, name)
-    with sink.path.open("r+b") as fh:
-        for tensor in proto.graph.initializer:
-            if external_data_helper.uses_external_data(tensor) or not tensor.HasField("raw_data") \
-                    or len(tensor.raw_data) < threshold:
-                continue
-            fh.seek(0, 2)
-            offset = -(-fh.tell() // ALIGN) * ALIGN
-            fh.seek(offset)
-            fh.write(tensor.raw_data)
-            _point(tensor, sink.name, offset, len(tensor.raw_data))
-
-
 def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_gb: int,
                 on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
     """Write PATH with every weight it uses: inline when the file stays under ``two_gb``, else
-    PATH.data (a tensor at a time; in-memory tensors of 1 KB+ move there too). ``base_dir``
+    PATH.data (a tensor at a time; in-memory tensors of SMALL bytes+ move there too). ``base_dir``
     resolves the initializers that point to files; ``on_tensor(done, total)`` after each big
     tensor. Returns the file names written."""
     report = on_tensor or (lambda _done, _total: None)
@@ -119,8 +109,7 @@ def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_g
     if proto.ByteSize() + sum(nbytes(t) for t in external) < two_gb:  # ByteSize holds in-memory data
         _write_inline(proto, path, base_dir, report)
         return [path.name]
-    moving = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)
-              or (t.HasField("raw_data") and len(t.raw_data) >= 1024)]
+    moving = [t for t in proto.graph.initializer if stored_apart(t)]
     with (path.parent / data_name).open("wb") as out:
         for done, tensor in enumerate(moving, 1):
             uses_file = external_data_helper.uses_external_data(tensor)
@@ -159,12 +148,10 @@ def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None,
     initializers, then each as its own ``graph { initializer { ... } }`` record. Protobuf
     parsers merge repeated occurrences of a message field, so readers see one graph holding
     every initializer (as if serialized at once), without the whole file ever in memory."""
-    big = [t for t in proto.graph.initializer
-           if external_data_helper.uses_external_data(t) or len(t.raw_data) >= 1024]
+    big = [t for t in proto.graph.initializer if stored_apart(t)]
     head = onnx.ModelProto()
     head.CopyFrom(proto)  # external tensors are small here; in-memory ones cost what serializing did
-    kept = [t for t in head.graph.initializer if not external_data_helper.uses_external_data(t)
-            and len(t.raw_data) < 1024]
+    kept = [t for t in head.graph.initializer if not stored_apart(t)]
     del head.graph.initializer[:]
     head.graph.initializer.extend(kept)
     with path.open("wb") as out:

@@ -22,7 +22,7 @@ class WeightFiles:
     tensors of ``threshold`` bytes or more go (``sink``; None keeps them in memory)."""
     base_dir: Path
     sink: external_data.Sink | None = None
-    threshold: int = 1024
+    threshold: int = external_data.SMALL
     on_write: Callable[[str], None] | None = None  # told each tensor written to the sink
 
 

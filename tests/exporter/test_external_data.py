@@ -28,6 +28,13 @@ def _arrays(model: onnx.ModelProto, base_dir: Path | None = None) -> dict[str, n
 BF16 = onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)  # numpy's bf16 (through onnx)
 
 
+def _file_backed(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """``model`` with its initializers of 1 KB+ in ``folder/TRACED_DATA``, not loaded (onnx's writer)."""
+    onnx.save_model(copy.deepcopy(model), str(folder / "traced.onnx"), save_as_external_data=True,
+                    location=artifact.TRACED_DATA, size_threshold=1024)
+    return onnx.load(str(folder / "traced.onnx"), load_external_data=False)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16, np.int64])
 def test_sink_round_trip(dtype: type, tmp_path: Path) -> None:
     sink = external_data.Sink(tmp_path, ".w.data")
@@ -41,13 +48,12 @@ def test_sink_round_trip(dtype: type, tmp_path: Path) -> None:
         np.testing.assert_array_equal(back.astype(np.float32), array.astype(np.float32))
 
 
-def test_spill_then_write_inline_and_external(tmp_path: Path) -> None:
+def test_write_inline_and_external_from_file_backed_weights(tmp_path: Path) -> None:
     model = dense_layer(LayerSpec(hidden=32, inter=48, experts=4, k=2))
     want = _arrays(model)
-    spilled = copy.deepcopy(model)
-    external_data.spill(spilled, tmp_path, artifact.TRACED_DATA)
+    spilled = _file_backed(model, tmp_path)
     big = [t for t in spilled.graph.initializer if external_data_helper.uses_external_data(t)]
-    assert big and all(not t.raw_data for t in big)  # moved out, not copied
+    assert big and all(not t.raw_data for t in big)
     assert spilled.ByteSize() < model.ByteSize() // 10
     np.testing.assert_equal(_arrays(spilled, tmp_path), want)
 
@@ -68,9 +74,7 @@ def test_passes_on_file_backed_weights_match_in_memory(target: str, tmp_path: Pa
     experts are written to FUSED_DATA, not held in memory."""
     model = dense_layer(LayerSpec(hidden=32, inter=48, experts=4, k=2))
     in_memory = run_passes(copy.deepcopy(model), target).model
-    spilled = copy.deepcopy(model)
-    external_data.spill(spilled, tmp_path, artifact.TRACED_DATA)
-    on_disk = run_passes(spilled, target, weights_dir=tmp_path).model
+    on_disk = run_passes(_file_backed(model, tmp_path), target, weights_dir=tmp_path).model
     stacked = [t for t in on_disk.graph.initializer if len(t.dims) == 3]
     assert len(stacked) == 2
     for t in stacked:

@@ -144,7 +144,9 @@ def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.S
                                   expected=tuple(expected[name]), hint="does config.json match the weights?")
     if lazy:
         return state
-    tensors = {name: w.read() for name, w in state.items() if name != "lm_head.weight"}
-    tied = state["lm_head.weight"] is state.get("embed_tokens.weight")
-    tensors["lm_head.weight"] = tensors["embed_tokens.weight"] if tied else state["lm_head.weight"].read()
+    tensors, read = {}, {}  # one read per LazyWeight: tied names share the tensor
+    for name, w in state.items():
+        if id(w) not in read:
+            read[id(w)] = w.read()
+        tensors[name] = read[id(w)]
     return tensors

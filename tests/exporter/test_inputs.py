@@ -163,3 +163,17 @@ def test_transformers_v5_fused_expert_names(tiny_dir: Path, tmp_path: Path) -> N
             if name in weights:
                 got = weights[name].read()
                 assert got.dtype == torch.float16 and torch.equal(got, x.to(torch.float16)), name
+
+
+def test_tied_embeddings_share_one_tensor(tiny_dir: Path, tmp_path: Path) -> None:
+    """tie_word_embeddings without lm_head.weight in the file: the head reads the embedding, once."""
+    from safetensors.torch import load_file
+
+    d = _copy(tiny_dir, tmp_path / "tied")
+    state = load_file(d / "model.safetensors")
+    state.pop("lm_head.weight")
+    save_file(state, d / "model.safetensors")
+    _edit_config(d, tie_word_embeddings=True)
+    model, _, _ = load_reference(d)
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])

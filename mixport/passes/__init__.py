@@ -64,12 +64,8 @@ def report_lines(counts: dict[str, int], reasons: list[str]) -> list[str]:
         [f"  no match: {why}" for why in reasons]
 
 
-def _count(graph: gs.Graph, op: str) -> int:
-    return sum(n.domain == ops.DOMAIN and n.op == op for n in graph.nodes)
-
-
 def _check_required(graph: gs.Graph, step: Pass, report: PipelineReport) -> None:
-    routers, moes = _count(graph, ops.TOPK_ROUTING), _count(graph, ops.MOE)
+    routers, moes = len(gu.mixport_nodes(graph, ops.TOPK_ROUTING)), len(gu.mixport_nodes(graph, ops.MOE))
     if routers and moes < routers:
         why = "; ".join(r for r in report.reasons if r.startswith(step.name)) or "no reason recorded"
         raise PassError(f"required pass {step.name} left {routers - moes} of {routers} MoE layers unfused",

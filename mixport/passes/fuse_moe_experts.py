@@ -44,7 +44,7 @@ class ExpertFFN:
 def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
     """Fuse every routed expert block; return how many MoE nodes were made."""
     reasons = reasons if reasons is not None else []
-    routers = [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == ops.TOPK_ROUTING]
+    routers = gu.mixport_nodes(graph, ops.TOPK_ROUTING)
     if not routers:
         reasons.append(f"{NAME}: no {ops.DOMAIN}::{ops.TOPK_ROUTING} node in the graph")
     fused = 0

@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
+from mixport import ops
 from mixport.exporter import external_data
 
 
@@ -47,6 +48,11 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
 def producer_op(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
     node = producer(tensor)
     return node if node is not None and node.op in ops and (node.domain or "") in ("", "ai.onnx") else None
+
+
+def mixport_nodes(graph: gs.Graph, op: str) -> list[gs.Node]:
+    """The graph's ``mixport::op`` nodes (TopKRouting, MoE)."""
+    return [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == op]
 
 
 def const_array(tensor: gs.Tensor) -> np.ndarray | None:

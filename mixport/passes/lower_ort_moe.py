@@ -60,7 +60,7 @@ def _lower(graph: gs.Graph, moe: gs.Node) -> str | None:
 def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
     """Lower every lowerable MoE node; return how many were lowered."""
     reasons = reasons if reasons is not None else []
-    moes = [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == ops.MOE]
+    moes = gu.mixport_nodes(graph, ops.MOE)
     if not moes:
         reasons.append(f"{NAME}: no {ops.DOMAIN}::{ops.MOE} node to lower")
     lowered = 0

@@ -71,7 +71,7 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
         click.echo("\n".join(report_lines(result.pass_counts, result.pass_reasons)), err=True)
     click.echo(f"exported {result.out_dir} ({', '.join(result.files)})")
     if engine:
-        from mixport.build.folder import BuildRequest, build_folder
+        from mixport.engine.folder import BuildRequest, build_folder
 
         built = build_folder(result.out_dir, BuildRequest(targets=targets), progress=_progress)
         click.echo(built.message)
@@ -115,7 +115,7 @@ def build(out_dir: Path, targets: str | None, dtype: str | None, batch: str | No
 
     Example: mixport build out --targets sm80,sm86 --batch 1:1:8
     """
-    from mixport.build.folder import BuildRequest, build_folder, parse_range
+    from mixport.engine.folder import BuildRequest, build_folder, parse_range
 
     ranges = {name: parse_range(text, name) if text else None
               for name, text in (("batch", batch), ("seq", seq), ("past", past))}

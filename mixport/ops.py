@@ -32,6 +32,7 @@ Two custom-domain nodes, each carrying a model-local ONNX function body:
 
 from __future__ import annotations
 
+ONNX_OPSET = 18  # the standard-domain opset of every graph and function body mixport writes
 DOMAIN = "mixport"
 OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "mixport"

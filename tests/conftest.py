@@ -72,7 +72,7 @@ def trt_module():  # noqa: ANN201 - the tensorrt / tensorrt_rtx_bindings module
 @pytest.fixture(scope="session")
 def engine_export(tiny_export: Path, trt_module: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_export plus model.engine from `mixport build` defaults (read-only: copy to change)."""
-    from mixport.build.folder import build_folder
+    from mixport.engine.folder import build_folder
 
     dst = tmp_path_factory.mktemp("tiny-engine") / "out"
     shutil.copytree(tiny_export, dst)

@@ -7,8 +7,8 @@ from pathlib import Path
 import onnx
 from click.testing import CliRunner, Result
 
+from mixport import artifact
 from mixport.cli import main
-from mixport.exporter import artifact
 
 
 def has_gpu() -> bool:

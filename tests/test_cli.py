@@ -65,7 +65,7 @@ def test_bad_model_folder(case: str, tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_interrupted_export_leaves_no_output(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """A failure after tracing (here: while writing) leaves neither OUT_DIR nor a staging folder."""
-    from mixport.exporter import artifact
+    from mixport import artifact
     from mixport.exporter.export import export
 
     def explode(*_a: object, **_k: object) -> None:
@@ -82,7 +82,7 @@ def test_disk_full_during_export_is_one_line(tiny_dir: Path, tmp_path: Path, mon
     exit 1, and neither OUT nor the staging folder (with its work files) left behind."""
     import errno
 
-    from mixport.exporter import external_data
+    from mixport import onnx_io as external_data
 
     def full(self: object, name: str, array: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))  # type: ignore[attr-defined]

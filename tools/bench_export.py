@@ -20,7 +20,7 @@ import numpy as np
 
 EXPORT_SCRIPT = """
 import sys, time, json
-from mixport.exporter import artifact
+from mixport import artifact
 from mixport.exporter.export import export
 if sys.argv[4] == "1":
     artifact.TWO_GB = 1 << 20  # the path of checkpoints past 2 GB: model.onnx.data, streamed

@@ -14,12 +14,12 @@ from typing import Any
 import onnx
 
 import mixport
+from mixport import artifact
 from mixport.errors import ConfigError
-from mixport.exporter import artifact
 from mixport.exporter.loader import load_for_export
-from mixport.exporter.routing_onnx import ONNX_OPSET
 from mixport.exporter.tiny import write_tiny
 from mixport.exporter.trace import trace
+from mixport.ops import ONNX_OPSET
 
 BUILTIN_MODELS = ("tiny",)
 

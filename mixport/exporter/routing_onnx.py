@@ -8,9 +8,9 @@ import onnx
 from onnx import TensorProto, defs, helper
 
 from mixport import ops
+from mixport.ops import ONNX_OPSET
 
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-ONNX_OPSET = 18
 
 
 def register_schema() -> None:

@@ -16,9 +16,9 @@ import onnx
 import torch
 
 from mixport import ops
+from mixport.artifact import TRACED_DATA
 from mixport.errors import ExportError
 from mixport.exporter import routing_onnx
-from mixport.exporter.artifact import TRACED_DATA
 from mixport.exporter.checkpoint import LazyWeight
 from mixport.exporter.model import MixtralModel, rope_inv_freq
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from mixport import ops
+from mixport import artifact, ops
 from mixport.errors import PassError
-from mixport.exporter import artifact
-from mixport.exporter.external_data import Sink
+from mixport.onnx_io import Sink
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
 from mixport.passes import graph_utils as gu
 

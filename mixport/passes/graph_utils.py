@@ -13,8 +13,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
+from mixport import onnx_io as external_data
 from mixport import ops
-from mixport.exporter import external_data
 
 
 @dataclass

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 
 from mixport import ops
 from mixport.errors import PassError
-from mixport.exporter.routing_onnx import ONNX_OPSET
+from mixport.ops import ONNX_OPSET
 
 INPUTS = ["hidden", "weights", "ids", "gate_up", "down"]
 ATTRIBUTES = ["num_experts", "k", "activation", "plugin_namespace", "plugin_version"]

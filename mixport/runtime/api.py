@@ -6,9 +6,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import mixport
+from mixport import artifact
 from mixport.errors import RuntimeFailure
-from mixport.exporter import artifact
 from mixport.runtime import ort_graph
 from mixport.runtime.generate import GenerationRequest, check_request, generate
 from mixport.runtime.ort_session import OrtSession
@@ -16,27 +15,6 @@ from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
 from mixport.runtime.streaming import cut_at_stops, stop_checker, stream_ids
 from mixport.runtime.tokenizer import Tokenizer, load_tokenizer
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
-
-
-def validate_folder(folder: Path, manifest: dict[str, Any]) -> Path:
-    """The folder's model.onnx, after checking the manifest describes it."""
-    made_by = str(manifest.get("mixport_version", "0"))
-    if _version_tuple(made_by) > _version_tuple(mixport.__version__):
-        raise RuntimeFailure("the folder was exported by a newer mixport", given=made_by,
-                             expected=f"<= {mixport.__version__}", hint="pip install -U mixport")
-    path = folder / artifact.MODEL_FILE
-    if not path.is_file():
-        raise RuntimeFailure("the export folder has no model.onnx", given=str(folder),
-                             expected="model.onnx beside manifest.json", hint="export again")
-    if "onnx_sha256" in manifest and artifact.file_sha256(path) != manifest["onnx_sha256"]:
-        raise RuntimeFailure("model.onnx does not match the manifest (changed after export?)",
-                             given=str(path), expected=f"sha256 {manifest['onnx_sha256'][:12]}...",
-                             hint="export again, or restore the original model.onnx")
-    return path
 
 
 class Pipeline:
@@ -160,7 +138,7 @@ def load(folder: str | Path, device: str = "cpu", threads: int | None = None, gr
 
     folder = Path(folder)
     manifest = artifact.read_manifest(folder)
-    path = validate_folder(folder, manifest)
+    path = artifact.validate_folder(folder, manifest)
     choice = choose_backend(folder, manifest, backend)
     session: Session
     if choice.backend == "tensorrt":

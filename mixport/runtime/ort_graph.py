@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mixport import artifact
 from mixport.errors import RuntimeFailure
-from mixport.exporter import artifact
 
 GRAPH_VERSION = 5
 FILE = "model.ort.onnx"

@@ -24,7 +24,7 @@ class BackendChoice:
 
 def tensorrt_unavailable(folder: Path, manifest: dict[str, Any]) -> str | None:
     """Why FOLDER cannot run with TensorRT here, or None when it can (cheap checks first)."""
-    from mixport.build.status import engine_status, visible_gpu
+    from mixport.engine.status import engine_status, visible_gpu
     from mixport.plugins.trt_import import INSTALL_HINT, import_trt
 
     if not manifest.get("engine"):

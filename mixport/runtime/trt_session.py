@@ -95,7 +95,7 @@ class TrtSession:
     def __init__(self, engine_path: Path, manifest: dict[str, Any]) -> None:
         import torch
 
-        from mixport.build.trt_logger import make_logger
+        from mixport.engine.trt_logger import make_logger
         from mixport.plugins.registry import register_plugins
         from mixport.plugins.trt_import import import_trt
 

@@ -23,9 +23,8 @@ import numpy as np
 import onnx
 import torch
 
-from mixport import ops
+from mixport import artifact, ops
 from mixport.errors import MixportError
-from mixport.exporter import artifact
 from mixport.exporter.export import resolve_source
 from mixport.exporter.loader import load_reference
 from mixport.exporter.model import MixtralModel
@@ -221,7 +220,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
 
     folder = Path(folder)
     manifest = artifact.read_manifest(folder)
-    from mixport.runtime.api import validate_folder
+    from mixport.artifact import validate_folder
 
     model_path = validate_folder(folder, manifest)
     dtype = manifest["dtype"]

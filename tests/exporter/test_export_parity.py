@@ -147,7 +147,7 @@ def test_transformers_parity_over_32_decode_steps(tiny_export: Path) -> None:
 def test_external_data_past_threshold(tiny_dir: Path, tiny_export: Path, tmp_path: Path,
                                       monkeypatch) -> None:  # noqa: ANN001
     """Past the 2 GB limit (lowered here) the weights go to model.onnx.data and ORT still loads."""
-    from mixport.exporter import artifact
+    from mixport import artifact
 
     monkeypatch.setattr(artifact, "TWO_GB", 1 << 16)
     details: list[str] = []

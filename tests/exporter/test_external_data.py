@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import external_data_helper, numpy_helper
 
-from mixport.exporter import artifact, external_data
+from mixport import artifact
+from mixport import onnx_io as external_data
 from mixport.passes import run_passes
 from mixport.tools.moe_layer import LayerSpec, dense_layer
 

@@ -14,8 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from mixport import ops
-from mixport.exporter import artifact
+from mixport import artifact, ops
 from mixport.exporter.export import export
 from mixport.exporter.tiny import TINY, write_tiny
 from mixport.passes import run_pipeline

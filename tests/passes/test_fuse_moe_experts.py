@@ -7,8 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from mixport import artifact
 from mixport.errors import PassError
-from mixport.exporter import artifact
 from mixport.exporter.tiny import TINY
 from mixport.passes import fuse_moe_experts, moe_bodies, run_pipeline
 from mixport.tools.moe_layer import LayerSpec, dense_layer, swiglu_mlp

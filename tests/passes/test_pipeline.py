@@ -9,9 +9,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from mixport import artifact
 from mixport.cli import main
 from mixport.errors import PassError
-from mixport.exporter import artifact
 from mixport.exporter.export import export
 from mixport.passes import PIPELINE, run_pipeline
 from mixport.tools.check import format_report, run_check

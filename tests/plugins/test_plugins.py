@@ -160,9 +160,9 @@ def test_enqueue_failure_is_an_exception_not_an_abort(trt: ModuleType) -> None:
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_output_shapes_through_the_parser(trt: ModuleType, tmp_path: Any, k: int) -> None:
-    from mixport.build.network import parse_onnx
-    from mixport.build.symlink import ensure_parser_symlink
-    from mixport.build.trt_logger import make_logger
+    from mixport.engine.network import parse_onnx
+    from mixport.engine.symlink import ensure_parser_symlink
+    from mixport.engine.trt_logger import make_logger
     from mixport.plugins.testing import write_tiny_moe_model
 
     ensure_parser_symlink()

@@ -136,7 +136,7 @@ def test_python_api(rt_export: Path) -> None:
 def test_fast_graph_is_recorded_in_the_manifest(rt_export: Path) -> None:
     import json
 
-    from mixport.exporter.artifact import file_sha256
+    from mixport.artifact import file_sha256
 
     load(rt_export, threads=1, graph="fast").close()
     manifest = json.loads((rt_export / "manifest.json").read_text())

@@ -8,8 +8,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from mixport import artifact
 from mixport.errors import RuntimeFailure
-from mixport.exporter import artifact
 from mixport.runtime.select import choose_backend, tensorrt_unavailable
 from mixport.runtime.trt_session import BindingPlan, torch_dtype_name
 from tests.helpers import has_gpu, invoke, one_line_error, reexport_changed

@@ -12,8 +12,8 @@ from types import ModuleType
 import onnx
 import pytest
 
-from mixport.build.status import engine_status, gpu_mismatch
-from mixport.exporter import artifact
+from mixport import artifact
+from mixport.engine.status import engine_status, gpu_mismatch
 from mixport.plugins.trt_import import RTX, flavor_of
 from tests.helpers import invoke, one_line_error, reexport_changed
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mixport.ops import DOMAIN, MOE
 
-log = logging.getLogger("mixport.build")
+log = logging.getLogger("mixport.engine")
 FOLDED_FILE = "model.folded.onnx"
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import onnx
 
+import mixport
+from mixport import onnx_io as external_data
 from mixport.errors import OutputExistsError, RuntimeFailure
-from mixport.exporter import external_data
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -138,3 +139,24 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {exc}",
                              expected="the manifest `mixport export` wrote") from None
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+
+def validate_folder(folder: Path, manifest: dict[str, Any]) -> Path:
+    """The folder's model.onnx, after checking the manifest describes it."""
+    made_by = str(manifest.get("mixport_version", "0"))
+    if _version_tuple(made_by) > _version_tuple(mixport.__version__):
+        raise RuntimeFailure("the folder was exported by a newer mixport", given=made_by,
+                             expected=f"<= {mixport.__version__}", hint="pip install -U mixport")
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise RuntimeFailure("the export folder has no model.onnx", given=str(folder),
+                             expected="model.onnx beside manifest.json", hint="export again")
+    if "onnx_sha256" in manifest and file_sha256(path) != manifest["onnx_sha256"]:
+        raise RuntimeFailure("model.onnx does not match the manifest (changed after export?)",
+                             given=str(path), expected=f"sha256 {manifest['onnx_sha256'][:12]}...",
+                             hint="export again, or restore the original model.onnx")
+    return path

@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["BuildRequest", "BuildResult", "LayerInfo", "ProfileSpec", "build_engine", "build_folder",
            "engine_status", "ensure_parser_symlink"]
 
-_WHERE = {"BuildResult": "engine", "build_engine": "engine", "LayerInfo": "network",
+_WHERE = {"BuildResult": "builder", "build_engine": "builder", "LayerInfo": "network",
           "ProfileSpec": "profiles", "ensure_parser_symlink": "symlink", "BuildRequest": "folder",
           "build_folder": "folder", "engine_status": "status"}
 
@@ -20,4 +20,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     import importlib
 
-    return getattr(importlib.import_module(f"mixport.build.{_WHERE[name]}"), name)
+    return getattr(importlib.import_module(f"mixport.engine.{_WHERE[name]}"), name)

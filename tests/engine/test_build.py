@@ -8,9 +8,9 @@ from types import ModuleType
 
 import pytest
 
-from mixport.build.engine import build_engine
-from mixport.build.profiles import ProfileSpec, input_shapes
-from mixport.build.symlink import ParserSymlinkError, ensure_parser_symlink
+from mixport.engine.builder import build_engine
+from mixport.engine.profiles import ProfileSpec, input_shapes
+from mixport.engine.symlink import ParserSymlinkError, ensure_parser_symlink
 from mixport.errors import BuildError, TensorRTNotFoundError
 from mixport.plugins.testing import tiny_moe_model, write_tiny_moe_model
 from mixport.plugins.trt_import import RTX, flavor_of, import_trt

@@ -15,17 +15,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mixport.build.network import (
+from mixport.engine.network import (
     LayerInfo,
     ParsedNetwork,
     collect_plugin_errors,
     list_layers,
     parse_onnx,
 )
-from mixport.build.profiles import ProfileSpec, ShapeRange, input_shapes
-from mixport.build.symlink import ensure_parser_symlink
-from mixport.build.targets import DTYPES, apply_targets, check_dtype, resolve_targets
-from mixport.build.trt_logger import make_logger
+from mixport.engine.profiles import ProfileSpec, ShapeRange, input_shapes
+from mixport.engine.symlink import ensure_parser_symlink
+from mixport.engine.targets import DTYPES, apply_targets, check_dtype, resolve_targets
+from mixport.engine.trt_logger import make_logger
 from mixport.errors import BuildError
 from mixport.plugins.registry import register_plugins
 from mixport.plugins.trt_import import RTX, describe, flavor_of, import_trt

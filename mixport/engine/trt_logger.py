@@ -7,13 +7,13 @@ import logging
 from types import ModuleType
 from typing import Any
 
-log = logging.getLogger("mixport.build")
+log = logging.getLogger("mixport.engine")
 
 
 @functools.cache
 def _logger_class(trt: ModuleType) -> type:
     class CollectingLogger(trt.ILogger):  # type: ignore[name-defined, misc]
-        """Errors kept in ``errors``; warnings and info go to the ``mixport.build`` logger."""
+        """Errors kept in ``errors``; warnings and info go to the ``mixport.engine`` logger."""
 
         def __init__(self) -> None:
             trt.ILogger.__init__(self)

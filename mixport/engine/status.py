@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mixport.exporter import artifact
+from mixport import artifact
 from mixport.plugins.trt_import import describe, flavor_of
 
 ENGINE_FILE = "model.engine"

@@ -21,13 +21,13 @@ from types import ModuleType
 from typing import Any
 
 import mixport
-from mixport.build.engine import BuildResult, build_engine
-from mixport.build.prepare import prepare_for_parser
-from mixport.build.profiles import ProfileSpec, Range
-from mixport.build.status import ENGINE_FILE, engine_status, visible_gpu
-from mixport.build.targets import check_dtype, resolve_targets
+from mixport import artifact
+from mixport.engine.builder import BuildResult, build_engine
+from mixport.engine.prepare import prepare_for_parser
+from mixport.engine.profiles import ProfileSpec, Range
+from mixport.engine.status import ENGINE_FILE, engine_status, visible_gpu
+from mixport.engine.targets import check_dtype, resolve_targets
 from mixport.errors import BuildError
-from mixport.exporter import artifact
 from mixport.ops import DOMAIN, MOE, TOPK_ROUTING
 from mixport.plugins.trt_import import flavor_of, import_trt
 
@@ -78,7 +78,7 @@ def profile_for(config: dict[str, Any], request: BuildRequest) -> ProfileSpec:
 
 def mixport_node_counts(onnx_path: Path) -> dict[str, int]:
     """{"TopKRouting": n, "MoE": m}: the mixport nodes of the file's main graph."""
-    from mixport.build.network import load_onnx
+    from mixport.engine.network import load_onnx
 
     counts = Counter(n.op_type for n in load_onnx(onnx_path).graph.node if n.domain == DOMAIN)
     return {op: counts.get(op, 0) for op in (TOPK_ROUTING, MOE)}
@@ -161,12 +161,10 @@ def build_folder(folder: str | Path, request: BuildRequest | None = None, *,
                  trt_module: ModuleType | None = None,
                  progress: Callable[[str], None] | None = None) -> FolderBuild:
     """Build OUT_DIR/model.engine from OUT_DIR/model.onnx (unless up to date) and record it."""
-    from mixport.runtime.api import validate_folder
-
     request, step = request or BuildRequest(), progress or (lambda _msg: None)
     folder = Path(folder)
     manifest = artifact.read_manifest(folder)
-    onnx_path = validate_folder(folder, manifest)
+    onnx_path = artifact.validate_folder(folder, manifest)
     dtype = _check_dtype(request, manifest)
     trt = trt_module or import_trt()
     targets = resolve_targets(trt, request.targets)

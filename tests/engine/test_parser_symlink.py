@@ -19,14 +19,14 @@ from types import ModuleType
 import pytest
 
 import mixport
-from mixport.build.symlink import LINK_NAME, ParserSymlinkError, ensure_parser_symlink, rtx_libs_dir
+from mixport.engine.symlink import LINK_NAME, ParserSymlinkError, ensure_parser_symlink, rtx_libs_dir
 from mixport.plugins.trt_import import RTX, flavor_of
 
 CHILD = """
 import sys
 from pathlib import Path
-import mixport.build.engine as engine
-from mixport.build.profiles import ProfileSpec
+import mixport.engine.builder as engine
+from mixport.engine.profiles import ProfileSpec
 from mixport.plugins.testing import write_tiny_moe_model
 if sys.argv[1] == "without-link":
     engine.ensure_parser_symlink = lambda *args: None

@@ -1,4 +1,4 @@
-"""Engine builder library: mixport ONNX -> TensorRT / TensorRT-RTX engine (see engine.py).
+"""Engine builder library: mixport ONNX -> TensorRT / TensorRT-RTX engine (see builder.py).
 
 Importing this package is cheap; TensorRT is imported by ``build_engine``.
 """

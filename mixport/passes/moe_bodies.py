@@ -65,6 +65,10 @@ class Sparse:
     combine: str = "inverse"
     activation: str = "sigmoid"
 
+    def __post_init__(self) -> None:
+        assert self.grouping in ("sorted", "nonzero") and self.combine in ("inverse", "scatter_add") \
+            and self.activation in ("sigmoid", "quickgelu"), self
+
 
 SORTED = Sparse()
 NONZERO = Sparse(grouping="nonzero")

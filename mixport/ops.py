@@ -28,6 +28,12 @@ Two custom-domain nodes, each carrying a model-local ONNX function body:
     without a Transpose, so the portable body gathers an expert's slab and
     multiplies directly; fusing gate and up into one [H, 2F] slab halves the
     GEMM launches and streams one contiguous block per expert.
+
+One implementation per form: the ONNX ops that compute ``TopKRouting`` are built only by
+``exporter/routing_onnx.routing_nodes``, those of ``MoE`` only by ``passes/moe_bodies``
+(function bodies ``sorted`` / ``nonzero`` / ``dense`` and the fast ONNX Runtime graph's
+``ORT_CPU`` variant); the kernels are ``plugins/kernels`` (Triton). The oracle every form is
+tested against is the float64 numpy reference, ``plugins/kernels/reference.py``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ onnx-graphsurgeon folds them (ONNX Runtime underneath). Partitions are folded
 one by one ("recursive"): one subgraph ONNX Runtime refuses (a double-typed
 Expand in the tiny export) must not stop the others. mixport nodes are never
 evaluated. Without plugins, the MoE nodes need a body TensorRT can parse: the
-portable (sparse, NonZero-based) body is swapped for the dense one when the
-passes module provides it. Files whose weights live in external data are
+portable (sparse) body is swapped for ``passes.moe_bodies``' dense one (the
+trt-noplugin target's). Files whose weights live in external data are
 parsed as they are.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mixport.ops import DOMAIN, MOE
+from mixport.ops import DOMAIN
 
 log = logging.getLogger("mixport.engine")
 FOLDED_FILE = "model.folded.onnx"
@@ -52,15 +52,10 @@ def _fold(model: object) -> tuple[object, int]:
 
 
 def _dense_moe_body(model: object) -> bool:
-    """Swap the MoE function body for the dense one TensorRT parses; False when not possible."""
-    if not any(n.domain == DOMAIN and n.op_type == MOE for n in model.graph.node):  # type: ignore[attr-defined]
-        return False
-    try:
-        from mixport.passes import moe_bodies
-    except ImportError:
-        log.warning("mixport.passes.moe_bodies is missing: the MoE nodes keep the export's body")
-        return False
-    return bool(moe_bodies.attach(model, "dense"))
+    """Swap the MoE function body for the shipped dense one TensorRT parses; False without MoE nodes."""
+    from mixport.passes import moe_bodies
+
+    return bool(moe_bodies.attach(model, "dense"))  # type: ignore[arg-type]
 
 
 def prepare_for_parser(onnx_path: Path, work_dir: Path, use_plugins: bool = True) -> tuple[Path, int]:

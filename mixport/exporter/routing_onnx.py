@@ -1,14 +1,16 @@
-"""ONNX side of TopKRouting: its op schema, its translation and its function body."""
+"""ONNX side of TopKRouting: its op schema, its translation and the one builder of its body."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto, defs, helper
 
 from mixport import ops
 from mixport.ops import ONNX_OPSET
+from mixport.passes.emit import Emitter, Nodes, last
 
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -52,27 +54,33 @@ def translation(num_experts: int):  # -> callable for custom_translation_table
     return topk_routing
 
 
+def routing_nodes(em: Emitter, logits: str, k: int, normalization: str, elem_type: int,
+                  outputs: tuple[str, str] | None = None) -> tuple[str, str]:
+    """TopKRouting from standard ops: Cast fp32 -> Softmax -> TopK -> (renormalize) -> Cast back.
+
+    logits [T, E] -> (weights [T, k] of ``elem_type``, ids [T, k] int64); the one builder of
+    the routing computation (function body and the fast ONNX Runtime graph alike).
+    """
+    if normalization not in ops.NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {ops.NORMALIZATIONS}, got {normalization!r}")
+    weights_out, ids_out = outputs or (None, em.name("ids"))
+    probs = em.op1("Softmax", [em.op1("Cast", [logits], to=TensorProto.FLOAT)], axis=-1)  # [T, E] fp32
+    kk = em.const("k", np.array([k], dtype=np.int64))
+    top, ids = em.op("TopK", [probs, kk], outputs=[em.name("top"), ids_out], axis=-1, largest=1, sorted=1)
+    if normalization == "renormalize":
+        total = em.op1("ReduceSum", [top, em.const("axis", np.array([-1], dtype=np.int64))], keepdims=1)
+        top = em.op1("Div", [top, total])
+    return last(em, "Cast", [top], weights_out, to=elem_type), ids
+
+
 def routing_function(k: int, normalization: str, elem_type: int) -> onnx.FunctionProto:
-    """Body of standard ops: Cast fp32 -> Softmax -> TopK -> (renormalize) -> Cast back.
+    """The FunctionProto for mixport::TopKRouting (``routing_nodes``).
 
     k, the mode and the float type are baked in (one model has one of each), which keeps
     the body free of attribute references that some parsers do not resolve.
     """
-    nodes = [
-        helper.make_node("Cast", ["logits"], ["x32"], to=TensorProto.FLOAT),
-        helper.make_node("Softmax", ["x32"], ["probs"], axis=-1),
-        helper.make_node("Constant", [], ["kk"], value=helper.make_tensor("kk", TensorProto.INT64, [1], [k])),
-        helper.make_node("TopK", ["probs", "kk"], ["top", "ids"], axis=-1, largest=1, sorted=1),
-    ]
-    last = "top"
-    if normalization == "renormalize":
-        nodes += [
-            helper.make_node("Constant", [], ["ax"], value=helper.make_tensor("ax", TensorProto.INT64, [1], [-1])),
-            helper.make_node("ReduceSum", ["top", "ax"], ["denom"], keepdims=1),
-            helper.make_node("Div", ["top", "denom"], ["renorm"]),
-        ]
-        last = "renorm"
-    nodes.append(helper.make_node("Cast", [last], ["weights"], to=elem_type))
-    return helper.make_function(ops.DOMAIN, ops.TOPK_ROUTING, ["logits"], ["weights", "ids"], nodes,
+    em = Nodes()
+    routing_nodes(em, "logits", k, normalization, elem_type, outputs=("weights", "ids"))
+    return helper.make_function(ops.DOMAIN, ops.TOPK_ROUTING, ["logits"], ["weights", "ids"], em.nodes,
                                 [helper.make_opsetid("", ONNX_OPSET)],
                                 attributes=list(routing_attributes(1, 1, "none")))

@@ -1,4 +1,10 @@
-"""Model-local function bodies for ``mixport::MoE``, made of standard ONNX ops.
+"""The builders of ``mixport::MoE``'s computation from standard ONNX ops: one per variant.
+
+Every ONNX form of the MoE contract (``ops.py``) is written here, through an ``Emitter``
+(``passes/emit.py``): the model-local function bodies below (``BODIES``, chosen by the
+pipeline's target) and the sparse experts of the fast ONNX Runtime graph
+(``runtime/ort_graph.py``, variant ``ORT_CPU``). tests/passes/test_moe_bodies.py checks each
+variant against the float64 numpy oracle (``plugins/kernels/reference.py``).
 
 ``sorted`` (target portable, the default) and ``nonzero`` are sparse: only the selected
 experts' rows are multiplied; an expert with no tokens does empty (0-row) MatMuls.
@@ -9,6 +15,8 @@ the inverse permutation of the expert-major order (TopK of the positions), weigh
 and sum over k: no Scatter, so fp32 and fp16 run on ONNX Runtime's CPU kernels. They
 time the same on CPU (docs/passes.md); ``sorted`` has half the nodes per expert and one
 data-dependent shape instead of E NonZeros, which is what GPU execution providers pay for.
+``ORT_CPU`` is ``sorted`` with a ScatterND-add combine and com.microsoft.QuickGelu (ONNX
+Runtime only; measured faster there) over per-expert gate|up initializers.
 
 Expert weights: the slab index and the gate/up split are constants, so ONNX Runtime
 folds Gather/Slice of the stacked initializers into per-expert initializers at session
@@ -23,142 +31,194 @@ Legend: T tokens, H hidden, F intermediate, E experts, k active.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from mixport import ops
 from mixport.errors import PassError
 from mixport.ops import ONNX_OPSET
+from mixport.passes.emit import Emitter, Nodes, last
 
 INPUTS = ["hidden", "weights", "ids", "gate_up", "down"]
 ATTRIBUTES = ["num_experts", "k", "activation", "plugin_namespace", "plugin_version"]
+MS_DOMAIN = "com.microsoft"
 
 
-def _const(name: str, values: list[int], dims: list[int] | None = None) -> onnx.NodeProto:
-    dims = [len(values)] if dims is None else dims
-    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, dims, values))
+@dataclass(frozen=True)
+class Sparse:
+    """The choices of a sparse MoE body; every combination computes the same ``out``.
+
+    grouping: ``sorted`` (TopK of the expert ids, one Gather, Split by per-expert counts) or
+              ``nonzero`` (per expert Equal + NonZero + Gather);
+    combine:  ``inverse`` (inverse permutation back to slot order, weighted sum over k; no
+              Scatter, every float type) or ``scatter_add`` (weight the rows, one ScatterND
+              add onto fp32 zeros: ONNX Runtime CPU, whose ScatterND adds fp32 only);
+    activation: ``sigmoid`` (x * Sigmoid(x), standard ops) or ``quickgelu``
+              (com.microsoft.QuickGelu with alpha 1 = the same silu in one node, ORT only).
+    """
+
+    grouping: str = "sorted"
+    combine: str = "inverse"
+    activation: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        assert self.grouping in ("sorted", "nonzero") and self.combine in ("inverse", "scatter_add") \
+            and self.activation in ("sigmoid", "quickgelu"), self
 
 
-def _swiglu_ffn(x: str, gate: str, up: str | None, down: str, s: str) -> list[onnx.NodeProto]:
-    """y{s} = (silu(x @ gate) * (x @ up)) @ down; up=None: ``gate`` is [.., H, 2F] gate|up, split after."""
-    project = [helper.make_node("MatMul", [x, gate], [f"g{s}"]), helper.make_node("MatMul", [x, up], [f"u{s}"])] \
-        if up else [helper.make_node("MatMul", [x, gate], [f"h{s}"]),
-                    helper.make_node("Split", [f"h{s}"], [f"g{s}", f"u{s}"], axis=-1, num_outputs=2)]
-    return [
-        *project,
-        helper.make_node("Sigmoid", [f"g{s}"], [f"sg{s}"]),
-        helper.make_node("Mul", [f"g{s}", f"sg{s}"], [f"silu{s}"]),
-        helper.make_node("Mul", [f"silu{s}", f"u{s}"], [f"a{s}"]),
-        helper.make_node("MatMul", [f"a{s}", down], [f"y{s}"]),
-    ]
+SORTED = Sparse()
+NONZERO = Sparse(grouping="nonzero")
+# the fast ONNX Runtime CPU graph (runtime/ort_graph.py): scatter-add and QuickGelu measured faster there
+ORT_CPU = Sparse(combine="scatter_add", activation="quickgelu")
+
+# expert e -> (gate [H, F] or gate|up [H, 2F], up [H, F] or None, down [F, H]): tensor names
+Slabs = Callable[[int], tuple[str, str | None, str]]
 
 
-def _slabs(e: int) -> list[onnx.NodeProto]:
-    """Expert e's gate [H, F], up [H, F], down [F, H]: constant slices ORT folds at load."""
-    s = f"_{e}"
-    return [
-        _const(f"e{s}", [e], []),
-        helper.make_node("Gather", ["gate_up", f"e{s}"], [f"gu{s}"], axis=0),  # [H, 2F]
-        helper.make_node("Slice", [f"gu{s}", "zero1", "F", "one"], [f"wg{s}"]),
-        helper.make_node("Slice", [f"gu{s}", "F", "F2", "one"], [f"wu{s}"]),
-        helper.make_node("Gather", ["down", f"e{s}"], [f"dn{s}"], axis=0),
-    ]
+@dataclass(frozen=True)
+class _Grouped:
+    rows: list[str]  # E names: expert e's token rows [n_e, H]
+    slots: str  # [T*k] flat slot (t*k + j) of each row of the concatenated rows
+    n_slots: str  # [1] T*k
+    tokens: str | None  # [T*k] token of each concatenated row, when already computed
 
 
-def _weighted_sum(ys: str) -> list[onnx.NodeProto]:
-    """[T*k, H] in slot order -> sum_j weights[t, j] * y[t, j] -> out [T, H]."""
-    return [
-        helper.make_node("Shape", ["ids"], ["shape_ids"]),
-        helper.make_node("Concat", ["shape_ids", "minus1"], ["shape3"], axis=0),
-        helper.make_node("Reshape", [ys, "shape3"], ["y3"]),  # [T, k, H]
-        helper.make_node("Unsqueeze", ["weights", "two"], ["w3"]),  # [T, k, 1]
-        helper.make_node("Mul", ["y3", "w3"], ["yw"]),
-        helper.make_node("ReduceSum", ["yw", "one"], ["out"], keepdims=0),  # [T, H]
-    ]
+def _ints(em: Emitter, hint: str, values: list[int] | int) -> str:
+    return em.const(hint, np.array(values, dtype=np.int64))
 
 
-def _sparse_expert(e: int) -> list[onnx.NodeProto]:
-    """Expert e on its own tokens -> pos_{e} [n] (flat slot t*k+j), y_{e} [n, H] (unweighted)."""
-    s = f"_{e}"
-    return [
-        *_slabs(e),
-        helper.make_node("Equal", ["flat_ids", f"e{s}"], [f"mask{s}"]),
-        helper.make_node("NonZero", [f"mask{s}"], [f"nz{s}"]),  # [1, n]
-        helper.make_node("Reshape", [f"nz{s}", "minus1"], [f"pos{s}"]),
-        helper.make_node("Div", [f"pos{s}", "k"], [f"tok{s}"]),  # int64: token = slot // k
-        helper.make_node("Gather", ["hidden", f"tok{s}"], [f"x{s}"], axis=0),  # [n, H]
-        *_swiglu_ffn(f"x{s}", f"wg{s}", f"wu{s}", f"dn{s}", s),
-    ]
+def swiglu_ffn(em: Emitter, x: str, gate: str, up: str | None, down: str, activation: str = "sigmoid") -> str:
+    """(silu(x @ gate) * (x @ up)) @ down; up=None: ``gate`` is gate|up [.., H, 2F], split after."""
+    if up is None:
+        g, u = em.op("Split", [em.op1("MatMul", [x, gate])], 2, axis=-1, num_outputs=2)
+    else:
+        g, u = em.op1("MatMul", [x, gate]), em.op1("MatMul", [x, up])
+    if activation == "quickgelu":
+        silu = em.op1("QuickGelu", [g], domain=MS_DOMAIN, alpha=1.0)
+    else:
+        silu = em.op1("Mul", [g, em.op1("Sigmoid", [g])])
+    return em.op1("MatMul", [em.op1("Mul", [silu, u]), down])
 
 
-def nonzero_nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
-    """Per-expert work on gathered rows; the k results per token come back through the inverse
-    permutation of the expert-major slot order (TopK of the slot positions), are weighted and
-    summed over k. No Scatter: every float type works in ONNX Runtime's CPU kernels."""
-    nodes = [_const("minus1", [-1]), _const("k", [k], []), _const("zero1", [0]), _const("one", [1]),
-             _const("two", [2]), _const("F", [inter]), _const("F2", [2 * inter]),
-             helper.make_node("Reshape", ["ids", "minus1"], ["flat_ids"])]  # [T*k]
-    for e in range(num_experts):
-        nodes += _sparse_expert(e)
-    experts = range(num_experts)
-    return nodes + [
-        helper.make_node("Concat", [f"pos_{e}" for e in experts], ["pos"], axis=0),  # [T*k]
-        helper.make_node("Concat", [f"y_{e}" for e in experts], ["ys"], axis=0),  # [T*k, H]
-        helper.make_node("Shape", ["pos"], ["n_slots"]),
-        helper.make_node("TopK", ["pos", "n_slots"], ["sorted_pos", "order"], largest=0, sorted=1),
-        helper.make_node("Gather", ["ys", "order"], ["ys_tok"], axis=0),  # token-major [T*k, H]
-        *_weighted_sum("ys_tok"),
-    ]
+def stacked_slabs(em: Emitter, gate_up: str, down: str, inter: int) -> Slabs:
+    """Expert e's gate [H, F], up [H, F], down [F, H] as constant-index Gather/Slice of the stacked
+    weights: ONNX Runtime folds them into per-expert initializers at session creation."""
+    zero, f, f2, axis1 = _ints(em, "zero", [0]), _ints(em, "F", [inter]), _ints(em, "F2", [2 * inter]), \
+        _ints(em, "axis", [1])
+
+    def slabs(e: int) -> tuple[str, str | None, str]:
+        idx = _ints(em, "e", e)
+        gu = em.op1("Gather", [gate_up, idx], axis=0)  # [H, 2F]
+        return (em.op1("Slice", [gu, zero, f, axis1]), em.op1("Slice", [gu, f, f2, axis1]),
+                em.op1("Gather", [down, idx], axis=0))
+
+    return slabs
 
 
-def sorted_nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
+def _group_sorted(em: Emitter, hidden: str, ids: str, k: int, num_experts: int) -> _Grouped:
     """Slots sorted by expert once (TopK), token rows gathered once, split by per-expert counts
-    (Split with runtime sizes, zero allowed); per expert only its 3 MatMuls and the activation.
-    The results, in expert order, go back to slot order through the inverse permutation."""
-    experts = range(num_experts)
-    nodes = [_const("minus1", [-1]), _const("k", [k], []), _const("zero1", [0]), _const("one", [1]),
-             _const("two", [2]), _const("F", [inter]), _const("F2", [2 * inter]),
-             _const("expert_ids", list(experts)), _const("first", [0]),
-             helper.make_node("Reshape", ["ids", "minus1"], ["flat_ids"]),  # [T*k]
-             helper.make_node("Shape", ["flat_ids"], ["n_slots"]),
-             helper.make_node("TopK", ["flat_ids", "n_slots"], ["sorted_ids", "order"], largest=0, sorted=1),
-             helper.make_node("Div", ["order", "k"], ["tok_sorted"]),  # slot // k = token
-             helper.make_node("Gather", ["hidden", "tok_sorted"], ["x_sorted"], axis=0),  # [T*k, H]
-             helper.make_node("Unsqueeze", ["flat_ids", "one"], ["ids_col"]),  # [T*k, 1]
-             helper.make_node("Equal", ["ids_col", "expert_ids"], ["hit"]),  # [T*k, E]
-             helper.make_node("Cast", ["hit"], ["hit_i"], to=TensorProto.INT64),
-             helper.make_node("ReduceSum", ["hit_i", "first"], ["counts"], keepdims=0),  # [E]
-             helper.make_node("Split", ["x_sorted", "counts"], [f"x_{e}" for e in experts], axis=0)]
-    for e in experts:
-        nodes += _slabs(e) + _swiglu_ffn(f"x_{e}", f"wg_{e}", f"wu_{e}", f"dn_{e}", f"_{e}")
-    return nodes + [
-        helper.make_node("Concat", [f"y_{e}" for e in experts], ["ys"], axis=0),  # [T*k, H] by expert
-        helper.make_node("TopK", ["order", "n_slots"], ["slots", "inverse"], largest=0, sorted=1),
-        helper.make_node("Gather", ["ys", "inverse"], ["ys_slot"], axis=0),  # slot order
-        *_weighted_sum("ys_slot"),
-    ]
+    (Split with runtime sizes, zero allowed)."""
+    flat = em.op1("Reshape", [ids, _ints(em, "flat", [-1])])  # [T*k] expert of each slot
+    n_slots = em.op1("Shape", [flat])
+    _, order = em.op("TopK", [flat, n_slots], 2, largest=0, sorted=1)  # slots by expert
+    tokens = em.op1("Div", [order, _ints(em, "k", k)])  # int64: slot // k = token
+    rows = em.op1("Gather", [hidden, tokens], axis=0)  # [T*k, H]
+    hit = em.op1("Equal", [em.op1("Unsqueeze", [flat, _ints(em, "axis", [1])]),
+                           _ints(em, "experts", list(range(num_experts)))])  # [T*k, E]
+    counts = em.op1("ReduceSum", [em.op1("Cast", [hit], to=TensorProto.INT64), _ints(em, "axis", [0])],
+                    keepdims=0)  # [E]
+    return _Grouped(em.op("Split", [rows, counts], num_experts, axis=0), order, n_slots, tokens)
+
+
+def _group_nonzero(em: Emitter, hidden: str, ids: str, k: int, num_experts: int) -> _Grouped:
+    """Each expert finds its slots with its own Equal + NonZero."""
+    flat = em.op1("Reshape", [ids, _ints(em, "flat", [-1])])  # [T*k]
+    kk, minus1 = _ints(em, "k", k), _ints(em, "flat", [-1])
+    rows, positions = [], []
+    for e in range(num_experts):
+        nz = em.op1("NonZero", [em.op1("Equal", [flat, _ints(em, "e", e)])])  # [1, n]
+        positions.append(em.op1("Reshape", [nz, minus1]))  # [n] flat slots
+        rows.append(em.op1("Gather", [hidden, em.op1("Div", [positions[-1], kk])], axis=0))  # [n, H]
+    slots = em.op1("Concat", positions, axis=0)  # [T*k]
+    return _Grouped(rows, slots, em.op1("Shape", [slots]), None)
+
+
+def _combine_inverse(em: Emitter, ys: str, grouped: _Grouped, weights: str, ids: str, out: str | None) -> str:
+    """Rows back to slot order (TopK of the slot positions = the inverse permutation), then
+    sum_j weights[t, j] * y[t, j]."""
+    _, inverse = em.op("TopK", [grouped.slots, grouped.n_slots], 2, largest=0, sorted=1)
+    in_slot_order = em.op1("Gather", [ys, inverse], axis=0)  # [T*k, H], t*k + j
+    shape3 = em.op1("Concat", [em.op1("Shape", [ids]), _ints(em, "minus1", [-1])], axis=0)
+    y3 = em.op1("Reshape", [in_slot_order, shape3])  # [T, k, H]
+    w3 = em.op1("Unsqueeze", [weights, _ints(em, "axis", [2])])  # [T, k, 1]
+    return last(em, "ReduceSum", [em.op1("Mul", [y3, w3]), _ints(em, "axis", [1])], out, keepdims=0)
+
+
+def _combine_scatter(em: Emitter, ys: str, grouped: _Grouped, weights: str, hidden: str, k: int,
+                     elem_type: int, out: str | None) -> str:
+    """Weight each row, then one ScatterND add of the rows onto their tokens, in fp32."""
+    w = em.op1("Gather", [em.op1("Reshape", [weights, _ints(em, "col", [-1, 1])]), grouped.slots],
+               axis=0)  # [T*k, 1] in row order
+    yw = em.op1("Mul", [ys, w])
+    tokens = grouped.tokens or em.op1("Div", [grouped.slots, _ints(em, "k", k)])
+    index = em.op1("Unsqueeze", [tokens, _ints(em, "axis", [1])])  # [T*k, 1]
+    zeros = em.op1("ConstantOfShape", [em.op1("Shape", [hidden])])  # fp32 [T, H]
+    if elem_type == TensorProto.FLOAT:
+        return last(em, "ScatterND", [zeros, index, yw], out, reduction="add")
+    summed = em.op1("ScatterND", [zeros, index, em.op1("Cast", [yw], to=TensorProto.FLOAT)], reduction="add")
+    return last(em, "Cast", [summed], out, to=elem_type)
+
+
+def sparse_moe(em: Emitter, hidden: str, weights: str, ids: str, k: int, num_experts: int, slabs: Slabs,
+               variant: Sparse = SORTED, elem_type: int = TensorProto.FLOAT, out: str | None = None) -> str:
+    """Sparse MoE: each expert runs its FFN on its own token rows only (an expert with no tokens
+    does 0-row MatMuls), the k results per token are weighted and summed -> out [T, H].
+    ``elem_type``: the float type of hidden/weights (``scatter_add`` casts to fp32 and back)."""
+    group = _group_nonzero if variant.grouping == "nonzero" else _group_sorted
+    grouped = group(em, hidden, ids, k, num_experts)
+    ys = em.op1("Concat", [swiglu_ffn(em, x, *slabs(e), variant.activation)
+                           for e, x in enumerate(grouped.rows)], axis=0)  # [T*k, H] in row order
+    if variant.combine == "scatter_add":
+        return _combine_scatter(em, ys, grouped, weights, hidden, k, elem_type, out)
+    return _combine_inverse(em, ys, grouped, weights, ids, out)
+
+
+def dense_moe(em: Emitter, hidden: str, weights: str, ids: str, gate_up: str, down: str, num_experts: int,
+              out: str | None = None) -> str:
+    """All experts on all tokens; dense [T, E] routing weights from a one-hot of the ids."""
+    onehot = em.op1("Equal", [em.op1("Unsqueeze", [ids, _ints(em, "axis", [2])]),
+                              _ints(em, "experts", list(range(num_experts)))])  # [T, k, E]
+    spread = em.op1("Mul", [em.op1("CastLike", [onehot, weights]),
+                            em.op1("Unsqueeze", [weights, _ints(em, "axis", [2])])])
+    dense_w = em.op1("ReduceSum", [spread, _ints(em, "axis", [1])], keepdims=0)  # [T, E]
+    scale = em.op1("Unsqueeze", [em.op1("Transpose", [dense_w], perm=[1, 0]), _ints(em, "axis", [2])])  # [E, T, 1]
+    y = swiglu_ffn(em, hidden, gate_up, None, down)  # [E, T, H]: [T, H] @ [E, H, 2F] broadcast
+    return last(em, "ReduceSum", [em.op1("Mul", [y, scale]), _ints(em, "axis", [0])], out, keepdims=0)
+
+
+def _sparse_body(variant: Sparse) -> Callable[[int, int, int], list[onnx.NodeProto]]:
+    def nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
+        em = Nodes()
+        sparse_moe(em, "hidden", "weights", "ids", k, num_experts, stacked_slabs(em, "gate_up", "down", inter),
+                   variant, out="out")
+        return em.nodes
+
+    return nodes
 
 
 def dense_nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
-    """All experts on all tokens; dense [T,E] routing weights from a one-hot of the ids.
-    (k and F come from the inputs' shapes here; the parameters keep BODIES' one signature.)"""
-    return [
-        _const("experts", list(range(num_experts))), _const("two", [2]), _const("first", [0]),
-        _const("slots", [1]),
-        helper.make_node("Unsqueeze", ["ids", "two"], ["ids3"]),  # [T, k, 1]
-        helper.make_node("Equal", ["ids3", "experts"], ["onehot"]),  # [T, k, E]
-        helper.make_node("CastLike", ["onehot", "weights"], ["onehot_f"]),
-        helper.make_node("Unsqueeze", ["weights", "two"], ["weights3"]),
-        helper.make_node("Mul", ["onehot_f", "weights3"], ["spread"]),
-        helper.make_node("ReduceSum", ["spread", "slots"], ["dense_w"], keepdims=0),  # [T, E]
-        helper.make_node("Transpose", ["dense_w"], ["dense_wt"], perm=[1, 0]),
-        helper.make_node("Unsqueeze", ["dense_wt", "two"], ["scale"]),  # [E, T, 1]
-        *_swiglu_ffn("hidden", "gate_up", None, "down", ""),  # [E, T, H] via broadcast MatMul
-        helper.make_node("Mul", ["y", "scale"], ["yw"]),
-        helper.make_node("ReduceSum", ["yw", "first"], ["out"], keepdims=0),
-    ]
+    """The dense body's nodes (k and F come from the inputs' shapes; BODIES share one signature)."""
+    em = Nodes()
+    dense_moe(em, "hidden", "weights", "ids", "gate_up", "down", num_experts, out="out")
+    return em.nodes
 
 
+sorted_nodes = _sparse_body(SORTED)
+nonzero_nodes = _sparse_body(NONZERO)
 BODIES = {"sorted": sorted_nodes, "nonzero": nonzero_nodes, "dense": dense_nodes}
 
 

@@ -35,6 +35,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mixport import artifact
 from mixport.errors import RuntimeFailure
+from mixport.exporter import routing_onnx
+from mixport.passes import moe_bodies
 
 GRAPH_VERSION = 5
 FILE = "model.ort.onnx"
@@ -93,57 +95,27 @@ def _attention(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
     return g.op1("MatMul", [attn, g.weight(f"{pre}.o_proj.weight", g.w[f"{pre}.o_proj.weight"].T)])
 
 
-def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str, str, list[str]]:
-    """Token slots sorted by expert: token ids [T*k], weights [T*k, 1], x rows [T*k, H], and
-    the E+1 slice bounds [1] of each expert's run in that order."""
+def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str]:
+    """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
     gate = f"layers.{i}.block_sparse_moe.gate.weight"
-    e_n, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
     logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
-    if g.dtype != np.float32:  # routing in fp32, as the reference does
-        logits = g.op1("Cast", [logits], to=TensorProto.FLOAT)
-    kk = g.const("k", np.array([k], dtype=np.int64))
-    if cfg.get("normalization", "renormalize") == "renormalize":  # softmax of the top-k logits
-        top, ids = g.op("TopK", [logits, kk], 2, axis=-1)  # = top-k probs renormalized
-        top = g.op1("Softmax", [top], axis=-1)  # [T, k]
-    else:
-        top, ids = g.op("TopK", [g.op1("Softmax", [logits], axis=-1), kk], 2, axis=-1)
-    key = g.op1("Reshape", [ids, g.const("shape", np.array([-1]))])  # [T*k] expert of each slot
-    _, order = g.op("TopK", [key, g.op1("Shape", [key])], 2, axis=-1, largest=0, sorted=1)  # by expert
-    token = g.op1("Div", [order, g.const("k", np.array(k, dtype=np.int64))])  # [T*k]
-    weight = g.op1("Gather", [g.op1("Reshape", [top, g.const("shape", np.array([-1, 1]))]), order])  # [T*k, 1]
-    if g.dtype != np.float32:
-        weight = g.op1("Cast", [weight], to=helper.np_dtype_to_tensor_dtype(g.dtype))
-    below = g.op1("LessOrEqual", [g.op1("Unsqueeze", [key, g.const("ax", np.array([1]))]),
-                                  g.const("experts", np.arange(e_n, dtype=np.int64))])  # [T*k, E]
-    ends = g.op1("ReduceSum", [g.op1("Cast", [below], to=TensorProto.INT64), g.const("ax", np.array([0]))],
-                 keepdims=0)  # [E]: slots of experts <= e
-    bounds = g.op1("Concat", [g.const("zero", np.array([0])), ends], axis=0)  # [E+1]
-    return token, weight, g.op1("Gather", [flat, token], axis=0), g.op("Split", [bounds], e_n + 1, axis=0,
-                                                                         num_outputs=e_n + 1)
+    return routing_onnx.routing_nodes(g, logits, cfg["num_experts_per_tok"], cfg.get("normalization", "renormalize"),
+                                      helper.np_dtype_to_tensor_dtype(g.dtype))
 
 
 def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str, shape: str) -> str:
-    """Sparse experts over expert-sorted token slots: one slice and two MatMuls per expert."""
+    """Sparse experts over expert-sorted token slots (moe_bodies.ORT_CPU): one gate|up MatMul,
+    QuickGelu and one down MatMul per expert on its rows, one scatter-add combine."""
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
-    token, weight, xs, bounds = _routes(g, cfg, i, flat)
-    ax0 = g.const("ax", np.array([0]))
-    outs = []
-    for e in range(cfg["num_local_experts"]):
+    weights, ids = _routes(g, cfg, i, flat)
+
+    def slabs(e: int) -> tuple[str, None, str]:
         pre = f"layers.{i}.block_sparse_moe.experts.{e}"
-        x = g.op1("Slice", [xs, bounds[e], bounds[e + 1], ax0])  # [N_e, H]
         gate_up = np.concatenate([g.w[f"{pre}.w1.weight"].T, g.w[f"{pre}.w3.weight"].T], axis=1)  # [H, 2F]
-        gate, up = g.op("Split", [g.op1("MatMul", [x, g.weight(f"{pre}.w13.weight", gate_up)])], 2, axis=-1,
-                        num_outputs=2)
-        act = g.op1("Mul", [g.op1("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # silu(gate) * up
-        outs.append(g.op1("MatMul", [act, g.weight(f"{pre}.w2.weight", g.w[f"{pre}.w2.weight"].T)]))
-    y = g.op1("Mul", [g.op1("Concat", outs, axis=0), weight])  # [T*k, H], expert-sorted
-    zeros = g.op1("Mul", [flat, g.const("zero", np.zeros((), g.dtype))])
-    idx = g.op1("Unsqueeze", [token, g.const("ax", np.array([1]))])
-    if g.dtype != np.float32:  # ORT's CPU ScatterND adds only fp32: combine in fp32
-        y, zeros = (g.op1("Cast", [t], to=TensorProto.FLOAT) for t in (y, zeros))
-    out = g.op1("ScatterND", [zeros, idx, y], reduction="add")
-    if g.dtype != np.float32:
-        out = g.op1("Cast", [out], to=helper.np_dtype_to_tensor_dtype(g.dtype))
+        return g.weight(f"{pre}.w13.weight", gate_up), None, g.weight(f"{pre}.w2.weight", g.w[f"{pre}.w2.weight"].T)
+
+    out = moe_bodies.sparse_moe(g, flat, weights, ids, cfg["num_experts_per_tok"], cfg["num_local_experts"], slabs,
+                                moe_bodies.ORT_CPU, helper.np_dtype_to_tensor_dtype(g.dtype))
     return g.op1("Reshape", [out, shape])  # [B, S, H]
 
 

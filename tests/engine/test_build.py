@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from onnx import TensorProto
 
 from mixport.engine.builder import build_engine
 from mixport.engine.profiles import ProfileSpec, input_shapes
 from mixport.engine.symlink import ParserSymlinkError, ensure_parser_symlink
 from mixport.errors import BuildError, TensorRTNotFoundError
+from mixport.exporter.routing_onnx import routing_function
+from mixport.passes import moe_bodies
+from mixport.plugins.kernels.reference import reference_moe, reference_routing
 from mixport.plugins.testing import tiny_moe_model, write_tiny_moe_model
 from mixport.plugins.trt_import import RTX, flavor_of, import_trt
 
@@ -49,10 +54,38 @@ def test_without_plugins_the_function_bodies_are_inlined(trt: ModuleType, tiny: 
 
     register_plugins(trt)  # registered, yet use_plugins=False must not use them
     result = build_engine(tiny, tmp_path / "dense.engine", profiles=TOKENS, use_plugins=False)
-    types = {layer.type for layer in result.layers}
+    types = Counter(layer.type for layer in result.layers)
     assert not result.plugin_layers and "PLUGIN_V3" not in types
-    assert {"TOPK", "ONE_HOT", "EINSUM"} <= types
+    # the layers are the shipped bodies' (routing_onnx.routing_function, moe_bodies' dense body):
+    # one matrix multiply per MatMul they declare (+ the router's), a TopK, and nothing that
+    # the parser rejects (NonZero, Scatter)
+    model = tiny_moe_model()
+    declared = Counter(n.op_type for f in model.functions for n in f.node)
+    assert {f.name: len(f.node) for f in model.functions} == {
+        "TopKRouting": len(routing_function(2, "renormalize", TensorProto.FLOAT).node),
+        "MoE": len(moe_bodies.dense_nodes(4, 2, 48))}
+    assert declared["MatMul"] == 2 and declared["TopK"] == 1
+    assert types["MATRIX_MULTIPLY"] == declared["MatMul"] + 1 and types["TOPK"] == declared["TopK"]
+    assert not {"NON_ZERO", "SCATTER", "EINSUM", "ONE_HOT"} & set(types)
     assert result.engine_path.stat().st_size > 0
+
+
+def test_tiny_model_computes_the_contract() -> None:
+    """The tiny model's bodies (run by ONNX Runtime) match the numpy oracle: it tests the real op."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = tiny_moe_model(hidden=32, ffn=48, experts=4, k=2)
+    hidden = np.random.default_rng(1).standard_normal((9, 32)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, weights, ids = session.run(["out", "weights", "ids"], {"hidden": hidden})
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    want_w, want_ids = reference_routing(hidden @ inits["router"], 2)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_w, rtol=1e-5, atol=1e-6)
+    want = reference_moe(hidden, want_w, want_ids, inits["gate_up"], inits["down"])
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 def test_missing_plugin_attributes_are_added(trt: ModuleType, tmp_path: Path) -> None:

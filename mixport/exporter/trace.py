@@ -112,7 +112,7 @@ def _attach_weights(ir_model: Any, weights: dict[str, Any], model: DecoderModel)
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
-    extra = {k: b for k, b in model.named_buffers() if not b.is_meta}  # computed, not in the checkpoint
+    extra = model.computed_buffers()  # inv_freq: not in the checkpoint
     for name, value in ir_model.graph.initializers.items():
         key = name.removeprefix("model.")
         tensor = weights.get(key, extra.get(key))

@@ -215,6 +215,11 @@ class DecoderModel(nn.Module):
             present += [k, v]
         return self.lm_head(self.norm(x)), present
 
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers the checkpoint does not hold, computed on the CPU (also for a meta model)."""
+        with torch.device("cpu"):
+            return {"inv_freq": rope_inv_freq(self.cfg)}
+
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         cfg = self.cfg
         dtype = dtype or self.lm_head.weight.dtype

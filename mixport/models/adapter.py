@@ -36,7 +36,6 @@ Renamed = tuple[str, Shape, tuple]  # (mixport name, its shape, index into the s
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_local_experts", "num_experts_per_tok")
 DERIVED = ("model_type", "num_key_value_heads", "head_dim", "rope_theta")  # see derived()
-ROLES = ("gate", "up", "down")  # a SwiGLU expert: down(silu(gate(x)) * up(x))
 
 
 class Adapter:
@@ -62,7 +61,7 @@ class Adapter:
     # -- where things sit in each decoder layer of the reference model (the components' names)
     router_path: ClassVar[str] = "block_sparse_moe.gate"
     experts_path: ClassVar[str] = "block_sparse_moe.experts"
-    expert_projections: ClassVar[Mapping[str, str]] = {"gate": "w1", "up": "w3", "down": "w2"}
+    expert_projections: ClassVar[Mapping[str, str]] = {"gate": "w1", "up": "w3", "down": "w2"}  # SwiGLU roles
 
     # -- runtimes -------------------------------------------------------------------------
     fast_graph: ClassVar[bool] = False  # runtime/ort_graph builds every module this family composes
@@ -95,10 +94,9 @@ class Adapter:
         """Fields computed from config.json rather than copied (DERIVED)."""
         heads = raw[self.hf_key("num_attention_heads")]
         kv_key = self.hf_key("num_key_value_heads") or "num_key_value_heads"
-        values = {"model_type": self.model_type, "num_key_value_heads": raw.get(kv_key) or heads,
-                  "head_dim": raw.get("head_dim") or raw[self.hf_key("hidden_size")] // heads,
-                  "rope_theta": rope_theta(raw, float(self.defaults.get("rope_theta", 1e6)))}
-        return values
+        return {"model_type": self.model_type, "num_key_value_heads": raw.get(kv_key) or heads,
+                "head_dim": raw.get("head_dim") or raw[self.hf_key("hidden_size")] // heads,
+                "rope_theta": rope_theta(raw, float(self.defaults.get("rope_theta", 1e6)))}
 
     def validate(self, cfg: MoEConfig) -> None:
         """Checks across fields; a family adds its own (calling this one)."""

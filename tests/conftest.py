@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mixport.exporter.config import MoEConfig
 from mixport.exporter.tiny import TINY, write_tiny
+from mixport.models import MoEConfig
 from tests.helpers import has_gpu
 
 

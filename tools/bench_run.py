@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mixport.exporter.config import MoEConfig
 from mixport.exporter.tiny import MINI_MIXTRAL as MINI
+from mixport.models import MoEConfig
 
 
 def build_export(work: Path) -> tuple[Path, Path]:

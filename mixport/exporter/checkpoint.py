@@ -1,10 +1,10 @@
-"""Read a Hugging Face Mixtral folder's safetensors (never pickles) into mixport names."""
+"""Read a Hugging Face folder's safetensors (never pickles) into mixport names (the family
+adapter's checkpoint rules)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 from mixport.errors import CheckpointError
-from mixport.exporter.config import MoEConfig
+from mixport.models import Adapter, MoEConfig, registry
 
 INDEX = "model.safetensors.index.json"
-_FUSED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -90,45 +89,27 @@ class LazyWeight:
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
 
-def iter_weights(model_dir: Path) -> Iterator[tuple[str, LazyWeight]]:
+def iter_weights(model_dir: Path, adapter: Adapter) -> Iterator[tuple[str, LazyWeight]]:
     """(mixport name, lazy weight) for every tensor of the folder, after validating each file;
-    nothing but the headers is read."""
+    nothing but the headers is read. Names follow ``adapter``'s rules (stacked experts split)."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
         check_safetensors(path)
         with safe_open(str(path), framework="pt") as fh:
             for hf_name in fh.keys():
-                shape = torch.Size(fh.get_slice(hf_name).get_shape())
-                yield from _mixport_names(hf_name, shape, path)
-
-
-def _mixport_names(hf_name: str, shape: torch.Size, path: Path) -> Iterator[tuple[str, LazyWeight]]:
-    """HF name -> mixport state_dict names; splits transformers-v5 stacked expert tensors."""
-    name = hf_name.removeprefix("model.").replace(".mlp.gate.", ".block_sparse_moe.gate.")
-    fused = _FUSED.search(name)
-    if not fused:
-        yield name, LazyWeight(shape, path, hf_name)
-        return
-    layer, kind = fused.groups()
-    base = f"layers.{layer}.block_sparse_moe.experts"
-    for e in range(shape[0]):
-        if kind == "gate_up_proj":  # [E, 2F, H]: gate rows, then up rows
-            f = shape[1] // 2
-            yield f"{base}.{e}.w1.weight", LazyWeight(torch.Size((f, shape[2])), path, hf_name,
-                                                      (e, slice(0, f)))
-            yield f"{base}.{e}.w3.weight", LazyWeight(torch.Size((f, shape[2])), path, hf_name,
-                                                      (e, slice(f, 2 * f)))
-        else:  # down_proj [E, H, F]
-            yield f"{base}.{e}.w2.weight", LazyWeight(shape[1:], path, hf_name, (e,))
+                shape = tuple(fh.get_slice(hf_name).get_shape())
+                for name, part, index in adapter.checkpoint_names(hf_name, shape):
+                    yield name, LazyWeight(torch.Size(part), path, hf_name, index)
 
 
 def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.Size],
                     dtype: torch.dtype, lazy: bool = False) -> dict[str, torch.Tensor] | dict[str, LazyWeight]:
     """Every parameter the reference model expects, checked for presence and shape (from the
     headers); ``lazy``: LazyWeights that read (and convert) one tensor when asked."""
+    adapter = registry.for_config(cfg)
     state: dict[str, LazyWeight] = {}
-    for name, weight in iter_weights(model_dir):
+    for name, weight in iter_weights(model_dir, adapter):
         if name in expected:
             state[name] = dataclasses.replace(weight, dtype=dtype)
     if "lm_head.weight" not in state and cfg.tie_word_embeddings and "embed_tokens.weight" in state:
@@ -137,7 +118,7 @@ def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.S
     if missing:
         raise CheckpointError(f"{len(missing)} weights missing from the checkpoint",
                               given=", ".join(missing[:3]) + ("..." if len(missing) > 3 else ""),
-                              expected="every Mixtral parameter for this config.json")
+                              expected=f"every {adapter.name} parameter for this config.json")
     for name, w in state.items():
         if w.shape != expected[name]:
             raise CheckpointError(f"weight '{name}' has the wrong shape", given=tuple(w.shape),

@@ -3,6 +3,8 @@
 It is a real Hugging Face folder (config.json, model.safetensors with the hub's
 parameter names, tokenizer.json, tokenizer_config.json) so every path mixport
 takes on a downloaded checkpoint runs on it unchanged, without a model hub.
+``write_tiny`` writes any family whose adapter can name its hub checkpoint
+(``cfg.model_type`` picks the adapter).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mixport.exporter.config import MoEConfig
+from mixport.models import MoEConfig, registry
 
 CORPUS = """\
 The mixture of experts routes every token to a few of its feed forward experts.
@@ -60,21 +62,22 @@ def random_state(cfg: MoEConfig, seed: int) -> dict[str, torch.Tensor]:
     """Seeded weights under the hub's names; the router is scaled up so routing is decisive."""
     from mixport.exporter.loader import expected_shapes
 
+    adapter = registry.for_config(cfg)
+    routers = {adapter.router_weight(i) for i in adapter.moe_layers(cfg)}
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, shape in expected_shapes(cfg).items():
         if name.endswith("layernorm.weight") or name == "norm.weight":
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
-            std = 1.0 if ".gate." in name else (1.0 if "embed" in name else shape[-1] ** -0.5)
+            std = 1.0 if name in routers else (1.0 if "embed" in name else shape[-1] ** -0.5)
             t = std * torch.randn(shape, generator=gen)
-        hf = name if name == "lm_head.weight" else f"model.{name}"
-        state[hf] = t.contiguous()
+        state[adapter.hub_name(name)] = t.contiguous()
     return state
 
 
 def write_tiny(out_dir: Path, cfg: MoEConfig | None = None, seed: int = 0) -> Path:
-    """Write a complete HF Mixtral folder for ``cfg`` (default: the built-in tiny config)."""
+    """Write a complete HF folder for ``cfg`` (default: the built-in tiny Mixtral config)."""
     from safetensors.torch import save_file
 
     cfg = cfg or TINY
@@ -82,7 +85,7 @@ def write_tiny(out_dir: Path, cfg: MoEConfig | None = None, seed: int = 0) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(min(cfg.vocab_size, 512))
     cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(registry.for_config(cfg).to_hf_dict(cfg), indent=2))
     save_file(random_state(cfg, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({

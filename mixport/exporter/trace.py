@@ -20,7 +20,7 @@ from mixport.artifact import TRACED_DATA
 from mixport.errors import ExportError
 from mixport.exporter import routing_onnx
 from mixport.exporter.checkpoint import LazyWeight
-from mixport.exporter.model import MixtralModel, rope_inv_freq
+from mixport.models.components import DecoderModel
 
 DIM_NAMES = {"batch": "batch", "seq": "seq", "past": "past_seq", "total": "total_seq"}
 TOTAL = "total_seq"  # past_seq + seq
@@ -37,7 +37,7 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 class _Flat(torch.nn.Module):
     """Flat outputs (logits, present...) for the exporter."""
 
-    def __init__(self, model: MixtralModel) -> None:
+    def __init__(self, model: DecoderModel) -> None:
         super().__init__()
         self.model = model
 
@@ -46,7 +46,7 @@ class _Flat(torch.nn.Module):
         return logits, *present
 
 
-def _example(model: MixtralModel) -> tuple[tuple, dict]:
+def _example(model: DecoderModel) -> tuple[tuple, dict]:
     """B=2, S=3, P=2: every dim >= 2 so none is specialized to a constant."""
     cfg = model.cfg
     dtype = model.lm_head.weight.dtype
@@ -63,7 +63,7 @@ def _example(model: MixtralModel) -> tuple[tuple, dict]:
     return (ids, mask, pos, past), dyn
 
 
-def trace(model: MixtralModel, weights: dict[str, Any] | None = None, spill_dir: Path | None = None,
+def trace(model: DecoderModel, weights: dict[str, Any] | None = None, spill_dir: Path | None = None,
           on_tensor: Callable[[int, int], None] | None = None) -> onnx.ModelProto:
     """The exported (unfused) model: TopKRouting nodes + per-expert FFNs.
 
@@ -87,7 +87,7 @@ def trace(model: MixtralModel, weights: dict[str, Any] | None = None, spill_dir:
                 output_names=outputs, report=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; one clear line for the user
         raise ExportError("torch.onnx.export failed", given=f"{type(exc).__name__}: {str(exc)[:300]}",
-                          expected="a traceable Mixtral reference model") from exc
+                          expected="a traceable reference model") from exc
     if weights is not None:
         _attach_weights(program.model, weights, model)
     if spill_dir is None:
@@ -106,13 +106,13 @@ def trace(model: MixtralModel, weights: dict[str, Any] | None = None, spill_dir:
     return proto
 
 
-def _attach_weights(ir_model: Any, weights: dict[str, Any], model: MixtralModel) -> None:
+def _attach_weights(ir_model: Any, weights: dict[str, Any], model: DecoderModel) -> None:
     """Each initializer gets its checkpoint tensor: a torch tensor, or a LazyWeight read (and
     converted) only when the graph is serialized, then dropped (one weight in memory at a time)."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
-    extra = {"inv_freq": rope_inv_freq(model.cfg)}
+    extra = model.computed_buffers()  # inv_freq: not in the checkpoint
     for name, value in ir_model.graph.initializers.items():
         key = name.removeprefix("model.")
         tensor = weights.get(key, extra.get(key))
@@ -148,7 +148,7 @@ def _check_dims(proto: onnx.ModelProto) -> None:
                               given=dims, expected=want, hint="the trace specialized a dim to a constant")
 
 
-def finish(proto: onnx.ModelProto, model: MixtralModel) -> None:
+def finish(proto: onnx.ModelProto, model: DecoderModel) -> None:
     for init in proto.graph.initializer:
         init.name = init.name.removeprefix("model.")
     for node in proto.graph.node:

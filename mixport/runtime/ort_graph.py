@@ -15,6 +15,12 @@ it needs about once:
   ~40% fewer nodes; ORT's com.microsoft.MoE was slower in both prefill and decode);
 * lm_head only on the rows named by ``logits_index`` (the last token of each row).
 
+What it builds is derived from the family's adapter (``manifest["config"]["model_type"]``;
+a manifest without one is Mixtral's): the adapter says whether the fast graph can build
+the family (``Adapter.fast_graph``) and where the router and expert weights sit. It refuses,
+with a reason, any graph it does not fully understand: an unknown family, a config field
+it does not build, or a weight of the export it would not use (a shared expert, a bias).
+
 Signature (B batch, S new tokens, C cache capacity, G kv heads, D head dim, N rows):
 input_ids [B, S] int64 (right-padded), seqlens_k [B] int32 (tokens in cache after
 this step - 1), total_sequence_length [] int32, logits_index [N] int64 (flat
@@ -37,6 +43,8 @@ from mixport import artifact
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
 from mixport.passes import moe_bodies
+from mixport.models import Adapter, registry
+from mixport.models import config as model_config
 
 GRAPH_VERSION = 5
 FILE = "model.ort.onnx"
@@ -45,12 +53,45 @@ MS = "com.microsoft"
 
 # T tokens (B*S), H hidden, E experts, k active, F intermediate, V vocab
 
+# The config fields this builder reads, or that do not change what a decoder computes. Any other
+# field (one a newer family added to MoEConfig) must keep its neutral default, else: not supported.
+FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim", "rms_norm_eps",
+    "rope_theta", "max_position_embeddings", "sliding_window", "tie_word_embeddings", "normalization",
+    "bos_token_id", "eos_token_id", "pad_token_id", "model_type"})
+
+
+class _Reads(dict):
+    """The export's weights by name; remembers which ones the builder read."""
+
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        super().__init__(weights)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = super().__getitem__(key)
+        self.read.add(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            self.read.add(key)
+        return super().get(key, default)
+
+
+def _is_weight(name: str, value: np.ndarray) -> bool:
+    """A weight of the model, which the fast graph must build from, rather than a constant of
+    the traced graph it re-expresses (a scalar: eps, scale, mask value; an int64 shape/axes
+    vector): a state-dict (dotted) name, or any other tensor."""
+    return "." in name or (value.ndim > 0 and not (value.ndim == 1 and value.dtype == np.int64))
+
 
 class _Builder:
-    """Nodes and initializers with unique names."""
+    """Nodes and initializers with unique names; ``names``: the family's adapter (weight names)."""
 
-    def __init__(self, weights: dict[str, np.ndarray], dtype: np.dtype) -> None:
-        self.w, self.dtype = weights, dtype
+    def __init__(self, weights: dict[str, np.ndarray], dtype: np.dtype, names: Adapter) -> None:
+        self.w, self.dtype, self.names = _Reads(weights), dtype, names
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.count = 0
@@ -97,7 +138,7 @@ def _attention(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
 
 def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str]:
     """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
-    gate = f"layers.{i}.block_sparse_moe.gate.weight"
+    gate = g.names.router_weight(i)
     logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
     return routing_onnx.routing_nodes(g, logits, cfg["num_experts_per_tok"], cfg.get("normalization", "renormalize"),
                                       helper.np_dtype_to_tensor_dtype(g.dtype))
@@ -110,18 +151,27 @@ def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str, shape: str) -> str:
     weights, ids = _routes(g, cfg, i, flat)
 
     def slabs(e: int) -> tuple[str, None, str]:
-        pre = f"layers.{i}.block_sparse_moe.experts.{e}"
-        gate_up = np.concatenate([g.w[f"{pre}.w1.weight"].T, g.w[f"{pre}.w3.weight"].T], axis=1)  # [H, 2F]
-        return g.weight(f"{pre}.w13.weight", gate_up), None, g.weight(f"{pre}.w2.weight", g.w[f"{pre}.w2.weight"].T)
+        pre = f"{g.names.experts_prefix(i)}.{e}"
+        w1, w3, w2 = (g.names.expert_weight(i, e, role) for role in ("gate", "up", "down"))
+        gate_up = np.concatenate([g.w[w1].T, g.w[w3].T], axis=1)  # [H, 2F]
+        return g.weight(f"{pre}.w13.weight", gate_up), None, g.weight(w2, g.w[w2].T)
 
     out = moe_bodies.sparse_moe(g, flat, weights, ids, cfg["num_experts_per_tok"], cfg["num_local_experts"], slabs,
                                 moe_bodies.ORT_CPU, helper.np_dtype_to_tensor_dtype(g.dtype))
     return g.op1("Reshape", [out, shape])  # [B, S, H]
 
 
-def _rope_cache(cfg: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _rope_cache(cfg: dict[str, Any], dtype: np.dtype, exported: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [P, D/2] of plain RoPE; ``exported``: the export's inv_freq, which must agree."""
     d = cfg["head_dim"]
     inv_freq = 1.0 / (cfg["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    if exported is not None and (exported.shape != inv_freq.shape
+                                 or not np.allclose(exported, inv_freq, rtol=1e-6, atol=0)):
+        raise RuntimeFailure("the export's rotary frequencies (inv_freq) are not plain RoPE of the config",
+                             given=f"inv_freq {exported.ravel()[:3]}...",
+                             expected=f"rope_theta {cfg['rope_theta']}: {inv_freq[:3]}...",
+                             hint="run with --graph portable")
     freqs = np.arange(cfg["max_position_embeddings"], dtype=np.float32)[:, None] * inv_freq  # [P, D/2]
     return np.cos(freqs).astype(dtype), np.sin(freqs).astype(dtype)
 
@@ -130,7 +180,7 @@ def _decoder(g: _Builder, cfg: dict[str, Any]) -> None:
     eps = float(cfg["rms_norm_eps"])
     x = g.op1("Gather", [g.weight("embed_tokens.weight"), "input_ids"])  # [B, S, H]
     shape = g.op1("Shape", [x])
-    cos, sin = _rope_cache(cfg, g.dtype)
+    cos, sin = _rope_cache(cfg, g.dtype, g.w.get("inv_freq"))
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
     moe_out = None
@@ -169,9 +219,19 @@ def _io(cfg: dict[str, Any], elem: int) -> tuple[list[onnx.ValueInfoProto], list
 
 
 def supported(cfg: dict[str, Any], dtype: str) -> str | None:
-    """None when the fast graph can express this model, else why not."""
+    """None when the fast graph can express this model (its family, config and dtype), else why
+    not. ``build`` also refuses an export with weights it would not use."""
     if dtype not in ("fp32", "fp16"):
         return f"dtype {dtype} (ONNX Runtime CPU runs fp32 / fp16)"
+    adapter = registry.lookup(cfg.get("model_type"))
+    if adapter is None:
+        return f"model_type {cfg.get('model_type')!r} (this mixport knows {registry.supported()})"
+    if not adapter.fast_graph:
+        return f"{adapter.name} (the fast graph does not build this family's modules)"
+    defaults = model_config.defaults()
+    odd = [f"{k}={v!r}" for k, v in cfg.items() if k not in FIELDS and (k not in defaults or v != defaults[k])]
+    if odd:
+        return f"config {', '.join(odd)} (the fast graph does not build it)"
     if cfg["head_dim"] % 8:
         return f"head_dim {cfg['head_dim']} (GroupQueryAttention wants a multiple of 8)"
     window = cfg.get("sliding_window")
@@ -180,16 +240,33 @@ def supported(cfg: dict[str, Any], dtype: str) -> str | None:
     return None
 
 
+def _require_supported(cfg: dict[str, Any], dtype: str) -> None:
+    why = supported(cfg, dtype)
+    if why:
+        raise RuntimeFailure("the fast ONNX Runtime graph cannot express this model", given=why,
+                             expected="fp32/fp16, no sliding window, a family it builds",
+                             hint="run with --graph portable")
+
+
 def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> onnx.ModelProto:
-    """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts)."""
+    """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts).
+    RuntimeFailure when ``supported`` says no, a weight is missing, or one would be left unused."""
+    _require_supported(cfg, dtype)
     np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    g = _Builder(weights, np_dtype)
+    g = _Builder(weights, np_dtype, _adapter(cfg))
     try:
         _decoder(g, cfg)
     except KeyError as exc:
         raise RuntimeFailure("the export's weights are not named as the fast graph expects",
                              given=f"missing {exc}", expected="a mixport export (state-dict weight names)",
                              hint="run with --graph portable") from None
+    unused = sorted(n for n, v in g.w.items() if n not in g.w.read and _is_weight(n, v))
+    if unused:
+        more = "..." if len(unused) > 3 else ""
+        raise RuntimeFailure("the fast ONNX Runtime graph does not understand every weight of this export",
+                             given=f"{len(unused)} unused: {', '.join(unused[:3])}{more}",
+                             expected=f"only the weights of the {g.names.name} modules it builds",
+                             hint="run with --graph portable (model.onnx uses every weight)")
     elem = helper.np_dtype_to_tensor_dtype(np_dtype)
     inputs, outputs = _io(cfg, elem)
     graph = helper.make_graph(g.nodes, "mixport_ort_cpu", inputs, outputs, g.inits)
@@ -197,20 +274,39 @@ def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> on
                              producer_name="mixport", producer_version=str(GRAPH_VERSION))
 
 
-def export_weights(model_path: Path) -> dict[str, np.ndarray]:
+def _adapter(cfg: dict[str, Any] | None) -> Adapter:
+    model_type = (cfg or {}).get("model_type")
+    adapter = registry.lookup(model_type)
+    if adapter is None:
+        raise RuntimeFailure("the fast ONNX Runtime graph does not know this model family", given=model_type,
+                             expected=registry.supported(), hint="run with --graph portable")
+    return adapter
+
+
+def export_weights(model_path: Path, cfg: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The initializers of an export's model.onnx by state-dict name (external data resolved);
-    a fused export's stacked experts are viewed as the per-expert w1/w3/w2 [out, in] slabs."""
+    a fused export's stacked experts (the fusion pass names them ``<experts>.gate_up`` /
+    ``.down``) are viewed as the per-expert gate/up/down [out, in] slabs the adapter names.
+    ``cfg``: the manifest's config (None: Mixtral's names)."""
+    names = _adapter(cfg)
     proto = onnx.load(str(model_path))
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for name in [n for n in weights if n.endswith(".experts.gate_up")]:
-        base = name.removesuffix(".gate_up")
-        gate_up, down = weights.pop(name), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
+    for i in range(_layer_count(weights)):
+        base = names.experts_prefix(i)
+        if f"{base}.gate_up" not in weights:
+            continue
+        gate_up, down = weights.pop(f"{base}.gate_up"), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
         f = down.shape[1]
         for e in range(gate_up.shape[0]):
-            weights[f"{base}.{e}.w1.weight"] = gate_up[e, :, :f].T
-            weights[f"{base}.{e}.w3.weight"] = gate_up[e, :, f:].T
-            weights[f"{base}.{e}.w2.weight"] = down[e].T
+            weights[names.expert_weight(i, e, "gate")] = gate_up[e, :, :f].T
+            weights[names.expert_weight(i, e, "up")] = gate_up[e, :, f:].T
+            weights[names.expert_weight(i, e, "down")] = down[e].T
     return weights
+
+
+def _layer_count(weights: dict[str, np.ndarray]) -> int:
+    layers = {int(n.split(".")[1]) for n in weights if n.startswith("layers.") and n.split(".")[1].isdigit()}
+    return max(layers, default=-1) + 1
 
 
 def _is_current(folder: Path, record: dict[str, Any] | None, source_sha: str) -> bool:
@@ -224,16 +320,14 @@ def ensure(folder: Path, manifest: dict[str, Any], progress: Any = None) -> Path
     """FOLDER/model.ort.onnx, built on first use (and again when model.onnx changed);
     recorded in the manifest as ``ort_graph`` {file, version, signature, sha256, source}."""
     folder = Path(folder)
-    why = supported(manifest["config"], manifest.get("dtype", "fp32"))
-    if why:
-        raise RuntimeFailure("the fast ONNX Runtime graph cannot express this model", given=why,
-                             expected="fp32/fp16, no sliding window", hint="run with --graph portable")
+    _require_supported(manifest["config"], manifest.get("dtype", "fp32"))
     source_sha = manifest.get("onnx_sha256") or artifact.file_sha256(folder / artifact.MODEL_FILE)
     if _is_current(folder, manifest.get("ort_graph"), source_sha):
         return folder / FILE
     if progress:
         progress("building the ONNX Runtime CPU graph (once per export folder)")
-    proto = build(export_weights(folder / artifact.MODEL_FILE), manifest["config"], manifest.get("dtype", "fp32"))
+    cfg = manifest["config"]
+    proto = build(export_weights(folder / artifact.MODEL_FILE, cfg), cfg, manifest.get("dtype", "fp32"))
     return _write(folder, proto, manifest, source_sha)
 
 

@@ -27,7 +27,8 @@ from mixport import artifact, ops
 from mixport.errors import MixportError
 from mixport.exporter.export import resolve_source
 from mixport.exporter.loader import load_reference
-from mixport.exporter.model import MixtralModel
+from mixport.models import registry
+from mixport.models.components import DecoderModel
 from mixport.tools.check_fast import FastGraphStat, check_fast_graph, greedy_tokens
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
@@ -113,7 +114,7 @@ def debug_model(model_path: Path, tmp: Path) -> Path:
     return path
 
 
-def reference_feeds(model: MixtralModel, prompt: list[int], steps: int
+def reference_feeds(model: DecoderModel, prompt: list[int], steps: int
                     ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
     """Prefill + ``steps`` greedy decode feeds (the past taken from the reference's present),
     and the steps + 1 greedy tokens the reference chose."""
@@ -199,13 +200,13 @@ def _routing_stats(ref: list[Any], ort: list[Any], layers: int, k: int) -> list[
     return stats
 
 
-def torch_runner(source: Path, model: MixtralModel, prefer_transformers: bool):  # -> BaseRunner
+def torch_runner(source: Path, model: DecoderModel, prefer_transformers: bool):  # -> BaseRunner
     from mixport.tools.torch_runners import ReferenceRunner, TransformersRunner
 
     if prefer_transformers:
         try:
             import transformers  # noqa: F401
-            return TransformersRunner(source)
+            return TransformersRunner(source, registry.for_config(model.cfg))
         except ImportError:
             pass
     return ReferenceRunner(model)
@@ -250,7 +251,8 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         (_, ref_iters), (_, ort_iters) = list(results.items())[:2]
         report = CheckReport([r.name for r in runners], steps, atol, rtol, notes=notes)
         report.outputs = _output_stats(accuracy, atol, rtol)
-        report.routing = _routing_stats(ref_iters, ort_iters, cfg.num_hidden_layers, cfg.num_experts_per_tok)
+        moe_layers = len(registry.for_config(cfg).moe_layers(cfg))  # one TopKRouting node each
+        report.routing = _routing_stats(ref_iters, ort_iters, moe_layers, cfg.num_experts_per_tok)
         report.ref_tokens = ref_tokens
         report.ort_tokens = ort_greedy(model_path, manifest, prompt, len(ref_tokens))
         report.tokens_must_match = dtype == "fp32"

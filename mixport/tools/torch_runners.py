@@ -16,7 +16,8 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from mixport.exporter.model import MixtralModel
+from mixport.models import Adapter, registry
+from mixport.models.components import DecoderModel
 
 
 def input_metadata(num_layers: int, dtype: np.dtype = np.float32) -> TensorMetadata:
@@ -54,18 +55,19 @@ class _TimedRunner(BaseRunner):
 class ReferenceRunner(_TimedRunner):
     """mixport's own reference model; stateless (the past comes from the feed)."""
 
-    def __init__(self, model: MixtralModel, name: str = "pytorch-mixport") -> None:
+    def __init__(self, model: DecoderModel, name: str = "pytorch-mixport") -> None:
         super().__init__(name=name, prefix="pyt-ref")
         self.model = model
 
     def activate_impl(self) -> None:
         self.probs: list[torch.Tensor] = []
-        self.hooks = [layer.block_sparse_moe.gate.register_forward_hook(self._hook)
-                      for layer in self.model.layers]
+        adapter = registry.for_config(self.model.cfg)  # where each MoE layer's router sits
+        routers = [self.model.get_submodule(f"layers.{i}.{adapter.router_path}")
+                   for i in adapter.moe_layers(self.model.cfg)]
+        self.hooks = [router.register_forward_hook(self._hook) for router in routers]
 
     def _hook(self, module, args, _out) -> None:  # noqa: ANN001
-        logits = torch.nn.functional.linear(args[0], module.weight)
-        self.probs.append(torch.softmax(logits.float(), dim=-1))
+        self.probs.append(module.probs(args[0]))
 
     def get_input_metadata_impl(self) -> TensorMetadata:
         return input_metadata(self.model.cfg.num_hidden_layers)
@@ -91,21 +93,23 @@ class ReferenceRunner(_TimedRunner):
 
 
 class TransformersRunner(_TimedRunner):
-    """transformers' MixtralForCausalLM on the source folder. It keeps its own cache:
-    a feed with an empty past starts a new sequence; later feeds must continue it."""
+    """transformers' own class for the family (the adapter's ``hf_class``, e.g.
+    MixtralForCausalLM) on the source folder. It keeps its own cache: a feed with an empty
+    past starts a new sequence; later feeds must continue it."""
 
-    def __init__(self, model_dir: Path, name: str = "pytorch-transformers") -> None:
+    def __init__(self, model_dir: Path, adapter: Adapter, name: str = "pytorch-transformers") -> None:
         super().__init__(name=name, prefix="pyt-hf")
         self.model_dir = Path(model_dir)
+        self.adapter = adapter
 
     def activate_impl(self) -> None:
-        from transformers import MixtralForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
 
-        self.model = MixtralForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        cls = self.adapter.transformers_class()
+        self.model = cls.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.cache = None
         params = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5

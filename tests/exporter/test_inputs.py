@@ -42,8 +42,10 @@ def test_missing_config_field(tiny_dir: Path, tmp_path: Path) -> None:
 def test_unsupported_architecture(tiny_dir: Path, tmp_path: Path) -> None:
     d = _copy(tiny_dir, tmp_path / "m")
     _edit_config(d, architectures=["LlamaForCausalLM"], model_type="llama")
-    with pytest.raises(ConfigError, match="unsupported architecture.*LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match="unsupported architecture.*LlamaForCausalLM.*MixtralForCausalLM"):
         load_config(d)
+    _edit_config(d, architectures=["MixtralFineTuneForCausalLM"], model_type="mixtral")  # model_type decides
+    assert load_config(d)[0].model_type == "mixtral"
 
 
 def test_rope_scaling_refused(tiny_dir: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""mixport's reference Mixtral: small modules, HF parameter names, KV cache as tensors.
+"""The shared reference modules the families compose: small modules, HF parameter names
+(Mixtral's, which are mixport's state-dict names), KV cache as tensors.
 
 Legend: B batch, S new tokens, P past tokens, T = B*S tokens, H hidden,
 Q query heads, G kv heads, D head dim, E experts, k active, F intermediate, V vocab.
@@ -6,12 +7,14 @@ Q query heads, G kv heads, D head dim, E experts, k active, F intermediate, V vo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from mixport.exporter.config import MoEConfig
-from mixport.exporter.routing import topk_routing
+from mixport.models.config import MoEConfig
+from mixport.models.routing import topk_routing
 
 
 class RMSNorm(nn.Module):
@@ -93,6 +96,10 @@ class Router(nn.Module):
         logits = Fn.linear(x, self.weight)  # [T, E]
         return topk_routing(logits, self.k, self.normalization)  # [T, k] x2
 
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> every expert's routing probability [T, E] fp32 (the tools' routing hooks)."""
+        return torch.softmax(Fn.linear(x, self.weight).float(), dim=-1)
+
 
 class Experts(nn.ModuleList):
     """The E expert FFNs, combined by the routing weights."""
@@ -171,14 +178,19 @@ def rope_inv_freq(cfg: MoEConfig) -> torch.Tensor:
     return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
 
 
-class MixtralModel(nn.Module):
-    """Decoder stack + lm_head. forward(ids, mask, positions, past) -> logits, present."""
+LayerFactory = Callable[[MoEConfig, int], nn.Module]  # (config, layer index) -> decoder layer
 
-    def __init__(self, cfg: MoEConfig) -> None:
+
+class DecoderModel(nn.Module):
+    """Decoder stack + lm_head. forward(ids, mask, positions, past) -> logits, present.
+    ``make_layer`` builds each decoder layer (the family adapter's ``decoder_layer``)."""
+
+    def __init__(self, cfg: MoEConfig, make_layer: LayerFactory | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        make = make_layer or (lambda c, _i: DecoderLayer(c))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(make(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -202,6 +214,11 @@ class MixtralModel(nn.Module):
             x, k, v = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
             present += [k, v]
         return self.lm_head(self.norm(x)), present
+
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers the checkpoint does not hold, computed on the CPU (also for a meta model)."""
+        with torch.device("cpu"):
+            return {"inv_freq": rope_inv_freq(self.cfg)}
 
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         cfg = self.cfg

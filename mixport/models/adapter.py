@@ -1,0 +1,218 @@
+"""The seam between a Hugging Face architecture and mixport: what one model family declares.
+
+A family is one module in ``mixport/models/`` holding one ``Adapter`` subclass, plus its line
+in ``registry.ADAPTERS``. The adapter says, as data where it can:
+
+* who it is: ``model_type`` and the ``architectures`` names of its config.json, and the
+  transformers class (``hf_class``, by name) that proves the reference's parity;
+* how its config.json maps onto ``MoEConfig`` (field names, defaults, derived fields,
+  validation);
+* how its checkpoint names map onto mixport's state-dict names (the reference model's):
+  a prefix, renames, and the stacked-expert tensors to split (transformers 5's layout);
+* which reference modules it composes from ``components`` (``decoder_layer``);
+* where the tools find things in the reference model (the router, for routing hooks; the
+  experts, for the fast ONNX Runtime graph), and whether the fast graph can build it.
+
+This module never imports torch; ``reference_model`` imports the components when called.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mixport.errors import ConfigError
+from mixport.models.config import MoEConfig, field_names
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mixport.models.components import DecoderModel
+
+Shape = tuple[int, ...]
+Renamed = tuple[str, Shape, tuple]  # (mixport name, its shape, index into the stored tensor; () = all of it)
+
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_local_experts", "num_experts_per_tok")
+DERIVED = ("model_type", "num_key_value_heads", "head_dim", "rope_theta")  # see derived()
+
+
+class Adapter:
+    """A model family. Class attributes are its declarations; override a method only where
+    the family's rule is not expressible as data."""
+
+    # -- identity -------------------------------------------------------------------------
+    model_type: ClassVar[str]  # config.json's model_type; the registry key; recorded in the manifest
+    architectures: ClassVar[tuple[str, ...]]  # config.json's architectures this adapter reads
+    hf_class: ClassVar[str]  # the transformers class that proves parity (imported lazily, by name)
+
+    # -- config.json -> MoEConfig --------------------------------------------------------
+    hf_fields: ClassVar[Mapping[str, str | None]] = {}  # MoEConfig field -> config.json key where they differ
+    #                                                   (None: not in config.json; defaults or derived() set it)
+    required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (ints > 0)
+    defaults: ClassVar[Mapping[str, Any]] = {}  # the family's values for fields config.json omits
+
+    # -- checkpoint names -> mixport state-dict names ------------------------------------
+    hub_prefix: ClassVar[str] = "model."  # on every hub name but the untied lm_head's
+    renames: ClassVar[tuple[tuple[str, str], ...]] = ()  # (regex, replacement), after the prefix
+    stacked_experts: ClassVar[tuple[tuple[str, str], ...]] = ()  # (regex, group 1 = layer; "gate_up" | "down")
+
+    # -- where things sit in each decoder layer of the reference model (the components' names)
+    router_path: ClassVar[str] = "block_sparse_moe.gate"
+    experts_path: ClassVar[str] = "block_sparse_moe.experts"
+    expert_projections: ClassVar[Mapping[str, str]] = {"gate": "w1", "up": "w3", "down": "w2"}  # SwiGLU roles
+
+    # -- runtimes -------------------------------------------------------------------------
+    fast_graph: ClassVar[bool] = False  # runtime/ort_graph builds every module this family composes
+
+    @property
+    def name(self) -> str:
+        return self.architectures[0]
+
+    # config ------------------------------------------------------------------------------
+    def hf_key(self, field: str) -> str | None:
+        """The config.json key of a MoEConfig field (None: derived, never read as is)."""
+        if field in self.hf_fields:
+            return self.hf_fields[field]
+        return None if field in DERIVED else field
+
+    def config_from_hf(self, raw: Mapping[str, Any]) -> MoEConfig:
+        """Validate a parsed config.json and build the config; ConfigError on anything off."""
+        self._check_required(raw)
+        values = dict(self.defaults)
+        for name in field_names():
+            key = self.hf_key(name)
+            if key is not None and raw.get(key) is not None:
+                values[name] = raw[key]
+        values.update(self.derived(raw))
+        cfg = MoEConfig(**values)
+        self.validate(cfg)
+        return cfg
+
+    def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Fields computed from config.json rather than copied (DERIVED)."""
+        heads = raw[self.hf_key("num_attention_heads")]
+        kv_key = self.hf_key("num_key_value_heads") or "num_key_value_heads"
+        return {"model_type": self.model_type, "num_key_value_heads": raw.get(kv_key) or heads,
+                "head_dim": raw.get("head_dim") or raw[self.hf_key("hidden_size")] // heads,
+                "rope_theta": rope_theta(raw, float(self.defaults.get("rope_theta", 1e6)))}
+
+    def validate(self, cfg: MoEConfig) -> None:
+        """Checks across fields; a family adds its own (calling this one)."""
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ConfigError("num_attention_heads is not a multiple of num_key_value_heads",
+                              given=f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}",
+                              expected="an integer ratio")
+        if cfg.num_experts_per_tok > cfg.num_local_experts:
+            raise ConfigError(f"{self.hf_key('num_experts_per_tok')} exceeds {self.hf_key('num_local_experts')}",
+                              given=f"{cfg.num_experts_per_tok} > {cfg.num_local_experts}",
+                              expected="top-k <= number of experts")
+
+    def _check_required(self, raw: Mapping[str, Any]) -> None:
+        keys = [self.hf_key(name) or name for name in self.required]
+        for key in keys:
+            if key not in raw:
+                raise ConfigError(f"config.json lacks the field '{key}'", given=f"fields {sorted(raw)[:8]}...",
+                                  expected=", ".join(keys), hint=f"is this a {self.name} config.json?")
+            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] <= 0:
+                raise ConfigError(f"config.json field '{key}' must be a positive integer",
+                                  given=raw[key], expected="an integer > 0")
+
+    def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
+        """A config.json for ``cfg`` that transformers' ``hf_class`` loads (tiny test models)."""
+        d: dict[str, Any] = {}
+        for name, value in _asdict(cfg).items():
+            key = self.hf_key(name)
+            if key is not None:
+                d[key] = value
+        d.update(architectures=[self.name], model_type=self.model_type,
+                 num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                 rope_theta=cfg.rope_theta,
+                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                 torch_dtype="float32")
+        return d
+
+    # checkpoint names --------------------------------------------------------------------
+    def checkpoint_names(self, hf_name: str, shape: Shape) -> Iterator[Renamed]:
+        """A checkpoint tensor -> the mixport names it holds: one, or one per expert when the
+        tensor stacks the experts."""
+        name = hf_name.removeprefix(self.hub_prefix)
+        for pattern, repl in self.renames:
+            name = re.sub(pattern, repl, name)
+        for pattern, kind in self.stacked_experts:
+            found = re.search(pattern, name)
+            if found:
+                yield from self.split_experts(int(found.group(1)), kind, shape)
+                return
+        yield name, tuple(shape), ()
+
+    def split_experts(self, layer: int, kind: str, shape: Shape) -> Iterator[Renamed]:
+        """Stacked experts -> per-expert names: gate_up [E, 2F, H] (gate rows, then up rows),
+        down [E, H, F]."""
+        for e in range(shape[0]):
+            if kind == "gate_up":
+                f = shape[1] // 2
+                yield self.expert_weight(layer, e, "gate"), (f, shape[2]), (e, slice(0, f))
+                yield self.expert_weight(layer, e, "up"), (f, shape[2]), (e, slice(f, 2 * f))
+            else:
+                yield self.expert_weight(layer, e, "down"), tuple(shape[1:]), (e,)
+
+    def hub_name(self, name: str) -> str:
+        """The name the hub's (per-expert) checkpoint gives mixport weight ``name``."""
+        return name if name == "lm_head.weight" else self.hub_prefix + name
+
+    # names the tools look up -------------------------------------------------------------
+    def router_weight(self, layer: int) -> str:
+        return f"layers.{layer}.{self.router_path}.weight"
+
+    def experts_prefix(self, layer: int) -> str:
+        return f"layers.{layer}.{self.experts_path}"
+
+    def expert_weight(self, layer: int, expert: int, role: str) -> str:
+        """role: gate | up | down."""
+        return f"{self.experts_prefix(layer)}.{expert}.{self.expert_projections[role]}.weight"
+
+    def moe_layers(self, cfg: MoEConfig) -> list[int]:
+        """The decoder layers with a router (each one TopKRouting node, in this order)."""
+        return list(range(cfg.num_hidden_layers))
+
+    # reference model (torch) -------------------------------------------------------------
+    def reference_model(self, cfg: MoEConfig) -> DecoderModel:
+        """mixport's reference model for ``cfg`` (on the current default device)."""
+        from mixport.models.components import DecoderModel
+
+        return DecoderModel(cfg, self.decoder_layer)
+
+    def decoder_layer(self, cfg: MoEConfig, index: int) -> nn.Module:
+        """Decoder layer ``index``: the shared one (attention + sparse MoE) unless overridden."""
+        from mixport.models.components import DecoderLayer
+
+        return DecoderLayer(cfg)
+
+    def transformers_class(self) -> Any:
+        """transformers' ``hf_class`` (ImportError when transformers is not installed)."""
+        import transformers
+
+        cls = getattr(transformers, self.hf_class, None)
+        if cls is None:
+            raise ConfigError(f"this transformers has no {self.hf_class}", given=transformers.__version__,
+                              expected=f"a transformers release with {self.hf_class}",
+                              hint="pip install -U transformers")
+        return cls
+
+
+def rope_theta(raw: Mapping[str, Any], default: float) -> float:
+    """The plain-RoPE theta; ConfigError for any rope scaling (not implemented)."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ConfigError("unsupported rotary embedding scaling", given=rope_type,
+                          expected="default (no rope scaling)",
+                          hint="mixport implements plain RoPE with the config's rope_theta")
+    return float(params.get("rope_theta", raw.get("rope_theta", default)))
+
+
+def _asdict(cfg: MoEConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in field_names()}

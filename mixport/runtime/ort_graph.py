@@ -42,9 +42,9 @@ from onnx import TensorProto, helper, numpy_helper
 from mixport import artifact
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
-from mixport.passes import moe_bodies
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
+from mixport.passes import moe_bodies
 
 GRAPH_VERSION = 5
 FILE = "model.ort.onnx"

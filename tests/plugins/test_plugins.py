@@ -8,26 +8,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mixport.errors import PluginError, TensorRTNotFoundError
+from mixport.errors import PluginError
 from mixport.ops import MOE, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_ROUTING
 from mixport.plugins.moe_plugin import moe_workspace_bytes
-from mixport.plugins.trt_import import import_trt
 
 ROUTING_FIELDS = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none"}
 MOE_FIELDS = {"num_experts": 8, "k": 2, "activation": "swiglu"}
 
 
 @pytest.fixture(scope="module")
-def trt() -> ModuleType:
-    try:
-        module = import_trt()
-    except TensorRTNotFoundError as exc:
-        pytest.skip(f"TensorRT not importable (pip install tensorrt-rtx-cu13-libs "
-                    f"tensorrt-rtx-cu13-bindings): {exc}")
+def trt(trt_module: ModuleType) -> ModuleType:
     from mixport.plugins.registry import register_plugins
 
-    register_plugins(module)
-    return module
+    register_plugins(trt_module)
+    return trt_module
 
 
 def creator(trt: ModuleType, op: str) -> Any:

@@ -34,7 +34,8 @@ def require_module(name: str, install: str | None = None) -> ModuleType:
     try:
         return importlib.import_module(name)
     except (ImportError, OSError) as exc:  # OSError: a native library failed to load
-        missing_dependency(f"{name} is not importable (pip install {install or name}): {exc}")
+        why = str(exc)
+    missing_dependency(f"{name} is not importable (pip install {install or name}): {why}")
 
 
 def has_gpu() -> bool:

@@ -5,9 +5,9 @@ triton's interpreter (``TRITON_INTERPRET=1``). The interpreter is NOT switched
 on for the test process: the ``gpu`` tests run in that process and must launch
 compiled kernels. Triton reads ``TRITON_INTERPRET`` whenever a kernel is
 wrapped (``triton.jit``, mixport's ``Kernel.wrapped``, through
-``triton.knobs.runtime.interpret``), and before triton 3.5 an interpreted
-launch patched ``triton.language`` for the rest of the process, so the two
-modes are not mixed in one process. Instead the marked tests run in ONE child
+``triton.knobs.runtime.interpret``), and older triton releases (3.9 does
+not) let an interpreted launch patch ``triton.language`` for the rest of the
+process, so the two modes are not mixed in one process. Instead the marked tests run in ONE child
 pytest session started with ``TRITON_INTERPRET=1`` (only the marked tests the
 parent selected), and each parent item reports its own child outcome: passed,
 failed (with the child's failure text) or skipped (a failure under CI=true).

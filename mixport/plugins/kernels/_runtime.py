@@ -6,7 +6,8 @@ compiles) or, while ``TRITON_INTERPRET=1``, as an ``InterpretedFunction`` that
 runs on CPU tensors. Triton reads the variable each time it is asked
 (``triton.knobs.runtime.interpret``; ``triton.jit`` asks at decoration time),
 so the wrapper is chosen per launch mode, not fixed by the first launch.
-Before triton 3.5 an interpreted launch patched ``triton.language`` for the
+triton 3.9 restores ``triton.language`` after each interpreted launch, but
+older releases (``mixport[kernels]`` allows triton >= 3.4) patched it for the
 rest of the process, so a process should still run one mode only: the tests
 run the interpreted kernels in a child process, and ``compile.py`` starts a
 clean subprocess when it finds interpreter mode.

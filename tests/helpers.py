@@ -1,14 +1,41 @@
-"""Helpers shared by the test modules: the CLI in-process, the one-line error contract."""
+"""Helpers shared by the test modules: the CLI in-process, the one-line error contract, CI rules."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import onnx
+import pytest
 from click.testing import CliRunner, Result
 
 from mixport import artifact
 from mixport.cli import main
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true``, as CI services set it): a missing test dependency fails there."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_dependency(reason: str) -> NoReturn:
+    """Skip the test for ``reason`` (a missing test dependency) locally; fail it under CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing test dependency fails, only `gpu` tests may skip)",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)  # also at a module's top level (its import skips)
+
+
+def require_module(name: str, install: str | None = None) -> ModuleType:
+    """``import name``, or :func:`missing_dependency` naming the package to install."""
+    try:
+        return importlib.import_module(name)
+    except (ImportError, OSError) as exc:  # OSError: a native library failed to load
+        why = str(exc)
+    missing_dependency(f"{name} is not importable (pip install {install or name}): {why}")
 
 
 def has_gpu() -> bool:

@@ -21,7 +21,10 @@ def readme_commands() -> list[str]:
 def test_ci_runs_the_readme_test_command() -> None:
     _, test_cmd = readme_commands()
     assert "pytest" in test_cmd
-    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+    script = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in script
+    lines = script.splitlines()
+    assert "export CI=true" in lines[: next(i for i, ln in enumerate(lines) if test_cmd in ln)], script
 
 
 def test_readme_main_job_runs(tmp_path: Path) -> None:

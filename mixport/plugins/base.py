@@ -22,12 +22,7 @@ from mixport.plugins.fields import FieldBlock, FieldSpec, FieldValue, parse_fiel
 log = logging.getLogger("mixport.plugins")
 
 FLOAT_TYPES = ("FLOAT", "HALF", "BF16")  # DataType names accepted for float tensors
-_ALIGN = 256
-
-
-def aligned(nbytes: int) -> int:
-    """``nbytes`` rounded up to the 256-byte alignment used for workspace slices."""
-    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+KERNEL_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}  # DataType -> kernels' dtype name
 
 
 def type_name(desc: Any) -> str:
@@ -107,6 +102,10 @@ class PluginCore:
     def get_fields_to_serialize(self) -> Any:
         self._serialized = FieldBlock(self.trt, self.field_specs, self.values)
         return self._serialized.collection
+
+    def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+        """Bytes of the workspace TensorRT passes to ``enqueue`` (none unless a subclass needs scratch)."""
+        return 0
 
     def enqueue(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
                 inputs: Sequence[int], outputs: Sequence[int], workspace: int,

@@ -47,6 +47,13 @@ def as_tensor(ptr: int, desc: Any) -> Any:
     return tensor.view(getattr(torch, torch_name))
 
 
+def as_bytes(ptr: int, nbytes: int) -> Any:
+    """A 1-D uint8 torch CUDA tensor over ``nbytes`` at ``ptr`` (a plugin's workspace)."""
+    import torch
+
+    return torch.as_tensor(_DeviceBuffer(ptr, (int(nbytes),), "|u1"), device="cuda")
+
+
 def all_nonempty(descs: Sequence[Any]) -> bool:
     """False when any tensor has a zero dimension (nothing to compute, nothing to write)."""
     return all(math.prod(dims_of(d)) > 0 for d in descs)

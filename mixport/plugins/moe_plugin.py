@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 
 from mixport.ops import ACTIVATIONS, MOE
 from mixport.plugins import device
-from mixport.plugins.base import FLOAT_TYPES, CreatorCore, PluginCore, aligned
+from mixport.plugins.base import FLOAT_TYPES, KERNEL_DTYPES, CreatorCore, PluginCore, type_name
 from mixport.plugins.fields import FieldSpec
+from mixport.plugins.kernels.workspace import moe_scratch_bytes, moe_workspace_bytes
 
 FIELDS = (
     FieldSpec("num_experts", "int"),
@@ -21,18 +22,6 @@ FIELDS = (
     FieldSpec("activation", "str", "swiglu", ACTIVATIONS),
 )
 HIDDEN, WEIGHTS, IDS, GATE_UP, DOWN = range(5)  # input positions; the output is 5
-
-
-def moe_workspace_bytes(tokens: int, hidden: int, ffn: int, experts: int, k: int) -> int:
-    """Scratch for one sparse MoE call, every slice 256-byte aligned.
-
-    sorted ids + source-row permutation (int64 [T*k] each), per-expert offsets
-    (int64 [E+1]), gate/up products (fp32 [T*k, 2F]), activations (fp32 [T*k, F])
-    and expert outputs before the weighted combine (fp32 [T*k, H]).
-    """
-    rows = tokens * k
-    return (2 * aligned(rows * 8) + aligned((experts + 1) * 8)
-            + aligned(rows * 2 * ffn * 4) + aligned(rows * ffn * 4) + aligned(rows * hidden * 4))
 
 
 class MoEPlugin(PluginCore):
@@ -69,9 +58,11 @@ class MoEPlugin(PluginCore):
                 ("down ffn (dim 1) vs gate_up 2F/2", f_dn, two_f // 2 if two_f >= 0 else -1)]
 
     def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+        """fused_moe's scratch for any token count up to the profile's maximum (``kernels.workspace``)."""
         tokens, hidden = (max(int(d), 0) for d in inputs[HIDDEN].max)
         experts, _, two_ffn = (max(int(d), 0) for d in inputs[GATE_UP].max)
-        return moe_workspace_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]))
+        return moe_workspace_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
+                                   KERNEL_DTYPES[type_name(inputs[HIDDEN])])
 
     def launch(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
                inputs: Sequence[int], outputs: Sequence[int], workspace: int,
@@ -82,8 +73,12 @@ class MoEPlugin(PluginCore):
 
         args = [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
         out = device.as_tensor(outputs[0], output_desc[0])
-        with device.on_stream(stream):
-            out.copy_(kernels.fused_moe(*args))
+        (tokens, hidden), (experts, _, two_ffn) = args[HIDDEN].shape, args[GATE_UP].shape
+        need = moe_scratch_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
+                                 KERNEL_DTYPES[type_name(input_desc[HIDDEN])])
+        scratch = device.as_bytes(workspace, need)
+        with device.on_stream(stream):  # every intermediate lives in TensorRT's workspace
+            kernels.fused_moe(*args, workspace=scratch, out=out)
 
 
 class MoECreator(CreatorCore):

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from mixport.ops import NORMALIZATIONS, SCORING_FUNCS, TOPK_ROUTING
 from mixport.plugins import device
-from mixport.plugins.base import FLOAT_TYPES, CreatorCore, PluginCore, aligned
+from mixport.plugins.base import FLOAT_TYPES, CreatorCore, PluginCore
 from mixport.plugins.fields import FieldSpec
 
 FIELDS = (
@@ -23,7 +23,7 @@ FIELDS = (
 
 
 class TopKRoutingPlugin(PluginCore):
-    """Softmax (fp32) -> top-k -> optional renormalization, one row per token."""
+    """Softmax (fp32) -> top-k -> optional renormalization, one row per token (no workspace)."""
 
     op_name: ClassVar[str] = TOPK_ROUTING
     field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS
@@ -54,11 +54,6 @@ class TopKRoutingPlugin(PluginCore):
             checks.append(("k (at most num_experts)", int(self.values["k"]), experts))
         return checks
 
-    def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
-        # Room for fp32 probabilities [T, E] at the profile's largest T.
-        tokens, experts = (max(int(d), 0) for d in inputs[0].max)
-        return aligned(tokens * experts * 4)
-
     def launch(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
                inputs: Sequence[int], outputs: Sequence[int], workspace: int,
                stream: int) -> None:
@@ -69,11 +64,9 @@ class TopKRoutingPlugin(PluginCore):
         logits = device.as_tensor(inputs[0], input_desc[0])
         out_weights = device.as_tensor(outputs[0], output_desc[0])
         out_ids = device.as_tensor(outputs[1], output_desc[1])
-        with device.on_stream(stream):
-            weights, ids = kernels.topk_routing(logits, int(self.values["k"]),
-                                                str(self.values["normalization"]))
-            out_weights.copy_(weights)
-            out_ids.copy_(ids)
+        with device.on_stream(stream):  # no scratch: the kernel writes TensorRT's outputs directly
+            kernels.topk_routing(logits, int(self.values["k"]), str(self.values["normalization"]),
+                                 out=(out_weights, out_ids))
 
 
 class TopKRoutingCreator(CreatorCore):

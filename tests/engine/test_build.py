@@ -13,24 +13,19 @@ from onnx import TensorProto
 from mixport.engine.builder import build_engine
 from mixport.engine.profiles import ProfileSpec, input_shapes
 from mixport.engine.symlink import ParserSymlinkError, ensure_parser_symlink
-from mixport.errors import BuildError, TensorRTNotFoundError
+from mixport.errors import BuildError
 from mixport.exporter.routing_onnx import routing_function
 from mixport.passes import moe_bodies
 from mixport.plugins.kernels.reference import reference_moe, reference_routing
 from mixport.plugins.testing import tiny_moe_model, write_tiny_moe_model
-from mixport.plugins.trt_import import RTX, flavor_of, import_trt
 
 TOKENS = ProfileSpec(dims={"T": (1, 8, 64)})
 PLUGINS = {"mixport::TopKRouting", "mixport::MoE"}
 
 
 @pytest.fixture(scope="module")
-def trt() -> ModuleType:
-    try:
-        return import_trt()
-    except TensorRTNotFoundError as exc:
-        pytest.skip(f"TensorRT not importable (pip install tensorrt-rtx-cu13-libs "
-                    f"tensorrt-rtx-cu13-bindings): {exc}")
+def trt(trt_module: ModuleType) -> ModuleType:
+    return trt_module
 
 
 @pytest.fixture
@@ -102,9 +97,8 @@ def test_rebuild_replaces_the_engine(trt: ModuleType, tiny: Path, tmp_path: Path
     assert engine.read_bytes() != b"stale" and len(os.listdir(tmp_path)) == 2
 
 
-def test_rtx_targets_expand_and_pin(trt: ModuleType, tiny: Path, tmp_path: Path) -> None:
-    if flavor_of(trt) != RTX:
-        pytest.skip("named SM targets are a TensorRT-RTX feature")
+def test_rtx_targets_expand_and_pin(rtx_module: ModuleType, tiny: Path, tmp_path: Path) -> None:
+    """Named SM targets are a TensorRT-RTX feature: built with RTX even where full TensorRT is installed."""
     default = build_engine(tiny, tmp_path / "a.engine", profiles=TOKENS)
     assert "sm80" in default.targets and all(int(t[2:]) >= 80 for t in default.targets)
     pinned = build_engine(tiny, tmp_path / "b.engine", targets="SM89", profiles=TOKENS)
@@ -215,9 +209,7 @@ def test_symlink_error_names_the_command(tmp_path: Path, monkeypatch: pytest.Mon
         ensure_parser_symlink(tmp_path)
 
 
-def test_installed_rtx_has_the_link(trt: ModuleType) -> None:
-    if flavor_of(trt) != RTX:
-        pytest.skip("only the TensorRT-RTX wheel needs the link")
+def test_installed_rtx_has_the_link(rtx_module: ModuleType) -> None:
     link = ensure_parser_symlink()
     assert link is not None and link.exists()
 

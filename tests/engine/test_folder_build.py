@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import re
 import shutil
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -14,7 +17,7 @@ import pytest
 
 from mixport import artifact
 from mixport.engine.status import engine_status, gpu_mismatch
-from mixport.plugins.trt_import import RTX, flavor_of
+from mixport.plugins.trt_import import RTX, _import_trt, flavor_of
 from tests.helpers import invoke, one_line_error, reexport_changed
 
 
@@ -126,9 +129,31 @@ def test_bad_options_are_one_line_errors(export_copy: Path, trt_module: ModuleTy
     assert not (export_copy / "model.engine").exists() and "engine" not in artifact.read_manifest(export_copy)
 
 
-def test_no_tensorrt_names_the_packages(export_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("full TensorRT is installed here: MIXPORT_TRT=tensorrt would import it")
+class _NoFullTensorRT(importlib.abc.MetaPathFinder):
+    """``import tensorrt`` fails as where full TensorRT is not installed (the bindings stay importable)."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "tensorrt" or name.startswith("tensorrt."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+@pytest.fixture
+def without_full_tensorrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hides full TensorRT where it is installed (nothing to hide elsewhere): the test runs on every machine."""
+    if importlib.util.find_spec("tensorrt") is None:
+        yield
+        return
+    for name in [m for m in sys.modules if m == "tensorrt" or m.startswith("tensorrt.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NoFullTensorRT(), *sys.meta_path])
+    _import_trt.cache_clear()
+    yield
+    _import_trt.cache_clear()
+
+
+def test_no_tensorrt_names_the_packages(export_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                        without_full_tensorrt: None) -> None:
     monkeypatch.setenv("MIXPORT_TRT", "tensorrt")
     line = one_line_error(invoke("build", export_copy), "TensorRT is not installed", "No module named 'tensorrt'")
     assert re.search(r"pip install 'mixport\[trt\]'.*tensorrt-rtx-cu13-libs.*pip install tensorrt", line)

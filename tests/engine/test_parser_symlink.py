@@ -20,7 +20,6 @@ import pytest
 
 import mixport
 from mixport.engine.symlink import LINK_NAME, ParserSymlinkError, ensure_parser_symlink, rtx_libs_dir
-from mixport.plugins.trt_import import RTX, flavor_of
 
 CHILD = """
 import sys
@@ -38,10 +37,10 @@ print("plugin layers:", len(result.plugin_layers))
 
 
 @pytest.fixture
-def libs_without_link(trt_module: ModuleType, tmp_path: Path) -> Path:
+def libs_without_link(rtx_module: ModuleType, tmp_path: Path) -> Path:
+    """Only the TensorRT-RTX wheel needs the parser link: RTX is used even where full TensorRT is installed."""
     real = rtx_libs_dir()
-    if flavor_of(trt_module) != RTX or real is None:
-        pytest.skip("only the TensorRT-RTX wheel needs the parser link")
+    assert real is not None, f"TensorRT-RTX imports ({rtx_module.__file__}) but its libs folder is not found"
     copy = tmp_path / "site" / "tensorrt_rtx_libs"
     copy.mkdir(parents=True)
     for item in real.iterdir():

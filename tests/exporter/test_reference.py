@@ -17,8 +17,9 @@ from mixport.exporter.loader import load_reference
 from mixport.exporter.tiny import write_tiny
 from mixport.models import registry
 from tests.conftest import tiny_config
+from tests.helpers import require_module
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")  # skips locally, fails under CI=true
 
 CASES = {  # model_type -> {case: changes to the tiny config}
     "mixtral": {

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
+from mixport.engine.symlink import ensure_parser_symlink
 from mixport.passes import run_pipeline
 from mixport.tools.moe_layer import LayerSpec, dense_layer
+from tests.helpers import require_module
 
 
 def _tensorrt_rtx():  # -> module
-    trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed "
-                              "(pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)")
-    import tensorrt_rtx_libs
-
-    folder = Path(tensorrt_rtx_libs.__file__).parent
-    plain = folder / "libtensorrt_rtx.so"
-    if not plain.exists() and (folder / "libtensorrt_rtx.so.1").exists():
-        try:  # the parser dlopens the unversioned name
-            os.symlink("libtensorrt_rtx.so.1", plain)
-        except OSError as exc:
-            pytest.skip(f"cannot create {plain}: {exc}")
+    trt = require_module("tensorrt_rtx_bindings", "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
+    ensure_parser_symlink()  # the parser dlopens the unversioned name; raises with the command if it cannot
     return trt
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_module
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,7 +24,7 @@ def test_gpu_check_sh_parses() -> None:
 
 @pytest.mark.slow
 def test_gpu_check_smoke_on_cpu() -> None:
-    pytest.importorskip("triton")
+    require_module("triton")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--interpret", "--small"],

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_module
+
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"topk_routing_kernel", "moe_align_kernel", "gate_up_kernel", "down_kernel",
            "reduce_kernel"}
@@ -23,7 +25,7 @@ C_SYMBOLS = {"mixport_topk_routing", "mixport_moe_align_sizes", "mixport_moe_ali
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    pytest.importorskip("triton")
+    require_module("triton")
     from mixport.plugins.kernels.compile import compile_all
 
     out = tmp_path_factory.mktemp("ptx")

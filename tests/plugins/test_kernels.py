@@ -4,6 +4,8 @@
 
 Sizes are tiny and not powers of two (H=80, F=96, T=37) so masks are
 exercised and the whole file stays well under two minutes on two cores.
+Every test here is ``triton_interpret``: it runs in a child pytest session with
+TRITON_INTERPRET=1 (see conftest), never switching this process to the interpreter.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from tests.helpers import require_module
+
+torch = require_module("torch")
+require_module("triton")
 
 from mixport.errors import MixportError  # noqa: E402
 from mixport.plugins import kernels as K  # noqa: E402
-from mixport.plugins.kernels._runtime import interpret_mode  # noqa: E402
+from mixport.plugins.kernels.configs import block_m_ranges, choose_block_m  # noqa: E402
 from mixport.plugins.kernels.reference import reference_align  # noqa: E402
+from mixport.plugins.kernels.workspace import carve, scratch_layout  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not interpret_mode(),
-                                reason="needs TRITON_INTERPRET=1 (set by conftest) for CPU tensors")
+pytestmark = pytest.mark.triton_interpret
 
 H, F = 80, 96
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -143,3 +147,42 @@ def test_fused_moe_empty_and_shape_errors() -> None:
         K.fused_moe(**dict(layer, gate_up=layer["gate_up"].half()))
     with pytest.raises(MixportError, match="int64"):
         K.fused_moe(**dict(layer, ids=layer["ids"].int()))
+
+
+def test_routing_writes_the_given_outputs() -> None:
+    logits = torch.randn(37, 8, generator=torch.Generator().manual_seed(4))
+    weights, ids = torch.full((37, 2), -1.0), torch.full((37, 2), -1, dtype=torch.int64)
+    got = K.topk_routing(logits, 2, out=(weights, ids))
+    assert got[0] is weights and got[1] is ids
+    rw, rids = K.reference_routing(logits, 2)
+    np.testing.assert_array_equal(ids.numpy(), rids)
+    np.testing.assert_allclose(weights.numpy(), rw, rtol=2e-5, atol=2e-6)
+    with pytest.raises(MixportError, match="out ids has the wrong dtype"):
+        K.topk_routing(logits, 2, out=(weights, ids.int()))
+
+
+@pytest.mark.parametrize("t", [37, 100])  # 74 pairs: BLOCK_M 16; 200 pairs: BLOCK_M 64
+def test_fused_moe_keeps_every_intermediate_in_the_workspace(t: int) -> None:
+    """What a TensorRT plugin does: scratch from the workspace it is given, result into its output."""
+    layer, e, k = _layer(t, 8, 2, torch.float16, seed=4), 8, 2
+    need = K.moe_scratch_bytes(t, H, F, e, k, "float16")
+    workspace = torch.full((need,), 0xA5, dtype=torch.uint8)  # garbage: nothing may be read before written
+    out = torch.empty(t, H, dtype=torch.float16)
+    assert K.fused_moe(**layer, workspace=workspace, out=out) is out
+    assert torch.equal(out, K.fused_moe(**layer))  # same bits as with its own buffer
+    scratch = carve(workspace, scratch_layout(t * k, H, F, e, "float16", choose_block_m(t * k, e)))
+    assert int(scratch["num_post"]) == reference_align(layer["ids"], e, choose_block_m(t * k, e))[2]
+    # The reduce kernel's input sits in the workspace: its k rows per token sum to the output.
+    assert torch.equal(scratch["partial"].view(t, k, H).sum(1).half(), out)
+    with pytest.raises(MixportError, match="workspace is too small"):
+        K.fused_moe(**layer, workspace=workspace[:-1])
+
+
+def test_workspace_bound_covers_every_token_count() -> None:
+    """block_m_ranges agrees with choose_block_m, so moe_workspace_bytes covers 1..max tokens."""
+    for e, max_pairs in [(8, 1), (8, 128), (8, 129), (16, 700)]:
+        ranges = block_m_ranges(max_pairs, e)
+        assert all(p <= ranges[choose_block_m(p, e)] for p in range(1, max_pairs + 1))
+        assert all(choose_block_m(p, e) == bm for bm, p in ranges.items())
+    assert max(K.moe_scratch_bytes(t, H, F, 8, 2, "bfloat16") for t in range(1, 301)) == K.moe_workspace_bytes(
+        300, H, F, 8, 2, "bfloat16")

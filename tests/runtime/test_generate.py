@@ -11,6 +11,7 @@ import torch
 from mixport.exporter.loader import load_reference
 from mixport.runtime import SamplingConfig, load
 from mixport.runtime.api import Pipeline
+from tests.helpers import require_module
 
 GRAPHS = ("fast", "portable")
 PROMPT = "The ship sailed north, the wind"
@@ -114,22 +115,54 @@ def test_stop_string_cuts_and_stops(pipes: dict[str, Pipeline]) -> None:
     assert len(ids) < len(full_ids)
 
 
-@pytest.mark.parametrize("stop", [None, ["e"]])
-def test_stream_yields_the_generated_text(pipes: dict[str, Pipeline], stop: list[str] | None) -> None:
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=1.0, top_k=50, top_p=0.95, seed=7)],
+                         ids=["greedy", "seeded"])
+def test_stream_yields_the_generated_text_as_it_is_made(pipes: dict[str, Pipeline], sampling: dict) -> None:
     pipe = pipes["fast"]
-    pieces = list(pipe.stream(PROMPT, 24, stop=stop))
-    assert len(pieces) > 1 or stop
-    assert "".join(pieces) == pipe.generate(PROMPT, 24, stop=stop)
+    prompt = pipe.encode(PROMPT)
+    new = pipe.generate_ids([prompt], 24, SamplingConfig(**sampling))[0]
+    assert len(new) >= 8, new  # enough tokens for "before the end" to mean something
+    stream = pipe.stream(PROMPT, 24, **sampling)
+    first = next(stream)
+    # The first piece arrives while tokens are still to come (a full run ends at prompt + new - 1).
+    assert pipe.session.past_len < len(prompt) + len(new) - 1
+    pieces = [first, *stream]
+    assert len(pieces) > 1
+    assert "".join(pieces) == pipe.decode(new) == pipe.generate(PROMPT, 24, **sampling)
+
+
+def test_stream_stops_where_generate_stops(pipes: dict[str, Pipeline]) -> None:
+    pipe = pipes["fast"]
+    full = pipe.generate(PROMPT, 24)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert len(stop) == 2
+    text = "".join(pipe.stream(PROMPT, 24, stop=[stop]))
+    assert text == pipe.generate(PROMPT, 24, stop=[stop]) == full.split(stop)[0]
+    assert stop not in text and len(text) < len(full)
+
+
+def test_chat_prompt_is_the_rendered_template(rt_export: Path, pipes: dict[str, Pipeline]) -> None:
+    """--chat: transformers renders the folder's template; mixport's ids are that text tokenized, once."""
+    transformers = require_module("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(rt_export)
+    rendered = hf.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                      tokenize=False)
+    assert rendered == "<s>[INST] hello [/INST]"
+    want = list(hf(rendered, add_special_tokens=False)["input_ids"])
+    pipe = pipes["fast"]
+    ids = pipe.encode("hello", chat=True)
+    assert ids == want and ids.count(pipe.tokenizer.bos_id) == 1 and ids[0] == pipe.tokenizer.bos_id
+    assert ids != pipe.encode("hello")
+    chat = pipe.generate("hello", max_new_tokens=4, chat=True)
+    assert chat == pipe.decode(pipe.generate_ids([want], 4)[0]) and chat
 
 
 def test_python_api(rt_export: Path) -> None:
     with load(rt_export, threads=1) as pipe:
         assert pipe.session.graph == "fast"
         text = pipe.generate("Once upon a time", max_new_tokens=8)
-        assert isinstance(text, str) and text
+        assert text == pipe.decode(pipe.generate_ids([pipe.encode("Once upon a time")], 8)[0]) and text
         assert pipe.generate(["Once upon a time"], max_new_tokens=8) == [text]
-        chat = pipe.generate("hello", max_new_tokens=4, chat=True)
-        assert isinstance(chat, str)
     assert SamplingConfig().greedy
 
 

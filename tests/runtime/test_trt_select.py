@@ -14,10 +14,17 @@ from mixport.runtime.select import choose_backend, tensorrt_unavailable
 from mixport.runtime.trt_session import BindingPlan, torch_dtype_name
 from tests.helpers import has_gpu, invoke, one_line_error, reexport_changed
 
-no_gpu = pytest.mark.skipif(has_gpu(), reason="checks the no-GPU fallback; this machine has a GPU")
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-GPU fallback, on every machine: where a GPU is visible, mixport is made not to see it."""
+    if has_gpu():
+        from mixport.engine import status
+
+        monkeypatch.setattr(status, "visible_gpu", lambda: None)
 
 
-@no_gpu
+@pytest.mark.usefixtures("no_gpu")
 def test_run_falls_back_to_onnxruntime_and_says_why(engine_export: Path) -> None:
     res = invoke("run", engine_export, "--prompt", "The ship", "--max-new-tokens", "3")
     assert res.exit_code == 0, res.output
@@ -26,7 +33,7 @@ def test_run_falls_back_to_onnxruntime_and_says_why(engine_export: Path) -> None
     assert res.output.splitlines()[-1].startswith("The ship")
 
 
-@no_gpu
+@pytest.mark.usefixtures("no_gpu")
 def test_forced_tensorrt_is_refused_in_one_line(engine_export: Path) -> None:
     res = invoke("run", engine_export, "--prompt", "The ship", "--backend", "tensorrt")
     one_line_error(res, "cannot run with TensorRT: model.engine is up to date but no CUDA GPU")
@@ -50,7 +57,7 @@ def test_folder_without_engine(export_copy: Path) -> None:
     assert choose_backend(export_copy, manifest, "onnxruntime").reason == "asked for with --backend onnxruntime"
 
 
-@no_gpu
+@pytest.mark.usefixtures("no_gpu")
 def test_check_says_why_tensorrt_was_not_compared(engine_export: Path) -> None:
     res = invoke("check", engine_export, "--steps", "1", "--reference", "mixport")
     assert res.exit_code == 0, res.output

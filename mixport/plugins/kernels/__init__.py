@@ -4,9 +4,11 @@
 
 Public API (torch and triton are imported only when a function is called)::
 
-    topk_routing(logits, k, normalization="renormalize") -> (weights, ids)
-    moe_align_block_size(ids, num_experts, block_m) -> (sorted_token_ids, expert_ids, num_post)
-    fused_moe(hidden, weights, ids, gate_up, down, *, block_m=None) -> out
+    topk_routing(logits, k, normalization="renormalize", *, out=None) -> (weights, ids)
+    moe_align_block_size(ids, num_experts, block_m, *, out=None) -> (sorted_token_ids, expert_ids, num_post)
+    fused_moe(hidden, weights, ids, gate_up, down, *, block_m=None, workspace=None, out=None) -> out
+    moe_scratch_bytes(tokens, hidden, ffn, experts, k, dtype) -> bytes of fused_moe's workspace
+    moe_workspace_bytes(max_tokens, hidden, ffn, experts, k, dtype) -> bytes for 1..max_tokens
     reference_routing(logits, k, normalization="renormalize") -> (weights, ids)   # numpy f64
     reference_moe(hidden, weights, ids, gate_up, down) -> out                     # numpy f64
 
@@ -18,12 +20,15 @@ from __future__ import annotations
 from mixport.plugins.kernels._runtime import KernelDependencyError, KernelInputError
 from mixport.plugins.kernels.api import fused_moe, moe_align_block_size, topk_routing
 from mixport.plugins.kernels.reference import reference_moe, reference_routing
+from mixport.plugins.kernels.workspace import moe_scratch_bytes, moe_workspace_bytes
 
 __all__ = [
     "KernelDependencyError",
     "KernelInputError",
     "fused_moe",
     "moe_align_block_size",
+    "moe_scratch_bytes",
+    "moe_workspace_bytes",
     "reference_moe",
     "reference_routing",
     "topk_routing",

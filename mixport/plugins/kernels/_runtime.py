@@ -1,12 +1,16 @@
 """Shared plumbing for the kernels: lazy imports, errors, and launch mode.
 
-A kernel is written once as a plain Python function and wrapped on first
-use, the way ``triton.jit`` would: as a ``JITFunction`` (CUDA tensors,
-ahead-of-time compiles) or, when the process imported triton with
-``TRITON_INTERPRET=1``, as an ``InterpretedFunction`` that runs on CPU
-tensors. Triton fixes that mode for ``triton.language`` itself at import, so
-one process runs either compiled or interpreted kernels, never both;
-``compile.py`` starts a clean subprocess when it finds interpreter mode.
+A kernel is written once as a plain Python function and wrapped on use, the
+way ``triton.jit`` would: as a ``JITFunction`` (CUDA tensors, ahead-of-time
+compiles) or, while ``TRITON_INTERPRET=1``, as an ``InterpretedFunction`` that
+runs on CPU tensors. Triton reads the variable each time it is asked
+(``triton.knobs.runtime.interpret``; ``triton.jit`` asks at decoration time),
+so the wrapper is chosen per launch mode, not fixed by the first launch.
+triton 3.9 restores ``triton.language`` after each interpreted launch, but
+older releases (``mixport[kernels]`` allows triton >= 3.4) patched it for the
+rest of the process, so a process should still run one mode only: the tests
+run the interpreted kernels in a child process, and ``compile.py`` starts a
+clean subprocess when it finds interpreter mode.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class Kernel:
     def __init__(self, fn: Callable[..., None]) -> None:
         self.fn = fn
         self.name = fn.__name__
-        self._wrapped: Any = None
+        self._wrapped: dict[bool, Any] = {}  # interpret_mode() -> wrapper
 
     @property
     def jit(self) -> Any:
@@ -66,14 +70,15 @@ class Kernel:
 
     @property
     def wrapped(self) -> Any:
-        """``JITFunction`` or ``InterpretedFunction``, matching ``interpret_mode()``."""
-        if self._wrapped is None:
-            if interpret_mode():
+        """``JITFunction`` or ``InterpretedFunction``, matching ``interpret_mode()`` now."""
+        mode = interpret_mode()
+        if mode not in self._wrapped:
+            if mode:
                 interpreter = require("triton.runtime.interpreter", "CPU interpretation")
-                self._wrapped = interpreter.InterpretedFunction(self.fn)
+                self._wrapped[mode] = interpreter.InterpretedFunction(self.fn)
             else:
-                self._wrapped = self.jit
-        return self._wrapped
+                self._wrapped[mode] = self.jit
+        return self._wrapped[mode]
 
     def launch(self, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         """Launch on ``grid`` with positional args and constexpr / launch keywords."""

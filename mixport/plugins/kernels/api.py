@@ -18,6 +18,7 @@ from mixport.plugins.kernels._runtime import (
     require,
 )
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, choose_block_m, gemm_config
+from mixport.plugins.kernels.workspace import Slice, carve, scratch_bytes, scratch_layout
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -54,11 +55,21 @@ def _interpret(t: Tensor) -> bool:
     return interpret
 
 
-def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize") -> tuple[Tensor, Tensor]:
+def _check_out(t: Tensor, name: str, like: Tensor, shape: tuple[int, ...], dtype: Any) -> None:
+    """An ``out=`` tensor: the shape, dtype and device the kernel writes, contiguous."""
+    _check_shape(t, name, shape)
+    _check(t.dtype == dtype, f"{name} has the wrong dtype", t.dtype, dtype)
+    _check(t.device == like.device, f"{name} is on the wrong device", str(t.device), str(like.device))
+    _check(t.is_contiguous(), f"{name} must be contiguous", tuple(t.stride()), "contiguous")
+
+
+def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", *,
+                 out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Router logits [T, E] -> (weights [T, k] in logits dtype, ids [T, k] int64).
 
     Softmax in fp32, top-k by descending weight (ties: lower expert first),
-    then "renormalize" (divide by the top-k sum) or "none".
+    then "renormalize" (divide by the top-k sum) or "none". ``out``: the
+    (weights, ids) tensors to write (a TensorRT plugin's outputs); no scratch is needed.
     """
     torch = _torch()
     from mixport.plugins.kernels.routing import routing_meta, topk_routing_kernel
@@ -69,8 +80,13 @@ def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize") -> 
     t, e = logits.shape
     _check(1 <= k <= e, "k must be in [1, E]", k, f"1..{e}")
     logits = logits.contiguous()
-    weights = torch.empty((t, k), dtype=logits.dtype, device=logits.device)
-    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    if out is None:
+        weights = torch.empty((t, k), dtype=logits.dtype, device=logits.device)
+        ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    else:
+        weights, ids = out
+        _check_out(weights, "out weights", logits, (t, k), logits.dtype)
+        _check_out(ids, "out ids", logits, (t, k), torch.int64)
     if t == 0:
         return weights, ids
     _interpret(logits)
@@ -80,11 +96,13 @@ def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize") -> 
     return weights, ids
 
 
-def moe_align_block_size(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+def moe_align_block_size(ids: Tensor, num_experts: int, block_m: int, *,
+                         out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Group pairs by expert in block_m-aligned segments (see ``align`` module).
 
     Returns (sorted_token_ids [P + E*(block_m-1)], expert_ids [cdiv(., block_m)],
     num_tokens_post_padded [1]), all int32; the sentinel is P = ids.numel().
+    ``out``: those three tensors, to write instead of allocating.
     """
     torch = _torch()
     from mixport.plugins.kernels.align import align_meta, align_sizes, moe_align_kernel
@@ -97,9 +115,12 @@ def moe_align_block_size(ids: Tensor, num_experts: int, block_m: int) -> tuple[T
     max_padded, max_blocks = align_sizes(p, num_experts, block_m)
     dev = ids.device
     _interpret(ids)
-    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
-    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    if out is None:
+        out = tuple(torch.empty(n, dtype=torch.int32, device=dev) for n in (max_padded, max_blocks, 1))
+    for tensor, name, n in zip(out, ("sorted_token_ids", "expert_ids", "num_tokens_post_padded"),
+                               (max_padded, max_blocks, 1), strict=True):
+        _check_out(tensor, name, ids, (n,), torch.int32)
+    sorted_ids, expert_ids, num_post = out
     moe_align_kernel.launch((1,), flat, sorted_ids, expert_ids, num_post, p, num_experts,
                             max_padded, max_blocks,
                             **align_meta(num_experts, block_m))
@@ -129,38 +150,60 @@ def _check_moe(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor,
 
 
 def fused_moe(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor,
-              *, block_m: int | None = None) -> Tensor:
+              *, block_m: int | None = None, workspace: Tensor | None = None,
+              out: Tensor | None = None) -> Tensor:
     """MoE layer: out [T, H] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t]).
 
     FFN_e(x) = (silu(x @ gate_up[e][:, :F]) * (x @ gate_up[e][:, F:])) @ down[e].
     fp32 accumulation; deterministic (no atomics). ``block_m`` (power of two
-    >= 16) overrides the pairs-per-block heuristic.
+    >= 16) overrides the pairs-per-block heuristic. ``workspace``: a 1-D uint8
+    buffer of at least ``moe_scratch_bytes`` (a TensorRT plugin's workspace)
+    holding every intermediate; without it one such buffer is allocated.
+    ``out``: the [T, H] tensor to write (a plugin's output).
     """
     torch = _torch()
     from mixport.plugins.kernels import grouped_gemm as gg
 
     t, h, f, e, k = _check_moe(hidden, weights, ids, gate_up, down)
-    out = torch.empty((t, h), dtype=hidden.dtype, device=hidden.device)
+    if out is None:
+        out = torch.empty((t, h), dtype=hidden.dtype, device=hidden.device)
+    _check_out(out, "out", hidden, (t, h), hidden.dtype)
     if t == 0:
         return out
     p, interpret, dtype = t * k, _interpret(hidden), _dtype_name(hidden)
     cfg = gemm_config(block_m or choose_block_m(p, e), dtype, interpret=interpret)
+    scratch = _scratch(workspace, hidden, scratch_layout(p, h, f, e, dtype, cfg.block_m))
     hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
     weights, ids = weights.contiguous().view(-1), ids.contiguous().view(-1)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(ids, e, cfg.block_m)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(
+        ids, e, cfg.block_m, out=(scratch["sorted_ids"], scratch["expert_ids"], scratch["num_post"]))
     upcast = interpret and dtype == "bfloat16"
     precision = "ieee" if dtype == "float32" or upcast else "tf32"
     opts: dict[str, Any] = {"UPCAST": upcast, "PRECISION": precision,
                             **cfg.constexprs()}
     if not interpret:
         opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    inter = torch.empty((p, f), dtype=hidden.dtype, device=hidden.device)
+    inter, partial = scratch["inter"], scratch["partial"]
     grid_m = expert_ids.numel()
     gg.gate_up_kernel.launch((grid_m, cdiv(f, cfg.block_n)), hidden, gate_up, inter, sorted_ids,
                              expert_ids, num_post, p, h, f, TOP_K=k, **opts)
-    partial = torch.empty((p, h), dtype=torch.float32, device=hidden.device)
     gg.down_kernel.launch((grid_m, cdiv(h, cfg.block_n)), inter, down, weights, partial,
                           sorted_ids, expert_ids, num_post, p, h, f, **opts)
     gg.reduce_kernel.launch((t, cdiv(h, REDUCE_BLOCK_H)), partial, ids, out, h, e, TOP_K=k,
                             BLOCK_H=REDUCE_BLOCK_H)
     return out
+
+
+def _scratch(workspace: Tensor | None, like: Tensor, layout: list[Slice]) -> dict[str, Tensor]:
+    """``layout``'s tensors carved from ``workspace`` (checked) or from one new buffer."""
+    torch = _torch()
+    need = scratch_bytes(layout)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.uint8, device=like.device)
+    _check(workspace.dtype == torch.uint8 and workspace.dim() == 1 and workspace.is_contiguous(),
+           "workspace must be a contiguous 1-D uint8 tensor", (workspace.dtype, tuple(workspace.shape)),
+           "torch.uint8 [bytes]")
+    _check(workspace.device == like.device, "workspace is on the wrong device", str(workspace.device),
+           str(like.device))
+    _check(workspace.numel() >= need, "workspace is too small", workspace.numel(), f">= {need} bytes")
+    return carve(workspace, layout)

@@ -33,9 +33,21 @@ class GemmConfig:
         return asdict(self)
 
 
+DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64
+
+
 def choose_block_m(num_pairs: int, num_experts: int) -> int:
     """BLOCK_M from the average pairs per expert: 16 for decode, 64 for prefill."""
-    return 16 if num_pairs <= 16 * num_experts else 64
+    return DECODE_BLOCK_M if num_pairs <= DECODE_BLOCK_M * num_experts else PREFILL_BLOCK_M
+
+
+def block_m_ranges(max_pairs: int, num_experts: int) -> dict[int, int]:
+    """{BLOCK_M: the largest pair count in 1..max_pairs that ``choose_block_m`` gives it}."""
+    decode_limit = DECODE_BLOCK_M * num_experts
+    ranges = {DECODE_BLOCK_M: min(max_pairs, decode_limit)} if max_pairs >= 1 else {}
+    if max_pairs > decode_limit:
+        ranges[PREFILL_BLOCK_M] = max_pairs
+    return ranges
 
 
 def gemm_config(block_m: int, dtype: str, *, interpret: bool = False) -> GemmConfig:

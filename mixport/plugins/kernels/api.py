@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mixport.errors import KernelInputError
 from mixport.ops import NORMALIZATIONS
-from mixport.plugins.kernels._runtime import (
-    KernelInputError,
-    cdiv,
-    interpret_mode,
-    require,
-)
+from mixport.plugins.kernels._runtime import cdiv, interpret_mode, require
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, choose_block_m, gemm_config
 
 if TYPE_CHECKING:

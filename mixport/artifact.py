@@ -161,16 +161,17 @@ def file_sha256(path: Path) -> str:
 @dataclass(frozen=True)
 class Stamp:
     """A file as last verified: its sha256 and the size and mtime it had then. While both are
-    unchanged the sha256 is trusted without reading the file, so a multi-GB file is hashed once."""
+    unchanged the sha256 is trusted without reading the file, so a multi-GB file is hashed once
+    (as make and git trust them: bytes changed in place with size and mtime put back go unseen)."""
 
     sha256: str
     bytes: int
     mtime_ns: int | None = None  # None: not recorded (the file is hashed every time)
 
 
-def stamp(path: Path, sha256: str | None = None) -> Stamp:
-    """PATH's stamp now; hashes PATH unless its ``sha256`` is given."""
-    digest = sha256 or file_sha256(path)
+def stamp(path: Path) -> Stamp:
+    """PATH's stamp now (PATH is hashed)."""
+    digest = file_sha256(path)
     st = Path(path).stat()
     return Stamp(digest, st.st_size, st.st_mtime_ns)
 

@@ -120,6 +120,20 @@ def test_engine_record_defaults_are_the_old_readers_defaults() -> None:
     assert (record.file, record.bytes, record.use_plugins, record.mtime_ns) == ("model.engine", -1, True, None)
 
 
+def test_loading_an_unchanged_folder_hashes_nothing(export_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `mixport run` checks (model.onnx, the fast graph) is trusted by size and mtime."""
+    from mixport.runtime import load
+
+    load(export_copy, threads=1, graph="fast").close()  # builds and records model.ort.onnx
+    record = Manifest.read(export_copy).ort_graph
+    path = export_copy / record.file
+    assert (record.sha256, record.bytes, record.mtime_ns) == (
+        artifact.file_sha256(path), path.stat().st_size, path.stat().st_mtime_ns)
+    hashed = _count_hashes(monkeypatch)
+    load(export_copy, threads=1, graph="fast").close()
+    assert hashed == []
+
+
 # ---- atomic_write -----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -15,10 +15,9 @@ from pathlib import Path
 from types import ModuleType
 
 from mixport import artifact
-from mixport.artifact import ENGINE_FILE, EngineRecord, Manifest
+from mixport.artifact import EngineRecord, Manifest, Stamp
 from mixport.plugins.trt_import import describe, flavor_of
 
-__all__ = ["DETECT", "ENGINE_FILE", "engine_status", "gpu_mismatch", "visible_gpu"]
 DETECT = "detect"  # engine_status(gpu=DETECT): look for a GPU through torch
 
 
@@ -70,7 +69,7 @@ def _file_problem(folder: Path, record: EngineRecord, manifest: Manifest) -> str
     return None
 
 
-def _restamp(manifest: Manifest, now: artifact.Stamp) -> Manifest:
+def _restamp(manifest: Manifest, now: Stamp) -> Manifest:
     record = manifest.engine
     if record is None or record.sha256 != now.sha256:
         return manifest

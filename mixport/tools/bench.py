@@ -102,7 +102,7 @@ def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batc
 def format_table(result: dict[str, object]) -> str:
     head = f"{'batch':>5} {'prompt':>6} {'new':>5} {'prefill ms':>11} {'ms/step':>8} {'decode tok/s':>13}"
     lines = [f"backend: {result['backend']}, graph: {result['graph']}  "
-             f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", f"({result['backend_reason']})", head]
+             f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", f"  {result['backend_reason']}", head]
     for r in result["rows"]:  # type: ignore[union-attr]
         lines.append(f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>5} {r['prefill_ms']:>11.1f} "
                      f"{r['decode_ms_per_step']:>8.2f} {r['decode_tok_s']:>13.1f}")

@@ -340,10 +340,7 @@ class Manifest:
             raise RuntimeFailure(f"{MANIFEST} is of a newer format than this mixport reads",
                                  given=f"{where}: version {version}", expected=f"<= {MANIFEST_VERSION}",
                                  hint="pip install -U mixport")
-        try:
-            return _build(cls, {**data, "version": version}, "")
-        except _Mismatch as exc:
-            raise _malformed(where, *exc.args) from None
+        return _build(cls, {**data, "version": version}, "", where)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; fields that are None are left out (read back as None)."""
@@ -387,10 +384,6 @@ def io_signature(proto: onnx.ModelProto) -> dict[str, list[TensorSig]]:
             "outputs": [describe(v) for v in proto.graph.output]}
 
 
-class _Mismatch(Exception):
-    """Internal: a manifest value is not of its field's type (args: field, what it is, expected)."""
-
-
 def _shown(value: object) -> str:
     if isinstance(value, (str, int, float, bool, type(None))):
         return json.dumps(value)[:60]
@@ -402,8 +395,9 @@ def _malformed(where: str, name: str, shown: str, expected: str) -> RuntimeFailu
                           hint="export the folder again (mixport export ... --force)")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """An instance of dataclass ``cls`` from ``data``, every value checked against its annotation."""
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+    """An instance of dataclass ``cls`` from ``data``, every value checked against its annotation
+    (RuntimeFailure naming the field of WHERE that is not)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -411,16 +405,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if f.name == "extra":
             continue
         if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name)
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name, where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise _Mismatch(prefix + f.name, "missing", "present (a required field)")
+            raise _malformed(where, prefix + f.name, "missing", "present (a required field)")
     unknown = {k: v for k, v in data.items() if k not in names or k == "extra"}
     if unknown and "extra" not in names:
-        raise _Mismatch(prefix + next(iter(unknown)), "not a known field", ", ".join(sorted(names)))
+        raise _malformed(where, prefix + next(iter(unknown)), "not a known field", ", ".join(sorted(names)))
     return cls(**kwargs, **({"extra": unknown} if unknown else {}))
 
 
-def _convert(value: Any, hint: Any, name: str) -> Any:
+def _convert(value: Any, hint: Any, name: str, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -429,24 +423,24 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # X | None: X's own message (it may name a nested field)
-            return _convert(value, options[0], name)
+            return _convert(value, options[0], name, where)
         for arg in options:
-            with contextlib.suppress(_Mismatch):
-                return _convert(value, arg, name)
-        raise _Mismatch(name, _shown(value), " or ".join(_type_name(a) for a in args))
+            with contextlib.suppress(RuntimeFailure):
+                return _convert(value, arg, name, where)
+        raise _malformed(where, name, _shown(value), " or ".join(_type_name(a) for a in args))
     if origin is list and isinstance(value, list):
-        return [_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
-        return {k: _convert(v, args[1], f"{name}.{k}") for k, v in value.items()}
+        return {k: _convert(v, args[1], f"{name}.{k}", where) for k, v in value.items()}
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return _build(hint, value, f"{name}.")
+        return _build(hint, value, f"{name}.", where)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (str, bool) and isinstance(value, hint):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _Mismatch(name, _shown(value), _type_name(hint))
+    raise _malformed(where, name, _shown(value), _type_name(hint))
 
 
 def _type_name(hint: Any) -> str:

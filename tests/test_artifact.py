@@ -50,7 +50,7 @@ def test_export_writes_a_typed_versioned_manifest(tiny_dir: Path, tiny_export: P
     assert manifest.fused and manifest.passes["fuse_moe_experts"] > 0 and manifest.target == "portable"
     assert [i.name for i in manifest.inputs][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert manifest.inputs[0].dtype == "int64" and manifest.inputs[0].shape == ["batch", "seq"]
-    assert manifest.engine is None and manifest.ort_graph is None
+    assert manifest.engine is None  # (ort_graph appears once a test has run the folder on CPU)
     assert Manifest.from_dict(manifest.to_dict()) == manifest
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
 

@@ -1,18 +1,29 @@
-"""The export folder: written into a temporary sibling, renamed into place at the end.
+"""The export folder: its file names, its typed ``manifest.json``, and how files get into it.
 
-An interrupted export leaves at most a hidden ``.OUT_DIR.tmp-*`` folder, never an
-OUT_DIR that looks complete. ``manifest.json`` is the folder's table of contents.
+An export is written into a temporary sibling and renamed into place at the end
+(``staging_dir``): an interrupted export leaves at most a hidden ``.OUT_DIR.tmp-*``
+folder, never an OUT_DIR that looks complete. A file written into an existing
+folder later (manifest, engine, fast graph) goes through ``atomic_write``: readers
+see the old file or the new one, never half of one. ``manifest.json`` is the
+folder's table of contents (``Manifest``); every stage reads it through this module.
+
+    manifest = Manifest.read(folder)          # RuntimeFailure when missing, malformed or too new
+    model = validate_folder(folder, manifest)  # model.onnx (+ .data) still what was exported
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +31,22 @@ import onnx
 
 import mixport
 from mixport import onnx_io as external_data
-from mixport.errors import OutputExistsError, RuntimeFailure
+from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+DATA_FILE = "model.onnx.data"  # the weights, when model.onnx would pass protobuf's 2 GB limit
+ENGINE_FILE = "model.engine"  # `mixport build`
 TWO_GB = 2**31 - 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "chat_template.jinja")
+TRACED_DATA = ".traced.onnx.data"  # the traced weights (exporter.trace)
+FUSED_DATA = ".fused.data"  # the passes' new big tensors: stacked experts (passes.run_passes)
+WORK_FILES = (TRACED_DATA, FUSED_DATA)  # weights of the graph while it is worked on
+MANIFEST_VERSION = 1  # manifest.json's schema; a manifest without "version" is 0 (read the same way)
 
+
+# ---- writing files ----------------------------------------------------------------------------
 
 def check_target(out_dir: Path, force: bool) -> None:
     if Path(out_dir).exists() and not force:
@@ -56,6 +74,52 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temp path to write PATH at; on success it replaces PATH by a rename, on error it vanishes.
+
+    The temp path has PATH's own name inside a hidden folder beside PATH, so files a writer puts
+    beside it under derived names keep them (model.onnx -> model.onnx.data): every file there named
+    PATH or PATH.* is fsynced, given the umask's default mode and renamed beside PATH, PATH last
+    (whoever sees the new PATH finds its companions). Other files there (work files) are dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp / path.name
+        written = [p for p in tmp.iterdir() if p.name.startswith(f"{path.name}.") and p.is_file()]
+        mode = 0o666 & ~_umask()
+        for src in [*written, tmp / path.name]:
+            with src.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(src, mode)
+            os.replace(src, path.parent / src.name)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux allows (no window for threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in FOLDER durable (where the platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = None,
               on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
     """Write PATH; its weights go to PATH.data when the file would pass protobuf's 2 GB limit.
@@ -70,22 +134,9 @@ def save_model(proto: onnx.ModelProto, folder: Path, weights_dir: Path | None = 
     return save_onnx(proto, Path(folder) / MODEL_FILE, weights_dir, on_tensor)
 
 
-TRACED_DATA = ".traced.onnx.data"  # the traced weights (exporter.trace)
-FUSED_DATA = ".fused.data"  # the passes' new big tensors: stacked experts (passes.run_passes)
-WORK_FILES = (TRACED_DATA, FUSED_DATA)  # weights of the graph while it is worked on
-
-
 def remove_work_files(folder: Path) -> None:
     for name in WORK_FILES:
         (Path(folder) / name).unlink(missing_ok=True)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -97,66 +148,320 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def io_signature(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
-    def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
-        t = vi.type.tensor_type
-        return {"name": vi.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(),
-                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
-    return {"inputs": [describe(v) for v in proto.graph.input],
-            "outputs": [describe(v) for v in proto.graph.output]}
+# ---- checking files ---------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (temp file + os.replace): readers never see half of it."""
-    path = Path(folder) / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(manifest, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        set_default_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class Stamp:
+    """A file as last verified: its sha256 and the size and mtime it had then. While both are
+    unchanged the sha256 is trusted without reading the file, so a multi-GB file is hashed once
+    (as make and git trust them: bytes changed in place with size and mtime put back go unseen)."""
+
+    sha256: str
+    bytes: int
+    mtime_ns: int | None = None  # None: not recorded (the file is hashed every time)
 
 
-def set_default_mode(path: Path) -> None:
-    """rw for everyone the umask allows (mkstemp creates 0600 files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+def stamp(path: Path) -> Stamp:
+    """PATH's stamp now (PATH is hashed)."""
+    digest = file_sha256(path)
+    st = Path(path).stat()
+    return Stamp(digest, st.st_size, st.st_mtime_ns)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise RuntimeFailure("not a mixport export folder (no manifest.json)", given=str(folder),
-                             expected="a folder written by `mixport export`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {exc}",
-                             expected="the manifest `mixport export` wrote") from None
+def verify(path: Path, sha256: str, known: Stamp | None = None) -> Stamp | None:
+    """PATH's stamp when its content has ``sha256``, else None. PATH is read only when ``known``
+    (its stamp when last verified) does not vouch for it: another sha256, size or mtime."""
+    st = Path(path).stat()
+    if known is not None and known.sha256 == sha256:
+        if known.bytes != st.st_size:
+            return None
+        if known.mtime_ns == st.st_mtime_ns:
+            return known
+    if file_sha256(path) != sha256:
+        return None
+    return Stamp(sha256, st.st_size, st.st_mtime_ns)
+
+
+def stamps_of(folder: Path, names: list[str]) -> dict[str, Stamp]:
+    """{name: stamp} of FOLDER's model.onnx and model.onnx.data among ``names`` (for the manifest)."""
+    return {name: stamp(Path(folder) / name) for name in (MODEL_FILE, DATA_FILE) if name in names}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
 
 
-def validate_folder(folder: Path, manifest: dict[str, Any]) -> Path:
-    """The folder's model.onnx, after checking the manifest describes it."""
-    made_by = str(manifest.get("mixport_version", "0"))
-    if _version_tuple(made_by) > _version_tuple(mixport.__version__):
-        raise RuntimeFailure("the folder was exported by a newer mixport", given=made_by,
+def validate_folder(folder: Path, manifest: Manifest) -> Path:
+    """The folder's model.onnx, after checking the manifest describes it and its weights file."""
+    folder = Path(folder)
+    if _version_tuple(manifest.mixport_version) > _version_tuple(mixport.__version__):
+        raise RuntimeFailure("the folder was exported by a newer mixport", given=manifest.mixport_version,
                              expected=f"<= {mixport.__version__}", hint="pip install -U mixport")
     path = folder / MODEL_FILE
     if not path.is_file():
         raise RuntimeFailure("the export folder has no model.onnx", given=str(folder),
                              expected="model.onnx beside manifest.json", hint="export again")
-    if "onnx_sha256" in manifest and file_sha256(path) != manifest["onnx_sha256"]:
-        raise RuntimeFailure("model.onnx does not match the manifest (changed after export?)",
-                             given=str(path), expected=f"sha256 {manifest['onnx_sha256'][:12]}...",
-                             hint="export again, or restore the original model.onnx")
+    fresh = {}
+    for name, sha in ((MODEL_FILE, manifest.onnx_sha256), (DATA_FILE, manifest.data_sha256)):
+        if sha is None:  # a manifest from before data_sha256 (or one without data): nothing to check
+            continue
+        if not (folder / name).is_file():
+            raise RuntimeFailure(f"the export folder has no {name}", given=str(folder),
+                                 expected=f"{name} beside manifest.json (the model's weights)", hint="export again")
+        now = verify(folder / name, sha, manifest.stamps.get(name))
+        if now is None:
+            raise RuntimeFailure(f"{name} does not match the manifest (changed after export?)",
+                                 given=str(folder / name), expected=f"sha256 {sha[:12]}...",
+                                 hint=f"export again, or restore the original {name}")
+        if now != manifest.stamps.get(name):
+            fresh[name] = now
+    if fresh:  # same content, new mtime (a copy): remember it, so the next run does not hash again
+        refresh(folder, lambda m: dataclasses.replace(m, stamps={
+            **m.stamps, **{n: s for n, s in fresh.items() if s.sha256 in (m.onnx_sha256, m.data_sha256)}}))
     return path
+
+
+# ---- manifest.json ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """Where the export came from: a Hugging Face folder, or a built-in model and its seed."""
+
+    path: str | None = None
+    builtin: str | None = None
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields this mixport does not know (kept)
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """One graph input or output: its name, element type ("float", "int64"...) and shape."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]  # symbolic dims by name
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """The manifest's ``engine`` section, written by ``mixport build`` (engine.folder)."""
+
+    file: str = ENGINE_FILE
+    sha256: str = ""
+    bytes: int = -1
+    mtime_ns: int | None = None  # with bytes: while unchanged, sha256 is trusted (engine.status)
+    trt: str = "another TensorRT"  # e.g. "TensorRT-RTX 1.7.1.116 (tensorrt_rtx_bindings)"
+    trt_flavor: str | None = None
+    trt_version: str | None = None
+    targets: list[str] = field(default_factory=list)
+    requested_targets: list[str] = field(default_factory=list)
+    gpu_at_build: str | None = None
+    dtype: str | None = None
+    onnx_sha256: str | None = None  # the model.onnx it was built from
+    ranges: dict[str, list[int]] = field(default_factory=dict)  # batch/seq/past -> [min, opt, max]
+    profiles: dict[str, list[list[int]]] = field(default_factory=dict)  # input -> [min, opt, max] shapes
+    use_plugins: bool = True
+    mixport_nodes: dict[str, int] = field(default_factory=dict)
+    plugin_layers: list[dict[str, str]] = field(default_factory=list)
+    plugin_layer_count: int = 0
+    folded_nodes: int = 0
+    build_seconds: float = 0.0
+    mixport_version: str = "0"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.sha256, self.bytes, self.mtime_ns)
+
+
+@dataclass(frozen=True)
+class OrtGraphRecord:
+    """The manifest's ``ort_graph`` section: the fast ONNX Runtime graph (runtime.ort_graph)."""
+
+    file: str
+    version: int
+    sha256: str
+    source_onnx_sha256: str | None = None
+    signature: str | None = None
+    external_data: bool = False
+    bytes: int = -1
+    mtime_ns: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.sha256, self.bytes, self.mtime_ns)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: what the folder holds, what it was made from, and how to check it.
+
+    Frozen: change a copy (``dataclasses.replace``) and ``write`` it. Defaults are what a
+    manifest written before a field existed means."""
+
+    config: dict[str, Any]  # the model's config (MoEConfig fields)
+    dtype: str = "fp32"
+    mixport_version: str = "0"
+    source: Source = field(default_factory=Source)
+    config_sha256: str | None = None
+    opset: int | None = None
+    onnx_sha256: str | None = None  # model.onnx; engines and fast graphs name their source by it
+    data_sha256: str | None = None  # model.onnx.data, when the weights live apart (past 2 GB)
+    stamps: dict[str, Stamp] = field(default_factory=dict)  # model.onnx(.data) when last verified
+    fused: bool = False
+    passes: dict[str, int] = field(default_factory=dict)  # pass -> rewrites
+    target: str | None = None  # the passes' target ("portable"); None when not fused
+    files: list[str] = field(default_factory=list)
+    inputs: list[TensorSig] = field(default_factory=list)
+    outputs: list[TensorSig] = field(default_factory=list)
+    engine: EngineRecord | None = None
+    ort_graph: OrtGraphRecord | None = None
+    version: int = MANIFEST_VERSION  # as read (0: before versions); always written as MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # fields this mixport does not know (kept)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = MANIFEST) -> Manifest:
+        """A Manifest from parsed JSON; RuntimeFailure (one line) when malformed or too new."""
+        if not isinstance(data, dict):
+            raise _malformed(where, "the top level", _shown(data), "a JSON object")
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise _malformed(where, "version", _shown(version), "an integer >= 0")
+        if version > MANIFEST_VERSION:
+            raise RuntimeFailure(f"{MANIFEST} is of a newer format than this mixport reads",
+                                 given=f"{where}: version {version}", expected=f"<= {MANIFEST_VERSION}",
+                                 hint="pip install -U mixport")
+        return _build(cls, {**data, "version": version}, "", where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; fields that are None are left out (read back as None)."""
+        return {"version": MANIFEST_VERSION, **{k: v for k, v in _plain(self).items() if k != "version"}}
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise RuntimeFailure("not a mixport export folder (no manifest.json)", given=str(folder),
+                                 expected="a folder written by `mixport export`")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {exc}",
+                                 expected="the manifest `mixport export` wrote") from None
+        return cls.from_dict(data, str(path))
+
+    def write(self, folder: Path) -> None:
+        """Write FOLDER/manifest.json atomically: readers never see half of it."""
+        with atomic_write(Path(folder) / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def refresh(folder: Path, change: Callable[[Manifest], Manifest]) -> None:
+    """Best effort: re-read FOLDER's manifest, apply ``change`` and write it back when it changed.
+    For caches (stamps): a read-only folder or a damaged manifest only costs a rehash next time."""
+    with contextlib.suppress(OSError, MixportError):
+        current = Manifest.read(folder)
+        new = change(current)
+        if new != current:
+            new.write(folder)
+
+
+def io_signature(proto: onnx.ModelProto) -> dict[str, list[TensorSig]]:
+    def describe(vi: onnx.ValueInfoProto) -> TensorSig:
+        t = vi.type.tensor_type
+        return TensorSig(vi.name, onnx.TensorProto.DataType.Name(t.elem_type).lower(),
+                         [d.dim_param or d.dim_value for d in t.shape.dim])
+    return {"inputs": [describe(v) for v in proto.graph.input],
+            "outputs": [describe(v) for v in proto.graph.output]}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return json.dumps(value)[:60]
+    return "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
+
+
+def _malformed(where: str, name: str, shown: str, expected: str) -> RuntimeFailure:
+    return RuntimeFailure(f"{MANIFEST} is malformed", given=f"{where}: {name} is {shown}", expected=expected,
+                          hint="export the folder again (mixport export ... --force)")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+    """An instance of dataclass ``cls`` from ``data``, every value checked against its annotation
+    (RuntimeFailure naming the field of WHERE that is not)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name, where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _malformed(where, prefix + f.name, "missing", "present (a required field)")
+    unknown = {k: v for k, v in data.items() if k not in names or k == "extra"}
+    if unknown and "extra" not in names:
+        raise _malformed(where, prefix + next(iter(unknown)), "not a known field", ", ".join(sorted(names)))
+    return cls(**kwargs, **({"extra": unknown} if unknown else {}))
+
+
+def _convert(value: Any, hint: Any, name: str, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message (it may name a nested field)
+            return _convert(value, options[0], name, where)
+        for arg in options:
+            with contextlib.suppress(RuntimeFailure):
+                return _convert(value, arg, name, where)
+        raise _malformed(where, name, _shown(value), " or ".join(_type_name(a) for a in args))
+    if origin is list and isinstance(value, list):
+        return [_convert(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {k: _convert(v, args[1], f"{name}.{k}", where) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _build(hint, value, f"{name}.", where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _malformed(where, name, _shown(value), _type_name(hint))
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return "an object"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts (None fields left out, ``extra`` merged back), recursively."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+               if f.name != "extra" and getattr(value, f.name) is not None}
+        return {**out, **{k: v for k, v in getattr(value, "extra", {}).items() if k not in out}}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

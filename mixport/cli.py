@@ -34,6 +34,26 @@ def _progress(msg: str) -> None:
     click.echo(f"[mixport] {msg}...", err=True)
 
 
+class RangeType(click.ParamType):
+    """MIN:OPT:MAX (or N for N:N:N) -> (min, opt, max); anything else is a usage error (exit 2)."""
+
+    name = "MIN:OPT:MAX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        from mixport.engine.folder import RANGE_FORM, range_of
+
+        parsed = range_of(str(value))
+        if parsed is None:
+            self.fail(f"{value!r} is not {RANGE_FORM} (e.g. 1:1:4)", param, ctx)
+        return parsed
+
+
+RANGE = RangeType()
+DTYPES = ("fp32", "fp16", "bf16")
+
+
 @click.group()
 @click.version_option(package_name="mixport")
 def main() -> None:
@@ -45,7 +65,7 @@ def main() -> None:
 @click.option("--model", "builtin", help="A built-in model instead of MODEL_DIR (tiny).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder (must not exist unless --force).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-fuse", is_flag=True, help="Keep the per-expert FFNs (skip the fusion passes).")
 @click.option("--no-check", is_flag=True, help="Skip the quick parity check at the end.")
@@ -76,7 +96,7 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
         built = build_folder(result.out_dir, BuildRequest(targets=targets), progress=_progress)
         click.echo(built.message)
     if not no_check:
-        from mixport.tools.check import CheckUnavailable
+        from mixport.errors import CheckUnavailable
 
         try:
             _check_and_report(result.out_dir, steps=4)
@@ -102,31 +122,33 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--targets", default=None,
               help="GPUs: 'ampere+' (RTX default), 'sm80,sm86,...' (TensorRT-RTX), 'current' (full TensorRT default).")
-@click.option("--dtype", default=None, help="Expected precision (fp32 | fp16 | bf16); must match the export.")
-@click.option("--batch", default=None, metavar="MIN:OPT:MAX", help="Batch range [default: 1:1:4].")
-@click.option("--seq", default=None, metavar="MIN:OPT:MAX", help="New tokens per step [default: 1:64:256].")
-@click.option("--past", default=None, metavar="MIN:OPT:MAX", help="Cached tokens [default: 0:256:context-1].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Expected precision; must match the export's.")
+@click.option("--batch", type=RANGE, default=None, help="Batch range [default: 1:1:4].")
+@click.option("--seq", type=RANGE, default=None, help="New tokens per step [default: 1:64:256].")
+@click.option("--past", type=RANGE, default=None, help="Cached tokens [default: 0:256:context-1].")
 @click.option("--no-plugins", is_flag=True, help="Inline the mixport nodes' ONNX bodies (no plugin layers).")
 @click.option("--force", is_flag=True, help="Rebuild even if an engine exists (stale or built otherwise).")
 @friendly
-def build(out_dir: Path, targets: str | None, dtype: str | None, batch: str | None, seq: str | None,
-          past: str | None, no_plugins: bool, force: bool) -> None:
+def build(out_dir: Path, targets: str | None, dtype: str | None, batch: tuple[int, int, int] | None,
+          seq: tuple[int, int, int] | None, past: tuple[int, int, int] | None, no_plugins: bool,
+          force: bool) -> None:
     """Build OUT_DIR/model.engine with the mixport TensorRT plugins and record it in the manifest.
 
     Example: mixport build out --targets sm80,sm86 --batch 1:1:8
     """
-    from mixport.engine.folder import BuildRequest, build_folder, parse_range
+    from mixport.engine.folder import BuildRequest, build_folder
 
-    ranges = {name: parse_range(text, name) if text else None
-              for name, text in (("batch", batch), ("seq", seq), ("past", past))}
-    request = BuildRequest(targets=targets, dtype=dtype, use_plugins=not no_plugins, force=force, **ranges)
+    request = BuildRequest(targets=targets, dtype=dtype, batch=batch, seq=seq, past=past,
+                           use_plugins=not no_plugins, force=force)
     result = build_folder(out_dir, request, progress=_progress)
     click.echo(result.message)
 
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--steps", default=8, show_default=True, help="Decode steps after the prefill.")
+@click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Decode steps after the prefill.")
 @click.option("--reference", type=click.Choice(["auto", "mixport"]), default="auto", show_default=True,
               help="auto: transformers when installed, else mixport's reference model.")
 @friendly
@@ -189,9 +211,8 @@ def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, sto
 
     pipe = load(folder, device=device, threads=threads, graph=graph, progress=_progress, backend=backend)
     with Interrupt() as interrupt:  # from here Ctrl-C stops generation at a token boundary
-        where = "cuda" if pipe.session.backend == "tensorrt" else f"{device}, " \
-            f"{getattr(pipe.session, 'graph', 'portable')} graph"
-        click.echo(f"[mixport] backend: {pipe.session.backend} ({where}); {pipe.backend_reason}", err=True)
+        where = "cuda" if pipe.backend == "tensorrt" else f"{device}, {pipe.graph} graph"
+        click.echo(f"[mixport] backend: {pipe.backend} ({where}); {pipe.backend_reason}", err=True)
         ids = [prompt_ids(pipe, p, chat) for p in texts]
         pipe.check(ids, max_new_tokens)
         if stream and len(texts) == 1:
@@ -268,24 +289,30 @@ def optimize(src: Path, dst: Path, target: str, verbose: bool) -> None:
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--prompt-len", default=64, show_default=True, help="Prompt tokens (random ids).")
-@click.option("--new-tokens", default=128, show_default=True, help="Tokens decoded per run.")
-@click.option("--batch", "batches", multiple=True, type=int, default=(1,), show_default=True,
+@click.option("--prompt-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Prompt tokens (random ids).")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens decoded per run.")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1,), show_default=True,
               help="Batch size (repeat to time several).")
-@click.option("--runs", default=3, show_default=True, help="Timed runs (median; one warm-up run excluded).")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs (median; one warm-up run excluded).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="auto: TensorRT when model.engine is up to date and a GPU is visible.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly
 def bench(folder: Path, prompt_len: int, new_tokens: int, batches: tuple[int, ...], runs: int,
-          threads: int | None, graph: str, as_json: bool) -> None:
+          threads: int | None, graph: str, backend: str, as_json: bool) -> None:
     """Time prefill (ms) and decode (tok/s) of an export folder, as `mixport run` runs it.
 
     Example: mixport bench out --prompt-len 64 --new-tokens 128 --batch 1 --batch 4
     """
     from mixport.tools.bench import bench_folder, format_table, to_json
 
-    result = bench_folder(folder, prompt_len, new_tokens, batches, runs, threads, graph, progress=_progress)
+    result = bench_folder(folder, prompt_len, new_tokens, batches, runs, threads, graph, progress=_progress,
+                          backend=backend)
     click.echo(to_json(result) if as_json else format_table(result))
 
 

@@ -1,4 +1,5 @@
-"""The one exception family the CLI prints without a traceback."""
+"""Every mixport exception class: the ``MixportError`` family the CLI prints without a
+traceback (one line, exit code ``exit_code``), plus ``NoMatch``, the passes' internal signal."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class ParityError(MixportError):
     exit_code = 3
 
 
+class CheckUnavailable(MixportError):
+    """No backend here can run the folder, so parity cannot be checked (not a parity failure)."""
+
+
 class PluginError(MixportError):
     """A mixport TensorRT plugin cannot be created or registered."""
 
@@ -58,8 +63,24 @@ class TensorRTNotFoundError(BuildError):
     """Neither `tensorrt` nor `tensorrt_rtx_bindings` can be imported."""
 
 
+class ParserSymlinkError(BuildError):
+    """The ``libtensorrt_rtx.so`` link is missing and cannot be created."""
+
+
+class KernelDependencyError(MixportError):
+    """An optional package the kernels need (torch, triton) is not installed."""
+
+
+class KernelInputError(MixportError):
+    """A kernel was given tensors of the wrong shape, dtype or device."""
+
+
 class PassError(MixportError):
     """A graph pass could not do what the pipeline requires (e.g. no MoE layer fused)."""
+
+
+class NoMatch(Exception):  # noqa: N818 - a signal, not an error: it never reaches users
+    """Why a pass's pattern did not match one layer (collected as a reason, never raised to users)."""
 
 
 class FileSystemError(MixportError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
@@ -66,6 +67,5 @@ def reexport_changed(folder: Path) -> None:
     model = onnx.load(str(folder / "model.onnx"))
     onnx.helper.set_model_props(model, {"re-exported": "yes"})
     onnx.save(model, str(folder / "model.onnx"))
-    manifest = artifact.read_manifest(folder)
-    manifest["onnx_sha256"] = artifact.file_sha256(folder / "model.onnx")
-    artifact.write_manifest(folder, manifest)
+    manifest = artifact.Manifest.read(folder)
+    dataclasses.replace(manifest, onnx_sha256=artifact.file_sha256(folder / "model.onnx")).write(folder)

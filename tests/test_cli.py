@@ -71,7 +71,7 @@ def test_interrupted_export_leaves_no_output(tiny_dir: Path, tmp_path: Path, mon
     def explode(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifact, "write_manifest", explode)
+    monkeypatch.setattr(artifact.Manifest, "write", explode)
     with pytest.raises(KeyboardInterrupt):
         export(tiny_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -130,3 +130,22 @@ def test_check_refuses_up_front_without_enough_memory(export_copy: Path, monkeyp
     res = invoke("export", "--model", "tiny", "-o", export_copy, "--force")
     assert res.exit_code == 0, res.output
     assert "parity check skipped: not enough memory" in res.output
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["build", "--dtype", "int8"], "Invalid value for '--dtype': 'int8' is not one of 'fp32', 'fp16', 'bf16'"),
+    (["build", "--batch", "1:x:4"], "Invalid value for '--batch': '1:x:4' is not MIN:OPT:MAX"),
+    (["build", "--seq", "8:4:2"], "Invalid value for '--seq': '8:4:2' is not MIN:OPT:MAX"),
+    (["build", "--past", ""], "Invalid value for '--past': '' is not MIN:OPT:MAX"),
+    (["bench", "--batch", "0"], "Invalid value for '--batch': 0 is not in the range x>=1"),
+    (["bench", "--runs", "0"], "Invalid value for '--runs': 0 is not in the range x>=1"),
+    (["bench", "--new-tokens", "1"], "Invalid value for '--new-tokens': 1 is not in the range x>=2"),
+    (["bench", "--prompt-len", "0"], "Invalid value for '--prompt-len': 0 is not in the range x>=1"),
+    (["check", "--steps", "-1"], "Invalid value for '--steps': -1 is not in the range x>=0"),
+])
+def test_bad_option_values_are_usage_errors(args: list[str], fragment: str, tmp_path: Path) -> None:
+    """Values no folder could take: click's usage message and exit 2 (not a one-line error, exit 1)."""
+    res = invoke(args[0], tmp_path, *args[1:])
+    assert res.exit_code == 2, res.output
+    assert f"Usage: main {args[0]} [OPTIONS]" in res.output and fragment in res.output, res.output
+    assert "Traceback" not in res.output and not [ln for ln in res.output.splitlines() if ln.startswith("error:")]

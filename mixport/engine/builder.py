@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mixport.artifact import atomic_write
 from mixport.engine.network import (
     LayerInfo,
     ParsedNetwork,
@@ -98,19 +97,9 @@ def add_profile(builder: Any, config: Any, parsed: ParsedNetwork,
 
 
 def write_atomically(path: Path, data: Any) -> int:
-    """Write ``data`` (a buffer) to ``path`` via a temp file + os.replace; returns bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            size = handle.write(memoryview(data))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
+    """Write ``data`` (a buffer) to ``path`` (``artifact.atomic_write``); returns bytes."""
+    with atomic_write(path) as tmp, tmp.open("wb") as handle:
+        return handle.write(memoryview(data))
 
 
 def _prepare(trt: ModuleType, onnx_path: Path, use_plugins: bool) -> None:

@@ -12,13 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from mixport.errors import BuildError
+from mixport.errors import ParserSymlinkError
 
 LINK_NAME = "libtensorrt_rtx.so"
-
-
-class ParserSymlinkError(BuildError):
-    """The ``libtensorrt_rtx.so`` link is missing and cannot be created."""
 
 
 def rtx_libs_dir() -> Path | None:

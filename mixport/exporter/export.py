@@ -30,7 +30,7 @@ class ExportResult:
     files: list[str]
     pass_counts: dict[str, int] = field(default_factory=dict)
     pass_reasons: list[str] = field(default_factory=list)  # why pass patterns did not match (-v)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: artifact.Manifest | None = None
 
 
 @contextlib.contextmanager
@@ -83,14 +83,15 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             files = artifact.save_model(proto, tmp, weights_dir=tmp, on_tensor=weights_done)
             artifact.remove_work_files(tmp)
             files += artifact.copy_tokenizer(src, tmp)
-            manifest = {
-                "mixport_version": mixport.__version__, "source": source_info,
-                "config_sha256": config_hash, "dtype": dtype, "opset": ONNX_OPSET,
-                "onnx_sha256": artifact.file_sha256(tmp / artifact.MODEL_FILE),
-                "fused": bool(counts), "passes": counts, "target": "portable" if fuse else None,
-                "files": files,
-                "config": asdict(cfg), **artifact.io_signature(proto)}
-            artifact.write_manifest(tmp, manifest)
+            stamps = artifact.stamps_of(tmp, files)  # model.onnx (+ model.onnx.data)
+            data = stamps.get(artifact.DATA_FILE)
+            manifest = artifact.Manifest(
+                mixport_version=mixport.__version__, source=artifact.Source(**source_info),
+                config_sha256=config_hash, dtype=dtype, opset=ONNX_OPSET,
+                onnx_sha256=stamps[artifact.MODEL_FILE].sha256, data_sha256=data and data.sha256, stamps=stamps,
+                fused=bool(counts), passes=counts, target="portable" if fuse else None, files=files,
+                config=asdict(cfg), **artifact.io_signature(proto))
+            manifest.write(tmp)
     return ExportResult(Path(out_dir), files, counts, reasons, manifest)
 
 

@@ -9,9 +9,7 @@ Targets choose what the fused ``mixport::MoE`` nodes run when no plugin is regis
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,10 +125,8 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise PassError("cannot read the input model", given=f"{src}: {type(exc).__name__}",
                         expected="an ONNX model file") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.tmp-", dir=dst.parent) as tmp:
-        report = run_passes(proto, target, weights_dir=src.parent, work_dir=Path(tmp))
-        files = artifact.save_onnx(report.model, Path(tmp) / dst.name, weights_dir=src.parent)
-        for name in files:
-            os.replace(Path(tmp) / name, dst.parent / name)
+    with artifact.atomic_write(dst) as out:  # the work files (stacked experts) stay behind in its folder
+        report = run_passes(proto, target, weights_dir=src.parent, work_dir=out.parent)
+        artifact.save_onnx(report.model, out, weights_dir=src.parent)
+        artifact.remove_work_files(out.parent)
     return report

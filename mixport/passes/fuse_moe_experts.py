@@ -21,13 +21,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from mixport import ops
+from mixport.errors import NoMatch
 from mixport.passes import graph_utils as gu
 
 NAME = "fuse_moe_experts"
-
-
-class NoMatch(Exception):
-    """Why one layer's pattern did not match (collected as a reason, never raised to users)."""
 
 
 @dataclass

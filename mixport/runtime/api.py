@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mixport import artifact
+from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 from mixport.runtime import ort_graph
 from mixport.runtime.generate import GenerationRequest, check_request, generate
@@ -20,11 +21,24 @@ from mixport.runtime.tokenizer import Tokenizer, load_tokenizer
 class Pipeline:
     """A loaded export folder: session + tokenizer + generation."""
 
-    def __init__(self, folder: Path, session: Session, manifest: dict[str, Any],
+    def __init__(self, folder: Path, session: Session, manifest: Manifest,
                  tokenizer: Tokenizer | None, backend_reason: str = "") -> None:
         self.folder, self.session, self.manifest, self.tokenizer = folder, session, manifest, tokenizer
-        self.config = manifest["config"]
+        self.config = manifest.config
         self.backend_reason = backend_reason  # why this backend (e.g. why not TensorRT)
+
+    @property
+    def backend(self) -> str:
+        """"onnxruntime" or "tensorrt"."""
+        return self.session.backend
+
+    @property
+    def graph(self) -> str:
+        """What the backend runs: "engine" (TensorRT's model.engine), or ONNX Runtime's
+        "fast" (model.ort.onnx) or "portable" (model.onnx) graph."""
+        if self.session.backend == "tensorrt":
+            return "engine"
+        return str(getattr(self.session, "graph", "portable"))
 
     @property
     def context(self) -> int:
@@ -105,14 +119,13 @@ class Pipeline:
 GRAPHS = ("auto", "fast", "portable")
 
 
-def open_session(folder: Path, manifest: dict[str, Any], path: Path, device: str, threads: int | None,
+def open_session(folder: Path, manifest: Manifest, path: Path, device: str, threads: int | None,
                  graph: str, progress: Callable[[str], None] | None = None) -> Session:
     """The ONNX Runtime session for ``graph``: fast (ort_graph, CPU), portable (model.onnx),
     or auto (fast when the model and device allow it, else portable)."""
     if graph not in GRAPHS:
         raise RuntimeFailure("unknown graph", given=graph, expected=" | ".join(GRAPHS))
-    why_not = "device is not cpu" if device != "cpu" else ort_graph.supported(
-        manifest["config"], str(manifest.get("dtype", "fp32")))
+    why_not = "device is not cpu" if device != "cpu" else ort_graph.supported(manifest.config, manifest.dtype)
     if graph == "fast" or (graph == "auto" and why_not is None):
         from mixport.runtime.ort_fast import OrtFastSession
 
@@ -137,14 +150,15 @@ def load(folder: str | Path, device: str = "cpu", threads: int | None = None, gr
     from mixport.runtime.select import choose_backend
 
     folder = Path(folder)
-    manifest = artifact.read_manifest(folder)
+    manifest = Manifest.read(folder)
     path = artifact.validate_folder(folder, manifest)
     choice = choose_backend(folder, manifest, backend)
     session: Session
     if choice.backend == "tensorrt":
         from mixport.runtime.trt_session import TrtSession
 
-        session = TrtSession(folder / manifest["engine"]["file"], manifest)
+        assert manifest.engine is not None  # choose_backend picks TensorRT only for a recorded engine
+        session = TrtSession(folder / manifest.engine.file, manifest)
     else:
         session = open_session(folder, manifest, path, device, threads, graph, progress)
     return Pipeline(folder, session, manifest, load_tokenizer(folder), choice.reason)

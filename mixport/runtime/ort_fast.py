@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 from mixport.runtime.ort_session import open_session, run_failure
 
@@ -30,17 +31,17 @@ class OrtFastSession:
     backend = "onnxruntime"
     graph = "fast"
 
-    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str = "cpu",
+    def __init__(self, model_path: Path, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
         self.sess = open_session(model_path, device, threads)
-        cfg = manifest["config"]
+        cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])
         self.vocab, self.context = cfg["vocab_size"], cfg["max_position_embeddings"]
-        self.dtype = np.float16 if manifest.get("dtype") == "fp16" else np.float32
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.io = self.sess.io_binding()
         self.cache: list[Any] = []
         self.lengths = np.zeros(0, dtype=np.int64)

@@ -30,8 +30,7 @@ logits [N, V], present.{i}.key/value [B, G, C, D] (same buffers as past).
 
 from __future__ import annotations
 
-import os
-import tempfile
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mixport import artifact
+from mixport.artifact import Manifest, OrtGraphRecord
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
 from mixport.models import Adapter, registry
@@ -309,40 +309,39 @@ def _layer_count(weights: dict[str, np.ndarray]) -> int:
     return max(layers, default=-1) + 1
 
 
-def _is_current(folder: Path, record: dict[str, Any] | None, source_sha: str) -> bool:
+def _is_current(folder: Path, record: OrtGraphRecord | None, source_sha: str) -> bool:
     path = folder / FILE
-    return (record is not None and record.get("version") == GRAPH_VERSION
-            and record.get("source_onnx_sha256") == source_sha and path.is_file()
-            and artifact.file_sha256(path) == record.get("sha256"))
+    return (record is not None and record.version == GRAPH_VERSION
+            and record.source_onnx_sha256 == source_sha and path.is_file()
+            and artifact.verify(path, record.sha256, record.stamp) is not None)
 
 
-def ensure(folder: Path, manifest: dict[str, Any], progress: Any = None) -> Path:
+def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
     """FOLDER/model.ort.onnx, built on first use (and again when model.onnx changed);
     recorded in the manifest as ``ort_graph`` {file, version, signature, sha256, source}."""
     folder = Path(folder)
-    _require_supported(manifest["config"], manifest.get("dtype", "fp32"))
-    source_sha = manifest.get("onnx_sha256") or artifact.file_sha256(folder / artifact.MODEL_FILE)
-    if _is_current(folder, manifest.get("ort_graph"), source_sha):
+    _require_supported(manifest.config, manifest.dtype)
+    source_sha = manifest.onnx_sha256 or artifact.file_sha256(folder / artifact.MODEL_FILE)
+    if _is_current(folder, manifest.ort_graph, source_sha):
         return folder / FILE
     if progress:
         progress("building the ONNX Runtime CPU graph (once per export folder)")
-    cfg = manifest["config"]
-    proto = build(export_weights(folder / artifact.MODEL_FILE, cfg), cfg, manifest.get("dtype", "fp32"))
-    return _write(folder, proto, manifest, source_sha)
+    cfg = manifest.config
+    proto = build(export_weights(folder / artifact.MODEL_FILE, cfg), cfg, manifest.dtype)
+    return _write(folder, proto, source_sha)
 
 
-def _write(folder: Path, proto: onnx.ModelProto, manifest: dict[str, Any], source_sha: str) -> Path:
+def _write(folder: Path, proto: onnx.ModelProto, source_sha: str) -> Path:
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".ort-", dir=folder))
+        with artifact.atomic_write(folder / FILE) as tmp:
+            files = artifact.save_onnx(proto, tmp)
     except OSError as exc:
         raise RuntimeFailure("cannot write the fast graph into the export folder", given=str(exc),
                              expected="a writable folder", hint="run with --graph portable") from None
-    files = artifact.save_onnx(proto, tmp / FILE)
-    for name in os.listdir(tmp):
-        os.replace(tmp / name, folder / name)
-    tmp.rmdir()
-    record = {"file": FILE, "version": GRAPH_VERSION, "signature": SIGNATURE,
-              "sha256": artifact.file_sha256(folder / FILE), "source_onnx_sha256": source_sha,
-              "external_data": len(files) > 1}
-    artifact.write_manifest(folder, {**artifact.read_manifest(folder), "ort_graph": record})
+    stamp = artifact.stamp(folder / FILE)
+    record = OrtGraphRecord(file=FILE, version=GRAPH_VERSION, signature=SIGNATURE, sha256=stamp.sha256,
+                            source_onnx_sha256=source_sha, external_data=len(files) > 1, bytes=stamp.bytes,
+                            mtime_ns=stamp.mtime_ns)
+    manifest = Manifest.read(folder)  # as it is now, not as it was when ensure() began
+    dataclasses.replace(manifest, ort_graph=record).write(folder)
     return folder / FILE

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 
 
@@ -66,14 +67,14 @@ class OrtSession:
 
     backend = "onnxruntime"
 
-    def __init__(self, model_path: Path, manifest: dict[str, Any], device: str = "cpu",
+    def __init__(self, model_path: Path, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None) -> None:
-        if manifest.get("dtype") == "bf16" and device == "cpu":
+        if manifest.dtype == "bf16" and device == "cpu":
             raise RuntimeFailure("ONNX Runtime's CPU provider cannot run bf16 graphs", given=str(model_path),
                                  expected="an fp32 or fp16 export for CPU",
                                  hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
         self.sess = open_session(model_path, device, threads)
-        cfg = manifest["config"]
+        cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])
         past = next(i for i in self.sess.get_inputs() if i.name.startswith("past_key_values"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure, TensorRTNotFoundError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -22,12 +22,12 @@ class BackendChoice:
     reason: str
 
 
-def tensorrt_unavailable(folder: Path, manifest: dict[str, Any]) -> str | None:
+def tensorrt_unavailable(folder: Path, manifest: Manifest) -> str | None:
     """Why FOLDER cannot run with TensorRT here, or None when it can (cheap checks first)."""
     from mixport.engine.status import engine_status, visible_gpu
     from mixport.plugins.trt_import import INSTALL_HINT, import_trt
 
-    if not manifest.get("engine"):
+    if manifest.engine is None:
         return f"the folder has no engine (build one: mixport build {folder})"
     try:
         trt = import_trt()
@@ -42,7 +42,7 @@ def tensorrt_unavailable(folder: Path, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def choose_backend(folder: Path, manifest: dict[str, Any], backend: str = "auto") -> BackendChoice:
+def choose_backend(folder: Path, manifest: Manifest, backend: str = "auto") -> BackendChoice:
     """The backend to use for ``backend`` ("auto" | "onnxruntime" | "tensorrt"), with the reason."""
     if backend not in BACKENDS:
         raise RuntimeFailure("unknown backend", given=backend, expected=" | ".join(BACKENDS))

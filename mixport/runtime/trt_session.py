@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 
 Shape = tuple[int, ...]
@@ -45,10 +46,10 @@ class BindingPlan:
     profiles: dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max), as built
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> BindingPlan:
-        cfg, record = manifest["config"], manifest.get("engine") or {}
+    def from_manifest(cls, manifest: Manifest) -> BindingPlan:
+        cfg, record = manifest.config, manifest.engine
         profiles = {name: tuple(tuple(int(d) for d in s) for s in shapes)
-                    for name, shapes in record.get("profiles", {}).items()}
+                    for name, shapes in (record.profiles if record else {}).items()}
         return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"], profiles)
 
     @property
@@ -92,7 +93,7 @@ class TrtSession:
 
     backend = "tensorrt"
 
-    def __init__(self, engine_path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, engine_path: Path, manifest: Manifest) -> None:
         import torch
 
         from mixport.engine.trt_logger import make_logger

@@ -2,7 +2,9 @@
 
 Timed through the generation loop's own calls (``generate.last_logits`` on the
 session ``mixport run`` opens): one warm-up run, then the median of ``runs``.
-Greedy, no early stop, so every run decodes exactly ``new_tokens`` tokens.
+Greedy, no early stop, so every run decodes exactly ``new_tokens`` tokens. The result
+names what was measured: the backend (onnxruntime / tensorrt), the graph it ran
+(ONNX Runtime's fast or portable graph, TensorRT's engine) and why that backend.
 """
 
 from __future__ import annotations
@@ -82,22 +84,25 @@ def bench_session(session: Session, vocab: int, context: int, prompt_len: int, n
 
 def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batches: tuple[int, ...] = (1,),
                  runs: int = 3, threads: int | None = None, graph: str = "auto",
-                 progress: object = None) -> dict[str, object]:
-    """Load FOLDER like ``mixport run`` does and time each batch size."""
+                 progress: object = None, backend: str = "auto") -> dict[str, object]:
+    """Load FOLDER like ``mixport run`` does and time each batch size. The result's ``backend``
+    ("onnxruntime" | "tensorrt") and ``graph`` ("fast" | "portable" | "engine") say what ran."""
     from mixport.runtime import load
 
-    pipe = load(folder, threads=threads, graph=graph, progress=progress)  # type: ignore[arg-type]
+    pipe = load(folder, threads=threads, graph=graph, progress=progress, backend=backend)  # type: ignore[arg-type]
     rss_before = rss_mb()
     rows = [bench_session(pipe.session, int(pipe.config["vocab_size"]), pipe.context, prompt_len, new_tokens,
                           b, runs) for b in batches]
-    return {"folder": str(folder), "graph": getattr(pipe.session, "graph", "portable"),
+    return {"folder": str(folder), "backend": pipe.backend, "graph": pipe.graph,
+            "backend_reason": pipe.backend_reason,
             "threads": threads, "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(rss_mb(), 1),
             "rows": [asdict(r) for r in rows]}
 
 
 def format_table(result: dict[str, object]) -> str:
     head = f"{'batch':>5} {'prompt':>6} {'new':>5} {'prefill ms':>11} {'ms/step':>8} {'decode tok/s':>13}"
-    lines = [f"graph: {result['graph']}  RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", head]
+    lines = [f"backend: {result['backend']}, graph: {result['graph']}  "
+             f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", f"  {result['backend_reason']}", head]
     for r in result["rows"]:  # type: ignore[union-attr]
         lines.append(f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>5} {r['prefill_ms']:>11.1f} "
                      f"{r['decode_ms_per_step']:>8.2f} {r['decode_tok_s']:>13.1f}")

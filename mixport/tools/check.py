@@ -24,7 +24,8 @@ import onnx
 import torch
 
 from mixport import artifact, ops
-from mixport.errors import MixportError
+from mixport.artifact import Manifest
+from mixport.errors import CheckUnavailable
 from mixport.exporter.export import resolve_source
 from mixport.exporter.loader import load_reference
 from mixport.models import registry
@@ -33,10 +34,6 @@ from mixport.tools.check_fast import FastGraphStat, check_fast_graph, greedy_tok
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
 TIE_GAP = 1e-6
-
-
-class CheckUnavailable(MixportError):
-    """No backend here can run the folder, so parity cannot be checked (not a parity failure)."""
 
 
 @dataclass
@@ -139,7 +136,7 @@ def reference_feeds(model: DecoderModel, prompt: list[int], steps: int
     return feeds, tokens
 
 
-def ort_greedy(model_path: Path, manifest: dict[str, Any], prompt: list[int], count: int) -> list[int]:
+def ort_greedy(model_path: Path, manifest: Manifest, prompt: list[int], count: int) -> list[int]:
     """Free-running greedy tokens from ONNX Runtime (its own cache, its own choices)."""
     from mixport.runtime.ort_session import OrtSession
 
@@ -220,16 +217,14 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
     from polygraphy.comparator.compare import SimpleCompareFunc
 
     folder = Path(folder)
-    manifest = artifact.read_manifest(folder)
-    from mixport.artifact import validate_folder
-
-    model_path = validate_folder(folder, manifest)
-    dtype = manifest["dtype"]
+    manifest = Manifest.read(folder)
+    model_path = artifact.validate_folder(folder, manifest)
+    dtype = manifest.dtype
     _require_runnable(dtype)
     _require_memory(model_path, dtype)
     atol, rtol = TOLERANCES[dtype]
-    src_info = manifest["source"]
-    with resolve_source(Path(src_info["path"]) if "path" in src_info else None, src_info.get("builtin")) \
+    src_info = manifest.source
+    with resolve_source(Path(src_info.path) if src_info.path else None, src_info.builtin) \
             as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, _quiet_polygraphy():
         ref_model, cfg, _ = load_reference(src, "fp32")
         rng = np.random.default_rng(seed)
@@ -261,7 +256,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
     return report
 
 
-def _add_tensorrt(runners: list[Any], folder: Path, manifest: dict[str, Any]) -> list[str]:
+def _add_tensorrt(runners: list[Any], folder: Path, manifest: Manifest) -> list[str]:
     """Append the TensorRT runner when it can run here; else one note saying why not."""
     from mixport.runtime.select import tensorrt_unavailable
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 
 
@@ -24,12 +25,12 @@ class FastGraphStat:
     skipped: str | None = None  # why the fast graph was not checked
 
 
-def check_fast_graph(folder: Path, manifest: dict[str, Any], prompt: list[int], ref_tokens: list[int],
+def check_fast_graph(folder: Path, manifest: Manifest, prompt: list[int], ref_tokens: list[int],
                      ref_logits: list[np.ndarray], atol: float, rtol: float) -> FastGraphStat:
     from mixport.runtime import ort_graph
     from mixport.runtime.ort_fast import OrtFastSession
 
-    why = ort_graph.supported(manifest["config"], str(manifest.get("dtype", "fp32")))
+    why = ort_graph.supported(manifest.config, manifest.dtype)
     if why:
         return FastGraphStat(skipped=f"`mixport run` uses model.onnx for this model ({why})")
     try:

@@ -11,30 +11,31 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from mixport.artifact import Manifest
 from mixport.tools.torch_runners import input_metadata
 
 
 class TrtSessionRunner(BaseRunner):
     """FOLDER/model.engine through ``TrtSession.run``; outputs as float32 / int64 host arrays."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], name: str = "tensorrt") -> None:
+    def __init__(self, folder: Path, manifest: Manifest, name: str = "tensorrt") -> None:
         super().__init__(name=name, prefix="mixport-trt")
         self.folder, self.manifest = Path(folder), manifest
 
     def activate_impl(self) -> None:
         from mixport.runtime.trt_session import TrtSession
 
-        self.session = TrtSession(self.folder / self.manifest["engine"]["file"], self.manifest)
+        assert self.manifest.engine is not None  # check adds this runner only for a recorded engine
+        self.session = TrtSession(self.folder / self.manifest.engine.file, self.manifest)
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        dtype = {"fp16": np.float16}.get(self.manifest.get("dtype", "fp32"), np.float32)
-        return input_metadata(self.manifest["config"]["num_hidden_layers"], dtype)
+        dtype = {"fp16": np.float16}.get(self.manifest.dtype, np.float32)
+        return input_metadata(self.manifest.config["num_hidden_layers"], dtype)
 
     def infer_impl(self, feed_dict: OrderedDict) -> OrderedDict:
         start = time.perf_counter()

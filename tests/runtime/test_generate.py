@@ -191,17 +191,18 @@ def test_batch_stops_each_row_on_its_own(pipes: dict[str, Pipeline], graph: str)
 
 
 def test_fast_graph_in_fp16_agrees_with_fp32(rt_export: Path, pipes: dict[str, Pipeline], tmp_path: Path) -> None:
-    import json
+    from dataclasses import replace
 
     import onnx
 
+    from mixport.artifact import Manifest
     from mixport.runtime import ort_graph
     from mixport.runtime.ort_fast import OrtFastSession
 
-    manifest = json.loads((rt_export / "manifest.json").read_text())
-    proto = ort_graph.build(ort_graph.export_weights(rt_export / "model.onnx"), manifest["config"], "fp16")
+    manifest = Manifest.read(rt_export)
+    proto = ort_graph.build(ort_graph.export_weights(rt_export / "model.onnx"), manifest.config, "fp16")
     onnx.save_model(proto, str(tmp_path / "fp16.onnx"))
-    half = OrtFastSession(tmp_path / "fp16.onnx", {**manifest, "dtype": "fp16"}, threads=1)
+    half = OrtFastSession(tmp_path / "fp16.onnx", replace(manifest, dtype="fp16"), threads=1)
     ids = np.array([pipes["fast"].encode(PROMPT)])
     mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
     half.reset(1)

@@ -7,7 +7,7 @@ falls back to model.onnx saying why.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,11 @@ from mixport.runtime.ort_fast import OrtFastSession
 from mixport.runtime.ort_session import OrtSession
 
 
-def _manifest(folder: Path) -> dict:
-    return json.loads((folder / artifact.MANIFEST).read_text())
+def _manifest(folder: Path) -> artifact.Manifest:
+    return artifact.Manifest.read(folder)
 
 
-def _logits(model_path: Path, manifest: dict, ids: np.ndarray) -> np.ndarray:
+def _logits(model_path: Path, manifest: artifact.Manifest, ids: np.ndarray) -> np.ndarray:
     session = OrtFastSession(model_path, manifest, threads=1)
     session.reset(1)
     out = session.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
@@ -40,15 +40,15 @@ def test_fused_and_unfused_exports_build_the_same_fast_graph(rt_export: Path, ti
     """Both layouts of the same weights (seed 0): every weight used, identical logits. The fused
     export also holds the passes' folded constants (scalars, shape vectors), which are not weights."""
     manifest = _manifest(rt_export)
-    assert manifest["config"]["model_type"] == "mixtral"  # what export records for the adapter
+    assert manifest.config["model_type"] == "mixtral"  # what export records for the adapter
     ids = np.array([[5, 17, 42, 7, 99, 3]], dtype=np.int64)
     logits = []
     for folder in (rt_export, tiny_export):
-        weights = ort_graph.export_weights(folder / artifact.MODEL_FILE, _manifest(folder)["config"])
+        weights = ort_graph.export_weights(folder / artifact.MODEL_FILE, _manifest(folder).config)
         if folder == tiny_export:
             assert any(not ort_graph._is_weight(n, v) for n, v in weights.items())  # val_* constants
         path = tmp_path / f"{folder.name}-{len(logits)}.onnx"
-        onnx.save_model(ort_graph.build(weights, manifest["config"], "fp32"), str(path))
+        onnx.save_model(ort_graph.build(weights, manifest.config, "fp32"), str(path))
         logits.append(_logits(path, manifest, ids))
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-5, rtol=1e-5)
 
@@ -59,9 +59,7 @@ def _add_initializer(folder: Path, name: str, value: np.ndarray) -> None:
     proto = onnx.load(str(path))
     proto.graph.initializer.append(numpy_helper.from_array(value, name))
     onnx.save_model(proto, str(path))
-    manifest = _manifest(folder)
-    manifest["onnx_sha256"] = artifact.file_sha256(path)
-    artifact.write_manifest(folder, manifest)
+    dataclasses.replace(_manifest(folder), onnx_sha256=artifact.file_sha256(path)).write(folder)
 
 
 H, F = 64, 96  # the tiny config's hidden and expert sizes
@@ -95,14 +93,14 @@ def test_constants_of_the_traced_graph_are_not_weights(rt_copy: Path) -> None:
 
 
 def test_rotary_frequencies_must_be_the_configs(rt_export: Path) -> None:
-    cfg = _manifest(rt_export)["config"]
+    cfg = _manifest(rt_export).config
     weights = ort_graph.export_weights(rt_export / artifact.MODEL_FILE, cfg)
     with pytest.raises(RuntimeFailure, match="inv_freq"):
         ort_graph.build(weights, {**cfg, "rope_theta": cfg["rope_theta"] * 2}, "fp32")
 
 
 def test_a_missing_weight_is_refused(rt_export: Path) -> None:
-    cfg = _manifest(rt_export)["config"]
+    cfg = _manifest(rt_export).config
     weights = ort_graph.export_weights(rt_export / artifact.MODEL_FILE, cfg)
     del weights["layers.1.block_sparse_moe.experts.3.w2.weight"]
     with pytest.raises(RuntimeFailure, match="missing.*experts.3.w2"):
@@ -116,7 +114,7 @@ class _NewFamily(Adapter):
 
 
 def test_supported_asks_the_adapter_and_the_config(rt_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _manifest(rt_export)["config"]
+    cfg = _manifest(rt_export).config
     assert ort_graph.supported(cfg, "fp32") is None
     old = {k: v for k, v in cfg.items() if k != "model_type"}  # a manifest from before the adapters
     assert ort_graph.supported(old, "fp32") is None

@@ -41,7 +41,7 @@ def test_forced_tensorrt_is_refused_in_one_line(engine_export: Path) -> None:
 
 def test_stale_engine_is_never_run(engine_copy: Path) -> None:
     reexport_changed(engine_copy)
-    manifest = artifact.read_manifest(engine_copy)
+    manifest = artifact.Manifest.read(engine_copy)
     choice = choose_backend(engine_copy, manifest, "auto")
     assert choice.backend == "onnxruntime"
     assert "model.engine is stale: model.onnx changed since the engine was built" in choice.reason
@@ -52,7 +52,7 @@ def test_stale_engine_is_never_run(engine_copy: Path) -> None:
 
 
 def test_folder_without_engine(export_copy: Path) -> None:
-    manifest = artifact.read_manifest(export_copy)
+    manifest = artifact.Manifest.read(export_copy)
     assert tensorrt_unavailable(export_copy, manifest).startswith("the folder has no engine")
     assert choose_backend(export_copy, manifest, "onnxruntime").reason == "asked for with --backend onnxruntime"
 
@@ -66,14 +66,14 @@ def test_check_says_why_tensorrt_was_not_compared(engine_export: Path) -> None:
 
 
 def test_binding_plan_from_the_built_manifest(engine_export: Path) -> None:
-    manifest = artifact.read_manifest(engine_export)
+    manifest = artifact.Manifest.read(engine_export)
     plan = BindingPlan.from_manifest(manifest)
-    cfg, ranges = manifest["config"], manifest["engine"]["ranges"]
+    cfg, ranges = manifest.config, manifest.engine.ranges
     shapes = plan.input_shapes(2, 1, 7)
     assert shapes["attention_mask"] == (2, 8) and shapes["input_ids"] == (2, 1)
     assert shapes["past_key_values.1.value"] == (2, cfg["num_key_value_heads"], 7, cfg["head_dim"])
-    assert set(shapes) == {i["name"] for i in manifest["inputs"]}  # every graph input is bound
-    assert plan.present_names == [o["name"] for o in manifest["outputs"] if o["name"].startswith("present")]
+    assert set(shapes) == {i.name for i in manifest.inputs}  # every graph input is bound
+    assert plan.present_names == [o.name for o in manifest.outputs if o.name.startswith("present")]
     assert plan.max_tokens() == ranges["past"][2] + ranges["seq"][2]
     plan.check(plan.input_shapes(1, 5, 0))  # prefill with an empty cache fits
     with pytest.raises(RuntimeFailure, match=r"input 'input_ids' is outside .* profile.*--batch MIN:OPT:MAX"):

@@ -17,7 +17,7 @@ Layouts follow ``mixport.ops``: gate_up [E, H, 2F] (gate | up), down [E, F, H].
 
 from __future__ import annotations
 
-from mixport.plugins.kernels._runtime import KernelDependencyError, KernelInputError
+from mixport.errors import KernelDependencyError, KernelInputError
 from mixport.plugins.kernels.api import fused_moe, moe_align_block_size, topk_routing
 from mixport.plugins.kernels.reference import reference_moe, reference_routing
 from mixport.plugins.kernels.workspace import moe_scratch_bytes, moe_workspace_bytes

@@ -20,15 +20,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from mixport.errors import MixportError
-
-
-class KernelDependencyError(MixportError):
-    """An optional package the kernels need (torch, triton) is not installed."""
-
-
-class KernelInputError(MixportError):
-    """A kernel was given tensors of the wrong shape, dtype or device."""
+from mixport.errors import KernelDependencyError
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mixport.errors import KernelInputError
 from mixport.ops import NORMALIZATIONS
-from mixport.plugins.kernels._runtime import (
-    KernelInputError,
-    cdiv,
-    interpret_mode,
-    require,
-)
+from mixport.plugins.kernels._runtime import cdiv, interpret_mode, require
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, choose_block_m, gemm_config
 from mixport.plugins.kernels.workspace import Slice, carve, scratch_bytes, scratch_layout
 

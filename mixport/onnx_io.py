@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import Message
 from onnx import TensorProto, external_data_helper, helper
 
 from mixport.errors import FileSystemError
@@ -119,9 +120,11 @@ def write_model(proto: onnx.ModelProto, path: Path, files: WeightFiles | None, t
     external = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
     if external and files is None:
         raise ValueError(f"{len(external)} initializers are external data, and no folder resolves them")
-    size = proto.ByteSize() + sum(nbytes(t) for t in external)  # ByteSize holds in-memory data
-    if size + RECORD_OVERHEAD * len(proto.graph.initializer) < two_gb:
-        _write_inline(proto, path, files, report)
+    head = _without(proto, "graph", graph=_without(proto.graph, "initializer"))  # no weight copied
+    size = head.ByteSize() + sum(RECORD_OVERHEAD + (nbytes(t) if external_data_helper.uses_external_data(t)
+                                                    else t.ByteSize()) for t in proto.graph.initializer)
+    if size < two_gb:  # (a tensor's ByteSize serializes it: one at a time, never the whole model)
+        _write_inline(head, proto, path, files, report)
         return [path.name]
     data_name = f"{path.name}.data"
     moving = [t for t in proto.graph.initializer if stored_apart(t)]
@@ -145,20 +148,17 @@ def _point(tensor: TensorProto, to: ir.ExternalTensor) -> None:
     tensor.data_location = TensorProto.EXTERNAL
 
 
-def _write_inline(proto: onnx.ModelProto, path: Path, files: WeightFiles | None,
+def _write_inline(head: onnx.ModelProto, proto: onnx.ModelProto, path: Path, files: WeightFiles | None,
                   report: Callable[[int, int], None]) -> None:
     """One self-contained file, written a weight at a time.
 
     onnx_ir (and onnx) can write a file without external data only by serializing the whole
-    ModelProto in memory: every weight copied twice at once. Instead the model is written
-    without its initializers, then each initializer as its own serialized ModelProto holding
-    just ``graph.initializer``: protobuf parses concatenated messages as one merged message
-    (repeated fields append, in order), so every reader sees one graph with every initializer,
-    in the original order, as if serialized at once. Every byte comes from protobuf's own
-    serializer; memory holds the graph plus about one tensor."""
-    head = onnx.ModelProto()
-    head.CopyFrom(proto)
-    head.graph.ClearField("initializer")
+    ModelProto in memory: every weight copied twice at once. Instead ``head`` (the model without
+    its initializers) is written, then each initializer of ``proto`` as its own serialized
+    ModelProto holding just ``graph.initializer``: protobuf parses concatenated messages as one
+    merged message (repeated fields append, in order), so every reader sees one graph with every
+    initializer, in the original order, as if serialized at once. Every byte comes from
+    protobuf's own serializer; memory holds the graph plus about one tensor."""
     big = sum(stored_apart(t) for t in proto.graph.initializer)
     done = 0
     with path.open("wb") as out:
@@ -178,3 +178,9 @@ def _write_inline(proto: onnx.ModelProto, path: Path, files: WeightFiles | None,
             if stored_apart(tensor):
                 done += 1
                 report(done, big)
+
+
+def _without(message: Message, field: str, **replace: object) -> Message:
+    """A copy of ``message`` without ``field`` (never copied), fields in ``replace`` set instead."""
+    kept = {f.name: value for f, value in message.ListFields() if f.name != field}
+    return type(message)(**kept, **replace)

@@ -97,8 +97,8 @@ def trace(model: MixtralModel, weights: dict[str, Any] | None = None, spill_dir:
         import onnx_ir as ir
 
         report = None if on_tensor is None else (lambda _t, info: on_tensor(info.index + 1, info.total))
-        ir.external_data.unload_from_model(program.model, Path(spill_dir), TRACED_DATA, size_threshold_bytes=SPILL_OVER,
-                                           callback=report)  # each weight read, written, dropped
+        ir.external_data.unload_from_model(  # each weight read, written, dropped
+            program.model, Path(spill_dir), TRACED_DATA, size_threshold_bytes=SPILL_OVER, callback=report)
         proto = ir.serde.serialize_model(program.model)  # the graph, pointing into TRACED_DATA
     del program  # the exporter's graph holds references to every weight
     gc.collect()

@@ -36,7 +36,7 @@ def import_graph(proto: onnx.ModelProto, files: WeightFiles | None) -> gs.Graph:
     for tensor in graph.tensors().values():
         lazy = getattr(tensor, "_values", None)
         if type(lazy) is gs.ir.tensor.LazyValues and external_data_helper.uses_external_data(lazy.tensor):
-            tensor._values = FileValues(lazy.tensor, files)
+            tensor.values = FileValues(lazy.tensor, files)
     return graph
 
 

@@ -139,7 +139,10 @@ import numpy as np, onnx
 from mixport import onnx_io
 folder, n, mb, two_gb = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 files = onnx_io.WeightFiles(folder, folder / "work.data")
-inits = [files.add(f"w{i}", np.full((mb << 18,), i, np.float32)) for i in range(n)]
+if sys.argv[5] == "file":
+    inits = [files.add(f"w{i}", np.full((mb << 18,), i, np.float32)) for i in range(n)]
+else:  # the whole model in memory (the fast ONNX Runtime graph, `mixport optimize` of an inline file)
+    inits = [onnx.numpy_helper.from_array(np.full((mb << 18,), i, np.float32), f"w{i}") for i in range(n)]
 graph = onnx.helper.make_graph([onnx.helper.make_node("Concat", [t.name for t in inits], ["y"], axis=0)], "g",
                                [], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
 proto = onnx.helper.make_model(graph)
@@ -152,13 +155,14 @@ print(json.dumps({"peak_mb": (kb("VmHWM:") - before) / 1024}))
 """
 
 
+@pytest.mark.parametrize("source", ["file", "memory"])
 @pytest.mark.parametrize("two_gb", [2**31 - 1, 1 << 20], ids=["inline", "external"])
-def test_output_is_written_a_tensor_at_a_time(two_gb: int, tmp_path: Path) -> None:
-    """Writing 12 x 16 MB of file-backed weights raises the peak RSS by a few tensors, not by the
-    model (serializing it at once would take twice the model): inline (one file) and
-    model.onnx.data (a kernel-side copy) alike."""
+def test_output_is_written_a_tensor_at_a_time(two_gb: int, source: str, tmp_path: Path) -> None:
+    """Writing 12 x 16 MB of weights (file-backed, or in the ModelProto) raises the peak RSS by a
+    few tensors, not by the model (serializing it at once would take twice the model): inline
+    (one file) and model.onnx.data (onnx_ir) alike."""
     n, mb = 12, 16
-    res = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), str(n), str(mb), str(two_gb)],
+    res = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), str(n), str(mb), str(two_gb), source],
                          capture_output=True, text=True, check=True)
     peak = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
     assert peak < 5.5 * mb, f"writing {n * mb} MB raised the peak RSS by {peak:.0f} MB"
@@ -190,3 +194,33 @@ def test_passes_refuse_external_weights_without_a_folder(tmp_path: Path) -> None
     model = dense_layer(LayerSpec(hidden=32, inter=48, experts=4, k=2))
     with pytest.raises(ValueError, match="no weight folder is set"):
         run_passes(_file_backed(model, tmp_path), "portable")
+
+
+FULL_SCRIPT = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np, onnx
+from mixport import onnx_io
+from mixport.errors import FileSystemError
+folder, two_gb = Path(sys.argv[1]), int(sys.argv[2])
+files = onnx_io.WeightFiles(folder, folder / "work.data")
+inits = [files.add(f"w{i}", np.full((1 << 18,), i, np.float32)) for i in range(4)]  # 4 x 1 MB
+graph = onnx.helper.make_graph([onnx.helper.make_node("Concat", [t.name for t in inits], ["y"], axis=0)], "g",
+                               [], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))  # the "disk" holds 3 MB per file
+try:
+    onnx_io.write_model(onnx.helper.make_model(graph), folder / "m.onnx", files, two_gb)
+except OSError as exc:
+    print("error:", FileSystemError.from_os_error(exc))
+"""
+
+
+@pytest.mark.parametrize("two_gb", [2**31 - 1, 1 << 20], ids=["inline", "external"])
+def test_a_failed_write_is_an_oserror(two_gb: int, tmp_path: Path) -> None:
+    """A write that fails half-way (a file-size limit standing in for a full disk) reaches the caller
+    as the OSError itself, not wrapped by onnx_ir: the CLI prints it as one line."""
+    res = subprocess.run([sys.executable, "-c", FULL_SCRIPT, str(tmp_path), str(two_gb)],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.startswith("error: file access failed: File too large"), res.stdout + res.stderr
+    assert len(res.stdout.strip().splitlines()) == 1

@@ -30,7 +30,7 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import onnx_io as external_data
+from mixport import onnx_io
 from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
 
 MANIFEST = "manifest.json"
@@ -121,11 +121,14 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = None,
-              on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
+              on_tensor: Callable[[int, int], None] | None = None, work_dir: Path | None = None) -> list[str]:
     """Write PATH; its weights go to PATH.data when the file would pass protobuf's 2 GB limit.
-    ``weights_dir`` resolves initializers that point to work files (external data): they are
-    copied into PATH (or PATH.data) a tensor at a time. Returns the names of the files written."""
-    return external_data.write_model(proto, Path(path), weights_dir, TWO_GB, on_tensor)
+    ``weights_dir`` resolves initializers that point to files (external data; ``work_dir``: where
+    the passes' work file is, default ``weights_dir``): they are copied into PATH (or PATH.data)
+    a tensor at a time. Returns the names of the files written."""
+    files = None if weights_dir is None else onnx_io.WeightFiles(
+        Path(weights_dir), Path(work_dir or weights_dir) / FUSED_DATA)
+    return onnx_io.write_model(proto, Path(path), files, TWO_GB, on_tensor)
 
 
 def save_model(proto: onnx.ModelProto, folder: Path, weights_dir: Path | None = None,

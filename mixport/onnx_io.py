@@ -1,11 +1,13 @@
 """Weights kept in files while the graph is worked on: the export's memory stays near one copy.
 
-The traced graph's weights are streamed to a data file as soon as the exporter has them;
-the graph (small) is loaded without them. Passes read a weight through a memory map of
-that file (``read_array``) and write the big tensors they make (stacked experts) to a
-second file (``Sink``). ``write_model`` finally copies every weight the graph still uses
-into the output: inline in ``model.onnx`` under 2 GB, else ``model.onnx.data``, a tensor
-at a time. Locations in the TensorProtos are relative to one folder (``base_dir``).
+The traced graph's weights are streamed to a work file by onnx_ir as soon as the exporter
+has them; the graph (small) is loaded without them. ``WeightFiles`` is the explicit state the
+passes get: it resolves the graph's external-data TensorProtos to ``onnx_ir.ExternalTensor``
+objects (read as memory maps), and appends the big tensors the passes make (stacked experts)
+to a second work file. ``write_model`` finally writes every weight the graph still uses into
+the output, a tensor at a time: into ``PATH.data`` through onnx_ir (a kernel-side copy from the
+work files), or inline in one file under 2 GB. Locations in the TensorProtos are relative to
+one folder (``WeightFiles.base_dir``).
 """
 
 from __future__ import annotations
@@ -16,26 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from google.protobuf.message import Message
 from onnx import TensorProto, external_data_helper, helper
 
-ALIGN = 64  # byte alignment of tensors in the files written here (memory maps, SIMD loads)
-SMALL = 1024  # in-memory tensors under this many bytes stay in the graph itself
-CHUNK = 64 << 20
+from mixport.errors import FileSystemError
+
+SMALL = 1024  # tensors under this many bytes stay in the graph itself
+ALIGN = 64  # byte alignment of the tensors appended to a work file (memory maps, SIMD loads)
+PAGE_ALIGN = 4096  # model.onnx.data: tensors past PAGE_ALIGN_OVER bytes start on a page (onnx_ir)
+PAGE_ALIGN_OVER = 1 << 20
+RECORD_OVERHEAD = 16  # inline file: bytes a one-initializer record adds (tags and lengths)
 
 
 def _info(tensor: TensorProto) -> tuple[str, int, int | None]:
     fields = {e.key: e.value for e in tensor.external_data}
     length = fields.get("length")
     return fields["location"], int(fields.get("offset", 0)), None if length is None else int(length)
-
-
-def _point(tensor: TensorProto, location: str, offset: int, length: int) -> None:
-    """Make ``tensor`` external data at ``location`` (relative to the model's folder)."""
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
-    tensor.data_location = TensorProto.EXTERNAL
 
 
 def stored_apart(tensor: TensorProto) -> bool:
@@ -53,128 +52,135 @@ def nbytes(tensor: TensorProto) -> int:
     return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
 
 
-def read_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
-    """A read-only memory map of an external tensor (exact dtype, bf16 included)."""
-    location, offset, _ = _info(tensor)
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    shape = tuple(int(d) for d in tensor.dims)
-    if not int(np.prod(shape)):
-        return np.zeros(shape, dtype)
-    return np.memmap(Path(base_dir) / location, dtype=dtype, mode="r", offset=offset, shape=shape)
+def _inside(path: str, folder: Path) -> bool:
+    root = os.path.normpath(os.path.abspath(folder))
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def read_bytes(tensor: TensorProto, base_dir: Path) -> bytes:
-    location, offset, length = _info(tensor)
-    with (Path(base_dir) / location).open("rb") as fh:
-        fh.seek(offset)
-        return fh.read(nbytes(tensor) if length is None else length)
+class WeightFiles:
+    """The files holding a graph's external-data weights while it is worked on.
 
+    Locations in the graph are relative to ``base_dir``. New tensors (``add``) are appended to
+    the work file ``work`` (created on first use; ``on_write(name)`` hears of each). A location
+    must resolve inside ``base_dir`` or the work file's folder (no ``..`` escapes, no absolute
+    paths); symlinked data files (a hub cache) are followed.
+    """
 
-class Sink:
-    """Appends arrays to a file; each append returns a TensorProto pointing there."""
-
-    def __init__(self, base_dir: Path, name: str, folder: Path | None = None) -> None:
-        """The file is ``folder/name`` (default ``base_dir/name``); TensorProtos locate it
-        relative to ``base_dir``, the folder every location of the graph is resolved from."""
+    def __init__(self, base_dir: Path, work: Path | None = None,
+                 on_write: Callable[[str], None] | None = None) -> None:
         self.base_dir = Path(base_dir)
-        self.path = Path(folder or base_dir) / name
-        self.name = os.path.relpath(self.path, self.base_dir)
-        self.path.write_bytes(b"")
+        self.work = None if work is None else Path(work)
+        self.on_write = on_write
+        self._work_end = 0
+        self._folders = [self.base_dir] if self.work is None else [self.work.parent, self.base_dir]
+
+    def source(self, tensor: TensorProto) -> ir.ExternalTensor:
+        """``tensor``'s data as an onnx_ir ExternalTensor (a memory map when read)."""
+        location, offset, length = _info(tensor)
+        path = os.path.normpath(os.path.abspath(self.base_dir / location))
+        if not any(_inside(path, folder) for folder in self._folders):
+            raise FileSystemError("an initializer's external data lies outside the model's folder",
+                                  given=f"{tensor.name}: location {location!r}",
+                                  expected=f"a file inside {self.base_dir}")
+        # an absolute path and no base_dir: onnx_ir then reads it as it is (resolved and checked above)
+        return ir.ExternalTensor(path, offset, length, ir.DataType(tensor.data_type),
+                                 shape=ir.Shape(tensor.dims), name=tensor.name)
+
+    def read(self, tensor: TensorProto) -> np.ndarray:
+        """A read-only memory map of an external tensor (exact dtype, bf16 included); the mapping
+        lives as long as the array."""
+        return self.source(tensor).numpy()
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
-        with self.path.open("r+b") as fh:
-            fh.seek(0, 2)
-            offset = -(-fh.tell() // ALIGN) * ALIGN
+        """Append ``array`` to the work file; a TensorProto pointing there (relative to base_dir)."""
+        if self.work is None:
+            raise ValueError("these weight files have no work file for new tensors")
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        offset = -(-self._work_end // ALIGN) * ALIGN
+        with self.work.open("r+b" if self._work_end else "wb") as fh:
             fh.seek(offset)
-            fh.write(array.reshape(-1).view(np.uint8))
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                             dims=list(array.shape))
-        _point(tensor, self.name, offset, array.nbytes)
-        return tensor
+            tensor.tofile(fh)
+            self._work_end = fh.tell()
+        pointer = ir.serde.serialize_tensor(ir.ExternalTensor(
+            os.path.relpath(self.work, self.base_dir), offset, tensor.nbytes, tensor.dtype,
+            shape=tensor.shape, name=name))
+        if self.on_write is not None:
+            self.on_write(name)
+        return pointer
 
 
-def write_model(proto: onnx.ModelProto, path: Path, base_dir: Path | None, two_gb: int,
+def write_model(proto: onnx.ModelProto, path: Path, files: WeightFiles | None, two_gb: int,
                 on_tensor: Callable[[int, int], None] | None = None) -> list[str]:
     """Write PATH with every weight it uses: inline when the file stays under ``two_gb``, else
-    PATH.data (a tensor at a time; in-memory tensors of SMALL bytes+ move there too). ``base_dir``
-    resolves the initializers that point to files; ``on_tensor(done, total)`` after each big
-    tensor. Returns the file names written."""
+    PATH.data (through onnx_ir; in-memory tensors of SMALL bytes+ move there too). ``files``
+    resolves the initializers that point to files; ``on_tensor(done, total)`` for each big
+    tensor. ``proto``'s initializers are re-pointed at what was written. Returns the file names."""
     report = on_tensor or (lambda _done, _total: None)
     path = Path(path)
-    data_name = f"{path.name}.data"
     external = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
-    if external and base_dir is None:
+    if external and files is None:
         raise ValueError(f"{len(external)} initializers are external data, and no folder resolves them")
-    if proto.ByteSize() + sum(nbytes(t) for t in external) < two_gb:  # ByteSize holds in-memory data
-        _write_inline(proto, path, base_dir, report)
+    head = _without(proto, "graph", graph=_without(proto.graph, "initializer"))  # no weight copied
+    size = head.ByteSize() + sum(RECORD_OVERHEAD + (nbytes(t) if external_data_helper.uses_external_data(t)
+                                                    else t.ByteSize()) for t in proto.graph.initializer)
+    if size < two_gb:  # (a tensor's ByteSize serializes it: one at a time, never the whole model)
+        _write_inline(head, proto, path, files, report)
         return [path.name]
+    data_name = f"{path.name}.data"
     moving = [t for t in proto.graph.initializer if stored_apart(t)]
-    with (path.parent / data_name).open("wb") as out:
-        for done, tensor in enumerate(moving, 1):
-            uses_file = external_data_helper.uses_external_data(tensor)
-            offset = -(-out.tell() // ALIGN) * ALIGN
-            out.seek(offset)
-            if uses_file:
-                location, start, _ = _info(tensor)
-                length = nbytes(tensor)
-                with (Path(base_dir) / location).open("rb") as src:
-                    src.seek(start)
-                    _copy(src, out, length)
-            else:
-                length = len(tensor.raw_data)
-                out.write(tensor.raw_data)
-            _point(tensor, data_name, offset, length)
-            report(done, len(moving))
+    sources = [files.source(t) if external_data_helper.uses_external_data(t)  # type: ignore[union-attr]
+               else ir.serde.deserialize_tensor(t) for t in moving]
+    written = ir.external_data.convert_tensors_to_external(
+        sources, base_dir=path.parent, relative_path=data_name, alignment=PAGE_ALIGN,
+        align_threshold=PAGE_ALIGN_OVER, callback=lambda _t, info: report(info.index + 1, info.total))
+    for tensor, done in zip(moving, written, strict=True):
+        _point(tensor, done)
     onnx.save_model(proto, str(path))
     return [path.name, data_name]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+def _point(tensor: TensorProto, to: ir.ExternalTensor) -> None:
+    """Make ``tensor`` external data where ``to`` says (the fields onnx_ir serializes for it)."""
+    pointer = ir.serde.serialize_tensor(to)
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.external_data.extend(pointer.external_data)
+    tensor.data_location = TensorProto.EXTERNAL
 
 
-_GRAPH_FIELD = b"\x3a"  # ModelProto.graph: field 7, length-delimited
-
-
-def _write_inline(proto: onnx.ModelProto, path: Path, base_dir: Path | None,
+def _write_inline(head: onnx.ModelProto, proto: onnx.ModelProto, path: Path, files: WeightFiles | None,
                   report: Callable[[int, int], None]) -> None:
-    """One self-contained file, written a weight at a time: the model without its big
-    initializers, then each as its own ``graph { initializer { ... } }`` record. Protobuf
-    parsers merge repeated occurrences of a message field, so readers see one graph holding
-    every initializer (as if serialized at once), without the whole file ever in memory."""
-    big = [t for t in proto.graph.initializer if stored_apart(t)]
-    head = onnx.ModelProto()
-    head.CopyFrom(proto)  # external tensors are small here; in-memory ones cost what serializing did
-    kept = [t for t in head.graph.initializer if not stored_apart(t)]
-    del head.graph.initializer[:]
-    head.graph.initializer.extend(kept)
+    """One self-contained file, written a weight at a time.
+
+    onnx_ir (and onnx) can write a file without external data only by serializing the whole
+    ModelProto in memory: every weight copied twice at once. Instead ``head`` (the model without
+    its initializers) is written, then each initializer of ``proto`` as its own serialized
+    ModelProto holding just ``graph.initializer``: protobuf parses concatenated messages as one
+    merged message (repeated fields append, in order), so every reader sees one graph with every
+    initializer, in the original order, as if serialized at once. Every byte comes from
+    protobuf's own serializer; memory holds the graph plus about one tensor."""
+    big = sum(stored_apart(t) for t in proto.graph.initializer)
+    done = 0
     with path.open("wb") as out:
         out.write(head.SerializeToString())
-        for done, tensor in enumerate(big, 1):
-            record = TensorProto()
-            record.CopyFrom(tensor)  # one tensor at a time
+        for tensor in proto.graph.initializer:
+            record = onnx.ModelProto()
+            inline = record.graph.initializer.add()
+            inline.CopyFrom(tensor)  # a pointer, or in-memory data
             if external_data_helper.uses_external_data(tensor):
-                del record.external_data[:]
-                record.data_location = TensorProto.DEFAULT
-                record.raw_data = read_bytes(tensor, base_dir)
-            graph = onnx.GraphProto()
-            graph.initializer.append(record)
-            body = graph.SerializeToString()
-            out.write(_GRAPH_FIELD + _varint(len(body)) + body)
-            report(done, len(big))
+                source = files.source(tensor)  # type: ignore[union-attr]
+                inline.raw_data = source.tobytes()
+                source.release()  # unmap now: the pages read are not kept
+                del inline.external_data[:]
+                inline.ClearField("data_location")
+            out.write(record.SerializeToString())
+            del record, inline
+            if stored_apart(tensor):
+                done += 1
+                report(done, big)
 
 
-def _copy(src, dst, length: int) -> None:  # noqa: ANN001 - binary file objects
-    left = length
-    while left:
-        chunk = src.read(min(CHUNK, left))
-        if not chunk:
-            raise OSError(f"external data ended {left} bytes early")
-        dst.write(chunk)
-        left -= len(chunk)
+def _without(message: Message, field: str, **replace: object) -> Message:
+    """A copy of ``message`` without ``field`` (never copied), fields in ``replace`` set instead."""
+    kept = {f.name: value for f, value in message.ListFields() if f.name != field}
+    return type(message)(**kept, **replace)

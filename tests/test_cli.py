@@ -82,12 +82,12 @@ def test_disk_full_during_export_is_one_line(tiny_dir: Path, tmp_path: Path, mon
     exit 1, and neither OUT nor the staging folder (with its work files) left behind."""
     import errno
 
-    from mixport import onnx_io as external_data
+    from mixport import onnx_io
 
     def full(self: object, name: str, array: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.work))  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(external_data.Sink, "add", full)
+    monkeypatch.setattr(onnx_io.WeightFiles, "add", full)
     line = one_line_error(invoke("export", tiny_dir, "-o", tmp_path / "out", "--no-check"),
                           "out of disk space", ".fused.data", "three times")
     assert line.startswith("error: out of disk space")

@@ -24,6 +24,7 @@ from mixport.models.components import DecoderModel
 
 DIM_NAMES = {"batch": "batch", "seq": "seq", "past": "past_seq", "total": "total_seq"}
 TOTAL = "total_seq"  # past_seq + seq
+SPILL_OVER = 256  # initializers of more bytes are spilled to the work file (onnx_ir.save's default)
 ONNX_FLOAT = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
               torch.bfloat16: onnx.TensorProto.BFLOAT16}
 
@@ -95,11 +96,10 @@ def trace(model: DecoderModel, weights: dict[str, Any] | None = None, spill_dir:
     else:
         import onnx_ir as ir
 
-        graph_file = Path(spill_dir) / ".traced.onnx"
         report = None if on_tensor is None else (lambda _t, info: on_tensor(info.index + 1, info.total))
-        ir.save(program.model, graph_file, external_data=TRACED_DATA, callback=report)
-        proto = onnx.load(str(graph_file), load_external_data=False)
-        graph_file.unlink()
+        ir.external_data.unload_from_model(  # each weight read, written, dropped
+            program.model, Path(spill_dir), TRACED_DATA, size_threshold_bytes=SPILL_OVER, callback=report)
+        proto = ir.serde.serialize_model(program.model)  # the graph, pointing into TRACED_DATA
     del program  # the exporter's graph holds references to every weight
     gc.collect()
     finish(proto, model)

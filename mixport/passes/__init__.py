@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from mixport import artifact, ops
 from mixport.errors import PassError
-from mixport.onnx_io import Sink
+from mixport.onnx_io import WeightFiles
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
 from mixport.passes import graph_utils as gu
 
@@ -30,15 +30,16 @@ BODY_FOR_TARGET = {"portable": "sorted", "trt-noplugin": "dense", "ort": "sorted
 @dataclass(frozen=True)
 class Pass:
     name: str
-    apply: Callable[[gs.Graph, list[str]], int]
+    apply: Callable[..., int]  # (graph, reasons[, files]) -> rewrites
     required: bool = False  # must fire on a graph with unfused TopKRouting nodes
     targets: tuple[str, ...] = TARGETS
+    makes_weights: bool = False  # also takes the WeightFiles its big new tensors are written to
 
 
 PIPELINE: tuple[Pass, ...] = (
     Pass(fold_constants.NAME, fold_constants.apply),
-    Pass(fuse_moe_experts.NAME, fuse_moe_experts.apply, required=True),
-    Pass(lower_ort_moe.NAME, lower_ort_moe.apply, targets=("ort",)),
+    Pass(fuse_moe_experts.NAME, fuse_moe_experts.apply, required=True, makes_weights=True),
+    Pass(lower_ort_moe.NAME, lower_ort_moe.apply, targets=("ort",), makes_weights=True),
     Pass(remove_dead.NAME, remove_dead.apply),
 )
 ATTACH = "attach_moe_body"
@@ -77,23 +78,23 @@ def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Pa
     ``weights_dir``: ``proto``'s external-data weights are read from there (memory-mapped, never
     all loaded), and the stacked expert weights the passes make are written to
     ``work_dir/artifact.FUSED_DATA`` (default: ``weights_dir``); the report's model then points
-    into those files, relative to ``weights_dir`` (see exporter.external_data). ``detail(text)``
-    hears of each tensor written there (progress for big models)."""
+    into those files, relative to ``weights_dir`` (see ``onnx_io.WeightFiles``, which the passes
+    get explicitly). ``detail(text)`` hears of each tensor written there (progress for big models)."""
     if target not in TARGETS:
         raise PassError("unknown optimization target", given=target, expected=" | ".join(TARGETS))
     gu.tensorize_constants(proto)  # same meaning; keeps onnx-graphsurgeon's import exact
-    files = None if weights_dir is None else gu.WeightFiles(
-        Path(weights_dir), Sink(Path(weights_dir), artifact.FUSED_DATA, work_dir),
+    files = None if weights_dir is None else WeightFiles(
+        Path(weights_dir), Path(work_dir or weights_dir) / artifact.FUSED_DATA,
         on_write=None if detail is None else (lambda name: detail(f"wrote {name}")))
-    graph = gs.import_onnx(proto)
+    graph = gu.import_graph(proto, files)
     report = PipelineReport(proto, target)
-    with gu.weight_files(files):
-        for step in PIPELINE:
-            if target not in step.targets:
-                continue
-            report.counts[step.name] = step.apply(graph, report.reasons)
-            if step.required:
-                _check_required(graph, step, report)
+    for step in PIPELINE:
+        if target not in step.targets:
+            continue
+        args = (graph, report.reasons, files) if step.makes_weights else (graph, report.reasons)
+        report.counts[step.name] = step.apply(*args)
+        if step.required:
+            _check_required(graph, step, report)
     model = gs.export_onnx(graph)
     model.ir_version = proto.ir_version
     report.counts[ATTACH] = moe_bodies.attach(model, BODY_FOR_TARGET[target])
@@ -127,6 +128,6 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
                         expected="an ONNX model file") from None
     with artifact.atomic_write(dst) as out:  # the work files (stacked experts) stay behind in its folder
         report = run_passes(proto, target, weights_dir=src.parent, work_dir=out.parent)
-        artifact.save_onnx(report.model, out, weights_dir=src.parent)
+        artifact.save_onnx(report.model, out, weights_dir=src.parent, work_dir=out.parent)
         artifact.remove_work_files(out.parent)
     return report

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from mixport import ops
 from mixport.errors import NoMatch
+from mixport.onnx_io import WeightFiles
 from mixport.passes import graph_utils as gu
 
 NAME = "fuse_moe_experts"
@@ -38,8 +39,9 @@ class ExpertFFN:
     hint: str  # a weight's initializer name, for naming the stacked ones
 
 
-def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
-    """Fuse every routed expert block; return how many MoE nodes were made."""
+def apply(graph: gs.Graph, reasons: list[str] | None = None, files: WeightFiles | None = None) -> int:
+    """Fuse every routed expert block; return how many MoE nodes were made. With ``files``, each
+    layer's stacked weights are written to their work file as soon as it is fused."""
     reasons = reasons if reasons is not None else []
     routers = gu.mixport_nodes(graph, ops.TOPK_ROUTING)
     if not routers:
@@ -50,7 +52,7 @@ def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
             reasons.append(f"{NAME}: router '{router.name}' already feeds a {ops.MOE} node")
             continue
         try:
-            _fuse_layer(graph, router)
+            _fuse_layer(graph, router, files)
             fused += 1
         except NoMatch as why:
             reasons.append(f"{NAME}: router '{router.name}': {why}")
@@ -59,7 +61,7 @@ def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
     return fused
 
 
-def _fuse_layer(graph: gs.Graph, router: gs.Node) -> None:
+def _fuse_layer(graph: gs.Graph, router: gs.Node, files: WeightFiles | None) -> None:
     weights, ids = router.outputs[0], router.outputs[1]
     num_experts, k = int(router.attrs.get("num_experts", 0)), int(router.attrs.get("k", 0))
     experts = [_expert(eq, weights) for eq in ids.outputs if eq.op == "Equal"]
@@ -75,7 +77,7 @@ def _fuse_layer(graph: gs.Graph, router: gs.Node) -> None:
         raise NoMatch(f"the experts' input '{x.name}' has rank {len(x.shape)}, the MoE op takes [T, H]")
     start, last = _add_chain([e.scaled for e in experts])
     experts.sort(key=lambda e: e.index)
-    gate_up, down = _stacked(graph, experts)
+    gate_up, down = _stacked(graph, experts, files)
     out = last.outputs[0]
     last.outputs.clear()
     attrs = dict(num_experts=num_experts, k=k, activation="swiglu",
@@ -204,11 +206,12 @@ def _add_chain(scaled: list[gs.Tensor]) -> tuple[gs.Tensor | None, gs.Node]:
     return starts[0], lasts[0]
 
 
-def _stacked(graph: gs.Graph, experts: list[ExpertFFN]) -> tuple[gs.Constant, gs.Constant]:
+def _stacked(graph: gs.Graph, experts: list[ExpertFFN], files: WeightFiles | None
+             ) -> tuple[gs.Constant, gs.Constant]:
     """[E, H, 2F] (gate | up) and [E, F, H] (down), named after the experts' common prefix."""
     gate_up = np.stack([np.concatenate([e.w1, e.w3], axis=1) for e in experts])
     down = np.stack([e.w2 for e in experts])
     prefix = os.path.commonprefix([e.hint for e in experts]).rstrip(".0123456789")
     base = prefix if len(prefix) >= 3 else "moe"
-    return (gu.make_constant(gu.unique_name(graph, f"{base}.gate_up"), gate_up),
-            gu.make_constant(gu.unique_name(graph, f"{base}.down"), down))
+    return (gu.make_constant(gu.unique_name(graph, f"{base}.gate_up"), gate_up, files),
+            gu.make_constant(gu.unique_name(graph, f"{base}.down"), down, files))

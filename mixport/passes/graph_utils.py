@@ -1,43 +1,43 @@
-"""Small onnx-graphsurgeon helpers shared by the passes: look-ups by structure, constants."""
+"""Small onnx-graphsurgeon helpers shared by the passes: look-ups by structure, constants.
+
+Constants whose data lives in a file (external data) are imported as ``FileValues``: they
+export as the same external-data TensorProto and read as a memory map of the file, through
+the ``onnx_io.WeightFiles`` the graph was imported with (``import_graph``).
+"""
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, numpy_helper
 
-from mixport import onnx_io as external_data
 from mixport import ops
+from mixport.onnx_io import SMALL, WeightFiles
 
 
-@dataclass
-class WeightFiles:
-    """Where initializers stored as external data are read (``base_dir``), and where new
-    tensors of ``threshold`` bytes or more go (``sink``; None keeps them in memory)."""
-    base_dir: Path
-    sink: external_data.Sink | None = None
-    threshold: int = external_data.SMALL
-    on_write: Callable[[str], None] | None = None  # told each tensor written to the sink
+class FileValues(gs.ir.tensor.LazyValues):
+    """Values of a constant kept in a file: onnx-graphsurgeon exports ``tensor`` (the
+    external-data TensorProto) unchanged; ``load`` is a read-only memory map of the data."""
+
+    def __init__(self, tensor: onnx.TensorProto, files: WeightFiles) -> None:
+        super().__init__(tensor)
+        self.files = files
+
+    def load(self) -> np.ndarray:
+        return self.files.read(self.tensor)
 
 
-_FILES: contextvars.ContextVar[WeightFiles | None] = contextvars.ContextVar("mixport_weight_files", default=None)
-
-
-@contextlib.contextmanager
-def weight_files(files: WeightFiles | None) -> Iterator[None]:
-    """Passes run inside this read external weights from, and write big new ones to, ``files``."""
-    token = _FILES.set(files)
-    try:
-        yield
-    finally:
-        _FILES.reset(token)
+def import_graph(proto: onnx.ModelProto, files: WeightFiles | None) -> gs.Graph:
+    """``gs.import_onnx``, with every external-data constant backed by ``files``."""
+    graph = gs.import_onnx(proto)
+    if files is None:
+        return graph
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)
+        if type(lazy) is gs.ir.tensor.LazyValues and external_data_helper.uses_external_data(lazy.tensor):
+            tensor.values = FileValues(lazy.tensor, files)
+    return graph
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -59,12 +59,11 @@ def const_array(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant node output), exact dtype (bf16 too)."""
     if isinstance(tensor, gs.Constant):
         lazy = getattr(tensor, "_values", None)
+        if isinstance(lazy, FileValues):
+            return lazy.load()
         if isinstance(lazy, gs.ir.tensor.LazyValues):
             if external_data_helper.uses_external_data(lazy.tensor):
-                files = _FILES.get()
-                if files is None:
-                    raise ValueError(f"constant {tensor.name} is external data, and no weight folder is set")
-                return external_data.read_array(lazy.tensor, files.base_dir)
+                raise ValueError(f"constant {tensor.name} is external data, and no weight folder is set")
             return numpy_helper.to_array(lazy.tensor)
         return np.asarray(tensor.values)
     node = producer(tensor)
@@ -99,16 +98,12 @@ def is_zero(tensor: gs.Tensor) -> bool:
     return False
 
 
-def make_constant(name: str, array: np.ndarray) -> gs.Constant:
+def make_constant(name: str, array: np.ndarray, files: WeightFiles | None = None) -> gs.Constant:
     """A gs.Constant that exports bit-exact, bf16 included (through a TensorProto, not a numpy cast);
-    inside ``weight_files`` with a sink, a big one is written there instead of kept in memory."""
-    files = _FILES.get()
-    if files is not None and files.sink is not None and array.nbytes >= files.threshold:
-        proto = files.sink.add(name, array)
-        if files.on_write is not None:
-            files.on_write(name)
-    else:
-        proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
+    with ``files``, one of SMALL bytes or more is appended to their work file at once, not kept."""
+    if files is not None and array.nbytes >= SMALL:
+        return gs.Constant(name, values=FileValues(files.add(name, array), files))
+    proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
     return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))
 
 

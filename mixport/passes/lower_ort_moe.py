@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from mixport import ops
+from mixport.onnx_io import WeightFiles
 from mixport.passes import graph_utils as gu
 
 NAME = "lower_ort_moe"
@@ -36,7 +37,7 @@ def contrib_attrs(k: int) -> dict[str, object]:
                 activation_alpha=1.0, activation_beta=0.0)
 
 
-def _lower(graph: gs.Graph, moe: gs.Node) -> str | None:
+def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | None:
     """Replace one MoE node; a reason string when it cannot be lowered."""
     router = gu.producer(moe.inputs[1])
     if router is None or router.op != ops.TOPK_ROUTING or gu.producer(moe.inputs[2]) is not router:
@@ -47,8 +48,8 @@ def _lower(graph: gs.Graph, moe: gs.Node) -> str | None:
     gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
     if gate_up is None or down is None:
         return f"MoE '{moe.name}': expert weights are not constants"
-    fc1 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[3].name}.ort_fc1"), interleaved_fc1(gate_up))
-    fc2 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"), contrib_fc2(down))
+    fc1 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[3].name}.ort_fc1"), interleaved_fc1(gate_up), files)
+    fc2 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"), contrib_fc2(down), files)
     empty = gs.Variable.empty()
     node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"])),
                    [moe.inputs[0], router.inputs[0], fc1, empty, fc2], list(moe.outputs), domain=MS_DOMAIN)
@@ -57,15 +58,16 @@ def _lower(graph: gs.Graph, moe: gs.Node) -> str | None:
     return None
 
 
-def apply(graph: gs.Graph, reasons: list[str] | None = None) -> int:
-    """Lower every lowerable MoE node; return how many were lowered."""
+def apply(graph: gs.Graph, reasons: list[str] | None = None, files: WeightFiles | None = None) -> int:
+    """Lower every lowerable MoE node; return how many were lowered. With ``files``, the
+    contrib layouts of the expert weights are written to their work file as they are made."""
     reasons = reasons if reasons is not None else []
     moes = gu.mixport_nodes(graph, ops.MOE)
     if not moes:
         reasons.append(f"{NAME}: no {ops.DOMAIN}::{ops.MOE} node to lower")
     lowered = 0
     for moe in moes:
-        why = _lower(graph, moe)
+        why = _lower(graph, moe, files)
         if why:
             reasons.append(f"{NAME}: {why}")
         else:

@@ -146,7 +146,8 @@ def test_transformers_parity_over_32_decode_steps(tiny_export: Path) -> None:
 
 def test_external_data_past_threshold(tiny_dir: Path, tiny_export: Path, tmp_path: Path,
                                       monkeypatch) -> None:  # noqa: ANN001
-    """Past the 2 GB limit (lowered here) the weights go to model.onnx.data and ORT still loads."""
+    """Past the 2 GB limit (lowered here) the weights go to model.onnx.data: the same model as the
+    inline export in another layout (graph, weight bytes and ONNX Runtime outputs equal)."""
     from mixport import artifact
 
     monkeypatch.setattr(artifact, "TWO_GB", 1 << 16)
@@ -164,5 +165,38 @@ def test_external_data_past_threshold(tiny_dir: Path, tiny_export: Path, tmp_pat
     tensors = len(onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False).graph.initializer)
     inline = (tiny_export / "model.onnx").stat().st_size
     assert (tmp_path / "ext" / "model.onnx.data").stat().st_size <= inline + 64 * tensors
-    pipe = load(tmp_path / "ext")
-    assert len(pipe.generate_ids([[1, 5, 9]], 4)[0]) >= 1
+    # the same model in another layout: same graph, same weight bytes, same ONNX Runtime outputs
+    ext, one = _loaded(tmp_path / "ext"), _loaded(tiny_export)
+    assert [t.name for t in ext.graph.initializer] == [t.name for t in one.graph.initializer]
+    for a, b in zip(ext.graph.initializer, one.graph.initializer, strict=True):
+        assert (a.data_type, list(a.dims), a.raw_data) == (b.data_type, list(b.dims), b.raw_data), a.name
+    assert ext == one
+    ids = np.random.default_rng(3).integers(3, 256, (2, 9))
+    got, want = _ort_outputs(tmp_path / "ext", ids), _ort_outputs(tiny_export, ids)
+    assert len(got) == len(want) == 5  # logits + 2 layers' key/value
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    tokens = load(tmp_path / "ext").generate_ids([[1, 5, 9]], 8)
+    assert tokens == load(tiny_export).generate_ids([[1, 5, 9]], 8) and len(tokens[0]) >= 1
+
+
+def _loaded(folder: Path) -> onnx.ModelProto:
+    """model.onnx with its weights in the graph, wherever they were stored (layout-neutral)."""
+    proto = onnx.load(str(folder / "model.onnx"))  # resolves model.onnx.data
+    for t in proto.graph.initializer:
+        t.ClearField("data_location")  # DEFAULT once loaded either way
+    return proto
+
+
+def _ort_outputs(folder: Path, ids: np.ndarray) -> list[np.ndarray]:
+    """Every output of one prefill through ONNX Runtime (one thread: no scheduling noise)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                   "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    for i in sess.get_inputs()[3:]:  # past_key_values.*: empty
+        feed[i.name] = np.zeros([ids.shape[0], i.shape[1], 0, i.shape[3]], np.float32)
+    return sess.run(None, feed)

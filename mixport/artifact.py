@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import types
-import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import onnx_io
+from mixport import onnx_io, typed_json
 from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
 
 MANIFEST = "manifest.json"
@@ -335,19 +333,19 @@ class Manifest:
     def from_dict(cls, data: object, where: str = MANIFEST) -> Manifest:
         """A Manifest from parsed JSON; RuntimeFailure (one line) when malformed or too new."""
         if not isinstance(data, dict):
-            raise _malformed(where, "the top level", _shown(data), "a JSON object")
+            raise _malformed(where, "the top level", typed_json.shown(data), "a JSON object")
         version = data.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise _malformed(where, "version", _shown(version), "an integer >= 0")
+            raise _malformed(where, "version", typed_json.shown(version), "an integer >= 0")
         if version > MANIFEST_VERSION:
             raise RuntimeFailure(f"{MANIFEST} is of a newer format than this mixport reads",
                                  given=f"{where}: version {version}", expected=f"<= {MANIFEST_VERSION}",
                                  hint="pip install -U mixport")
-        return _build(cls, {**data, "version": version}, "", where)
+        return typed_json.build(cls, {**data, "version": version}, "", where, _malformed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; fields that are None are left out (read back as None)."""
-        return {"version": MANIFEST_VERSION, **{k: v for k, v in _plain(self).items() if k != "version"}}
+        return {"version": MANIFEST_VERSION, **{k: v for k, v in typed_json.plain(self).items() if k != "version"}}
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -387,84 +385,6 @@ def io_signature(proto: onnx.ModelProto) -> dict[str, list[TensorSig]]:
             "outputs": [describe(v) for v in proto.graph.output]}
 
 
-def _shown(value: object) -> str:
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return json.dumps(value)[:60]
-    return "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
-
-
 def _malformed(where: str, name: str, shown: str, expected: str) -> RuntimeFailure:
     return RuntimeFailure(f"{MANIFEST} is malformed", given=f"{where}: {name} is {shown}", expected=expected,
                           hint="export the folder again (mixport export ... --force)")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
-    """An instance of dataclass ``cls`` from ``data``, every value checked against its annotation
-    (RuntimeFailure naming the field of WHERE that is not)."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "extra":
-            continue
-        if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name, where)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise _malformed(where, prefix + f.name, "missing", "present (a required field)")
-    unknown = {k: v for k, v in data.items() if k not in names or k == "extra"}
-    if unknown and "extra" not in names:
-        raise _malformed(where, prefix + next(iter(unknown)), "not a known field", ", ".join(sorted(names)))
-    return cls(**kwargs, **({"extra": unknown} if unknown else {}))
-
-
-def _convert(value: Any, hint: Any, name: str, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # X | None: X's own message (it may name a nested field)
-            return _convert(value, options[0], name, where)
-        for arg in options:
-            with contextlib.suppress(RuntimeFailure):
-                return _convert(value, arg, name, where)
-        raise _malformed(where, name, _shown(value), " or ".join(_type_name(a) for a in args))
-    if origin is list and isinstance(value, list):
-        return [_convert(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict and isinstance(value, dict):
-        return {k: _convert(v, args[1], f"{name}.{k}", where) for k, v in value.items()}
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return _build(hint, value, f"{name}.", where)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (str, bool) and isinstance(value, hint):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise _malformed(where, name, _shown(value), _type_name(hint))
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    origin = typing.get_origin(hint)
-    if origin is list:
-        return "a list"
-    if origin is dict or dataclasses.is_dataclass(hint):
-        return "an object"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses -> dicts (None fields left out, ``extra`` merged back), recursively."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-               if f.name != "extra" and getattr(value, f.name) is not None}
-        return {**out, **{k: v for k, v in getattr(value, "extra", {}).items() if k not in out}}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value

@@ -9,13 +9,15 @@ it needs about once:
 * ``com.microsoft.GroupQueryAttention`` with rotary inside and a fixed-capacity
   cache whose past and present are one buffer (``past_present_share_buffer``);
 * residual add + RMSNorm as ``SkipSimplifiedLayerNormalization``;
-* sparse experts: token slots sorted by expert once per layer, each expert runs
-  its two MatMuls on its slice (none routed: zero rows, no weight read), one
-  scatter-add combines (measured: same speed as per-expert gather/scatter with
-  ~40% fewer nodes; ORT's com.microsoft.MoE was slower in both prefill and decode);
+* sparse experts (``passes.moe_bodies.sparse_moe``, variant ``ORT_CPU``; routing from
+  ``exporter.routing_onnx.routing_nodes``: the function bodies' own builders): token
+  slots sorted by expert once per layer, each expert runs its two MatMuls on its rows
+  (none routed: zero rows, no weight read), one scatter-add combines (measured: same
+  speed as per-expert gather/scatter with ~40% fewer nodes; ORT's com.microsoft.MoE was
+  slower in both prefill and decode);
 * lm_head only on the rows named by ``logits_index`` (the last token of each row).
 
-What it builds is derived from the family's adapter (``manifest["config"]["model_type"]``;
+What it builds is derived from the family's adapter (``manifest.config["model_type"]``;
 a manifest without one is Mixtral's): the adapter says whether the fast graph can build
 the family (``Adapter.fast_graph``) and where the router and expert weights sit. It refuses,
 with a reason, any graph it does not fully understand: an unknown family, a config field

@@ -69,3 +69,16 @@ def reexport_changed(folder: Path) -> None:
     onnx.save(model, str(folder / "model.onnx"))
     manifest = artifact.Manifest.read(folder)
     dataclasses.replace(manifest, onnx_sha256=artifact.file_sha256(folder / "model.onnx")).write(folder)
+
+
+def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files hashed from now on (artifact.file_sha256 is the one hash function)."""
+    hashed: list[str] = []
+    real = artifact.file_sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(artifact, "file_sha256", counting)
+    return hashed

@@ -14,7 +14,7 @@ import pytest
 from mixport import artifact
 from mixport.artifact import MANIFEST_VERSION, EngineRecord, Manifest, Stamp
 from mixport.errors import RuntimeFailure
-from tests.helpers import invoke, one_line_error
+from tests.helpers import count_hashes, invoke, one_line_error
 
 OLD_KEYS = ("mixport_version", "source", "config_sha256", "dtype", "opset", "onnx_sha256", "fused", "passes",
             "target", "files", "config", "inputs", "outputs")  # what manifests held before "version"
@@ -22,19 +22,6 @@ OLD_KEYS = ("mixport_version", "source", "config_sha256", "dtype", "opset", "onn
 
 def _json(folder: Path) -> dict:
     return json.loads((folder / artifact.MANIFEST).read_text())
-
-
-def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the files hashed from now on (artifact.file_sha256 is the one hash function)."""
-    hashed: list[str] = []
-    real = artifact.file_sha256
-
-    def counting(path: Path) -> str:
-        hashed.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(artifact, "file_sha256", counting)
-    return hashed
 
 
 def test_export_writes_a_typed_versioned_manifest(tiny_dir: Path, tiny_export: Path) -> None:
@@ -63,7 +50,7 @@ def test_a_manifest_without_version_is_read_and_checked(export_copy: Path,
     (export_copy / artifact.MANIFEST).write_text(json.dumps(old))
     manifest = Manifest.read(export_copy)
     assert manifest.version == 0 and manifest.stamps == {} and manifest.onnx_sha256 == old["onnx_sha256"]
-    hashed = _count_hashes(monkeypatch)
+    hashed = count_hashes(monkeypatch)
     assert artifact.validate_folder(export_copy, manifest) == export_copy / artifact.MODEL_FILE
     assert hashed == [artifact.MODEL_FILE]
     again = Manifest.read(export_copy)
@@ -129,7 +116,7 @@ def test_loading_an_unchanged_folder_hashes_nothing(export_copy: Path, monkeypat
     path = export_copy / record.file
     assert (record.sha256, record.bytes, record.mtime_ns) == (
         artifact.file_sha256(path), path.stat().st_size, path.stat().st_mtime_ns)
-    hashed = _count_hashes(monkeypatch)
+    hashed = count_hashes(monkeypatch)
     load(export_copy, threads=1, graph="fast").close()
     assert hashed == []
 
@@ -199,7 +186,7 @@ def test_the_data_file_is_recorded(external_export: Path) -> None:
 
 
 def test_the_data_file_is_hashed_only_when_touched(external_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hashed = _count_hashes(monkeypatch)
+    hashed = count_hashes(monkeypatch)
     artifact.validate_folder(external_copy, Manifest.read(external_copy))
     assert hashed == []  # size and mtime as recorded: trusted
     data = external_copy / artifact.DATA_FILE

@@ -21,7 +21,7 @@ from mixport import artifact
 from mixport.artifact import EngineRecord, Manifest
 from mixport.engine.status import engine_status, gpu_mismatch
 from mixport.plugins.trt_import import RTX, _import_trt, flavor_of
-from tests.helpers import invoke, one_line_error, reexport_changed
+from tests.helpers import count_hashes, invoke, one_line_error, reexport_changed
 
 
 def _umask() -> int:
@@ -113,23 +113,10 @@ def test_engine_status_reasons(engine_copy: Path, trt_module: ModuleType) -> Non
     assert engine_status(engine_copy, trt_module, gpu=None) == (False, "model.engine is missing")
 
 
-def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the files hashed from now on (artifact.file_sha256 is the one hash function)."""
-    hashed: list[str] = []
-    real = artifact.file_sha256
-
-    def counting(path: Path) -> str:
-        hashed.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(artifact, "file_sha256", counting)
-    return hashed
-
-
 def test_unchanged_engine_is_not_rehashed(engine_copy: Path, trt_module: ModuleType,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Size and mtime as recorded: the recorded sha256s are trusted, neither file is read."""
-    hashed = _count_hashes(monkeypatch)
+    hashed = count_hashes(monkeypatch)
     assert engine_status(engine_copy, trt_module, gpu=None)[0]
     assert hashed == []
 
@@ -140,7 +127,7 @@ def test_touched_engine_is_rehashed(engine_copy: Path, trt_module: ModuleType,
     mtime is remembered: no hash the next time); a changed byte of the same size -> stale."""
     engine = engine_copy / "model.engine"
     recorded = Manifest.read(engine_copy).engine.mtime_ns
-    hashed = _count_hashes(monkeypatch)
+    hashed = count_hashes(monkeypatch)
     os.utime(engine, ns=(recorded + 10**9, recorded + 10**9))  # touched: same bytes, new mtime
     assert engine_status(engine_copy, trt_module, gpu=None)[0]
     assert hashed == ["model.engine"]

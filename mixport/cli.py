@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +106,53 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
             click.echo(f"[mixport] parity check skipped: {exc}", err=True)
 
 
-def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True) -> None:
+def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True, onnx_path: Path | None = None,
+                      verbose: bool = False) -> None:
     from mixport.errors import ParityError
     from mixport.tools.check import format_report, run_check
 
     _progress("checking parity (PyTorch vs ONNX Runtime)")
-    report = run_check(folder, steps=steps, prefer_transformers=prefer_transformers)
+    report = run_check(folder, steps=steps, prefer_transformers=prefer_transformers, onnx_path=onnx_path,
+                       verbose=verbose)
     for note in report.notes:
         click.echo(f"[mixport] {note}", err=True)
     click.echo(format_report(report))
     if not report.passed:
-        raise ParityError("parity check failed", given=folder, expected="every output within tolerance",
-                          hint="see the table above")
+        raise ParityError(f"parity check failed: {', '.join(report.failures())} differ",
+                          given=onnx_path or folder, expected="every output within tolerance and the same experts "
+                          "picked per layer", hint="see the table above")
+
+
+class _ClickStderr(logging.Handler):
+    """Log records on (click's) stderr: Polygraphy's lines as they are, others as [logger] level: text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if not record.name.startswith("Polygraphy"):
+            text = f"[{record.name}] {record.levelname.lower()}: {text}"
+        click.echo(text, err=True)
+
+
+@contextlib.contextmanager
+def _library_logs(verbose: bool) -> Iterator[None]:
+    """-v: other libraries' messages (TensorRT's, through the mixport.engine logger; Polygraphy's)
+    on stderr. Without -v they stay out of the output (the mixport loggers have no handler of theirs
+    then, and TensorRT's errors reach the user inside mixport's own one-line error)."""
+    if not verbose:
+        yield
+        return
+    handler = _ClickStderr()
+    loggers = [logging.getLogger(name) for name in ("mixport", "Polygraphy")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 @main.command()
@@ -129,10 +166,11 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
 @click.option("--past", type=RANGE, default=None, help="Cached tokens [default: 0:256:context-1].")
 @click.option("--no-plugins", is_flag=True, help="Inline the mixport nodes' ONNX bodies (no plugin layers).")
 @click.option("--force", is_flag=True, help="Rebuild even if an engine exists (stale or built otherwise).")
+@click.option("-v", "--verbose", is_flag=True, help="Show TensorRT's warnings and messages (on stderr).")
 @friendly
 def build(out_dir: Path, targets: str | None, dtype: str | None, batch: tuple[int, int, int] | None,
           seq: tuple[int, int, int] | None, past: tuple[int, int, int] | None, no_plugins: bool,
-          force: bool) -> None:
+          force: bool, verbose: bool) -> None:
     """Build OUT_DIR/model.engine with the mixport TensorRT plugins and record it in the manifest.
 
     Example: mixport build out --targets sm80,sm86 --batch 1:1:8
@@ -141,23 +179,31 @@ def build(out_dir: Path, targets: str | None, dtype: str | None, batch: tuple[in
 
     request = BuildRequest(targets=targets, dtype=dtype, batch=batch, seq=seq, past=past,
                            use_plugins=not no_plugins, force=force)
-    result = build_folder(out_dir, request, progress=_progress)
+    with _library_logs(verbose):
+        result = build_folder(out_dir, request, progress=_progress)
     click.echo(result.message)
 
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Decode steps after the prefill.")
+              help="Decode steps after the prefill (the prompt is 12 tokens; both within the model's context).")
 @click.option("--reference", type=click.Choice(["auto", "mixport"]), default="auto", show_default=True,
               help="auto: transformers when installed, else mixport's reference model.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Compare this ONNX file (same inputs and outputs) instead of FOLDER/model.onnx.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Polygraphy's and TensorRT's log lines (on stderr).")
 @friendly
-def check(folder: Path, steps: int, reference: str) -> None:
-    """Prove parity: PyTorch vs ONNX Runtime, per output and per layer's expert choice.
+def check(folder: Path, steps: int, reference: str, onnx_path: Path | None, verbose: bool) -> None:
+    """Prove parity: PyTorch (FOLDER's source model) vs ONNX Runtime, per output and per layer's expert choice.
+
+    Compares FOLDER/model.onnx as it is now (a note says when it changed since export), or --onnx FILE.
 
     Example: mixport check out --steps 16
     """
-    _check_and_report(folder, steps, prefer_transformers=reference == "auto")
+    with _library_logs(verbose):
+        _check_and_report(folder, steps, prefer_transformers=reference == "auto", onnx_path=onnx_path,
+                          verbose=verbose)
 
 
 

@@ -1,4 +1,11 @@
-"""A TensorRT ILogger that keeps error text (for BuildError) and forwards the rest to logging."""
+"""A TensorRT ILogger that keeps error text (for BuildError) and forwards the rest to logging.
+
+TensorRT's messages (its ONNX parser's too: "Make sure input input_ids has Int64 binding." is a
+WARNING through this logger, nothing is printed on the process's stdout or stderr) go to the
+``mixport.engine`` logger, which holds a NullHandler: Python's last-resort handler would print
+its warnings on stderr. They reach the user only when a handler is configured (``-v``);
+errors reach the user inside mixport's own one-line BuildError.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 log = logging.getLogger("mixport.engine")
+log.addHandler(logging.NullHandler())
 
 
 @functools.cache

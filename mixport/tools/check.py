@@ -6,31 +6,35 @@ cache), so each step compares like with like. Routing ids per layer are compared
 as sets; tokens whose k-th and (k+1)-th router probabilities tie are counted apart.
 TensorRT joins (compared with the reference, outputs only) when the folder's
 engine is up to date and a GPU is visible; otherwise ``notes`` says why not.
+
+What is compared is the file given (``check_target``): the folder's model.onnx as it is
+now, even when it changed since export (a note says so), or ``onnx_path``. The fast graph
+and the engine are compared only when they were built from that very file; the check never
+rebuilds them. Polygraphy's own log lines go to the ``Polygraphy`` Python logger when
+``verbose`` (the CLI shows them on stderr with ``-v``), else nowhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-import torch
 
-from mixport import artifact, ops
+from mixport import ops
 from mixport.artifact import Manifest
 from mixport.errors import CheckUnavailable
-from mixport.exporter.export import resolve_source
-from mixport.exporter.loader import load_reference
 from mixport.models import registry
-from mixport.models.components import DecoderModel
+from mixport.tools import check_target
 from mixport.tools.check_fast import FastGraphStat, check_fast_graph, greedy_tokens
+
+if TYPE_CHECKING:  # torch and the exporter are imported when a check runs, after its arguments are checked
+    from mixport.models.components import DecoderModel
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
 TIE_GAP = 1e-6
@@ -94,12 +98,23 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        tokens_ok = (not self.tokens_must_match or self.same_tokens == len(self.ref_tokens)) and self.fast_passed
-        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing) and tokens_ok
+        return not self.failures()
+
+    def failures(self) -> list[str]:
+        """What differs, by name: outputs, layers whose experts differ, greedy tokens, the fast graph."""
+        failed = [o.name for o in self.outputs if not o.passed]
+        failed += [f"routing of layer {r.layer}" for r in self.routing if not r.passed]
+        if self.tokens_must_match and self.same_tokens != len(self.ref_tokens):
+            failed.append("greedy tokens")
+        if not self.fast_passed:
+            failed.append("the fast ORT graph")
+        return failed
 
 
 def debug_model(model_path: Path, tmp: Path) -> Path:
     """A copy of model.onnx that also outputs every TopKRouting's ids as routing.{i}.ids."""
+    import onnx
+
     proto = onnx.load(str(model_path))
     routers = [n for n in proto.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.TOPK_ROUTING]
     for i, node in enumerate(routers):
@@ -115,6 +130,8 @@ def reference_feeds(model: DecoderModel, prompt: list[int], steps: int
                     ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
     """Prefill + ``steps`` greedy decode feeds (the past taken from the reference's present),
     and the steps + 1 greedy tokens the reference chose."""
+    import torch
+
     cfg = model.cfg
     past = model.empty_past(1)
     ids = torch.tensor([prompt])
@@ -144,16 +161,22 @@ def ort_greedy(model_path: Path, manifest: Manifest, prompt: list[int], count: i
 
 
 @contextlib.contextmanager
-def _quiet_polygraphy() -> Iterator[None]:
+def polygraphy_logs(verbose: bool) -> Iterator[None]:
+    """Polygraphy's log lines (it prints them on stdout) through the ``Polygraphy`` Python logger:
+    INFO and up when ``verbose``, none otherwise (its [E] FAILED lines would land in the report).
+    Colors off: Polygraphy would print "[W] 'colored' module is not installed" on stdout."""
     from polygraphy.logger import G_LOGGER
 
-    old = G_LOGGER.module_severity
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    old = (G_LOGGER.module_severity, G_LOGGER.use_python_logging_system, G_LOGGER.colors)
+    G_LOGGER.use_python_logging_system = True
+    G_LOGGER.colors = False
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL + 1
     try:
         yield
     finally:
-        G_LOGGER.module_severity = old
-    logging.getLogger("polygraphy").setLevel(logging.ERROR)
+        G_LOGGER.module_severity = old[0]
+        G_LOGGER.use_python_logging_system = old[1]
+        G_LOGGER.colors = old[2]
 
 
 def _skip_routing(name: str, _index: int, iter_result: Any) -> list[str]:
@@ -210,23 +233,34 @@ def torch_runner(source: Path, model: DecoderModel, prefer_transformers: bool): 
 
 
 def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_transformers: bool = True,
-              seed: int = 0) -> CheckReport:
-    """Compare PyTorch and ONNX Runtime on FOLDER's export over a prefill + ``steps`` decodes."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator
-    from polygraphy.comparator.compare import SimpleCompareFunc
+              seed: int = 0, onnx_path: Path | None = None, verbose: bool = False) -> CheckReport:
+    """Compare PyTorch (FOLDER's source model) and ONNX Runtime over a prefill + ``steps`` decodes.
 
+    The ONNX side is FOLDER's model.onnx as it is now, or ``onnx_path`` (same inputs and outputs).
+    ``verbose``: Polygraphy's log lines go to the ``Polygraphy`` logger (else they are dropped)."""
     folder = Path(folder)
     manifest = Manifest.read(folder)
-    model_path = artifact.validate_folder(folder, manifest)
+    check_target.require_steps(manifest, steps, prompt_len)
+    target = check_target.resolve(folder, manifest, onnx_path)
+    model_path = target.path
     dtype = manifest.dtype
     _require_runnable(dtype)
     _require_memory(model_path, dtype)
     atol, rtol = TOLERANCES[dtype]
     src_info = manifest.source
+
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SimpleCompareFunc
+
+    from mixport.exporter.export import resolve_source
+    from mixport.exporter.loader import load_reference
+
     with resolve_source(Path(src_info.path) if src_info.path else None, src_info.builtin) \
-            as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, _quiet_polygraphy():
+            as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, polygraphy_logs(verbose):
         ref_model, cfg, _ = load_reference(src, "fp32")
+        moe_layers = len(registry.for_config(cfg).moe_layers(cfg))  # one TopKRouting node each
+        _require_routers(target, moe_layers)
         rng = np.random.default_rng(seed)
         prompt = rng.integers(3, cfg.vocab_size, prompt_len).tolist()
         feeds, ref_tokens = reference_feeds(ref_model, prompt, steps)
@@ -237,7 +271,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         gc.collect()
         runners = [torch_side,
                    OnnxrtRunner(SessionFromOnnx(str(debug_model(model_path, Path(tmp)))), name="onnxruntime")]
-        notes = _add_tensorrt(runners, folder, manifest)
+        notes = target.notes + _add_tensorrt(runners, folder, manifest, target.not_derived)
         results = Comparator.run(runners, data_loader=feeds)
         func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="max",
                                   find_output_func=_skip_routing)
@@ -246,20 +280,36 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         (_, ref_iters), (_, ort_iters) = list(results.items())[:2]
         report = CheckReport([r.name for r in runners], steps, atol, rtol, notes=notes)
         report.outputs = _output_stats(accuracy, atol, rtol)
-        moe_layers = len(registry.for_config(cfg).moe_layers(cfg))  # one TopKRouting node each
         report.routing = _routing_stats(ref_iters, ort_iters, moe_layers, cfg.num_experts_per_tok)
         report.ref_tokens = ref_tokens
         report.ort_tokens = ort_greedy(model_path, manifest, prompt, len(ref_tokens))
         report.tokens_must_match = dtype == "fp32"
         ref_logits = [it["logits"][0, -1] for it in ref_iters]
-        report.fast = check_fast_graph(folder, manifest, prompt, ref_tokens, ref_logits, atol, rtol)
+        if target.not_derived is not None:  # never built (or rebuilt) from a file that is not the export's
+            report.fast = FastGraphStat(skipped=target.not_derived)
+        else:
+            report.fast = check_fast_graph(folder, manifest, prompt, ref_tokens, ref_logits, atol, rtol)
+            if report.fast.built:
+                report.notes.append(f"built the fast ONNX Runtime graph into {folder} from its exported "
+                                    "model.onnx (as `mixport run` would) and checked it")
     return report
 
 
-def _add_tensorrt(runners: list[Any], folder: Path, manifest: Manifest) -> list[str]:
+def _require_routers(target: check_target.CheckTarget, moe_layers: int) -> None:
+    """An --onnx file must hold one TopKRouting node per MoE layer (the experts picked are compared)."""
+    if target.routers is not None and target.routers != moe_layers:
+        raise CheckUnavailable(f"{target.path.name} has {target.routers} {ops.DOMAIN}::{ops.TOPK_ROUTING} "
+                               f"nodes; the experts picked per layer cannot be compared",
+                               given=str(target.path), expected=f"{moe_layers} (one per MoE layer)",
+                               hint="--onnx compares another mixport export of the same model")
+
+
+def _add_tensorrt(runners: list[Any], folder: Path, manifest: Manifest, not_derived: str | None = None) -> list[str]:
     """Append the TensorRT runner when it can run here; else one note saying why not."""
     from mixport.runtime.select import tensorrt_unavailable
 
+    if not_derived is not None:
+        return [f"TensorRT not compared: {not_derived}"]
     why_not = tensorrt_unavailable(folder, manifest)
     if why_not is not None:
         return [f"TensorRT not compared: {why_not}"]

@@ -23,6 +23,7 @@ class FastGraphStat:
     within: bool = True  # every step's logits within atol + rtol * |reference|
     tokens: list[int] = field(default_factory=list)
     skipped: str | None = None  # why the fast graph was not checked
+    built: bool = False  # the check built it (the folder had no current fast graph): the report says so
 
 
 def check_fast_graph(folder: Path, manifest: Manifest, prompt: list[int], ref_tokens: list[int],
@@ -33,11 +34,12 @@ def check_fast_graph(folder: Path, manifest: Manifest, prompt: list[int], ref_to
     why = ort_graph.supported(manifest.config, manifest.dtype)
     if why:
         return FastGraphStat(skipped=f"`mixport run` uses model.onnx for this model ({why})")
-    try:
-        session = OrtFastSession(ort_graph.ensure(folder, manifest), manifest)
+    built: list[str] = []
+    try:  # built from model.onnx only when it is the exported file (run_check makes sure of that)
+        session = OrtFastSession(ort_graph.ensure(folder, manifest, progress=built.append), manifest)
     except RuntimeFailure as exc:
         return FastGraphStat(skipped=f"fast graph unavailable: {exc}")
-    stat = FastGraphStat()
+    stat = FastGraphStat(built=bool(built))
     session.reset(1)
     ids = np.array([prompt], dtype=np.int64)
     mask, pos = np.ones_like(ids), np.arange(len(prompt), dtype=np.int64)[None]

@@ -1,10 +1,11 @@
 """A TensorRT ILogger that keeps error text (for BuildError) and forwards the rest to logging.
 
-TensorRT's messages (its ONNX parser's too: "Make sure input input_ids has Int64 binding." is a
-WARNING through this logger, nothing is printed on the process's stdout or stderr) go to the
-``mixport.engine`` logger, which holds a NullHandler: Python's last-resort handler would print
-its warnings on stderr. They reach the user only when a handler is configured (``-v``);
-errors reach the user inside mixport's own one-line BuildError.
+TensorRT's messages go to the ``mixport.engine`` logger, its ONNX parser's too ("Make sure input
+input_ids has Int64 binding." is a WARNING through this ILogger; the parser writes nothing to
+file descriptors 1 or 2 itself, tests/engine/test_build_logs.py checks). That logger holds a
+NullHandler, else Python's last-resort handler would print the warnings on stderr: they reach
+the user only where a handler is configured (the CLI's ``-v``). Errors reach the user inside
+mixport's own one-line BuildError.
 """
 
 from __future__ import annotations

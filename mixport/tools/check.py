@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from mixport import artifact, ops
+from mixport import artifact, onnx_io, ops
 from mixport.artifact import Manifest
 from mixport.errors import CheckUnavailable
 from mixport.exporter.export import resolve_source
@@ -100,6 +100,7 @@ class CheckReport:
 
 def debug_model(model_path: Path, tmp: Path) -> Path:
     """A copy of model.onnx that also outputs every TopKRouting's ids as routing.{i}.ids."""
+    onnx_io.check_external_locations(model_path)  # before onnx reads any external data
     proto = onnx.load(str(model_path))
     routers = [n for n in proto.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.TOPK_ROUTING]
     for i, node in enumerate(routers):

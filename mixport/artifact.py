@@ -341,7 +341,12 @@ class Manifest:
             raise RuntimeFailure(f"{MANIFEST} is of a newer format than this mixport reads",
                                  given=f"{where}: version {version}", expected=f"<= {MANIFEST_VERSION}",
                                  hint="pip install -U mixport")
-        return typed_json.build(cls, {**data, "version": version}, "", where, _malformed)
+        manifest = typed_json.build(cls, {**data, "version": version}, "", where, _malformed)
+        for name, record in (("engine", manifest.engine), ("ort_graph", manifest.ort_graph)):
+            if record is not None and not is_plain_name(record.file):
+                raise _malformed(where, f"{name}.file", typed_json.shown(record.file),
+                                 "a plain file name inside the export folder (no '/', no '..')")
+        return manifest
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; fields that are None are left out (read back as None)."""
@@ -383,6 +388,23 @@ def io_signature(proto: onnx.ModelProto) -> dict[str, list[TensorSig]]:
                          [d.dim_param or d.dim_value for d in t.shape.dim])
     return {"inputs": [describe(v) for v in proto.graph.input],
             "outputs": [describe(v) for v in proto.graph.output]}
+
+
+def is_plain_name(name: str) -> bool:
+    """Is ``name`` one file name in a folder: no separator, not '.', '..', empty or NUL?"""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def folder_file(folder: Path, name: str) -> Path:
+    """FOLDER/NAME for a file the manifest names, after checking NAME is a plain file name and
+    the path (symlinks resolved) stays inside FOLDER; RuntimeFailure (one line) otherwise."""
+    path = Path(folder) / name
+    root = os.path.realpath(folder)
+    if not is_plain_name(name) or not os.path.realpath(path).startswith(root.rstrip(os.sep) + os.sep):
+        raise RuntimeFailure(f"{MANIFEST} names a file outside the export folder", given=f"{folder}: {name!r}",
+                             expected="a plain file name inside the folder (no '/', '..' or symlink out)",
+                             hint="export and build the folder again")
+    return path
 
 
 def _malformed(where: str, name: str, shown: str, expected: str) -> RuntimeFailure:

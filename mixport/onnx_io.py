@@ -13,7 +13,7 @@ one folder (``WeightFiles.base_dir``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,97 @@ def nbytes(tensor: TensorProto) -> int:
     return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
 
 
-def _inside(path: str, folder: Path) -> bool:
+def _inside(path: str, folder: Path | str) -> bool:
     root = os.path.normpath(os.path.abspath(folder))
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of the model that may hold external data: initializers (sparse ones
+    too), tensor attributes, in subgraphs and in functions."""
+    graphs: list[onnx.GraphProto] = [proto.graph]
+    nodes: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.initializer
+            for sparse in graph.sparse_initializer:
+                yield sparse.values
+                yield sparse.indices
+            nodes.extend(graph.node)
+            continue
+        for attr in nodes.pop().attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                graphs.append(attr.g)
+            graphs.extend(attr.graphs)
+
+
+def location_error(location: str, folder: Path) -> str | None:
+    """Why an external-data ``location`` is refused (None: a relative path to a regular file
+    that resolves inside ``folder``, symlinks included)."""
+    parts = location.replace("\\", "/").split("/")
+    if not location or "\0" in location:
+        return "an empty location"
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        return "an absolute path"
+    if ".." in parts:
+        return "a path with '..'"
+    path = Path(folder) / location
+    if not _inside(os.path.realpath(path), os.path.realpath(folder)):
+        return "a symlink that resolves outside the folder"
+    if not path.is_file():
+        return "a file that is missing (or not a regular file)"
+    return None
+
+
+def check_external_locations(model_path: Path, proto: onnx.ModelProto | None = None) -> None:
+    """Refuse a model whose external data would be read from outside its folder, before any
+    reader (onnx, ONNX Runtime, TensorRT's parser) opens it.
+
+    ``model_path``'s graph is read without its data (or ``proto`` is taken as that graph); every
+    tensor's ``location`` must be a relative path without ``..`` to a regular file that resolves
+    inside the model's folder (mixport's check), and onnx's own external-data check must accept
+    it too (it refuses symlinks as well). FileSystemError names the tensor and the location."""
+    model_path = Path(model_path)
+    folder = model_path.parent
+    if proto is None:
+        try:
+            proto = onnx.load(str(model_path), load_external_data=False)
+        except Exception:  # protobuf's decode errors: the loader that follows says it its way
+            return
+    seen: set[str] = set()
+    for tensor in _tensors(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        if location in seen:
+            continue
+        why = location_error(location, folder)
+        if why is None:
+            why = _onnx_refuses(folder, location, tensor.name)
+        if why is not None:
+            raise FileSystemError("an initializer's external data lies outside the model's folder",
+                                  given=f"{model_path.name}: tensor {tensor.name!r}, location {location!r} "
+                                        f"({why})",
+                                  expected=f"a relative file name inside {folder}",
+                                  hint="external data is read only from the model's own folder")
+        seen.add(location)
+
+
+def _onnx_refuses(folder: Path, location: str, name: str) -> str | None:
+    """onnx's own external-data path check (it opens the file read-only and closes it), where
+    this onnx has it; its message, or None."""
+    opener = getattr(getattr(external_data_helper, "c_checker", None), "_open_external_data", None)
+    if opener is None:
+        return None
+    try:
+        os.close(opener(str(folder), location, name, True))
+    except Exception as exc:  # onnx.checker.ValidationError, OSError
+        return f"onnx: {str(exc).splitlines()[0][:200]}"
+    return None
 
 
 class WeightFiles:
@@ -62,8 +150,8 @@ class WeightFiles:
 
     Locations in the graph are relative to ``base_dir``. New tensors (``add``) are appended to
     the work file ``work`` (created on first use; ``on_write(name)`` hears of each). A location
-    must resolve inside ``base_dir`` or the work file's folder (no ``..`` escapes, no absolute
-    paths); symlinked data files (a hub cache) are followed.
+    is a relative path to a file inside ``base_dir`` (no ``..``, no absolute path, no symlink
+    resolving outside: ``location_error``), or exactly the work file.
     """
 
     def __init__(self, base_dir: Path, work: Path | None = None,
@@ -72,19 +160,24 @@ class WeightFiles:
         self.work = None if work is None else Path(work)
         self.on_write = on_write
         self._work_end = 0
-        self._folders = [self.base_dir] if self.work is None else [self.work.parent, self.base_dir]
 
     def source(self, tensor: TensorProto) -> ir.ExternalTensor:
         """``tensor``'s data as an onnx_ir ExternalTensor (a memory map when read)."""
         location, offset, length = _info(tensor)
         path = os.path.normpath(os.path.abspath(self.base_dir / location))
-        if not any(_inside(path, folder) for folder in self._folders):
+        why = None if self._is_work(path) else location_error(location, self.base_dir)
+        if why is not None:
             raise FileSystemError("an initializer's external data lies outside the model's folder",
-                                  given=f"{tensor.name}: location {location!r}",
-                                  expected=f"a file inside {self.base_dir}")
+                                  given=f"{tensor.name}: location {location!r} ({why})",
+                                  expected=f"a relative file name inside {self.base_dir}")
         # an absolute path and no base_dir: onnx_ir then reads it as it is (resolved and checked above)
         return ir.ExternalTensor(path, offset, length, ir.DataType(tensor.data_type),
                                  shape=ir.Shape(tensor.dims), name=tensor.name)
+
+    def _is_work(self, path: str) -> bool:
+        """Is ``path`` exactly this run's work file (the only place outside ``base_dir`` read)?"""
+        return (self.work is not None and path == os.path.normpath(os.path.abspath(self.work))
+                and self.work.is_file() and not self.work.is_symlink())
 
     def read(self, tensor: TensorProto) -> np.ndarray:
         """A read-only memory map of an external tensor (exact dtype, bf16 included); the mapping

@@ -108,7 +108,10 @@ def _parser_errors(parser: Any) -> list[str]:
 def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
                use_plugins: bool) -> ParsedNetwork:
     """A strongly typed network parsed from ``path``; BuildError with the parser's text."""
+    from mixport import onnx_io
+
     model = load_onnx(path)
+    onnx_io.check_external_locations(path, model)  # before the parser reads any external data
     mixport_nodes, changes = set_plugin_attrs(model, use_plugins)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)

@@ -62,7 +62,10 @@ def prepare_for_parser(onnx_path: Path, work_dir: Path, use_plugins: bool = True
     """(file to parse, nodes folded away); a changed copy is written into ``work_dir``."""
     import onnx
 
+    from mixport import onnx_io
+
     model = onnx.load(str(onnx_path), load_external_data=False)
+    onnx_io.check_external_locations(onnx_path, model)  # before anything reads external data
     if has_external_data(model):
         log.info("%s keeps its weights in external data: parsed without folding", onnx_path)
         return onnx_path, 0

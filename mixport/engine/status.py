@@ -50,7 +50,7 @@ def gpu_mismatch(record: EngineRecord, gpu: str) -> str | None:
 def _file_problem(folder: Path, record: EngineRecord, manifest: Manifest) -> str | None:
     """Why the engine or the model.onnx it was built from changed; None when neither did.
     Each is hashed only when its size or mtime differs from the stamp the manifest holds."""
-    path = folder / record.file
+    path = artifact.folder_file(folder, record.file)
     if not path.is_file():
         return f"{path.name} is missing"
     now = artifact.verify(path, record.sha256, record.stamp)

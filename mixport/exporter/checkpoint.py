@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,17 +20,63 @@ from mixport.models import Adapter, MoEConfig, registry
 INDEX = "model.safetensors.index.json"
 
 
+# safetensors dtype -> bytes per element (the format's own table); BOOL is known but refused
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _bad_index(index: Path, why: str, given: object) -> CheckpointError:
+    return CheckpointError(f"malformed safetensors index: {why}", given=f"{index.name}: {given}",
+                           expected="a JSON object whose 'weight_map' maps tensor names to shard file names "
+                                    "beside the index")
+
+
+def _in_folder(path: Path, folder: Path) -> bool:
+    """Does ``path`` (symlinks resolved) stay inside ``folder``? A Hugging Face cache snapshot
+    (``<repo>/snapshots/<rev>/``) may also link into its own repo's ``blobs/``."""
+    root, real = os.path.realpath(folder), os.path.realpath(path)
+    if real.startswith(root.rstrip(os.sep) + os.sep):
+        return True
+    snapshots = Path(root).parent
+    blobs = os.path.join(str(snapshots.parent), "blobs")
+    return snapshots.name == "snapshots" and real.startswith(blobs + os.sep)
+
+
+def _shard(model_dir: Path, name: object, index: Path) -> Path:
+    """The index's shard NAME as a path inside ``model_dir``, checked before it is opened."""
+    if not isinstance(name, str) or not name:
+        raise _bad_index(index, "a shard name is not a file name", repr(name)[:80])
+    if os.path.isabs(name) or "\\" in name or "\0" in name or ".." in name.split("/"):
+        raise CheckpointError("the safetensors index names a shard outside the model folder",
+                              given=f"{index.name}: {name!r}", expected="a relative file name inside the folder",
+                              hint="a folder's weights are read only from the folder itself")
+    path = model_dir / name
+    if path.exists() and not _in_folder(path, model_dir):
+        raise CheckpointError("a shard is a symlink that resolves outside the model folder",
+                              given=f"{name} -> {os.path.realpath(path)}", expected="a file inside the folder",
+                              hint="copy the shard into the folder")
+    return path
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The folder's weight files: sharded via the index, else every *.safetensors."""
+    """The folder's weight files: sharded via the index, else every *.safetensors; every one a
+    file inside the folder (no '..', absolute path or symlink out), checked before it is opened."""
     model_dir = Path(model_dir)
     index = model_dir / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            data = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError("unreadable safetensors index", given=f"{index}: {exc!r}",
                                   expected="a JSON object with a 'weight_map'") from None
-        files = sorted({model_dir / name for name in weight_map.values()})
+        if not isinstance(data, dict) or "weight_map" not in data:
+            raise _bad_index(index, "no 'weight_map'", "a JSON object without it" if isinstance(data, dict)
+                             else f"a JSON {type(data).__name__}")
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise _bad_index(index, "'weight_map' is not an object", f"a JSON {type(weight_map).__name__}")
+        files = sorted({_shard(model_dir, name, index) for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError("the safetensors index names shards that are missing",
@@ -36,6 +84,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
+        outside = [f.name for f in files if not _in_folder(f, model_dir)]
+        if outside:
+            raise CheckpointError("a weight file is a symlink that resolves outside the model folder",
+                                  given=", ".join(outside), expected="files inside the folder",
+                                  hint="copy the file into the folder")
         return files
     if list(model_dir.glob("pytorch_model*.bin")) or list(model_dir.glob("*.pt")):
         raise CheckpointError("the folder holds only pickled weights (pytorch_model*.bin), which mixport "
@@ -47,8 +100,14 @@ def safetensors_files(model_dir: Path) -> list[Path]:
                           expected="model.safetensors or sharded model-*.safetensors + " + INDEX)
 
 
+def _bad_header(path: Path, why: str, given: object, expected: str) -> CheckpointError:
+    return CheckpointError(f"malformed safetensors header: {why}", given=f"{path.name}: {given}",
+                           expected=expected, hint="the file is damaged or not a safetensors file; download it again")
+
+
 def check_safetensors(path: Path) -> None:
-    """Validate the header and that every tensor's bytes lie inside the file (truncation)."""
+    """Validate the header, every tensor's entry (dtype, shape, offsets matching the shape,
+    spans in the file and not overlapping) and that the data is all there (truncation)."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
@@ -60,16 +119,60 @@ def check_safetensors(path: Path) -> None:
             raise CheckpointError("safetensors header runs past the end of the file (truncated?)",
                                   given=f"{path}: header {n} bytes, file {size} bytes",
                                   expected="a complete file", hint="download or copy it again")
+        if n > HEADER_LIMIT:
+            raise _bad_header(path, "the header is too large", f"{n} bytes", f"at most {HEADER_LIMIT} bytes")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError("safetensors header is not valid JSON", given=str(path),
                                   expected="a safetensors file") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if ends and max(ends) > size - 8 - n:
+    if not isinstance(header, dict):
+        raise _bad_header(path, "not a JSON object", f"a JSON {type(header).__name__}",
+                          "{tensor name: {dtype, shape, data_offsets}}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad_header(path, "'__metadata__' is not a map of strings", repr(metadata)[:80],
+                          "a JSON object of string values")
+    spans = sorted(_span(path, name, entry) + (name,) for name, entry in header.items() if name != "__metadata__")
+    data_bytes = size - 8 - n
+    for (start, end, name), following in zip(spans, spans[1:] + [None], strict=True):
+        if following is not None and following[0] < end:
+            raise _bad_header(path, "two tensors' bytes overlap", f"{name} [{start}, {end}) and {following[2]} "
+                              f"[{following[0]}, {following[1]})", "disjoint data_offsets")
+    ends = [end for _start, end, _name in spans]
+    if ends and max(ends) > data_bytes:
         raise CheckpointError("safetensors file is truncated", given=f"{path}: {size} bytes",
                               expected=f"{max(ends) + 8 + n} bytes as its header declares",
                               hint="download or copy it again")
+
+
+def _span(path: Path, name: str, entry: object) -> tuple[int, int]:
+    """(start, end) of one tensor's bytes, after checking its entry: a known non-bool dtype, a
+    shape of non-negative integers, and data_offsets [start, end] spanning exactly its bytes."""
+    if not isinstance(entry, dict):
+        raise _bad_header(path, f"tensor '{name}' is not an object", repr(entry)[:80],
+                          "{dtype, shape, data_offsets}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype == "BOOL":
+        raise CheckpointError(f"tensor '{name}' is of bool dtype", given=f"{path.name}: {name} BOOL",
+                              expected="floating-point weights (F32, F16, BF16...)",
+                              hint="mixport reads model weights; a bool tensor is not one")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _bad_header(path, f"tensor '{name}' has an unknown dtype", repr(dtype)[:40],
+                          ", ".join(d for d in DTYPE_SIZES if d != "BOOL"))
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad_header(path, f"tensor '{name}' has a malformed shape", repr(shape)[:80],
+                          "a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[1] < offsets[0]):
+        raise _bad_header(path, f"tensor '{name}' has malformed data_offsets", repr(offsets)[:80],
+                          "[start, end] with 0 <= start <= end")
+    need = math.prod(shape) * DTYPE_SIZES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise _bad_header(path, f"tensor '{name}': its shape does not match its byte span",
+                          f"{dtype} {shape} = {need} bytes, data_offsets {offsets} = {offsets[1] - offsets[0]} bytes",
+                          "end - start == product(shape) * dtype size")
+    return offsets[0], offsets[1]
 
 
 @dataclass(frozen=True)
@@ -86,7 +189,28 @@ class LazyWeight:
 
         with safe_open(str(self.path), framework="pt") as fh:
             tensor = fh.get_slice(self.hf_name)[self.index] if self.index else fh.get_tensor(self.hf_name)
+        _require_finite(tensor, self.hf_name, self.path)
         return tensor if self.dtype is None else tensor.to(self.dtype)
+
+
+def _require_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """CheckpointError naming the weight when it holds NaN or Inf. Cheap: one sum (NaN and Inf
+    propagate; float32 accumulation cannot overflow on real weights), an exact count only when
+    the sum is not finite (isfinite().all() costs ~20x more: a bool tensor per weight)."""
+    if not tensor.is_floating_point():
+        return
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    try:
+        total = float(tensor.sum(dtype=wide))
+    except (RuntimeError, TypeError):  # a dtype without a sum kernel (float8): widen first
+        total = float(tensor.to(wide).sum())
+    if math.isfinite(total):
+        return
+    bad = int((~torch.isfinite(tensor.to(wide))).sum())
+    if bad:
+        raise CheckpointError(f"weight '{name}' holds NaN or Inf values",
+                              given=f"{path.name}: {bad} of {tensor.numel()} values not finite",
+                              expected="finite weights", hint="the checkpoint is damaged; download it again")
 
 
 def iter_weights(model_dir: Path, adapter: Adapter) -> Iterator[tuple[str, LazyWeight]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from mixport import artifact, ops
+from mixport import artifact, onnx_io, ops
 from mixport.errors import PassError
 from mixport.onnx_io import WeightFiles
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
@@ -126,6 +126,7 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise PassError("cannot read the input model", given=f"{src}: {type(exc).__name__}",
                         expected="an ONNX model file") from None
+    onnx_io.check_external_locations(src, proto)  # before any weight is read
     with artifact.atomic_write(dst) as out:  # the work files (stacked experts) stay behind in its folder
         report = run_passes(proto, target, weights_dir=src.parent, work_dir=out.parent)
         artifact.save_onnx(report.model, out, weights_dir=src.parent, work_dir=out.parent)

@@ -158,7 +158,7 @@ def load(folder: str | Path, device: str = "cpu", threads: int | None = None, gr
         from mixport.runtime.trt_session import TrtSession
 
         assert manifest.engine is not None  # choose_backend picks TensorRT only for a recorded engine
-        session = TrtSession(folder / manifest.engine.file, manifest)
+        session = TrtSession(artifact.folder_file(folder, manifest.engine.file), manifest)
     else:
         session = open_session(folder, manifest, path, device, threads, graph, progress)
     return Pipeline(folder, session, manifest, load_tokenizer(folder), choice.reason)

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mixport import artifact
+from mixport import artifact, onnx_io
 from mixport.artifact import Manifest, OrtGraphRecord
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
@@ -291,6 +291,7 @@ def export_weights(model_path: Path, cfg: dict[str, Any] | None = None) -> dict[
     ``.down``) are viewed as the per-expert gate/up/down [out, in] slabs the adapter names.
     ``cfg``: the manifest's config (None: Mixtral's names)."""
     names = _adapter(cfg)
+    onnx_io.check_external_locations(model_path)  # before onnx reads any external data
     proto = onnx.load(str(model_path))
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     for i in range(_layer_count(weights)):

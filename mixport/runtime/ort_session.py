@@ -48,6 +48,9 @@ def open_session(model_path: Path, device: str, threads: int | None) -> Any:
     """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line."""
     import onnxruntime as ort
 
+    from mixport import onnx_io
+
+    onnx_io.check_external_locations(model_path)  # before ONNX Runtime reads any external data
     try:
         return ort.InferenceSession(str(model_path), session_options(threads), providers=providers_for(device))
     except Exception as exc:  # ORT raises its own exception types; one line for the user

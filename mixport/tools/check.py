@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mixport import ops
+from mixport import onnx_io, ops
 from mixport.artifact import Manifest
 from mixport.errors import CheckUnavailable
 from mixport.models import registry
@@ -115,6 +115,7 @@ def debug_model(model_path: Path, tmp: Path) -> Path:
     """A copy of model.onnx that also outputs every TopKRouting's ids as routing.{i}.ids."""
     import onnx
 
+    onnx_io.check_external_locations(model_path)  # before onnx reads any external data
     proto = onnx.load(str(model_path))
     routers = [n for n in proto.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.TOPK_ROUTING]
     for i, node in enumerate(routers):

@@ -16,6 +16,7 @@ import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from mixport import artifact
 from mixport.artifact import Manifest
 from mixport.tools.torch_runners import input_metadata
 
@@ -31,7 +32,7 @@ class TrtSessionRunner(BaseRunner):
         from mixport.runtime.trt_session import TrtSession
 
         assert self.manifest.engine is not None  # check adds this runner only for a recorded engine
-        self.session = TrtSession(self.folder / self.manifest.engine.file, self.manifest)
+        self.session = TrtSession(artifact.folder_file(self.folder, self.manifest.engine.file), self.manifest)
 
     def get_input_metadata_impl(self) -> TensorMetadata:
         dtype = {"fp16": np.float16}.get(self.manifest.dtype, np.float32)

@@ -59,8 +59,12 @@ def check_target(out_dir: Path, force: bool, sources: Iterable[Path] = ()) -> No
                                     given=f"-o {out} with the source {Path(src).absolute()}",
                                     expected="an output folder apart from the source",
                                     hint="choose another -o (writing there could destroy the source)")
-    if not os.path.lexists(out):
-        return
+    if os.path.lexists(out):
+        _check_replaceable(out, force)
+    staging.check_writable(out)  # its folder: a new folder (or the renames) can be made there
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
     if not force:
         raise OutputExistsError("the output folder already exists", given=str(out),
                                 expected="a new path", hint="pass --force to replace it")

@@ -21,12 +21,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from mixport.errors import OutputExistsError
+from mixport.errors import FileSystemError, OutputExistsError
 
 Notice = Callable[[str], None]  # hears a line for the user (stderr)
 _SUFFIX = re.compile(r"\.tmp-(\d+)-(\d+)-([0-9a-f]{8})-[a-z0-9_]+")  # after .NAME: pid, start, machine
@@ -57,8 +58,8 @@ def _machine() -> str:
 def _me() -> str:
     """What names this process in a staging folder: PID-START-MACHINE."""
     pid = os.getpid()
-    stat = _stat(pid)
-    return f"{pid}-{0 if stat is None else stat[1]}-{_machine()}"
+    info = _stat(pid)
+    return f"{pid}-{0 if info is None else info[1]}-{_machine()}"
 
 
 def _alive(pid: int, start: int, machine: str) -> bool:
@@ -72,10 +73,10 @@ def _alive(pid: int, start: int, machine: str) -> bool:
         return False
     except OSError:
         pass  # PermissionError: another user's live process
-    stat = _stat(pid)
-    if stat is None:
+    info = _stat(pid)
+    if info is None:
         return True  # no /proc (or hidden): a live PID is all we know
-    state, now = stat
+    state, now = info
     if state in ("Z", "X"):
         return False  # killed, not reaped yet
     return not (start and now != start)  # a PID reused by a process started later is not it
@@ -133,7 +134,7 @@ def publish_dir(tmp: Path, target: Path) -> None:
     made it 0700). An existing TARGET (an empty folder, or one the caller checked may be replaced)
     is moved into a staging folder first and removed once TMP is in place; on failure it is put back."""
     tmp, target = Path(tmp), Path(target)
-    os.chmod(tmp, 0o777 & ~umask())
+    os.chmod(tmp, (tmp.stat().st_mode & stat.S_ISGID) | (0o777 & ~umask()))  # setgid: inherited from the parent
     if not os.path.lexists(target):
         tmp.rename(target)
         return
@@ -182,6 +183,19 @@ def inside(path: Path, folder: Path) -> bool:
             if os.path.samestat(step.stat(), target):
                 return True
     return False
+
+
+def check_writable(target: Path) -> None:
+    """Refuse TARGET when no folder could be made there: its nearest existing ancestor is not a
+    folder, or this user cannot write into it (checked up front, before hours of work)."""
+    target = Path(target).absolute()
+    parent = next(p for p in target.parents if os.path.lexists(p) or p == p.parent)
+    if not parent.is_dir():
+        raise FileSystemError("the output's location is not a folder", given=str(parent),
+                              expected=f"a folder to write {target.name} in", hint="choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileSystemError("cannot write the output's location (permission denied)", given=str(parent),
+                              expected=f"a folder this user may write {target.name} in", hint="choose another -o")
 
 
 def check_output_file(dst: Path, inputs: Iterable[Path]) -> None:

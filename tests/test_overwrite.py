@@ -168,6 +168,16 @@ def test_the_staged_folder_gets_the_umask_mode(mask: int, mode: int, tmp_path: P
     assert (tmp_path / "out").stat().st_mode & 0o777 == mode
 
 
+def test_a_setgid_folder_passes_its_group_on_as_with_mkdir(tmp_path: Path, umask: None) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    os.mkdir(shared / "plain")
+    with artifact.staging_dir(shared / "out", force=False):
+        pass
+    assert (shared / "out").stat().st_mode & 0o7777 == (shared / "plain").stat().st_mode & 0o7777 == 0o2755
+
+
 def test_an_exported_folder_is_readable_by_others_under_umask_022(src: Path, tmp_path: Path, umask: None) -> None:
     """It was 0700 (mkdtemp's mode) whatever the umask: other users could not read a shared export."""
     res = invoke("export", src, "-o", tmp_path / "out", "--no-check")

@@ -47,6 +47,9 @@ def _setup(case: str, tiny_dir: Path, tmp: Path) -> list[str]:
         return [str(tmp / "nope"), "-o", str(tmp / "out")]
     if case == "out-is-src":
         return [str(src), "-o", str(src), "--force"]
+    if case == "out-under-a-file":
+        (tmp / "notes.txt").write_text("x")
+        return [str(src), "-o", str(tmp / "notes.txt" / "out")]
     if case == "force-over-other-data":
         (tmp / "data").mkdir()
         (tmp / "data" / "x").write_text("x")
@@ -58,11 +61,13 @@ def _setup(case: str, tiny_dir: Path, tmp: Path) -> list[str]:
     ("unknown-model", "unknown built-in model"), ("existing-out", "already exists"),
     ("no-config", "no config.json"), ("bad-config", "config.json is not valid JSON"),
     ("missing-model-dir", "model folder not found"), ("out-is-src", "the source folder"),
-    ("force-over-other-data", "replaces only a folder mixport wrote")])
+    ("force-over-other-data", "replaces only a folder mixport wrote"),
+    ("out-under-a-file", "the output's location is not a folder")])
 def test_a_wrong_export_argument_is_refused_before_torch(case: str, fragment: str, tiny_dir: Path,
                                                          tmp_path: Path) -> None:
     """It took ~20 s (torch imported, the model loaded) and drew a progress bar before its line."""
     args = _setup(case, tiny_dir, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", PROBE, "export", *args, "--no-check"], capture_output=True,
                           text=True, env=ENV, cwd=tmp_path, timeout=120)
@@ -72,8 +77,7 @@ def test_a_wrong_export_argument_is_refused_before_torch(case: str, fragment: st
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], done.stderr
     assert seconds < 3, f"{seconds:.1f} s to refuse"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["src"] + (["out"] if case == "existing-out" else []) + (["data"] if case == "force-over-other-data" else []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

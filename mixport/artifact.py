@@ -2,7 +2,8 @@
 
 An export is written into a temporary sibling and renamed into place at the end
 (``staging_dir``): an interrupted export leaves at most a hidden ``.OUT_DIR.tmp-*``
-folder, never an OUT_DIR that looks complete. A file written into an existing
+folder (removed by the next export to OUT_DIR; ``mixport.staging``), never an OUT_DIR that
+looks complete, and ``--force`` replaces only an empty folder or one mixport wrote. A file written into an existing
 folder later (manifest, engine, fast graph) goes through ``atomic_write``: readers
 see the old file or the new one, never half of one. ``manifest.json`` is the
 folder's table of contents (``Manifest``); every stage reads it through this module.
@@ -19,8 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import onnx_io, typed_json
+from mixport import staging, typed_json
 from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
+from mixport.staging import atomic_write
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -46,76 +47,68 @@ MANIFEST_VERSION = 1  # manifest.json's schema; a manifest without "version" is 
 
 # ---- writing files ----------------------------------------------------------------------------
 
-def check_target(out_dir: Path, force: bool) -> None:
-    if Path(out_dir).exists() and not force:
-        raise OutputExistsError("the output folder already exists", given=str(Path(out_dir).absolute()),
+def check_target(out_dir: Path, force: bool, sources: Iterable[Path] = ()) -> None:
+    """Refuse an OUT_DIR an export must not write, before anything is touched: one that is a
+    source folder, inside one or holds one (symlinks resolved), an existing path without
+    ``force``, and even with ``force`` anything but an empty folder or a folder mixport wrote
+    (its manifest.json parses as a mixport manifest): --force never deletes other data."""
+    out = Path(out_dir).absolute()
+    for src in sources:
+        if staging.inside(out, Path(src)) or staging.inside(Path(src), out):
+            raise OutputExistsError("the output folder is the source folder, inside it or holds it",
+                                    given=f"-o {out} with the source {Path(src).absolute()}",
+                                    expected="an output folder apart from the source",
+                                    hint="choose another -o (writing there could destroy the source)")
+    if os.path.lexists(out):
+        _check_replaceable(out, force)
+    staging.check_writable(out)  # its folder: a new folder (or the renames) can be made there
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    if not force:
+        raise OutputExistsError("the output folder already exists", given=str(out),
                                 expected="a new path", hint="pass --force to replace it")
+    if not out.is_dir():
+        raise OutputExistsError("the output path is not a folder, and --force replaces only export folders",
+                                given=str(out), expected="a new path, an empty folder or a mixport export folder",
+                                hint="choose another -o, or remove it yourself")
+    if any(out.iterdir()) and not _written_by_mixport(out):
+        raise OutputExistsError("--force replaces only a folder mixport wrote, and this one has files but no "
+                                f"mixport {MANIFEST}", given=str(out),
+                                expected="a new path, an empty folder or a mixport export folder",
+                                hint="choose another -o, or remove the folder yourself")
+
+
+def _written_by_mixport(folder: Path) -> bool:
+    """Does FOLDER hold a manifest.json that mixport wrote (a JSON object naming a mixport version)?
+    A damaged manifest still counts: ``--force`` is how such a folder gets exported again."""
+    try:
+        data = json.loads((folder / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "mixport_version" in data
 
 
 @contextlib.contextmanager
-def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temp folder beside OUT_DIR; on success it replaces OUT_DIR, on error it vanishes."""
+def staging_dir(out_dir: Path, force: bool, sources: Iterable[Path] = (),
+                notice: staging.Notice | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside OUT_DIR; on success it replaces OUT_DIR, on error it vanishes.
+
+    OUT_DIR is checked (``check_target``) before and again at the end, the staging folders of
+    exports to OUT_DIR that were killed are removed first (``notice`` hears of each), and the
+    folder gets the mode any new folder gets (the umask's)."""
     out_dir = Path(out_dir).absolute()
-    check_target(out_dir, force)
+    sources = list(sources)
+    check_target(out_dir, force, sources)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging.remove_stale(out_dir, notice)
+    tmp = staging.make(out_dir)
     try:
         yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        check_target(out_dir, force, sources)  # again: minutes passed
+        staging.publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temp path to write PATH at; on success it replaces PATH by a rename, on error it vanishes.
-
-    The temp path has PATH's own name inside a hidden folder beside PATH, so files a writer puts
-    beside it under derived names keep them (model.onnx -> model.onnx.data): every file there named
-    PATH or PATH.* is fsynced, given the umask's default mode and renamed beside PATH, PATH last
-    (whoever sees the new PATH finds its companions). Other files there (work files) are dropped."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp / path.name
-        written = [p for p in tmp.iterdir() if p.name.startswith(f"{path.name}.") and p.is_file()]
-        mode = 0o666 & ~_umask()
-        for src in [*written, tmp / path.name]:
-            with src.open("rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(src, mode)
-            os.replace(src, path.parent / src.name)
-        _fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it where Linux allows (no window for threads)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in FOLDER durable (where the platform can open a folder)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = None,
@@ -124,6 +117,8 @@ def save_onnx(proto: onnx.ModelProto, path: Path, weights_dir: Path | None = Non
     ``weights_dir`` resolves initializers that point to files (external data; ``work_dir``: where
     the passes' work file is, default ``weights_dir``): they are copied into PATH (or PATH.data)
     a tensor at a time. Returns the names of the files written."""
+    from mixport import onnx_io  # onnx_ir (and sympy) only when writing: refusals stay quick
+
     files = None if weights_dir is None else onnx_io.WeightFiles(
         Path(weights_dir), Path(work_dir or weights_dir) / FUSED_DATA)
     return onnx_io.write_model(proto, Path(path), files, TWO_GB, on_tensor)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mixport.errors import FileSystemError, MixportError
+from mixport.errors import FileSystemError, MixportError, Terminated
+
+INTERRUPTED, TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +60,40 @@ RANGE = RangeType()
 DTYPES = ("fp32", "fp16", "bf16")
 
 
-@click.group()
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C would, so
+    the same cleanup runs (staging folders, temp files); a second SIGTERM during it is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _Group(click.Group):
+    """The ``mixport`` group: Ctrl-C exits 130 and SIGTERM 143, each with one line on stderr, after
+    the command's own cleanup ran (click's default is "Aborted!" and exit 1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            click.echo(f"[mixport] {'terminated' if terminated else 'interrupted'}", err=True)
+            sys.exit(TERMINATED if terminated else INTERRUPTED)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="mixport")
 def main() -> None:
     """mixport: Mixture-of-Experts models to portable ONNX, fused sparse ops and TensorRT."""
@@ -81,12 +118,14 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
 
     Example: mixport export --model tiny -o out --engine
     """
+    from mixport.exporter.export import check_request
     from mixport.exporter.export import export as run_export
     from mixport.progress import StepBar
 
+    check_request(model_dir, out_dir, builtin=builtin, force=force)  # in a second, before torch loads
     with StepBar(total=3 if no_fuse else 4, desc="export") as bar:
         result = run_export(model_dir, out_dir, builtin=builtin, dtype=dtype, force=force, fuse=not no_fuse,
-                            progress=bar, detail=bar.detail)
+                            progress=bar, detail=bar.detail, notice=bar.note)
     if verbose and result.pass_counts:
         from mixport.passes import report_lines
 
@@ -240,13 +279,9 @@ def run(folder: Path, prompts: tuple[str, ...], prompts_file: Path | None, max_n
 
     if not prompts and prompts_file is None:
         raise click.UsageError("give at least one --prompt or a --prompts-file")
-    try:
-        _run(folder, collect(prompts, prompts_file), max_new_tokens,
-             SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed), list(stop), chat, stream, device,
-             threads, graph, backend)
-    except KeyboardInterrupt:  # before generation started (loading, tokenizing)
-        click.echo("[mixport] interrupted", err=True)
-        sys.exit(130)
+    _run(folder, collect(prompts, prompts_file), max_new_tokens,  # Ctrl-C while loading: exit 130 (_Group)
+         SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed), list(stop), chat, stream, device,
+         threads, graph, backend)
 
 
 def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, stop: list[str], chat: bool,
@@ -267,7 +302,7 @@ def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, sto
             _run_batch(pipe, texts, ids, max_new_tokens, sampling, stop, interrupt)
     if interrupt.set:
         click.echo("[mixport] interrupted", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
 
 
 def _run_batch(pipe: Any, texts: list[str], ids: list[list[int]], max_new_tokens: int, sampling: Any,
@@ -282,7 +317,9 @@ def _run_batch(pipe: Any, texts: list[str], ids: list[list[int]], max_new_tokens
 
     try:
         pipe.generate_ids(ids, max_new_tokens, sampling, stop, on_token=on_token)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            raise
         interrupt.set = True
     _print_rows(pipe, texts, out, stop)
 

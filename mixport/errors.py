@@ -30,7 +30,8 @@ class CheckpointError(MixportError):
 
 
 class OutputExistsError(MixportError):
-    """The output directory exists and --force was not given."""
+    """The output exists and --force was not given, or may not be written even with it (it is an
+    input, or a folder mixport did not write)."""
 
 
 class ExportError(MixportError):
@@ -77,6 +78,11 @@ class KernelInputError(MixportError):
 
 class PassError(MixportError):
     """A graph pass could not do what the pipeline requires (e.g. no MoE layer fused)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the same cleanup runs (the CLI
+    then exits 143, 128 + SIGTERM, where Ctrl-C exits 130)."""
 
 
 class NoMatch(Exception):  # noqa: N818 - a signal, not an error: it never reaches users

@@ -4,37 +4,50 @@ from __future__ import annotations
 
 import sys
 from types import TracebackType
+from typing import Any
 
 
 class StepBar:
     """``bar("tracing to ONNX")`` closes the previous step and starts the next, ``bar.detail(...)``
-    says how far the current one is; use as a context."""
+    says how far the current one is, ``bar.note(line)`` prints a line above it; use as a context.
+    Nothing is drawn before the first step: a job refused up front shows no bar."""
 
     def __init__(self, total: int, desc: str = "mixport") -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="step", leave=True,
-                        bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}{postfix}]", dynamic_ncols=True)
-        self.started = False
+        self.total = total
         self.desc = desc
+        self.bar: Any = None  # tqdm, from the first step on
 
     def __call__(self, message: str) -> None:
-        if self.started:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, unit="step", leave=True,
+                            bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}{postfix}]", dynamic_ncols=True)
+        else:
             self.bar.update(1)
-        self.started = True
         self.bar.set_postfix_str("", refresh=False)
         self.bar.set_description_str(f"{self.desc}: {message}")
 
     def detail(self, text: str) -> None:
         """Where the current step is (e.g. "weights 120/995"), shown after the elapsed time."""
-        self.bar.set_postfix_str(text)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def note(self, line: str) -> None:
+        """A ``[mixport]`` line on stderr that the bar does not overwrite."""
+        if self.bar is None:
+            print(f"[mixport] {line}", file=sys.stderr, flush=True)
+        else:
+            self.bar.write(f"[mixport] {line}", file=sys.stderr)
 
     def __enter__(self) -> StepBar:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None and self.started:
+        if self.bar is None:
+            return
+        if exc_type is None:
             self.bar.set_postfix_str("", refresh=False)
             self.bar.update(1)
             self.bar.set_description_str(f"{self.desc}: done")

@@ -9,17 +9,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 import mixport
 from mixport import artifact
 from mixport.errors import ConfigError
-from mixport.exporter.loader import load_for_export
-from mixport.exporter.tiny import write_tiny
-from mixport.exporter.trace import trace
+from mixport.exporter.config import load_config
 from mixport.ops import ONNX_OPSET
+
+if TYPE_CHECKING:
+    import onnx
 
 BUILTIN_MODELS = ("tiny",)
 
@@ -33,21 +32,43 @@ class ExportResult:
     manifest: artifact.Manifest | None = None
 
 
-@contextlib.contextmanager
-def resolve_source(model_dir: Path | None, builtin: str | None) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """A readable HF folder plus how to find it again (path, or builtin name + seed)."""
+def _check_source(model_dir: Path | None, builtin: str | None) -> None:
     if (model_dir is None) == (builtin is None):
         raise ConfigError("give exactly one model source", given=f"MODEL_DIR={model_dir}, --model={builtin}",
                           expected="a Hugging Face folder or --model tiny")
+    if builtin is not None and builtin not in BUILTIN_MODELS:
+        raise ConfigError("unknown built-in model", given=builtin, expected=" | ".join(BUILTIN_MODELS))
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise ConfigError("model folder not found", given=str(model_dir), expected="a Hugging Face model folder")
+
+
+def check_request(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
+                  force: bool = False) -> None:
+    """Refuse a bad ``export`` request in about a second, before torch is imported and before
+    anything is written: one model source (a folder with a config.json mixport reads, or a
+    built-in name) and an OUT_DIR that may be written (``artifact.check_target``)."""
+    _check_source(model_dir, builtin)
+    if model_dir is not None:
+        load_config(Path(model_dir))
+    artifact.check_target(out_dir, force, _sources(model_dir))
+
+
+def _sources(model_dir: Path | None) -> list[Path]:
+    return [] if model_dir is None else [Path(model_dir)]
+
+
+@contextlib.contextmanager
+def resolve_source(model_dir: Path | None, builtin: str | None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A readable HF folder plus how to find it again (path, or builtin name + seed)."""
+    _check_source(model_dir, builtin)
     if builtin is not None:
-        if builtin not in BUILTIN_MODELS:
-            raise ConfigError("unknown built-in model", given=builtin, expected=" | ".join(BUILTIN_MODELS))
+        from mixport.exporter.tiny import write_tiny
+
         with tempfile.TemporaryDirectory(prefix="mixport-tiny-") as tmp:
             yield write_tiny(Path(tmp)), {"builtin": builtin, "seed": 0}
         return
+    assert model_dir is not None  # _check_source: exactly one source
     path = Path(model_dir)
-    if not path.is_dir():
-        raise ConfigError("model folder not found", given=str(path), expected="a Hugging Face model folder")
     yield path, {"path": str(path.absolute())}
 
 
@@ -58,17 +79,22 @@ def _quiet_exporter() -> None:
 
 def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None, dtype: str = "fp32",
            force: bool = False, fuse: bool = True, progress: Callable[[str], None] | None = None,
-           detail: Callable[[str], None] | None = None) -> ExportResult:
+           detail: Callable[[str], None] | None = None, notice: Callable[[str], None] | None = None
+           ) -> ExportResult:
     """Export MODEL_DIR (or a built-in model) into OUT_DIR atomically; returns what was written.
-    ``progress(step)`` names each step, ``detail(text)`` says how far a long one is."""
+    ``progress(step)`` names each step, ``detail(text)`` says how far a long one is, ``notice(line)``
+    hears of a dead export's staging folder removed (default: stderr)."""
     step = progress or (lambda _msg: None)
     weights_done = None if detail is None else (lambda i, n: detail(f"weights {i}/{n}"))
-    artifact.check_target(out_dir, force)
+    check_request(model_dir, out_dir, builtin=builtin, force=force)
+    from mixport.exporter.loader import load_for_export
+    from mixport.exporter.trace import trace
+
     _quiet_exporter()
     with resolve_source(model_dir, builtin) as (src, source_info):
         step("loading weights")
         model, weights, cfg, config_hash = load_for_export(src, dtype)
-        with artifact.staging_dir(out_dir, force) as tmp:
+        with artifact.staging_dir(out_dir, force, _sources(model_dir), notice) as tmp:
             step("tracing to ONNX")
             proto = trace(model, weights, spill_dir=tmp, on_tensor=weights_done)  # streamed to tmp
             del weights

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from mixport import artifact, onnx_io, ops
+from mixport import artifact, onnx_io, ops, staging
 from mixport.errors import PassError
 from mixport.onnx_io import WeightFiles
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
@@ -117,7 +117,8 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
     """``mixport optimize``: read SRC, run the pipeline, write DST (+ DST.data past 2 GB).
 
     SRC's external data is memory-mapped, not loaded, and the stacked experts go to a work file
-    beside DST: a model far bigger than memory optimizes. DST appears only when complete."""
+    beside DST: a model far bigger than memory optimizes. DST appears only when complete, and never
+    over SRC or a weights file SRC reads (nor DST.data, where DST's weights go past 2 GB)."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise PassError("input model not found", given=str(src), expected="an .onnx file")
@@ -127,6 +128,8 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
         raise PassError("cannot read the input model", given=f"{src}: {type(exc).__name__}",
                         expected="an ONNX model file") from None
     onnx_io.check_external_locations(src, proto)  # before any weight is read
+    weights = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    staging.check_output_file(dst, [src, *(src.parent / name for name in sorted(weights))])  # never over SRC
     with artifact.atomic_write(dst) as out:  # the work files (stacked experts) stay behind in its folder
         report = run_passes(proto, target, weights_dir=src.parent, work_dir=out.parent)
         artifact.save_onnx(report.model, out, weights_dir=src.parent, work_dir=out.parent)

@@ -34,6 +34,9 @@ def collect(prompts: tuple[str, ...] | list[str], prompts_file: Path | None) -> 
     out = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
     if not out:
         raise RuntimeFailure("no prompt given", expected="--prompt TEXT (repeatable) or --prompts-file FILE")
+    for text in out:  # refused here, before the model loads (as Pipeline.encode would after)
+        if not text.strip():
+            raise RuntimeFailure("empty prompt", given=repr(text), expected="some text")
     return out
 
 

@@ -8,7 +8,8 @@ see the old file or the new one, never half of one. ``manifest.json`` is the
 folder's table of contents (``Manifest``); every stage reads it through this module.
 
     manifest = Manifest.read(folder)          # RuntimeFailure when missing, malformed or too new
-    model = validate_folder(folder, manifest)  # model.onnx (+ .data) still what was exported
+    model = validate_folder(folder, manifest)  # model.onnx (+ .data) still what was exported, and what
+                                               # the manifest describes (folder_check)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import onnx_io, typed_json
+from mixport import folder_check, onnx_io, typed_json
 from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
 
 MANIFEST = "manifest.json"
@@ -206,6 +207,7 @@ def validate_folder(folder: Path, manifest: Manifest) -> Path:
     if _version_tuple(manifest.mixport_version) > _version_tuple(mixport.__version__):
         raise RuntimeFailure("the folder was exported by a newer mixport", given=manifest.mixport_version,
                              expected=f"<= {mixport.__version__}", hint="pip install -U mixport")
+    folder_check.check_config(manifest.config, str(folder / MANIFEST))
     path = folder / MODEL_FILE
     if not path.is_file():
         raise RuntimeFailure("the export folder has no model.onnx", given=str(folder),
@@ -224,10 +226,19 @@ def validate_folder(folder: Path, manifest: Manifest) -> Path:
                                  hint=f"export again, or restore the original {name}")
         if now != manifest.stamps.get(name):
             fresh[name] = now
+    _check_graph(folder, manifest)
     if fresh:  # same content, new mtime (a copy): remember it, so the next run does not hash again
         refresh(folder, lambda m: dataclasses.replace(m, stamps={
             **m.stamps, **{n: s for n, s in fresh.items() if s.sha256 in (m.onnx_sha256, m.data_sha256)}}))
     return path
+
+
+def _check_graph(folder: Path, manifest: Manifest) -> None:
+    """model.onnx (read without weights) is a valid graph whose signature the manifest describes."""
+    proto = folder_check.read_graph(folder / MODEL_FILE)
+    recorded = {"inputs": manifest.inputs, "outputs": manifest.outputs}
+    folder_check.check_graph(proto, manifest.config, manifest.dtype, str(folder / MANIFEST),
+                             {part: (recorded[part], sig) for part, sig in io_signature(proto).items()})
 
 
 # ---- manifest.json ----------------------------------------------------------------------------

@@ -94,8 +94,10 @@ FIELDS: dict[str, Field] = {
     "model_type": Field("str"),
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-RUNTIME_NEEDS = ("rms_norm_eps", "rope_theta", "max_position_embeddings")  # a manifest must hold these
-#   besides the fields without a default; the others were added later with a neutral default
+MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim",  # no default
+                  "rms_norm_eps", "rope_theta", "max_position_embeddings")  # read by the runtimes as they are
+#   a manifest's config must hold these; the others may be absent (added later, with a neutral default)
 
 
 class Problem(NamedTuple):

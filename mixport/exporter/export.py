@@ -14,7 +14,7 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import artifact
+from mixport import artifact, folder_check
 from mixport.errors import ConfigError
 from mixport.exporter.loader import load_for_export
 from mixport.exporter.tiny import write_tiny
@@ -80,6 +80,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
                 proto, counts, reasons = _run_passes(proto, tmp, detail)
                 gc.collect()
             step("writing files")
+            folder_check.record_config(proto, asdict(cfg))  # the manifest's config, covered by the hash
             files = artifact.save_model(proto, tmp, weights_dir=tmp, on_tensor=weights_done)
             artifact.remove_work_files(tmp)
             files += artifact.copy_tokenizer(src, tmp)

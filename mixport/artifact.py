@@ -366,8 +366,8 @@ class Manifest:
                                  expected="a folder written by `mixport export`")
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {exc}",
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of 4300+ digits, deep nesting
+            raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {str(exc)[:200]}",
                                  expected="the manifest `mixport export` wrote") from None
         return cls.from_dict(data, str(path))
 

@@ -152,3 +152,9 @@ def test_the_export_records_its_config_in_model_onnx(tiny_export: Path) -> None:
 def test_manifest_needs_every_field_without_a_default() -> None:
     no_default = [n for n in field_names() if n not in defaults()]
     assert set(no_default) <= set(config_fields.MANIFEST_NEEDS) <= set(field_names())
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, '{"config": {"vocab_size": ' + "1" * 5000 + "}}"])
+def test_hostile_manifest_json_is_one_line(export_copy: Path, text: str) -> None:
+    (export_copy / artifact.MANIFEST).write_text(text)
+    one_line_error(invoke(*COMMANDS["run"](export_copy)), "manifest.json is not valid JSON")

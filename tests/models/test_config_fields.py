@@ -145,3 +145,16 @@ def test_export_of_a_bad_config_is_one_line_and_leaves_nothing(tiny_dir: Path, t
     out.parent.mkdir()
     one_line_error(invoke("export", src, "-o", out), f"'{key}'")
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, '{"vocab_size": ' + "1" * 5000 + "}",
+                                  json.dumps({**RAW, "vocab_size": 512.5}).replace("512.5", "1e400")])
+def test_hostile_json_is_one_line(tiny_dir: Path, tmp_path: Path, text: str) -> None:
+    """Deep nesting (RecursionError), a 5000-digit int (ValueError), an infinite number."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(text)
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    one_line_error(invoke("export", src, "-o", out), "config.json")
+    assert list(out.parent.iterdir()) == []

@@ -8,8 +8,7 @@ see the old file or the new one, never half of one. ``manifest.json`` is the
 folder's table of contents (``Manifest``); every stage reads it through this module.
 
     manifest = Manifest.read(folder)          # RuntimeFailure when missing, malformed or too new
-    model = validate_folder(folder, manifest)  # model.onnx (+ .data) still what was exported, and what
-                                               # the manifest describes (folder_check)
+    model = validate_folder(folder, manifest)  # model.onnx (+ .data) as exported and described (folder_check)
 """
 
 from __future__ import annotations
@@ -226,16 +225,18 @@ def validate_folder(folder: Path, manifest: Manifest) -> Path:
                                  hint=f"export again, or restore the original {name}")
         if now != manifest.stamps.get(name):
             fresh[name] = now
-    _check_graph(folder, manifest)
+    _check_graph(folder, manifest, deep=manifest.onnx_sha256 is None or MODEL_FILE in fresh)
     if fresh:  # same content, new mtime (a copy): remember it, so the next run does not hash again
         refresh(folder, lambda m: dataclasses.replace(m, stamps={
             **m.stamps, **{n: s for n, s in fresh.items() if s.sha256 in (m.onnx_sha256, m.data_sha256)}}))
     return path
 
 
-def _check_graph(folder: Path, manifest: Manifest) -> None:
-    """model.onnx (read without weights) is a valid graph whose signature the manifest describes."""
-    proto = folder_check.read_graph(folder / MODEL_FILE)
+def _check_graph(folder: Path, manifest: Manifest, deep: bool) -> None:
+    """model.onnx's signature is what the manifest describes; ``deep`` (just hashed, or no hash):
+    parsed whole too, without weights, and checked by onnx."""
+    path = folder / MODEL_FILE
+    proto = folder_check.read_graph(path) if deep else folder_check.read_signature(path)
     recorded = {"inputs": manifest.inputs, "outputs": manifest.outputs}
     folder_check.check_graph(proto, manifest.config, manifest.dtype, str(folder / MANIFEST),
                              {part: (recorded[part], sig) for part, sig in io_signature(proto).items()})

@@ -2,7 +2,9 @@
 
 * the manifest's ``config`` against the field schema (``config_fields``): the runtimes size their
   caches and tables from it;
-* model.onnx parses as an ONNX model (read without its weights) and passes onnx's checker;
+* model.onnx parses as an ONNX model (read without its weights) and passes onnx's checker, whenever
+  its content was hashed (it changed since last verified); while its stamp vouches for it, only its
+  inputs, outputs and metadata are read (``read_signature``: no initializer byte is read);
 * the graph's inputs and outputs agree with the config (layers, key/value heads, head_dim, vocab)
   and the dtype, and the config model.onnx was exported with (its ``mixport.config`` metadata,
   which the manifest hash covers) equals the manifest's, field by field: the context
@@ -14,8 +16,9 @@ Each problem is one ``RuntimeFailure`` line naming the manifest field.
 from __future__ import annotations
 
 import json
+import mmap
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from mixport.typed_json import shown
 
 CONFIG_METADATA = "mixport.config"  # model.onnx's metadata_props key: the config it was exported with
 GRAPH_DTYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+_MODEL_GRAPH, _MODEL_METADATA, _GRAPH_INPUT, _GRAPH_OUTPUT = 7, 14, 11, 12  # onnx.proto's field numbers
 _CACHE = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 _HINT = "export the folder again (mixport export ... --force)"
 
@@ -59,6 +63,61 @@ def read_graph(path: Path) -> onnx.ModelProto:
         raise RuntimeFailure(f"{path.name} is not a valid ONNX model", given=f"{path}: {first}",
                              expected="the model.onnx `mixport export` wrote", hint=_HINT) from None
     return proto
+
+
+def read_signature(path: Path) -> onnx.ModelProto:
+    """PATH's inputs, outputs and metadata only: the protobuf wire format is walked and every other
+    field (the initializers: up to 2 GB) is skipped by its length, never read. RuntimeFailure (one
+    line) when the file is not well-formed protobuf."""
+    model = onnx.ModelProto()
+    try:
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for field, start, end in _fields(buf, 0, len(buf)):
+                if field == _MODEL_METADATA:
+                    model.metadata_props.add().ParseFromString(buf[start:end])
+                elif field == _MODEL_GRAPH:
+                    for part, begin, stop in _fields(buf, start, end):
+                        if part in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+                            values = model.graph.input if part == _GRAPH_INPUT else model.graph.output
+                            values.add().ParseFromString(buf[begin:stop])
+    except Exception as exc:  # ValueError (an empty file, a length past the end), DecodeError, OSError
+        raise RuntimeFailure(f"{path.name} is not a valid ONNX model", given=f"{path}: {str(exc)[:200]}",
+                             expected="the model.onnx `mixport export` wrote", hint=_HINT) from None
+    return model
+
+
+def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in buf[pos:end]."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        kind = key & 7
+        if kind == 0:
+            pos = _varint(buf, pos, end)[1]
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        elif kind == 2:
+            size, pos = _varint(buf, pos, end)
+            if pos + size > end:
+                raise ValueError(f"field {key >> 3} runs {pos + size - end} bytes past its message")
+            yield key >> 3, pos, pos + size
+            pos += size
+        else:
+            raise ValueError(f"wire type {kind} at byte {pos}")
+    if pos != end:
+        raise ValueError("the last field is cut short")
+
+
+def _varint(buf: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= end:
+            raise ValueError("the file ends inside a number")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError(f"a number longer than 10 bytes at byte {pos}")
 
 
 def check_graph(proto: onnx.ModelProto, config: Mapping[str, Any], dtype: str, where: str,

@@ -27,11 +27,14 @@ COMMANDS = {
 }
 
 
-def _rehash(folder: Path) -> None:
-    """What a careful forger does after editing model.onnx: the manifest's hash and stamp updated."""
+def _rehash(folder: Path, forge_stamp: bool = False) -> None:
+    """The manifest's hash updated to match an edited model.onnx (the stamp left as it was: the file
+    is hashed, then checked whole); ``forge_stamp``: its size and mtime too, so that it is trusted
+    unread (only its inputs, outputs and metadata are read)."""
     manifest = artifact.Manifest.read(folder)
     now = artifact.stamp(folder / artifact.MODEL_FILE)
-    dataclasses.replace(manifest, onnx_sha256=now.sha256, stamps={artifact.MODEL_FILE: now}).write(folder)
+    stamps = {artifact.MODEL_FILE: now} if forge_stamp else manifest.stamps
+    dataclasses.replace(manifest, onnx_sha256=now.sha256, stamps=stamps).write(folder)
 
 
 def _edit_graph(folder: Path, change: Callable[[onnx.ModelProto], None]) -> None:
@@ -82,6 +85,30 @@ def test_corrupt_model_onnx_with_the_hash_updated_is_one_line_everywhere(export_
     _rehash(export_copy)
     assert artifact.Manifest.read(export_copy).onnx_sha256 == artifact.file_sha256(export_copy / "model.onnx")
     _expect_everywhere(export_copy, "model.onnx is not a valid ONNX model", str(export_copy / "model.onnx"))
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_bytes, _truncate, lambda f: (f / "model.onnx").write_bytes(b"")],
+                         ids=["garbage", "truncated", "empty"])
+def test_corrupt_model_onnx_with_a_forged_stamp_is_one_line(export_copy: Path,
+                                                            corrupt: Callable[[Path], None]) -> None:
+    """Hash, size and mtime all forged: model.onnx is trusted unread, but its signature is still read."""
+    corrupt(export_copy)
+    _rehash(export_copy, forge_stamp=True)
+    for name in ("run", "bench"):
+        result = invoke(*COMMANDS[name](export_copy))
+        assert "Traceback" not in result.output, (name, result.output)
+        one_line_error(result, "model.onnx")
+
+
+def test_the_signature_is_read_without_the_weights(export_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unchanged folder: model.onnx is neither parsed whole nor checked (multi-GB files stay unread)."""
+    expected = onnx.load(str(export_copy / artifact.MODEL_FILE), load_external_data=False)
+    signature = folder_check.read_signature(export_copy / artifact.MODEL_FILE)
+    assert list(signature.graph.input) == list(expected.graph.input)
+    assert list(signature.graph.output) == list(expected.graph.output)
+    assert list(signature.metadata_props) == list(expected.metadata_props) and not signature.graph.initializer
+    monkeypatch.setattr(folder_check, "read_graph", lambda path: pytest.fail("parsed whole"))
+    artifact.validate_folder(export_copy, artifact.Manifest.read(export_copy))
 
 
 @pytest.mark.parametrize(("change", "fragments"), [

@@ -159,7 +159,7 @@ def _check_recorded(proto: onnx.ModelProto, config: Mapping[str, Any], where: st
     try:
         recorded = json.loads(props[CONFIG_METADATA])
         assert isinstance(recorded, dict)
-    except (ValueError, AssertionError):
+    except (ValueError, AssertionError, RecursionError):
         raise RuntimeFailure("model.onnx is not a valid mixport graph", given=f"its {CONFIG_METADATA} metadata "
                              f"is {shown(props[CONFIG_METADATA])}", expected="a JSON object", hint=_HINT) from None
     for name, value in recorded.items():

@@ -84,10 +84,14 @@ class Adapter:
         """Validate a parsed config.json and build the config; ConfigError (one line naming the
         config.json key, the value and what is expected) on anything off."""
         self._check_required(raw)
+        if raw.get("model_type") not in (None, self.model_type):  # transformers would read another family
+            raise ConfigError("config.json field 'model_type' contradicts its architectures",
+                              given=f"{shown(raw['model_type'])} with architectures {raw.get('architectures')}",
+                              expected=f'"{self.model_type}" (a {self.name})')
         values = dict(self.defaults)
         for name in field_names():
             key = self.hf_key(name)
-            if key is not None and raw.get(key) is not None:  # null: the default, as transformers reads it
+            if key is not None and key in raw:  # null: refused unless the field may be null (as transformers)
                 values[name] = raw[key]
         self._check_fields(values)  # before derived() computes with them
         values.update(self.derived(raw))
@@ -226,7 +230,7 @@ def rope_theta(raw: Mapping[str, Any], default: float) -> float:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"config.json field '{key}' must be a string", given=shown(value),
                               expected="a rope type such as \"default\"")
-    rope_type = next((value for _, value in kinds if value), "default")
+    rope_type = next((value for _, value in kinds if value and value != "default"), "default")
     if rope_type != "default":
         raise ConfigError("unsupported rotary embedding scaling", given=rope_type,
                           expected="default (no rope scaling)",

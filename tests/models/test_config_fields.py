@@ -107,6 +107,13 @@ def test_the_right_value_is_still_accepted(key: str) -> None:
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, ["'rope_parameters.rope_theta' must be"]),
     ({"rope_scaling": "linear"}, ["'rope_scaling' must be an object"]),
     ({"hidden_size": None}, ["'hidden_size' must be a positive integer", "given: null"]),
+    ({"tie_word_embeddings": None}, ["'tie_word_embeddings' must be true or false", "given: null"]),  # as transformers
+    ({"rms_norm_eps": None}, ["'rms_norm_eps' must be a finite number", "given: null"]),
+    ({"max_position_embeddings": None}, ["'max_position_embeddings' must be a positive integer", "given: null"]),
+    ({"model_type": "llama"}, ["'model_type' contradicts its architectures", '"llama"', '"mixtral"']),
+    ({"model_type": ""}, ["'model_type' contradicts its architectures"]),
+    ({"rope_scaling": {"type": "dynamic"}}, ["unsupported rotary embedding scaling", "dynamic"]),  # beside a
+    #                                          default rope_parameters: any scaling is refused
 ])
 def test_checks_across_fields_and_of_nested_keys(changes: dict[str, Any], fragments: list[str]) -> None:
     with pytest.raises(ConfigError) as info:

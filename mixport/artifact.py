@@ -9,7 +9,7 @@ see the old file or the new one, never half of one. ``manifest.json`` is the
 folder's table of contents (``Manifest``); every stage reads it through this module.
 
     manifest = Manifest.read(folder)          # RuntimeFailure when missing, malformed or too new
-    model = validate_folder(folder, manifest)  # model.onnx (+ .data) still what was exported
+    model = validate_folder(folder, manifest)  # model.onnx (+ .data) as exported and described (folder_check)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import staging, typed_json
+from mixport import folder_check, staging, typed_json
 from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
 from mixport.staging import atomic_write
 
@@ -201,6 +201,7 @@ def validate_folder(folder: Path, manifest: Manifest) -> Path:
     if _version_tuple(manifest.mixport_version) > _version_tuple(mixport.__version__):
         raise RuntimeFailure("the folder was exported by a newer mixport", given=manifest.mixport_version,
                              expected=f"<= {mixport.__version__}", hint="pip install -U mixport")
+    folder_check.check_config(manifest.config, str(folder / MANIFEST))
     path = folder / MODEL_FILE
     if not path.is_file():
         raise RuntimeFailure("the export folder has no model.onnx", given=str(folder),
@@ -219,10 +220,21 @@ def validate_folder(folder: Path, manifest: Manifest) -> Path:
                                  hint=f"export again, or restore the original {name}")
         if now != manifest.stamps.get(name):
             fresh[name] = now
+    _check_graph(folder, manifest, deep=manifest.onnx_sha256 is None or MODEL_FILE in fresh)
     if fresh:  # same content, new mtime (a copy): remember it, so the next run does not hash again
         refresh(folder, lambda m: dataclasses.replace(m, stamps={
             **m.stamps, **{n: s for n, s in fresh.items() if s.sha256 in (m.onnx_sha256, m.data_sha256)}}))
     return path
+
+
+def _check_graph(folder: Path, manifest: Manifest, deep: bool) -> None:
+    """model.onnx's signature is what the manifest describes; ``deep`` (just hashed, or no hash):
+    parsed whole too, without weights, and checked by onnx."""
+    path = folder / MODEL_FILE
+    proto = folder_check.read_graph(path) if deep else folder_check.read_signature(path)
+    recorded = {"inputs": manifest.inputs, "outputs": manifest.outputs}
+    folder_check.check_graph(proto, manifest.config, manifest.dtype, str(folder / MANIFEST),
+                             {part: (recorded[part], sig) for part, sig in io_signature(proto).items()})
 
 
 # ---- manifest.json ----------------------------------------------------------------------------
@@ -355,8 +367,8 @@ class Manifest:
                                  expected="a folder written by `mixport export`")
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {exc}",
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of 4300+ digits, deep nesting
+            raise RuntimeFailure("manifest.json is not valid JSON", given=f"{path}: {str(exc)[:200]}",
                                  expected="the manifest `mixport export` wrote") from None
         return cls.from_dict(data, str(path))
 

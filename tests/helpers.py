@@ -82,3 +82,16 @@ def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(artifact, "file_sha256", counting)
     return hashed
+
+
+def set_config(folder: Path, **changes: object) -> None:
+    """Change config fields of an export as a re-export with those values would record them: in the
+    manifest and in model.onnx's recorded config (the graph's nodes unchanged), the hash updated."""
+    from mixport import folder_check
+
+    manifest = artifact.Manifest.read(folder)
+    config = {**manifest.config, **changes}
+    model = onnx.load(str(folder / "model.onnx"))
+    folder_check.record_config(model, config)
+    onnx.save(model, str(folder / "model.onnx"))
+    dataclasses.replace(manifest, config=config, onnx_sha256=artifact.file_sha256(folder / "model.onnx")).write(folder)

@@ -19,8 +19,8 @@ def load_config(model_dir: Path) -> tuple[MoEConfig, str]:
     data = path.read_bytes()
     try:
         raw = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise ConfigError("config.json is not valid JSON", given=f"{path}: {exc}",
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of 4300+ digits, deep nesting
+        raise ConfigError("config.json is not valid JSON", given=f"{path}: {str(exc)[:200]}",
                           expected="a JSON object") from None
     if not isinstance(raw, dict):
         raise ConfigError("config.json is not a JSON object", given=type(raw).__name__, expected="an object")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mixport
-from mixport import artifact
+from mixport import artifact, folder_check
 from mixport.errors import ConfigError
 from mixport.exporter.config import load_config
 from mixport.ops import ONNX_OPSET
@@ -106,6 +106,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
                 proto, counts, reasons = _run_passes(proto, tmp, detail)
                 gc.collect()
             step("writing files")
+            folder_check.record_config(proto, asdict(cfg))  # the manifest's config, covered by the hash
             files = artifact.save_model(proto, tmp, weights_dir=tmp, on_tensor=weights_done)
             artifact.remove_work_files(tmp)
             files += artifact.copy_tokenizer(src, tmp)

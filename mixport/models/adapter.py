@@ -22,8 +22,11 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mixport import config_fields
+from mixport.config_fields import FIELDS
 from mixport.errors import ConfigError
 from mixport.models.config import MoEConfig, field_names
+from mixport.typed_json import shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,7 +53,7 @@ class Adapter:
     # -- config.json -> MoEConfig --------------------------------------------------------
     hf_fields: ClassVar[Mapping[str, str | None]] = {}  # MoEConfig field -> config.json key where they differ
     #                                                   (None: not in config.json; defaults or derived() set it)
-    required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (ints > 0)
+    required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (config_fields.FIELDS)
     defaults: ClassVar[Mapping[str, Any]] = {}  # the family's values for fields config.json omits
 
     # -- checkpoint names -> mixport state-dict names ------------------------------------
@@ -78,46 +81,62 @@ class Adapter:
         return None if field in DERIVED else field
 
     def config_from_hf(self, raw: Mapping[str, Any]) -> MoEConfig:
-        """Validate a parsed config.json and build the config; ConfigError on anything off."""
+        """Validate a parsed config.json and build the config; ConfigError (one line naming the
+        config.json key, the value and what is expected) on anything off."""
         self._check_required(raw)
+        if raw.get("model_type") not in (None, self.model_type):  # transformers would read another family
+            raise ConfigError("config.json field 'model_type' contradicts its architectures",
+                              given=f"{shown(raw['model_type'])} with architectures {raw.get('architectures')}",
+                              expected=f'"{self.model_type}" (a {self.name})')
         values = dict(self.defaults)
         for name in field_names():
             key = self.hf_key(name)
-            if key is not None and raw.get(key) is not None:
+            if key is not None and key in raw:  # null: refused unless the field may be null (as transformers)
                 values[name] = raw[key]
+        self._check_fields(values)  # before derived() computes with them
         values.update(self.derived(raw))
-        cfg = MoEConfig(**values)
+        self._check_fields(values)
+        cfg = MoEConfig(**{k: float(v) if FIELDS[k].kind == "float" else v for k, v in values.items()})
         self.validate(cfg)
         return cfg
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """Fields computed from config.json rather than copied (DERIVED)."""
-        heads = raw[self.hf_key("num_attention_heads")]
-        kv_key = self.hf_key("num_key_value_heads") or "num_key_value_heads"
-        return {"model_type": self.model_type, "num_key_value_heads": raw.get(kv_key) or heads,
-                "head_dim": raw.get("head_dim") or raw[self.hf_key("hidden_size")] // heads,
+        """Fields computed from config.json rather than copied (DERIVED); their values are checked
+        against ``config_fields.FIELDS`` afterwards, under their config.json key."""
+        heads, hidden = raw[self.hf_key("num_attention_heads")], raw[self.hf_key("hidden_size")]
+        kv = raw.get(self.hf_key("num_key_value_heads") or "num_key_value_heads")
+        head_dim = raw.get("head_dim")
+        if head_dim is None and hidden % heads:  # transformers' default head_dim: hidden_size // heads
+            raise ConfigError(f"config.json has no head_dim and '{self.hf_key('hidden_size')}' is not a multiple of "
+                              f"'{self.hf_key('num_attention_heads')}'", given=f"{hidden} / {heads}",
+                              expected="hidden_size = num_attention_heads * head_dim, or an explicit head_dim")
+        return {"model_type": self.model_type, "num_key_value_heads": heads if kv is None else kv,
+                "head_dim": hidden // heads if head_dim is None else head_dim,
                 "rope_theta": rope_theta(raw, float(self.defaults.get("rope_theta", 1e6)))}
 
     def validate(self, cfg: MoEConfig) -> None:
-        """Checks across fields; a family adds its own (calling this one)."""
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ConfigError("num_attention_heads is not a multiple of num_key_value_heads",
-                              given=f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}",
-                              expected="an integer ratio")
-        if cfg.num_experts_per_tok > cfg.num_local_experts:
-            raise ConfigError(f"{self.hf_key('num_experts_per_tok')} exceeds {self.hf_key('num_local_experts')}",
-                              given=f"{cfg.num_experts_per_tok} > {cfg.num_local_experts}",
-                              expected="top-k <= number of experts")
+        """Checks across fields beyond ``config_fields`` (which ``config_from_hf`` has run); a family
+        adds its own (calling this one)."""
+
+    def _key(self, field: str) -> str:
+        """The config.json key a MoEConfig field is read from (a derived one: its own name)."""
+        return self.hf_key(field) or field
+
+    def _check_fields(self, values: Mapping[str, Any]) -> None:
+        problem = config_fields.first(values, self._key)
+        if problem is not None:
+            raise ConfigError(f"config.json field '{problem.key}' {problem.what}", given=problem.given,
+                              expected=problem.expected if problem.expected not in problem.what else None)
 
     def _check_required(self, raw: Mapping[str, Any]) -> None:
-        keys = [self.hf_key(name) or name for name in self.required]
+        keys = [self._key(name) for name in self.required]
         for key in keys:
             if key not in raw:
                 raise ConfigError(f"config.json lacks the field '{key}'", given=f"fields {sorted(raw)[:8]}...",
                                   expected=", ".join(keys), hint=f"is this a {self.name} config.json?")
-            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] <= 0:
-                raise ConfigError(f"config.json field '{key}' must be a positive integer",
-                                  given=raw[key], expected="an integer > 0")
+            if raw[key] is None:
+                raise ConfigError(f"config.json field '{key}' must be a positive integer", given="null",
+                                  expected="an integer > 0")
 
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         """A config.json for ``cfg`` that transformers' ``hf_class`` loads (tiny test models)."""
@@ -203,15 +222,37 @@ class Adapter:
 
 
 def rope_theta(raw: Mapping[str, Any], default: float) -> float:
-    """The plain-RoPE theta; ConfigError for any rope scaling (not implemented)."""
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    """The plain-RoPE theta; ConfigError for any rope scaling (not implemented) or a malformed entry."""
+    params, scaling = (_object(raw, key) for key in ("rope_parameters", "rope_scaling"))
+    kinds = [(f"{key}.{name}", section.get(name)) for key, section in
+             (("rope_parameters", params), ("rope_scaling", scaling)) for name in ("rope_type", "type")]
+    for key, value in kinds:
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"config.json field '{key}' must be a string", given=shown(value),
+                              expected="a rope type such as \"default\"")
+    rope_type = next((value for _, value in kinds if value and value != "default"), "default")
     if rope_type != "default":
         raise ConfigError("unsupported rotary embedding scaling", given=rope_type,
                           expected="default (no rope scaling)",
                           hint="mixport implements plain RoPE with the config's rope_theta")
-    return float(params.get("rope_theta", raw.get("rope_theta", default)))
+    key, theta = next(((k, v) for k, v in (("rope_parameters.rope_theta", params.get("rope_theta")),
+                                           ("rope_theta", raw.get("rope_theta"))) if v is not None),
+                      ("rope_theta", default))
+    if not FIELDS["rope_theta"].accepts(theta):
+        raise ConfigError(f"config.json field '{key}' must be {FIELDS['rope_theta'].expected()}",
+                          given=shown(theta))
+    return float(theta)
+
+
+def _object(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """config.json's ``key`` section (an object, or absent / null: empty)."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json field '{key}' must be an object", given=shown(value),
+                          expected='an object such as {"rope_type": "default", "rope_theta": 10000.0}, or null')
+    return value
 
 
 def _asdict(cfg: MoEConfig) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A family's adapter maps its config.json onto these fields (``Adapter.config_from_hf``);
 the export's manifest records them as ``config`` (``dataclasses.asdict``). A field a new
 family needs is added here with a neutral default (the value under which every existing
-family behaves as before), so that older manifests and adapters stay valid.
+family behaves as before), so that older manifests and adapters stay valid, and its type and
+range are declared in ``mixport.config_fields.FIELDS`` (checked for config.json and manifests).
 """
 
 from __future__ import annotations

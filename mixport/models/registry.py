@@ -9,6 +9,7 @@ from mixport.errors import ConfigError
 from mixport.models.adapter import Adapter
 from mixport.models.config import DEFAULT_MODEL_TYPE
 from mixport.models.mixtral import Mixtral
+from mixport.typed_json import shown
 
 ADAPTERS: tuple[Adapter, ...] = (
     Mixtral(),
@@ -45,6 +46,12 @@ def find(raw: Mapping[str, Any]) -> Adapter:
     archs = raw.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError("config.json field 'architectures' must be a list of class names", given=shown(archs),
+                          expected=f'e.g. ["{ADAPTERS[0].name}"]')
+    if not isinstance(raw.get("model_type"), (str, type(None))):
+        raise ConfigError("config.json field 'model_type' must be a string", given=shown(raw["model_type"]),
+                          expected=f'e.g. "{ADAPTERS[0].model_type}"')
     for adapter in ADAPTERS:
         if any(a in adapter.architectures for a in archs):
             return adapter

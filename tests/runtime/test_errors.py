@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import mixport
 from mixport.cli import main
+from tests.helpers import set_config
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -108,9 +109,7 @@ def test_auto_uses_the_portable_graph_where_the_fast_one_cannot_run(rt_copy: Pat
     from mixport.runtime import load
     from mixport.runtime.ort_session import OrtSession
 
-    manifest = json.loads((rt_copy / "manifest.json").read_text())
-    manifest["config"]["sliding_window"] = 16  # GroupQueryAttention here runs without a window
-    (rt_copy / "manifest.json").write_text(json.dumps(manifest))
+    set_config(rt_copy, sliding_window=16)  # GroupQueryAttention here runs without a window
     assert isinstance(load(rt_copy, threads=1).session, OrtSession)
     with pytest.raises(RuntimeFailure, match="cannot express this model"):
         load(rt_copy, threads=1, graph="fast")

@@ -1,0 +1,150 @@
+"""The type and range of every model config field mixport reads, declared once and checked in one place.
+
+Two readers check against ``FIELDS``: a family's adapter (``models.adapter``) for a Hugging Face
+config.json, naming config.json's keys, and ``artifact.validate_folder`` for the ``config`` an
+export's manifest.json records (the runtimes size their buffers from it), naming ``config.<field>``.
+``models.config.MoEConfig`` holds exactly these fields. Sizes are capped well above any real model,
+so a hostile value cannot ask for an absurd allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from mixport.typed_json import shown
+
+MAX_VOCAB = 2**24  # the largest hub vocabularies are ~2**18
+MAX_HIDDEN = 2**18
+MAX_INTERMEDIATE = 2**20
+MAX_LAYERS = 2**12
+MAX_HEADS = 2**12
+MAX_EXPERTS = 2**16
+MAX_HEAD_DIM = 2**14
+MAX_CONTEXT = 2**24  # max_position_embeddings, sliding_window (hub models reach ~2**23)
+MAX_FLOAT = 1e30
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field: ``kind`` int | float | bool | str | id (a token id) | ids (a token id or a list of them);
+    ints within [low, high]; floats finite, > 0 and <= high; ``choices`` for a str."""
+
+    kind: str
+    low: int = 1
+    high: float = MAX_FLOAT
+    nullable: bool = False
+    even: bool = False
+    choices: tuple[str, ...] = ()
+
+    def expected(self) -> str:
+        text = {
+            "int": (f"a positive integer (at most {int(self.high)})" if self.low == 1 else
+                    f"an {'even ' if self.even else ''}integer in [{self.low}, {int(self.high)}]"),
+            "float": f"a finite number > 0 and <= {self.high:g}",
+            "bool": "true or false",
+            "str": " | ".join(self.choices) if self.choices else "a string",
+            "id": "a token id (an integer >= 0)",
+            "ids": "a token id or a list of token ids (integers >= 0)",
+        }[self.kind]
+        return f"{text}, or null" if self.nullable else text
+
+    def accepts(self, value: object) -> bool:
+        if value is None:
+            return self.nullable
+        if self.kind == "ids" and isinstance(value, list):
+            return all(_is_int(v) and v >= 0 for v in value)
+        if self.kind in ("id", "ids"):
+            return _is_int(value) and value >= 0  # type: ignore[operator]
+        if self.kind == "int":
+            return _is_int(value) and self.low <= value <= self.high and not (self.even and value % 2)  # type: ignore[operator]
+        if self.kind == "float":
+            return (_is_int(value) or isinstance(value, float)) and math.isfinite(value) \
+                and 0 < value <= self.high  # type: ignore[operator]
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        return isinstance(value, str) and (not self.choices or value in self.choices)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+FIELDS: dict[str, Field] = {
+    "vocab_size": Field("int", high=MAX_VOCAB),
+    "hidden_size": Field("int", high=MAX_HIDDEN),
+    "intermediate_size": Field("int", high=MAX_INTERMEDIATE),
+    "num_hidden_layers": Field("int", high=MAX_LAYERS),
+    "num_attention_heads": Field("int", high=MAX_HEADS),
+    "num_key_value_heads": Field("int", high=MAX_HEADS),
+    "num_local_experts": Field("int", high=MAX_EXPERTS),
+    "num_experts_per_tok": Field("int", high=MAX_EXPERTS),
+    "head_dim": Field("int", low=2, high=MAX_HEAD_DIM, even=True),  # RoPE rotates pairs
+    "rms_norm_eps": Field("float", high=1.0),
+    "rope_theta": Field("float"),
+    "max_position_embeddings": Field("int", high=MAX_CONTEXT),
+    "sliding_window": Field("int", high=MAX_CONTEXT, nullable=True),
+    "tie_word_embeddings": Field("bool"),
+    "normalization": Field("str", choices=("renormalize", "none")),
+    "bos_token_id": Field("id", nullable=True),
+    "eos_token_id": Field("ids", nullable=True),
+    "pad_token_id": Field("id", nullable=True),
+    "model_type": Field("str"),
+}
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim",  # no default
+                  "rms_norm_eps", "rope_theta", "max_position_embeddings")  # read by the runtimes as they are
+#   a manifest's config must hold these; the others may be absent (added later, with a neutral default)
+
+
+class Problem(NamedTuple):
+    """The first thing wrong: the key (as the caller names it), what is wrong with it, the value
+    shown, what was expected."""
+
+    key: str
+    what: str
+    given: str
+    expected: str
+
+
+def problems(values: Mapping[str, Any], key: Callable[[str], str] = str,
+             required: tuple[str, ...] = ()) -> Iterator[Problem]:
+    """Every field of ``values`` (a name in FIELDS -> its value) checked against its declaration,
+    then across fields; ``key`` names a field the way the reader's file does."""
+    for name in required:
+        if name not in values:
+            yield Problem(key(name), "is missing", "missing", "present (a required field)")
+    for name, spec in FIELDS.items():
+        if name in values and not spec.accepts(values[name]):
+            yield Problem(key(name), f"must be {spec.expected()}", shown(values[name]), spec.expected())
+    yield from _across(values, key)
+
+
+def first(values: Mapping[str, Any], key: Callable[[str], str] = str,
+          required: tuple[str, ...] = ()) -> Problem | None:
+    return next(problems(values, key, required), None)
+
+
+def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
+    heads, kv = v.get("num_attention_heads"), v.get("num_key_value_heads")
+    if _is_int(heads) and _is_int(kv):
+        if kv > heads:
+            yield Problem(key("num_key_value_heads"), f"exceeds '{key('num_attention_heads')}'",
+                          f"{kv} > {heads}", "key/value heads <= attention heads")
+        elif heads % kv:
+            yield Problem(key("num_attention_heads"), f"is not a multiple of '{key('num_key_value_heads')}'",
+                          f"{heads} / {kv}", "an integer ratio")
+    top_k, experts = v.get("num_experts_per_tok"), v.get("num_local_experts")
+    if _is_int(top_k) and _is_int(experts) and top_k > experts:
+        yield Problem(key("num_experts_per_tok"), f"exceeds '{key('num_local_experts')}'",
+                      f"{top_k} > {experts}", "top-k <= number of experts")
+    vocab = v.get("vocab_size")
+    for name in TOKEN_IDS:
+        ids = v.get(name)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if _is_int(vocab) and _is_int(i) and i >= vocab:
+                yield Problem(key(name), "is outside the vocabulary", f"{i} (vocab_size {vocab})",
+                              f"a token id in [0, {vocab})")

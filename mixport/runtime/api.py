@@ -14,7 +14,7 @@ from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 from mixport.runtime import ort_graph
 from mixport.runtime.generate import GenerationRequest, check_request, check_stops, generate
-from mixport.runtime.ort_session import OrtSession
+from mixport.runtime.ort_session import OrtSession, check_threads
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
 from mixport.runtime.streaming import cut_at_stops, stop_checker, stream_ids
@@ -221,6 +221,7 @@ def load(folder: str | Path, device: str = "cpu", threads: int | None = None, gr
     ``graph`` (ONNX Runtime): auto | fast | portable."""
     from mixport.runtime.select import choose_backend
 
+    check_threads(threads)  # before anything is read or built
     folder = Path(folder)
     manifest = Manifest.read(folder)
     path = artifact.validate_folder(folder, manifest)

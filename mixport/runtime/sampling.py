@@ -35,7 +35,8 @@ class SamplingConfig:
             unused = [f"{name}={value}" for name, value, off in (("top_k", self.top_k, 0), ("top_p", self.top_p, 1.0),
                                                                   ("seed", self.seed, None)) if value != off]
             if unused:
-                raise RuntimeFailure(f"{', '.join(unused)} only applies when sampling", given="temperature=0 (greedy)",
+                verb = "applies" if len(unused) == 1 else "apply"
+                raise RuntimeFailure(f"{', '.join(unused)} only {verb} when sampling", given="temperature=0 (greedy)",
                                      expected="temperature > 0 (e.g. 1.0) with top_k / top_p / seed",
                                      hint="drop them for greedy decoding")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import signal
 import sys
 import threading
@@ -57,6 +58,41 @@ class RangeType(click.ParamType):
 
 
 RANGE = RangeType()
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (a nan passes every range comparison)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class NonEmptyText(click.ParamType):
+    """A non-empty string (an empty --stop would match everywhere and end every row at once)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str) or not value:
+            self.fail("an empty string is not allowed.", param, ctx)
+        return value
+
+
+class ThreadCount(click.ParamType):
+    """1 to 4 threads per CPU this process may run on (more only exhausts the machine)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from mixport.runtime.ort_session import max_threads
+
+        return click.IntRange(1, max_threads()).convert(value, param, ctx)
+
+
+THREADS = ThreadCount()
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -250,17 +286,22 @@ def check(folder: Path, steps: int, reference: str, onnx_path: Path | None, verb
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat for a batch).")
 @click.option("--prompts-file", type=click.Path(path_type=Path), help="UTF-8 file, one prompt per line.")
-@click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; > 0: sample.")
-@click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: off).")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
-@click.option("--repetition-penalty", default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--stop", multiple=True, help="Stop a row when its text contains this (repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="0: greedy; > 0: sample.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample from the k likeliest (0: off; needs --temperature).")
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass (1: off; needs --temperature).")
+@click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed for sampling (needs --temperature).")
+@click.option("--stop", type=NonEmptyText(), multiple=True,
+              help="Stop a row when its text contains this (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as produced.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads (up to 4 per CPU).")
 @click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True,
               help="fast: ONNX Runtime CPU graph (built once into FOLDER); portable: model.onnx.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
@@ -279,9 +320,21 @@ def run(folder: Path, prompts: tuple[str, ...], prompts_file: Path | None, max_n
 
     if not prompts and prompts_file is None:
         raise click.UsageError("give at least one --prompt or a --prompts-file")
+    _sampling_needs_temperature(temperature, top_k, top_p, seed)
     _run(folder, collect(prompts, prompts_file), max_new_tokens,  # Ctrl-C while loading: exit 130 (_Group)
          SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed), list(stop), chat, stream, device,
          threads, graph, backend)
+
+
+def _sampling_needs_temperature(temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
+    """--top-k, --top-p and --seed shape sampling: without --temperature > 0 (greedy) they are refused,
+    never silently ignored."""
+    unused = [f"{name} {value}" for name, value, off in (("--top-k", top_k, 0), ("--top-p", top_p, 1.0),
+                                                          ("--seed", seed, None)) if value != off]
+    if temperature == 0 and unused:
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(unused)} only {verb} when sampling: add --temperature > 0 "
+                               "(e.g. --temperature 1.0), or drop it for greedy decoding")
 
 
 def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, stop: list[str], chat: bool,
@@ -380,7 +433,7 @@ def optimize(src: Path, dst: Path, target: str, verbose: bool) -> None:
               help="Batch size (repeat to time several).")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed runs (median; one warm-up run excluded).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads (up to 4 per CPU).")
 @click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="auto: TensorRT when model.engine is up to date and a GPU is visible.")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,22 +13,56 @@ from mixport import artifact
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 from mixport.runtime import ort_graph
-from mixport.runtime.generate import GenerationRequest, check_request, generate
-from mixport.runtime.ort_session import OrtSession
+from mixport.runtime.generate import GenerationRequest, check_request, check_stops, generate
+from mixport.runtime.ort_session import OrtSession, check_threads
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.session import Session
 from mixport.runtime.streaming import cut_at_stops, stop_checker, stream_ids
 from mixport.runtime.tokenizer import Tokenizer, load_tokenizer
 
 
+class Busy:
+    """One generation at a time per Pipeline: the session owns a KV cache and IOBinding buffers
+    that concurrent runs would corrupt. Other threads wait; the thread that already holds it
+    (an open stream, or a callback inside a generation) is refused instead of deadlocking."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # a plain Lock: a stream collected on another thread may release it
+        self.owner: int | None = None
+
+    def owned_here(self) -> bool:
+        return self.owner == threading.get_ident()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.owned_here():
+            raise RuntimeFailure("this pipeline is already generating in this thread",
+                                 given="a call while one of its streams is still open (or from a callback)",
+                                 expected="one generation at a time per pipeline",
+                                 hint="exhaust or close() the stream first, or load() a second pipeline")
+        with self.lock:
+            self.owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self.owner = None
+
+
 class Pipeline:
-    """A loaded export folder: session + tokenizer + generation."""
+    """A loaded export folder: session + tokenizer + generation.
+
+    Safe to share between threads: ``generate``, ``generate_ids`` and ``stream`` are serialized
+    (one lock per pipeline, held for the whole generation; a stream holds it from its first
+    piece until it is exhausted, closed or garbage-collected), so each result equals the
+    single-threaded one. For parallel generation, load() one pipeline per thread."""
 
     def __init__(self, folder: Path, session: Session, manifest: Manifest,
                  tokenizer: Tokenizer | None, backend_reason: str = "") -> None:
         self.folder, self.session, self.manifest, self.tokenizer = folder, session, manifest, tokenizer
         self.config = manifest.config
         self.backend_reason = backend_reason  # why this backend (e.g. why not TensorRT)
+        self._busy = Busy()
+        self._closed = False
 
     @property
     def backend(self) -> str:
@@ -75,10 +112,21 @@ class Pipeline:
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                      on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        with self._busy.hold():
+            return self._generate_ids(prompts, max_new_tokens, sampling, stop, on_token)
+
+    def _generate_ids(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig | None,
+                      stop: list[str] | None, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        self._check_open()
         req = GenerationRequest(prompts, max_new_tokens, sampling or SamplingConfig(), self.eos_ids(),
                                 pad_id=self.pad_id,
-                                stop=self._stopper(stop), on_token=on_token)
+                                stop=self._stopper(check_stops(stop)), on_token=on_token)
         return generate(self.session, req, self.context)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeFailure("the pipeline is closed", given=str(self.folder),
+                                 expected="a pipeline from load() that close() was not called on")
 
     def _stopper(self, stop: list[str] | None) -> Callable[[int, list[int]], bool] | None:
         if not stop or self.tokenizer is None:
@@ -89,31 +137,55 @@ class Pipeline:
         """Text of ``ids`` (ids as text without a tokenizer), cut at the first stop string."""
         if self.tokenizer is None:
             return " ".join(map(str, ids))
-        return cut_at_stops(self.tokenizer.decode(ids), stop)
+        return cut_at_stops(self.tokenizer.decode(ids), check_stops(stop))
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 32, *, chat: bool = False,
                  stop: list[str] | None = None, **sampling: Any) -> str | list[str]:
         """Text in, text out; a list of prompts runs as one left-padded batch."""
+        config, stop = sampling_config(sampling), check_stops(stop)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = [self.encode(p, chat) for p in prompts]
-        out = self.generate_ids(ids, max_new_tokens, SamplingConfig(**sampling), stop)
-        texts = [self.decode(o, stop) for o in out]
+        with self._busy.hold():
+            ids = [self.encode(p, chat) for p in prompts]
+            out = self._generate_ids(ids, max_new_tokens, config, stop)
+            texts = [self.decode(o, stop) for o in out]
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, max_new_tokens: int = 32, *, chat: bool = False,
                stop: list[str] | None = None, **sampling: Any) -> Iterator[str]:
-        """Yield text pieces as tokens are produced (one prompt); joined, they equal generate()."""
-        ids = self.encode(prompt, chat)
-        yield from stream_ids(self, ids, max_new_tokens, SamplingConfig(**sampling), stop)
+        """Yield text pieces as tokens are produced (one prompt); joined, they equal generate().
+        The pipeline stays busy (other threads wait) until the stream is exhausted or closed."""
+        config, stop = sampling_config(sampling), check_stops(stop)
+        with self._busy.hold():
+            self._check_open()
+            ids = self.encode(prompt, chat)
+            try:
+                yield from stream_ids(self, ids, max_new_tokens, config, stop)
+            finally:
+                if self._closed:  # close() was called while this stream was open: finish it now
+                    self.session.close()
 
     def close(self) -> None:
-        self.session.close()
+        """Release the session (after any generation in progress on another thread ends)."""
+        self._closed = True
+        if self._busy.owned_here():  # a stream of this thread is open: it closes the session when it ends
+            return
+        with self._busy.lock:
+            self.session.close()
 
     def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sampling_config(options: dict[str, Any]) -> SamplingConfig:
+    """generate()/stream() keyword options -> SamplingConfig (an unknown name is one error line)."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SamplingConfig)})
+    if unknown:
+        raise RuntimeFailure("unknown sampling option", given=", ".join(unknown),
+                             expected=", ".join(f.name for f in dataclasses.fields(SamplingConfig)))
+    return SamplingConfig(**options)
 
 
 GRAPHS = ("auto", "fast", "portable")
@@ -149,6 +221,7 @@ def load(folder: str | Path, device: str = "cpu", threads: int | None = None, gr
     ``graph`` (ONNX Runtime): auto | fast | portable."""
     from mixport.runtime.select import choose_backend
 
+    check_threads(threads)  # before anything is read or built
     folder = Path(folder)
     manifest = Manifest.read(folder)
     path = artifact.validate_folder(folder, manifest)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mixport.errors import RuntimeFailure
-from mixport.runtime.sampling import Sampler, SamplingConfig
+from mixport.runtime.sampling import Sampler, SamplingConfig, short
 from mixport.runtime.session import Session
 
 # B batch, L prompt length (padded), V vocab
@@ -46,8 +47,19 @@ def check_request(req: GenerationRequest, context: int) -> None:
         raise RuntimeFailure("prompt is longer than the model's context", given=f"{longest} tokens",
                              expected=f"fewer than {context} (max_position_embeddings)",
                              hint="shorten the prompt")
-    if req.max_new_tokens < 1:
-        raise RuntimeFailure("max_new_tokens must be positive", given=req.max_new_tokens, expected=">= 1")
+    n = req.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise RuntimeFailure("max_new_tokens must be a positive integer", given=short(n), expected=">= 1")
+
+
+def check_stops(stop: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Stop strings as a list (one string is one stop string); an empty or non-string one is refused:
+    an empty stop string would match everywhere and end every row at once."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise RuntimeFailure("invalid stop string", given=short(s), expected="a non-empty string")
+    return stops
 
 
 def last_logits(session: Session, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:

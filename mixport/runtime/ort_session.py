@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,33 @@ def providers_for(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise RuntimeFailure("ONNX Runtime has no CUDA provider here", given=", ".join(available),
+            raise RuntimeFailure("ONNX Runtime has no CUDA provider here",
+                                 given=f"--device cuda (providers here: {', '.join(available)})",
                                  expected="CUDAExecutionProvider",
-                                 hint="pip install 'mixport[gpu]' (onnxruntime-gpu) on a CUDA machine")
+                                 hint="pip install 'mixport[gpu]' (onnxruntime-gpu) on a CUDA machine, "
+                                 "or use --device cpu")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise RuntimeFailure("unknown device", given=device, expected="cpu | cuda")
+    raise RuntimeFailure("unknown device", given=repr(device)[:40], expected="cpu | cuda")
+
+
+def max_threads() -> int:
+    """The most intra-op threads mixport gives ONNX Runtime: 4 per CPU this process may run on
+    (more only adds memory and contention; 100000 threads exhausts the machine)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return 4 * max(cpus, 1)
+
+
+def check_threads(threads: int | None) -> None:
+    """None or 0: ONNX Runtime's default (one thread per physical core); else 1..max_threads()."""
+    if threads is None:
+        return
+    top = max_threads()
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 0 <= threads <= top:
+        raise RuntimeFailure("invalid thread count", given=repr(threads)[:40],
+                             expected=f"1 to {top} (4 per CPU here), or none for one per physical core")
 
 
 def session_options(threads: int | None) -> Any:
@@ -31,6 +55,7 @@ def session_options(threads: int | None) -> Any:
     intra-op pool (physical cores by default), no inter-op pool, arena + memory pattern on."""
     import onnxruntime as ort
 
+    check_threads(threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -51,11 +76,12 @@ def open_session(model_path: Path, device: str, threads: int | None) -> Any:
     from mixport import onnx_io
 
     onnx_io.check_external_locations(model_path)  # before ONNX Runtime reads any external data
+    providers, options = providers_for(device), session_options(threads)  # their own one-line errors
     try:
-        return ort.InferenceSession(str(model_path), session_options(threads), providers=providers_for(device))
+        return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types; one line for the user
         raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
-                             f"{str(exc).splitlines()[0][:300]}", expected="a valid model.onnx") from None
+                             f"{str(exc).splitlines()[0][:300]}", expected=f"a valid {model_path.name}") from None
 
 
 def run_failure(exc: Exception) -> RuntimeFailure:

@@ -82,13 +82,49 @@ def bench_session(session: Session, vocab: int, context: int, prompt_len: int, n
                     batch * steps / decode, runs)
 
 
+def available_mb() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_sizes(config: dict[str, object], dtype: str, prompt_len: int, new_tokens: int,
+                batches: tuple[int, ...]) -> None:
+    """Refuse sizes the model or this machine cannot run, before anything is loaded."""
+    keys = ("max_position_embeddings", "num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size")
+    n = {k: config.get(k) for k in keys}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in n.values()):
+        return  # a malformed manifest: load() reports it
+    context: int = n["max_position_embeddings"]  # type: ignore[assignment]
+    if prompt_len + new_tokens > context:
+        raise RuntimeFailure("prompt + new tokens exceed the model's context",
+                             given=f"--prompt-len {prompt_len} + --new-tokens {new_tokens}", expected=f"<= {context}")
+    item = 2 if dtype in ("fp16", "bf16") else 4
+    batch, tokens = max(batches), min(max(prompt_len + new_tokens, 256), context)  # the fast graph's capacity
+    cache = batch * 2 * n["num_hidden_layers"] * n["num_key_value_heads"] * n["head_dim"] * tokens * item  # type: ignore[operator]
+    logits = batch * prompt_len * n["vocab_size"] * 4  # type: ignore[operator]  # the portable graph's prefill logits [B, L, V]
+    need, free = (cache + logits) / 2**20, available_mb()
+    if free is not None and need > free:
+        raise RuntimeFailure("the batch does not fit in memory", given=f"--batch {batch}: about {need:,.0f} MB "
+                             "of KV cache and logits", expected=f"under the {free:,.0f} MB available",
+                             hint="use a smaller --batch or --prompt-len")
+
+
 def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batches: tuple[int, ...] = (1,),
                  runs: int = 3, threads: int | None = None, graph: str = "auto",
                  progress: object = None, backend: str = "auto") -> dict[str, object]:
     """Load FOLDER like ``mixport run`` does and time each batch size. The result's ``backend``
     ("onnxruntime" | "tensorrt") and ``graph`` ("fast" | "portable" | "engine") say what ran."""
+    from mixport.artifact import Manifest
     from mixport.runtime import load
 
+    manifest = Manifest.read(Path(folder))
+    check_sizes(manifest.config, manifest.dtype, prompt_len, new_tokens, batches)
     pipe = load(folder, threads=threads, graph=graph, progress=progress, backend=backend)  # type: ignore[arg-type]
     rss_before = rss_mb()
     rows = [bench_session(pipe.session, int(pipe.config["vocab_size"]), pipe.context, prompt_len, new_tokens,

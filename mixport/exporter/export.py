@@ -16,6 +16,7 @@ import onnx
 import mixport
 from mixport import artifact
 from mixport.errors import ConfigError
+from mixport.exporter import tokenizer_files
 from mixport.exporter.loader import load_for_export
 from mixport.exporter.tiny import write_tiny
 from mixport.exporter.trace import trace
@@ -66,6 +67,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
     artifact.check_target(out_dir, force)
     _quiet_exporter()
     with resolve_source(model_dir, builtin) as (src, source_info):
+        tokenizer_files.check(src)  # parsed before anything is written (and copied later, as checked)
         step("loading weights")
         model, weights, cfg, config_hash = load_for_export(src, dtype)
         with artifact.staging_dir(out_dir, force) as tmp:

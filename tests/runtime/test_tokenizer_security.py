@@ -146,7 +146,8 @@ def test_mixtral_template_raise_exception_is_one_line(rt_source: Path, tmp_path:
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("template", HOSTILE + HOGS)
+@pytest.mark.parametrize("template", HOSTILE + HOGS,
+                         ids=[f"hostile{i}" for i in range(len(HOSTILE))] + [f"hog{i}" for i in range(len(HOGS))])
 def test_hostile_templates_are_refused(rt_source: Path, tmp_path: Path, template: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -29,7 +29,7 @@ import onnx
 
 import mixport
 from mixport import folder_check, staging, typed_json
-from mixport.errors import MixportError, OutputExistsError, RuntimeFailure
+from mixport.errors import MixportError, OutputExistsError, RuntimeFailure, TokenizerError
 from mixport.staging import atomic_write
 
 MANIFEST = "manifest.json"
@@ -135,11 +135,35 @@ def remove_work_files(folder: Path) -> None:
         (Path(folder) / name).unlink(missing_ok=True)
 
 
+def tokenizer_path(folder: Path, name: str) -> Path | None:
+    """FOLDER/NAME with symlinks resolved, None when absent; TokenizerError unless it is a regular file
+    inside FOLDER (or, for a Hugging Face cache snapshot ``REPO/snapshots/REV``, in ``REPO/blobs``)."""
+    path = Path(folder) / name
+    if not path.is_symlink() and not path.exists():
+        return None
+    root = Path(folder).resolve()
+    blobs = root.parent.parent / "blobs"  # root is resolved: a real path, unless blobs is a link
+    roots = [root] + ([blobs] if root.parent.name == "snapshots" and not blobs.is_symlink() else [])
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling or looping link
+        raise TokenizerError(f"{name} is a broken link", given=str(path), expected="a file in the folder") from None
+    if not any(real.is_relative_to(r) for r in roots):
+        raise TokenizerError(f"{name} points outside the model folder", given=f"{path} -> {real}",
+                             expected=f"a file inside {root}", hint="copy the file into the folder") from None
+    if not real.is_file():
+        raise TokenizerError(f"{name} is not a regular file", given=str(real), expected="a file")
+    return real
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy SRC's tokenizer files into DST (their contents: a link is resolved, never copied, and
+    must stay inside SRC, see ``tokenizer_path``); returns the names copied."""
     copied = []
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+        real = tokenizer_path(src, name)
+        if real is not None:
+            shutil.copyfile(real, Path(dst) / name)
             copied.append(name)
     return copied
 

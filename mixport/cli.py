@@ -377,10 +377,19 @@ def _run_batch(pipe: Any, texts: list[str], ids: list[list[int]], max_new_tokens
     _print_rows(pipe, texts, out, stop)
 
 
+def _print_text(text: str, nl: bool = True) -> None:
+    """Generated text to stdout: exact to a pipe or file (click must not strip ANSI codes), with
+    control characters escaped on a terminal (a model's output must not drive the terminal)."""
+    from mixport.runtime.streaming import terminal_text
+
+    tty = getattr(sys.stdout, "isatty", lambda: False)()
+    click.echo(terminal_text(text) if tty else text, nl=nl, color=True)
+
+
 def _print_rows(pipe: Any, texts: list[str], out: list[list[int]], stop: list[str]) -> None:
     for i, (p, o) in enumerate(zip(texts, out, strict=True)):
         prefix = f"[{i}] " if len(texts) > 1 else ""
-        click.echo(prefix + (p + pipe.decode(o, stop) if pipe.tokenizer else pipe.decode(o)))
+        _print_text(prefix + (p + pipe.decode(o, stop) if pipe.tokenizer else pipe.decode(o)))
 
 
 def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampling: Any,
@@ -389,9 +398,9 @@ def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampl
     from mixport.runtime.streaming import stream_ids
 
     if pipe.tokenizer:  # without one, only the new token ids are printed
-        click.echo(text, nl=False)
+        _print_text(text, nl=False)
     for piece in stream_ids(pipe, ids, max_new_tokens, sampling, stop):
-        click.echo(piece, nl=False)
+        _print_text(piece, nl=False)
         sys.stdout.flush()
         if interrupt.set:
             break

@@ -42,6 +42,10 @@ class RuntimeFailure(MixportError):
     """A run folder or a generation request is unusable."""
 
 
+class TokenizerError(MixportError):
+    """A tokenizer file or chat template is malformed, unsafe, or points outside its folder."""
+
+
 class ParityError(MixportError):
     """Outputs of two backends disagree beyond tolerance."""
 

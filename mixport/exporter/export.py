@@ -87,11 +87,13 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
     step = progress or (lambda _msg: None)
     weights_done = None if detail is None else (lambda i, n: detail(f"weights {i}/{n}"))
     check_request(model_dir, out_dir, builtin=builtin, force=force)
+    from mixport.exporter import tokenizer_files
     from mixport.exporter.loader import load_for_export
     from mixport.exporter.trace import trace
 
     _quiet_exporter()
     with resolve_source(model_dir, builtin) as (src, source_info):
+        tokenizer_files.check(src)  # parsed before anything is written (and copied later, as checked)
         step("loading weights")
         model, weights, cfg, config_hash = load_for_export(src, dtype)
         with artifact.staging_dir(out_dir, force, _sources(model_dir), notice) as tmp:

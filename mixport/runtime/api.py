@@ -82,6 +82,10 @@ class Pipeline:
         return int(self.config["max_position_embeddings"])
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
     def pad_id(self) -> int:
         return int(self.config.get("pad_token_id") or 0)
 
@@ -107,7 +111,7 @@ class Pipeline:
 
     def check(self, prompts: list[list[int]], max_new_tokens: int = 32) -> None:
         """Raise RuntimeFailure now for a request generation would refuse (empty, too long...)."""
-        check_request(GenerationRequest(prompts, max_new_tokens), self.context)
+        check_request(GenerationRequest(prompts, max_new_tokens, vocab_size=self.vocab_size), self.context)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32,
                      sampling: SamplingConfig | None = None, stop: list[str] | None = None,
@@ -120,7 +124,7 @@ class Pipeline:
         self._check_open()
         req = GenerationRequest(prompts, max_new_tokens, sampling or SamplingConfig(), self.eos_ids(),
                                 pad_id=self.pad_id,
-                                stop=self._stopper(check_stops(stop)), on_token=on_token)
+                                stop=self._stopper(check_stops(stop)), on_token=on_token, vocab_size=self.vocab_size)
         return generate(self.session, req, self.context)
 
     def _check_open(self) -> None:

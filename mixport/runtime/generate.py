@@ -25,6 +25,7 @@ class GenerationRequest:
     # stop(row, new_ids) -> True when the row is done (stop strings live in the caller's decoder)
     stop: Callable[[int, list[int]], bool] | None = None
     on_token: Callable[[int, int], None] | None = None  # (row, token id), as produced
+    vocab_size: int | None = None  # prompt ids must lie in [0, vocab_size) (None: not checked)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,7 +40,24 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return ids, mask, pos
 
 
+def check_ids(prompts: object, vocab_size: int | None) -> None:
+    """Prompts are lists of integer token ids, each in [0, vocab_size): never wrapped or clipped."""
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise RuntimeFailure("prompts must be a list of token-id lists", given=repr(prompts)[:60],
+                             expected="[[1, 2, 3], ...]")
+    ids = [t for p in prompts for t in p]
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+    if bad:
+        raise RuntimeFailure("token ids must be integers", given=repr(bad[0])[:40], expected="int token ids")
+    outside = [int(t) for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if outside:
+        raise RuntimeFailure("token id outside the vocabulary", given=", ".join(map(str, outside[:5])),
+                             expected=f"0 <= id < {vocab_size} (vocab_size)" if vocab_size else "0 <= id",
+                             hint="token ids come from the model's tokenizer")
+
+
 def check_request(req: GenerationRequest, context: int) -> None:
+    check_ids(req.prompts, req.vocab_size)
     if not req.prompts or any(len(p) == 0 for p in req.prompts):
         raise RuntimeFailure("empty prompt", given=req.prompts[:1], expected="at least one token per prompt")
     longest = max(len(p) for p in req.prompts)

@@ -12,6 +12,19 @@ if TYPE_CHECKING:
     from mixport.runtime.api import Pipeline
 
 
+# C0 controls but tab and newline, DEL, C1 controls, bidi embeddings/overrides/isolates, lone surrogates
+_HIDDEN = [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+           *range(0xD800, 0xE000)]
+_ESCAPES = {cp: (f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}") for cp in _HIDDEN}
+
+
+def terminal_text(text: str) -> str:
+    """``text`` safe to show on a terminal: characters that move the cursor, recolour, retitle or
+    reorder it (ESC, CR, BEL, backspace, C1, bidi overrides...) become visible ``\\x1b``/``\\u202e``
+    escapes; newline and tab stay. Output to a pipe or file is written exact, without this."""
+    return text.translate(_ESCAPES)
+
+
 def cut_at_stops(text: str, stops: list[str] | None) -> str:
     """``text`` up to (not including) the first occurrence of any stop string."""
     for s in stops or []:
@@ -77,7 +90,7 @@ def stream_ids(pipe: Pipeline, ids: list[int], max_new_tokens: int, sampling: Sa
     """Text pieces of the continuation of ``ids`` as tokens are produced (stop strings cut)."""
     text = TextStream(pipe.decode, stop)
     req = GenerationRequest([ids], max_new_tokens, sampling, pipe.eos_ids(),
-                            pad_id=pipe.pad_id, stop=lambda _row, _ids: text.stopped)
+                            pad_id=pipe.pad_id, stop=lambda _row, _ids: text.stopped, vocab_size=pipe.vocab_size)
     for _row, token in iter_generate(pipe.session, req, pipe.context):
         piece = text.push(token)
         if piece:

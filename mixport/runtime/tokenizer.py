@@ -1,36 +1,34 @@
-"""The export folder's tokenizer (tokenizer.json + tokenizer_config.json), via `tokenizers`."""
+"""The export folder's tokenizer (tokenizer.json + tokenizer_config.json), via `tokenizers`.
+
+The files are read and checked by ``exporter.tokenizer_files`` (no link out of the folder, each
+file parsed); the chat template is rendered in Jinja's sandbox (``exporter.chat_template``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixport.errors import RuntimeFailure
+from mixport.exporter import chat_template, tokenizer_files
 
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+if TYPE_CHECKING:
+    import jinja2
 
 
 class Tokenizer:
-    def __init__(self, folder: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        folder = Path(folder)
-        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg_path = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
+    def __init__(self, folder: Path, files: tokenizer_files.TokenizerFiles | None = None) -> None:
+        files = files or tokenizer_files.read(Path(folder))
+        if files.tokenizer is None:
+            raise RuntimeFailure("the folder has no tokenizer.json", given=str(folder), expected="tokenizer.json")
+        self.tok = files.tokenizer
+        self.config: dict[str, Any] = files.config
+        self.special = files.special
+        self.bos_token = files.special.get("bos_token")
+        self.eos_token = files.special.get("eos_token")
         self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template: str | None = self.config.get("chat_template")
-        template_file = folder / "chat_template.jinja"
-        if self.chat_template is None and template_file.is_file():
-            self.chat_template = template_file.read_text()
+        self.chat_template: str | None = files.chat_template
+        self._compiled: jinja2.Template | None = None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=True).ids
@@ -42,23 +40,20 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render the chat template (Jinja, like transformers) with a generation prompt."""
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the chat template as transformers does (sandboxed Jinja, its helpers and variables)."""
         if not self.chat_template:
             raise RuntimeFailure("the tokenizer has no chat template", given="tokenizer_config.json",
                                  expected="a 'chat_template' entry", hint="drop --chat")
-        import jinja2
-
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str) -> None:
-            raise RuntimeFailure("the chat template refused the messages", given=message)
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            add_generation_prompt=True)
+        if self._compiled is None:
+            self._compiled = chat_template.compile_template(self.chat_template, "the chat template")
+        tokens = {"bos_token": "", "eos_token": "", **self.special}
+        return chat_template.render(self._compiled, [dict(m) for m in messages], tools=None, documents=None,
+                                    add_generation_prompt=add_generation_prompt, **tokens)
 
 
 def load_tokenizer(folder: Path) -> Tokenizer | None:
-    return Tokenizer(folder) if (Path(folder) / "tokenizer.json").is_file() else None
+    """The folder's tokenizer, None without tokenizer.json; TokenizerError for a bad or escaping file."""
+    files = tokenizer_files.read(Path(folder))
+    return None if files.tokenizer is None else Tokenizer(Path(folder), files)
+

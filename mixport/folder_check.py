@@ -54,15 +54,27 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
 
 
 def read_graph(path: Path) -> onnx.ModelProto:
-    """PATH's graph without its weights; RuntimeFailure (one line) when it is no valid ONNX model."""
+    """PATH's graph without its weights; RuntimeFailure (one line) when it is no valid ONNX model,
+    FileSystemError when an external-data location leads outside its folder (checked before onnx's
+    checker looks for the files)."""
+    from mixport import onnx_io  # onnx_ir only here: refusals elsewhere stay quick
+
     try:
         proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: one line for the user
+        raise _invalid(path, exc) from None
+    onnx_io.check_external_locations(path, proto)
+    try:
         onnx.checker.check_model(str(path))  # by path: external data is looked for beside it, not read
-    except Exception as exc:  # protobuf's DecodeError, onnx's ValidationError...: one line for the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise RuntimeFailure(f"{path.name} is not a valid ONNX model", given=f"{path}: {first}",
-                             expected="the model.onnx `mixport export` wrote", hint=_HINT) from None
+    except Exception as exc:  # onnx's ValidationError...: one line for the user
+        raise _invalid(path, exc) from None
     return proto
+
+
+def _invalid(path: Path, exc: Exception) -> RuntimeFailure:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return RuntimeFailure(f"{path.name} is not a valid ONNX model", given=f"{path}: {first}",
+                          expected="the model.onnx `mixport export` wrote", hint=_HINT)
 
 
 def read_signature(path: Path) -> onnx.ModelProto:

@@ -82,7 +82,7 @@ def test_a_wrong_export_argument_is_refused_before_torch(case: str, fragment: st
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--prompt", ""], "empty prompt"), (["--prompt", "fine", "--prompt", "   "], "empty prompt"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature"), (["--prompt", "x", "--top-p", "0"], "top_p")])
+    (["--prompt", "x", "--temperature", "-1"], "temperature"), (["--prompt", "x", "--top-p", "0"], "top-p")])
 def test_run_refuses_a_bad_request_before_loading(args: list[str], fragment: str, export_copy: Path) -> None:
     """An empty prompt was refused only after the model loaded (the backend line came first)."""
     res = invoke("run", export_copy, *args)

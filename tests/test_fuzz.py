@@ -187,27 +187,45 @@ FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_fr
 INTS = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.integers(min_value=-2, max_value=6))
 
 
+SANE = {"temperature": [0.0, 0.5, 1.0], "top_k": [0, 1, 5, 50], "top_p": [1.0, 0.9, 0.5], "seed": [0, 1, 12345],
+        "new": [1, 3, 6], "threads": [1, 2], "stop": ["e", " ", "ship"]}
+WEIRD = {"temperature": FLOATS, "top_k": INTS, "top_p": FLOATS, "seed": INTS, "new": INTS, "threads": INTS,
+         "stop": st.text(max_size=3)}
+FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+         "new": "--max-new-tokens", "threads": "--threads", "stop": "--stop"}
+
+
+@st.composite
+def run_options(draw: Any) -> dict[str, Any]:
+    """Each option left out or given a sane value; then at most one option given any value at all."""
+    options = {key: draw(st.one_of(st.none(), st.sampled_from(values))) for key, values in SANE.items()}
+    odd = draw(st.sampled_from([None, *SANE]))
+    if odd is not None:
+        options[odd] = draw(WEIRD[odd])
+    return options
+
+
 def test_fuzz_run_options(export_dir: Path, scratch: Scratch) -> None:
-    """`mixport run` with any sampling / length / thread values: one line, a usage error, or text."""
+    """`mixport run` with sane and insane option values and prompts: one line, a usage error, or text."""
 
     @SETTINGS
-    @hypothesis.given(temperature=FLOATS, top_k=INTS, top_p=FLOATS, seed=INTS, new=INTS,
-                      threads=st.one_of(st.none(), INTS), stop=st.one_of(st.none(), st.text(max_size=3)),
-                      prompt=st.sampled_from(["The ship", "", " ", "-5 3", "1 2 3", "\x00\x1b[2J"]))
-    def check(temperature: float, top_k: int, top_p: float, seed: int, new: int, threads: int | None,
-              stop: str | None, prompt: str) -> None:
+    @hypothesis.given(options=run_options(),
+                      prompt=st.sampled_from(["The ship", "", " ", "-5 3", "1 2 3", "\x00\x1b[2J", "999999"]))
+    def check(prompt: str, options: dict[str, Any]) -> None:
         with scratch() as work:
             folder = work / "export"
             shutil.copytree(export_dir, folder)
-            args: list[object] = ["run", folder, "--prompt", prompt, "--temperature", temperature, "--top-k", top_k,
-                                  "--top-p", top_p, "--seed", seed, "--max-new-tokens", min(new, 6), "--no-stream"]
-            if threads is not None:
-                args += ["--threads", threads]
-            if stop is not None:
-                args += ["--stop", stop]
+            if options["new"] is not None:
+                options["new"] = min(options["new"], 6)
+            args: list[object] = ["run", folder, "--prompt", prompt, "--no-stream"]
+            for key, value in options.items():
+                if value is not None:
+                    args += [FLAGS[key], value]
             result = invoke(*args)
             assert_contract(result)
+            temperature = options["temperature"]
             if result.exit_code == 0:  # accepted values are sane ones
-                assert math.isfinite(temperature) and temperature >= 0, result.output
+                assert temperature is None or (math.isfinite(temperature) and temperature >= 0), result.output
+                assert prompt.strip(), result.output
 
     check()

@@ -118,6 +118,7 @@ def _mutated(base: dict[str, Any], key: str, value: Any, delete: bool) -> dict[s
     return raw
 
 
+@pytest.mark.slow
 def test_fuzz_config_json(source: Path, scratch: Scratch) -> None:
     """A tiny folder whose config.json has one field replaced by any JSON value, or dropped."""
     base = json.loads((source / "config.json").read_text())

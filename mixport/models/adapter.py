@@ -235,13 +235,13 @@ def rope_theta(raw: Mapping[str, Any], default: float) -> float:
         raise ConfigError("unsupported rotary embedding scaling", given=rope_type,
                           expected="default (no rope scaling)",
                           hint="mixport implements plain RoPE with the config's rope_theta")
-    key, theta = next(((k, v) for k, v in (("rope_parameters.rope_theta", params.get("rope_theta")),
-                                           ("rope_theta", raw.get("rope_theta"))) if v is not None),
-                      ("rope_theta", default))
-    if not FIELDS["rope_theta"].accepts(theta):
-        raise ConfigError(f"config.json field '{key}' must be {FIELDS['rope_theta'].expected()}",
-                          given=shown(theta))
-    return float(theta)
+    given = [(k, v) for k, v in (("rope_parameters.rope_theta", params.get("rope_theta")),
+                                 ("rope_theta", raw.get("rope_theta"))) if v is not None]
+    for key, theta in given:  # both checked, though rope_parameters wins (as in transformers 5)
+        if not FIELDS["rope_theta"].accepts(theta):
+            raise ConfigError(f"config.json field '{key}' must be {FIELDS['rope_theta'].expected()}",
+                              given=shown(theta))
+    return float(given[0][1]) if given else float(default)
 
 
 def _object(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:

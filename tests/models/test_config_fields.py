@@ -106,6 +106,7 @@ def test_the_right_value_is_still_accepted(key: str) -> None:
     ({"rope_parameters": {"rope_type": 5}}, ["'rope_parameters.rope_type' must be a string"]),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, ["'rope_parameters.rope_theta' must be"]),
     ({"rope_scaling": "linear"}, ["'rope_scaling' must be an object"]),
+    ({"rope_theta": float("inf")}, ["'rope_theta' must be", "Infinity"]),  # beside rope_parameters' (which wins)
     ({"hidden_size": None}, ["'hidden_size' must be a positive integer", "given: null"]),
     ({"tie_word_embeddings": None}, ["'tie_word_embeddings' must be true or false", "given: null"]),  # as transformers
     ({"rms_norm_eps": None}, ["'rms_norm_eps' must be a finite number", "given: null"]),

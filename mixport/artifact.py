@@ -135,22 +135,29 @@ def remove_work_files(folder: Path) -> None:
         (Path(folder) / name).unlink(missing_ok=True)
 
 
+def resolves_inside(path: Path, folder: Path) -> bool:
+    """Does PATH, symlinks resolved, lie strictly inside FOLDER? A Hugging Face cache snapshot
+    (``REPO/snapshots/REV``) may also link into its own ``REPO/blobs`` (a resolved path lies
+    under ``REPO/blobs`` only when that is a real folder, not a link)."""
+    root, real = Path(os.path.realpath(folder)), Path(os.path.realpath(path))
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    return any(real != r and real.is_relative_to(r) for r in roots)
+
+
 def tokenizer_path(folder: Path, name: str) -> Path | None:
     """FOLDER/NAME with symlinks resolved, None when absent; TokenizerError unless it is a regular file
-    inside FOLDER (or, for a Hugging Face cache snapshot ``REPO/snapshots/REV``, in ``REPO/blobs``)."""
+    inside FOLDER (``resolves_inside``: a hub cache snapshot's blobs included)."""
     path = Path(folder) / name
     if not path.is_symlink() and not path.exists():
         return None
-    root = Path(folder).resolve()
-    blobs = root.parent.parent / "blobs"  # root is resolved: a real path, unless blobs is a link
-    roots = [root] + ([blobs] if root.parent.name == "snapshots" and not blobs.is_symlink() else [])
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):  # dangling or looping link
         raise TokenizerError(f"{name} is a broken link", given=str(path), expected="a file in the folder") from None
-    if not any(real.is_relative_to(r) for r in roots):
+    if not resolves_inside(real, folder):
         raise TokenizerError(f"{name} points outside the model folder", given=f"{path} -> {real}",
-                             expected=f"a file inside {root}", hint="copy the file into the folder") from None
+                             expected=f"a file inside {Path(folder).resolve()}",
+                             hint="copy the file into the folder") from None
     if not real.is_file():
         raise TokenizerError(f"{name} is not a regular file", given=str(real), expected="a file")
     return real

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mixport import artifact
 from mixport.errors import CheckpointError
 from mixport.models import Adapter, MoEConfig, registry
 
@@ -32,17 +33,6 @@ def _bad_index(index: Path, why: str, given: object) -> CheckpointError:
                                     "beside the index")
 
 
-def _in_folder(path: Path, folder: Path) -> bool:
-    """Does ``path`` (symlinks resolved) stay inside ``folder``? A Hugging Face cache snapshot
-    (``<repo>/snapshots/<rev>/``) may also link into its own repo's ``blobs/``."""
-    root, real = os.path.realpath(folder), os.path.realpath(path)
-    if real.startswith(root.rstrip(os.sep) + os.sep):
-        return True
-    snapshots = Path(root).parent
-    blobs = os.path.join(str(snapshots.parent), "blobs")
-    return snapshots.name == "snapshots" and real.startswith(blobs + os.sep)
-
-
 def _shard(model_dir: Path, name: object, index: Path) -> Path:
     """The index's shard NAME as a path inside ``model_dir``, checked before it is opened."""
     if not isinstance(name, str) or not name:
@@ -52,7 +42,7 @@ def _shard(model_dir: Path, name: object, index: Path) -> Path:
                               given=f"{index.name}: {name!r}", expected="a relative file name inside the folder",
                               hint="a folder's weights are read only from the folder itself")
     path = model_dir / name
-    if path.exists() and not _in_folder(path, model_dir):
+    if path.exists() and not artifact.resolves_inside(path, model_dir):
         raise CheckpointError("a shard is a symlink that resolves outside the model folder",
                               given=f"{name} -> {os.path.realpath(path)}", expected="a file inside the folder",
                               hint="copy the shard into the folder")
@@ -84,7 +74,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        outside = [f.name for f in files if not _in_folder(f, model_dir)]
+        outside = [f.name for f in files if not artifact.resolves_inside(f, model_dir)]
         if outside:
             raise CheckpointError("a weight file is a symlink that resolves outside the model folder",
                                   given=", ".join(outside), expected="files inside the folder",

@@ -48,12 +48,16 @@ class Field:
             "str": " | ".join(self.choices) if self.choices else "a string",
             "id": "a token id (an integer >= 0)",
             "ids": "a token id or a list of token ids (integers >= 0)",
+            "layers": f"a list of distinct layer indices (integers in [0, {MAX_LAYERS}))",
         }[self.kind]
         return f"{text}, or null" if self.nullable else text
 
     def accepts(self, value: object) -> bool:
         if value is None:
             return self.nullable
+        if self.kind == "layers":
+            return isinstance(value, (list, tuple)) and len(value) <= MAX_LAYERS \
+                and all(_is_int(v) and 0 <= v < MAX_LAYERS for v in value) and len(set(value)) == len(value)
         if self.kind == "ids" and isinstance(value, list):
             return all(_is_int(v) and v >= 0 for v in value)
         if self.kind in ("id", "ids"):
@@ -92,6 +96,20 @@ FIELDS: dict[str, Field] = {
     "eos_token_id": Field("ids", nullable=True),
     "pad_token_id": Field("id", nullable=True),
     "model_type": Field("str"),
+    "routing_order": Field("str", choices=("softmax_topk", "topk_softmax")),
+    "qkv_bias": Field("bool"),
+    "o_bias": Field("bool"),
+    "qk_norm": Field("str", choices=("none", "head", "projection")),
+    "clip_qkv": Field("float", nullable=True),
+    "attention_scale": Field("float", nullable=True),
+    "sliding_layers": Field("layers", nullable=True),
+    "shared_expert_intermediate_size": Field("int", low=0, high=MAX_INTERMEDIATE),
+    "shared_expert_gate": Field("bool"),
+    "dense_layers": Field("layers"),
+    "dense_intermediate_size": Field("int", low=0, high=MAX_INTERMEDIATE),
+    "embedding_multiplier": Field("float"),
+    "residual_multiplier": Field("float"),
+    "logits_scaling": Field("float"),
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -141,6 +159,18 @@ def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem
     if _is_int(top_k) and _is_int(experts) and top_k > experts:
         yield Problem(key("num_experts_per_tok"), f"exceeds '{key('num_local_experts')}'",
                       f"{top_k} > {experts}", "top-k <= number of experts")
+    layers = v.get("num_hidden_layers")
+    for name in ("dense_layers", "sliding_layers"):
+        given = v.get(name)
+        if _is_int(layers) and isinstance(given, (list, tuple)) and any(_is_int(i) and i >= layers for i in given):
+            yield Problem(key(name), "names a layer the model does not have", f"{list(given)} ({layers} layers)",
+                          f"layer indices in [0, {layers})")
+    if _is_int(layers) and isinstance(v.get("dense_layers"), (list, tuple)) and len(v["dense_layers"]) >= layers:
+        yield Problem(key("dense_layers"), "leaves no layer with experts", shown(list(v["dense_layers"])),
+                      "at least one sparse-MoE layer")
+    if v.get("dense_layers") and v.get("dense_intermediate_size") == 0:
+        yield Problem(key("dense_intermediate_size"), "must be > 0 when some layers are dense MLPs", "0",
+                      "the dense MLP's intermediate size")
     vocab = v.get("vocab_size")
     for name in TOKEN_IDS:
         ids = v.get(name)

@@ -7,11 +7,16 @@ Two custom-domain nodes, each carrying a model-local ONNX function body:
     outputs: weights [T, k] same float type as logits
              ids     [T, k] int64, expert indices, ordered by descending weight
     attrs:   k (int), num_experts (int), scoring_func (str: "softmax"),
+             order (str: "softmax_topk" | "topk_softmax"; absent: "softmax_topk"),
              normalization (str: "renormalize" | "none"),
-             plugin_namespace="mixport", plugin_version="1"
-    Softmax is computed in fp32; "renormalize" divides the top-k weights by
-    their sum (Mixtral); "none" keeps the plain softmax values (Qwen-MoE with
-    norm_topk_prob=false, OLMoE).
+             plugin_namespace="mixport", plugin_version="2" (files written before
+             ``order`` existed say "1": read as order "softmax_topk")
+    Computed in fp32. "softmax_topk": softmax over the E logits, then the top k
+    (Mixtral, Qwen-MoE, OLMoE); "topk_softmax": the top k of the logits, then a
+    softmax over those k (Granite; the same experts, and weights equal to
+    softmax_topk + renormalize up to rounding). Then "renormalize" divides the k
+    weights by their sum (Mixtral, Qwen3-MoE); "none" keeps them (Qwen2-MoE with
+    norm_topk_prob=false, OLMoE, Granite).
 
 ``MoE`` (domain ``mixport``)
     inputs:  hidden  [T, H]
@@ -42,11 +47,14 @@ ONNX_OPSET = 18  # the standard-domain opset of every graph and function body mi
 DOMAIN = "mixport"
 OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "mixport"
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "1"  # the MoE node's
+ROUTING_PLUGIN_VERSION = "1"  # the TopKRouting node's (TODO plugins: "2" adds ``order``)
+ROUTING_PLUGIN_VERSIONS = ("1", "2")  # what the plugins and readers accept
 
 TOPK_ROUTING = "TopKRouting"
 MOE = "MoE"
 
 SCORING_FUNCS = ("softmax",)
 NORMALIZATIONS = ("renormalize", "none")
+ORDERS = ("softmax_topk", "topk_softmax")  # the first: the default (version-1 files)
 ACTIVATIONS = ("swiglu",)

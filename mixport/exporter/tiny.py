@@ -3,8 +3,9 @@
 It is a real Hugging Face folder (config.json, model.safetensors with the hub's
 parameter names, tokenizer.json, tokenizer_config.json) so every path mixport
 takes on a downloaded checkpoint runs on it unchanged, without a model hub.
-``write_tiny`` writes any family whose adapter can name its hub checkpoint
-(``cfg.model_type`` picks the adapter).
+``write_tiny`` writes the built-in Mixtral itself (no transformers needed) and every other
+family with transformers' own config and model class (``Adapter.hf_class``, ``save_pretrained``):
+the hub's key layout, written by the code that defines it (``cfg.model_type`` picks the family).
 """
 
 from __future__ import annotations
@@ -76,6 +77,34 @@ def random_state(cfg: MoEConfig, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def _seeded(name: str, shape: torch.Size, routers: bool, gen: torch.Generator) -> torch.Tensor:
+    """One seeded weight: norms near 1, routers and embeddings N(0, 1), others N(0, 1/fan_in)."""
+    if len(shape) == 1 and "norm" in name:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if len(shape) == 1:  # a bias
+        return 0.1 * torch.randn(shape, generator=gen)
+    std = 1.0 if routers or "embed" in name else shape[-1] ** -0.5
+    return std * torch.randn(shape, generator=gen)
+
+
+def write_with_transformers(out_dir: Path, cfg: MoEConfig, seed: int) -> None:
+    """config.json + safetensors written by transformers' own class for ``cfg``'s family, its
+    parameters re-drawn from ``seed`` (routers scaled up, so routing is decisive)."""
+    adapter = registry.for_config(cfg)
+    cls = adapter.transformers_class()
+    hf_config = cls.config_class(**adapter.to_hf_dict(cfg))
+    torch.manual_seed(seed)
+    model = cls(hf_config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    routers = {f"layers.{i}.{adapter.router_path}" for i in adapter.moe_layers(cfg)}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            plain = name.removeprefix("model.")
+            is_router = any(plain.startswith(r) for r in routers) or ".router." in plain
+            param.copy_(_seeded(plain, param.shape, is_router, gen))
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
 def write_tiny(out_dir: Path, cfg: MoEConfig | None = None, seed: int = 0) -> Path:
     """Write a complete HF folder for ``cfg`` (default: the built-in tiny Mixtral config)."""
     from safetensors.torch import save_file
@@ -85,8 +114,11 @@ def write_tiny(out_dir: Path, cfg: MoEConfig | None = None, seed: int = 0) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(min(cfg.vocab_size, 512))
     cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
-    (out_dir / "config.json").write_text(json.dumps(registry.for_config(cfg).to_hf_dict(cfg), indent=2))
-    save_file(random_state(cfg, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if cfg.model_type == TINY.model_type:
+        (out_dir / "config.json").write_text(json.dumps(registry.for_config(cfg).to_hf_dict(cfg), indent=2))
+        save_file(random_state(cfg, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        write_with_transformers(out_dir, cfg, seed)
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",

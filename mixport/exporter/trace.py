@@ -157,6 +157,7 @@ def finish(proto: onnx.ModelProto, model: DecoderModel) -> None:
     _check_dims(proto)
     cfg = model.cfg
     elem = ONNX_FLOAT[model.lm_head.weight.dtype]
-    proto.functions.append(routing_onnx.routing_function(cfg.num_experts_per_tok, cfg.normalization, elem))
+    proto.functions.append(routing_onnx.routing_function(cfg.num_experts_per_tok, cfg.normalization, elem,
+                                                          cfg.routing_order))
     if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))

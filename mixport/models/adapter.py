@@ -39,6 +39,12 @@ Renamed = tuple[str, Shape, tuple]  # (mixport name, its shape, index into the s
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_local_experts", "num_experts_per_tok")
 DERIVED = ("model_type", "num_key_value_heads", "head_dim", "rope_theta")  # see derived()
+# The fields every family's config.json names alike (Mixtral's); any other MoEConfig field is read only where
+# the family's ``hf_fields`` maps it to a config.json key, so that a key another family uses cannot change this one.
+COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim", "rms_norm_eps",
+          "rope_theta", "max_position_embeddings", "sliding_window", "tie_word_embeddings", "normalization",
+          "bos_token_id", "eos_token_id", "pad_token_id", "model_type")
 
 
 class Adapter:
@@ -53,6 +59,8 @@ class Adapter:
     # -- config.json -> MoEConfig --------------------------------------------------------
     hf_fields: ClassVar[Mapping[str, str | None]] = {}  # MoEConfig field -> config.json key where they differ
     #                                                   (None: not in config.json; defaults or derived() set it)
+    aliases: ClassVar[Mapping[str, tuple[str, ...]]] = {}  # MoEConfig field -> other config.json keys for it
+    #                                                   (read when the main key is absent; e.g. num_experts)
     required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (config_fields.FIELDS)
     defaults: ClassVar[Mapping[str, Any]] = {}  # the family's values for fields config.json omits
 
@@ -65,6 +73,11 @@ class Adapter:
     router_path: ClassVar[str] = "block_sparse_moe.gate"
     experts_path: ClassVar[str] = "block_sparse_moe.experts"
     expert_projections: ClassVar[Mapping[str, str]] = {"gate": "w1", "up": "w3", "down": "w2"}  # SwiGLU roles
+    shared_path: ClassVar[str] = "shared_expert"  # the shared expert, inside the MoE block
+    shared_gate_path: ClassVar[str] = "shared_expert_gate"  # its sigmoid gate (Linear H -> 1), inside the block
+    dense_path: ClassVar[str] = "mlp"  # a dense layer's MLP, in the decoder layer
+    mlp_projections: ClassVar[Mapping[str, str]] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    #                                              the shared expert's and the dense MLP's SwiGLU roles
 
     # -- runtimes -------------------------------------------------------------------------
     fast_graph: ClassVar[bool] = False  # runtime/ort_graph builds every module this family composes
@@ -78,25 +91,26 @@ class Adapter:
         """The config.json key of a MoEConfig field (None: derived, never read as is)."""
         if field in self.hf_fields:
             return self.hf_fields[field]
-        return None if field in DERIVED else field
+        return None if field in DERIVED or field not in COMMON else field
 
     def config_from_hf(self, raw: Mapping[str, Any]) -> MoEConfig:
         """Validate a parsed config.json and build the config; ConfigError (one line naming the
         config.json key, the value and what is expected) on anything off."""
         self._check_required(raw)
+        check_activation(raw)
         if raw.get("model_type") not in (None, self.model_type):  # transformers would read another family
             raise ConfigError("config.json field 'model_type' contradicts its architectures",
                               given=f"{shown(raw['model_type'])} with architectures {raw.get('architectures')}",
                               expected=f'"{self.model_type}" (a {self.name})')
         values = dict(self.defaults)
         for name in field_names():
-            key = self.hf_key(name)
-            if key is not None and key in raw:  # null: refused unless the field may be null (as transformers)
+            key = self._present_key(raw, name)
+            if key is not None:  # null: refused unless the field may be null (as transformers)
                 values[name] = raw[key]
         self._check_fields(values)  # before derived() computes with them
         values.update(self.derived(raw))
         self._check_fields(values)
-        cfg = MoEConfig(**{k: float(v) if FIELDS[k].kind == "float" else v for k, v in values.items()})
+        cfg = MoEConfig(**{k: _typed(k, v) for k, v in values.items()})
         self.validate(cfg)
         return cfg
 
@@ -118,6 +132,13 @@ class Adapter:
         """Checks across fields beyond ``config_fields`` (which ``config_from_hf`` has run); a family
         adds its own (calling this one)."""
 
+    def _present_key(self, raw: Mapping[str, Any], field: str) -> str | None:
+        """The config.json key ``field`` is read from in ``raw`` (its main key, else an alias), or None."""
+        key = self.hf_key(field)
+        if key is None:
+            return None
+        return next((k for k in (key, *self.aliases.get(field, ())) if k in raw), None)
+
     def _key(self, field: str) -> str:
         """The config.json key a MoEConfig field is read from (a derived one: its own name)."""
         return self.hf_key(field) or field
@@ -129,7 +150,7 @@ class Adapter:
                               expected=problem.expected if problem.expected not in problem.what else None)
 
     def _check_required(self, raw: Mapping[str, Any]) -> None:
-        keys = [self._key(name) for name in self.required]
+        keys = [self._present_key(raw, name) or self._key(name) for name in self.required]
         for key in keys:
             if key not in raw:
                 raise ConfigError(f"config.json lacks the field '{key}'", given=f"fields {sorted(raw)[:8]}...",
@@ -194,7 +215,32 @@ class Adapter:
 
     def moe_layers(self, cfg: MoEConfig) -> list[int]:
         """The decoder layers with a router (each one TopKRouting node, in this order)."""
-        return list(range(cfg.num_hidden_layers))
+        return [i for i in range(cfg.num_hidden_layers) if cfg.is_sparse(i)]
+
+    def moe_block(self) -> str:
+        """The MoE block's attribute in a decoder layer (the router's and experts' common parent)."""
+        return self.router_path.rsplit(".", 1)[0]
+
+    def shared_weight(self, layer: int, role: str) -> str:
+        """The shared expert's weight of ``role`` (gate | up | down | sigmoid gate: "shared_gate")."""
+        block = f"layers.{layer}.{self.moe_block()}"
+        if role == "shared_gate":
+            return f"{block}.{self.shared_gate_path}.weight"
+        return f"{block}.{self.shared_path}.{self.mlp_projections[role]}.weight"
+
+    def dense_weight(self, layer: int, role: str) -> str:
+        """A dense layer's MLP weight of ``role`` (gate | up | down)."""
+        return f"layers.{layer}.{self.dense_path}.{self.mlp_projections[role]}.weight"
+
+    def layout(self):  # -> components.Layout
+        """Where this family's decoder layer keeps its modules (the reference model's names)."""
+        from mixport.models.components import Layout
+
+        return Layout(moe=self.moe_block(), router=self.router_path.rsplit(".", 1)[1],
+                      experts=self.experts_path.rsplit(".", 1)[1],
+                      projections=tuple(self.expert_projections[r] for r in ("gate", "up", "down")),
+                      shared=self.shared_path, shared_gate=self.shared_gate_path, dense=self.dense_path,
+                      mlp_projections=tuple(self.mlp_projections[r] for r in ("gate", "up", "down")))
 
     # reference model (torch) -------------------------------------------------------------
     def reference_model(self, cfg: MoEConfig) -> DecoderModel:
@@ -204,10 +250,10 @@ class Adapter:
         return DecoderModel(cfg, self.decoder_layer)
 
     def decoder_layer(self, cfg: MoEConfig, index: int) -> nn.Module:
-        """Decoder layer ``index``: the shared one (attention + sparse MoE) unless overridden."""
+        """Decoder layer ``index``: attention + sparse MoE (or a dense MLP), in this family's layout."""
         from mixport.models.components import DecoderLayer
 
-        return DecoderLayer(cfg)
+        return DecoderLayer(cfg, index, self.layout())
 
     def transformers_class(self) -> Any:
         """transformers' ``hf_class`` (ImportError when transformers is not installed)."""
@@ -219,6 +265,23 @@ class Adapter:
                               expected=f"a transformers release with {self.hf_class}",
                               hint="pip install -U transformers")
         return cls
+
+
+def read(raw: Mapping[str, Any], key: str, spec: config_fields.Field, default: Any) -> Any:
+    """config.json's ``key`` checked against ``spec`` (absent: ``default``); for the keys a family
+    reads in ``derived`` (flags and lists that are not MoEConfig fields themselves)."""
+    value = raw.get(key, default)
+    if not spec.accepts(value):
+        raise ConfigError(f"config.json field '{key}' must be {spec.expected()}", given=shown(value))
+    return value
+
+
+def check_activation(raw: Mapping[str, Any], key: str = "hidden_act") -> None:
+    """Every family here uses SwiGLU experts: refuse another activation by name."""
+    act = raw.get(key, "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"config.json field '{key}' names an activation mixport does not implement",
+                          given=shown(act), expected='"silu" (SwiGLU experts)')
 
 
 def rope_theta(raw: Mapping[str, Any], default: float) -> float:
@@ -252,6 +315,16 @@ def _object(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"config.json field '{key}' must be an object", given=shown(value),
                           expected='an object such as {"rope_type": "default", "rope_theta": 10000.0}, or null')
+    return value
+
+
+def _typed(field: str, value: Any) -> Any:
+    """A checked config.json value as MoEConfig holds it (floats as float, layer lists as tuples)."""
+    kind = FIELDS[field].kind
+    if value is not None and kind == "float":
+        return float(value)
+    if value is not None and kind == "layers":
+        return tuple(value)
     return value
 
 

@@ -8,6 +8,7 @@ Q query heads, G kv heads, D head dim, E experts, k active, F intermediate, V vo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as Fn
@@ -44,60 +45,99 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, g, groups, n, d).reshape(b, g * groups, n, d)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a family's decoder layer keeps its modules: the attribute names that become mixport's
+    state-dict (and ONNX initializer) names. Defaults: Mixtral's."""
+
+    moe: str = "block_sparse_moe"  # the MoE block, in the decoder layer
+    router: str = "gate"  # in the MoE block
+    experts: str = "experts"  # in the MoE block
+    projections: tuple[str, str, str] = ("w1", "w3", "w2")  # an expert's gate, up, down
+    shared: str = "shared_expert"  # the shared expert, in the MoE block
+    shared_gate: str = "shared_expert_gate"  # its sigmoid gate, in the MoE block
+    dense: str = "mlp"  # a dense layer's MLP, in the decoder layer
+    mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # shared / dense MLP roles
+
+
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE; optional q/k/v bias, q/k RMSNorm (per head or over the
+    projection), q/k/v clipping and a configured softmax scale."""
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         q, g, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(h, q * d, bias=False)
-        self.k_proj = nn.Linear(h, g * d, bias=False)
-        self.v_proj = nn.Linear(h, g * d, bias=False)
-        self.o_proj = nn.Linear(q * d, h, bias=False)
+        self.q_proj = nn.Linear(h, q * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, g * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, g * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(d if per_head else q * d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d if per_head else g * d, cfg.rms_norm_eps)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, S, H] -> q [B, S, Q, D], k and v [B, S, G, D], normed and clipped as configured."""
+        b, s, _ = x.shape
+        cfg, d = self.cfg, self.cfg.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "projection":  # over the whole projection width (OLMoE)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(b, s, -1, d) for t in (q, k, v))
+        if cfg.qk_norm == "head":  # over each head's D (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b, s, _ = x.shape
-        d = self.cfg.head_dim
-        q = self.q_proj(x).view(b, s, -1, d).transpose(1, 2)  # [B, Q, S, D]
-        k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)  # [B, G, S, D]
-        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in self._heads(x))  # [B, Q, S, D], [B, G, S, D] x2
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, G, P+S, D]
         groups = self.cfg.kv_groups
         kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)  # [B, Q, P+S, D]
-        scores = (q @ kk.transpose(2, 3)).float() * d**-0.5 + bias  # [B, Q, S, P+S] fp32
+        scores = (q @ kk.transpose(2, 3)).float() * self.cfg.scale + bias  # [B, Q, S, P+S] fp32
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = (probs @ vv).transpose(1, 2).reshape(b, s, -1)  # [B, S, Q*D]
         return self.o_proj(out), k, v
 
 
-class Expert(nn.Module):
-    """One SwiGLU FFN, HF names: w1 gate, w3 up, w2 down."""
+class GatedMLP(nn.Module):
+    """One SwiGLU FFN: down(silu(gate(x)) * up(x)); ``names`` (gate, up, down) are its Linear
+    modules' attribute names (Mixtral's experts: w1, w3, w2; Qwen's: gate_proj, up_proj, down_proj)."""
 
-    def __init__(self, h: int, f: int) -> None:
+    def __init__(self, h: int, f: int, names: tuple[str, str, str] = ("w1", "w3", "w2")) -> None:
         super().__init__()
-        self.w1 = nn.Linear(h, f, bias=False)
-        self.w2 = nn.Linear(f, h, bias=False)
-        self.w3 = nn.Linear(h, f, bias=False)
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(h, f, bias=False))
+        self.add_module(up, nn.Linear(h, f, bias=False))
+        self.add_module(down, nn.Linear(f, h, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(Fn.silu(self.w1(x)) * self.w3(x))
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(Fn.silu(gate(x)) * up(x))
 
 
 class Router(nn.Module):
-    """gate -> softmax -> top-k -> (renormalize): the mixport TopKRouting node."""
+    """gate -> softmax -> top-k -> (renormalize), or top-k of the logits -> softmax over the k:
+    the mixport TopKRouting node."""
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        self.k, self.normalization = cfg.num_experts_per_tok, cfg.normalization
+        self.k, self.normalization, self.order = cfg.num_experts_per_tok, cfg.normalization, cfg.routing_order
         self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = Fn.linear(x, self.weight)  # [T, E]
-        return topk_routing(logits, self.k, self.normalization)  # [T, k] x2
+        return topk_routing(logits, self.k, self.normalization, self.order)  # [T, k] x2
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> every expert's routing probability [T, E] fp32 (the tools' routing hooks)."""
+        """x [T, H] -> every expert's routing probability [T, E] fp32 (the tools' routing hooks;
+        the top-k of these are the top-k of the logits, whatever the order)."""
         return torch.softmax(Fn.linear(x, self.weight).float(), dim=-1)
 
 
@@ -125,32 +165,59 @@ class Experts(nn.ModuleList):
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: MoEConfig) -> None:
+    """Router + routed experts (+ an optional shared expert on every token, optionally scaled by
+    sigmoid(x @ gate)); attribute names from ``layout``."""
+
+    def __init__(self, cfg: MoEConfig, layout: Layout = Layout()) -> None:
         super().__init__()
-        self.gate = Router(cfg)
-        self.experts = Experts(Expert(cfg.hidden_size, cfg.intermediate_size)
-                               for _ in range(cfg.num_local_experts))
+        self.layout = layout
+        self.add_module(layout.router, Router(cfg))
+        self.add_module(layout.experts, Experts(GatedMLP(cfg.hidden_size, cfg.intermediate_size, layout.projections)
+                                                for _ in range(cfg.num_local_experts)))
+        if cfg.shared_expert_intermediate_size:
+            self.add_module(layout.shared, GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size,
+                                                    layout.mlp_projections))
+            if cfg.shared_expert_gate:
+                self.add_module(layout.shared_gate, nn.Linear(cfg.hidden_size, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         flat = x.reshape(-1, h)  # [T, H]
-        weights, ids = self.gate(flat)
-        return self.experts(flat, weights, ids).reshape(b, s, h)
+        weights, ids = getattr(self, self.layout.router)(flat)
+        out = getattr(self, self.layout.experts)(flat, weights, ids)
+        shared = getattr(self, self.layout.shared, None)
+        if shared is not None:
+            gate = getattr(self, self.layout.shared_gate, None)
+            y = shared(flat)
+            out = out + (y if gate is None else torch.sigmoid(gate(flat)) * y)
+        return out.reshape(b, s, h)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: MoEConfig) -> None:
+    """Pre-norm attention + feed-forward (sparse MoE, or a dense MLP in ``cfg.dense_layers``)."""
+
+    def __init__(self, cfg: MoEConfig, index: int = 0, layout: Layout = Layout()) -> None:
         super().__init__()
+        self.residual_multiplier = cfg.residual_multiplier
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.block_sparse_moe = SparseMoeBlock(cfg)
+        if cfg.is_sparse(index):
+            self.ffn_name = layout.moe
+            self.add_module(layout.moe, SparseMoeBlock(cfg, layout))
+        else:
+            self.ffn_name = layout.dense
+            self.add_module(layout.dense, GatedMLP(cfg.hidden_size, cfg.dense_intermediate_size,
+                                                   layout.mlp_projections))
+
+    def _residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + (y if self.residual_multiplier == 1.0 else y * self.residual_multiplier)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
-        x = x + a
-        x = x + self.block_sparse_moe(self.post_attention_layernorm(x))
+        x = self._residual(x, a)
+        x = self._residual(x, getattr(self, self.ffn_name)(self.post_attention_layernorm(x)))
         return x, k, v
 
 
@@ -188,7 +255,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: MoEConfig, make_layer: LayerFactory | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        make = make_layer or (lambda c, _i: DecoderLayer(c))
+        make = make_layer or (lambda c, i: DecoderLayer(c, i))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(make(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -205,15 +272,19 @@ class DecoderModel(nn.Module):
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
         past = [k0, v0, k1, v1, ...] each [B, G, P, D] -> logits [B, S, V], present (same order)."""
+        cfg = self.cfg
         x = self.embed_tokens(input_ids)  # [B, S, H]
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
         cos, sin = self.rope(position_ids, x.dtype)
-        bias = attention_bias(attention_mask, past[0].shape[2], input_ids.shape[1],
-                              self.cfg.sliding_window)
+        biases = {w: attention_bias(attention_mask, past[0].shape[2], input_ids.shape[1], w)
+                  for w in {cfg.window(i) for i in range(cfg.num_hidden_layers)}}  # one per window
         present: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            x, k, v = layer(x, cos, sin, biases[cfg.window(i)], past[2 * i], past[2 * i + 1])
             present += [k, v]
-        return self.lm_head(self.norm(x)), present
+        logits = self.lm_head(self.norm(x))
+        return (logits if cfg.logits_scaling == 1.0 else logits / cfg.logits_scaling), present
 
     def computed_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers the checkpoint does not hold, computed on the CPU (also for a meta model)."""

@@ -38,10 +38,43 @@ class MoEConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     model_type: str = DEFAULT_MODEL_TYPE  # the family: its adapter's key in mixport.models.registry
+    # -- routing (the TopKRouting node's attributes) ---------------------------------------
+    routing_order: str = "softmax_topk"  # "softmax_topk" (Mixtral, Qwen, OLMoE) | "topk_softmax" (Granite)
+    # -- attention ----------------------------------------------------------------------------
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2-MoE; attention_bias elsewhere)
+    o_bias: bool = False  # the output projection carries a bias (OLMoE / Granite attention_bias)
+    qk_norm: str = "none"  # "none" | "head" (RMSNorm over head_dim, Qwen3) | "projection" (over the width, OLMoE)
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] after the norms (OLMoE)
+    attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
+    sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all (when it is set)
+    # -- feed-forward ---------------------------------------------------------------------------
+    shared_expert_intermediate_size: int = 0  # one shared SwiGLU expert on every token; 0: none
+    shared_expert_gate: bool = False  # the shared expert is scaled by sigmoid(x @ gate) (Qwen2-MoE)
+    dense_layers: tuple[int, ...] = ()  # decoder layers with a dense SwiGLU MLP instead of experts
+    dense_intermediate_size: int = 0  # that MLP's width
+    # -- muP scalars (Granite) -------------------------------------------------------------------
+    embedding_multiplier: float = 1.0  # embeddings x this
+    residual_multiplier: float = 1.0  # each block's output x this before the residual add
+    logits_scaling: float = 1.0  # logits / this
 
     @property
     def kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def scale(self) -> float:
+        """The attention softmax scale."""
+        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` routes to experts (else it has a dense MLP)."""
+        return layer not in self.dense_layers
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (None: full attention)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
 
 def defaults() -> dict[str, Any]:

@@ -8,11 +8,20 @@ from typing import Any
 from mixport.errors import ConfigError
 from mixport.models.adapter import Adapter
 from mixport.models.config import DEFAULT_MODEL_TYPE
+from mixport.models.granitemoe import GraniteMoe, GraniteMoeShared
 from mixport.models.mixtral import Mixtral
+from mixport.models.olmoe import Olmoe
+from mixport.models.qwen2_moe import Qwen2Moe
+from mixport.models.qwen3_moe import Qwen3Moe
 from mixport.typed_json import shown
 
 ADAPTERS: tuple[Adapter, ...] = (
     Mixtral(),
+    Qwen2Moe(),
+    Qwen3Moe(),
+    Olmoe(),
+    GraniteMoe(),
+    GraniteMoeShared(),
 )
 
 

@@ -24,13 +24,23 @@ def as_f64(x: Any) -> F64:
     return np.asarray(x, dtype=np.float64)
 
 
-def reference_routing(logits: Any, k: int, normalization: str = "renormalize") -> tuple[F64, I64]:
-    """softmax (float64) -> top-k (ties: lower index first) -> optional renormalize."""
-    x = as_f64(logits)                                   # [T, E]
+def _softmax(x: F64) -> F64:
     p = np.exp(x - x.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    ids = np.argsort(-p, axis=1, kind="stable")[:, :k]   # [T, k]
-    w = np.take_along_axis(p, ids, axis=1)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def reference_routing(logits: Any, k: int, normalization: str = "renormalize",
+                      order: str = "softmax_topk") -> tuple[F64, I64]:
+    """softmax (float64) -> top-k (ties: lower index first) -> optional renormalize; order
+    ``topk_softmax``: top-k of the logits -> softmax over the k -> optional renormalize."""
+    x = as_f64(logits)                                   # [T, E]
+    ids = np.argsort(-x, axis=1, kind="stable")[:, :k]   # [T, k]; softmax keeps the order
+    if order == "topk_softmax":
+        w = _softmax(np.take_along_axis(x, ids, axis=1))
+    elif order == "softmax_topk":
+        w = np.take_along_axis(_softmax(x), ids, axis=1)
+    else:
+        raise ValueError(f"order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
     if normalization == "renormalize":
         w = w / w.sum(axis=1, keepdims=True)
     elif normalization != "none":

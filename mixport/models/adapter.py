@@ -26,6 +26,7 @@ from mixport import config_fields
 from mixport.config_fields import FIELDS
 from mixport.errors import ConfigError
 from mixport.models.config import MoEConfig, field_names
+from mixport.models.config import defaults as model_defaults
 from mixport.typed_json import shown
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Adapter:
     #                                                   (None: not in config.json; defaults or derived() set it)
     aliases: ClassVar[Mapping[str, tuple[str, ...]]] = {}  # MoEConfig field -> other config.json keys for it
     #                                                   (read when the main key is absent; e.g. num_experts)
+    derives: ClassVar[tuple[str, ...]] = ()  # MoEConfig fields derived() computes besides DERIVED
     required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (config_fields.FIELDS)
     defaults: ClassVar[Mapping[str, Any]] = {}  # the family's values for fields config.json omits
 
@@ -158,6 +160,17 @@ class Adapter:
             if raw[key] is None:
                 raise ConfigError(f"config.json field '{key}' must be a positive integer", given="null",
                                   expected="an integer > 0")
+
+    def conform(self, cfg: MoEConfig) -> MoEConfig:
+        """``cfg`` as this family can have it: each field its config.json cannot express (no key, not
+        derived) set to the family's value (Qwen3's per-head q/k norm, Granite's routing order, a
+        shared expert Mixtral does not have: none)."""
+        from dataclasses import replace
+
+        neutral = model_defaults()
+        fixed = {name: self.defaults.get(name, neutral.get(name)) for name in field_names()
+                 if self.hf_key(name) is None and name not in DERIVED and name not in self.derives}
+        return replace(cfg, model_type=self.model_type, **fixed)
 
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         """A config.json for ``cfg`` that transformers' ``hf_class`` loads (tiny test models)."""

@@ -35,6 +35,7 @@ class Olmoe(Adapter):
     router_path = "mlp.gate"
     experts_path = "mlp.experts"
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    derives = ("normalization",)
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:

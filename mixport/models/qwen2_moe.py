@@ -56,7 +56,13 @@ class Qwen2Moe(Adapter):
     router_path = "mlp.gate"
     experts_path = "mlp.experts"
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    derives = ("normalization", "dense_layers", "sliding_window", "sliding_layers")
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
+
+    def validate(self, cfg: MoEConfig) -> None:
+        if not cfg.shared_expert_intermediate_size:
+            raise ConfigError("config.json field 'shared_expert_intermediate_size' must be > 0",
+                              given="0", expected="the shared expert's width (every Qwen2-MoE layer has one)")
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         layers = raw["num_hidden_layers"]

@@ -33,6 +33,9 @@ class Qwen3Moe(Qwen2Moe):
                 "o_bias": False, "dense_intermediate_size": 6144, "qk_norm": "head",
                 "bos_token_id": None, "eos_token_id": None}
 
+    def validate(self, cfg: MoEConfig) -> None:
+        """No shared expert to check (Qwen2-MoE's rule does not apply)."""
+
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         layers = raw["num_hidden_layers"]
         use = read(raw, "use_sliding_window", _FLAG, False)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -20,8 +18,8 @@ ADAPTERS = [pytest.param(a, id=a.model_type) for a in registry.ADAPTERS]
 
 
 def _tiny(adapter: Adapter):  # -> MoEConfig of the family: odd sizes, more than one layer
-    return replace(tiny_config(hidden_size=72, head_dim=18, intermediate_size=40, num_local_experts=5),
-                   model_type=adapter.model_type)
+    return adapter.conform(tiny_config(hidden_size=72, head_dim=18, intermediate_size=40, num_local_experts=5,
+                                       shared_expert_intermediate_size=24))
 
 
 def test_importing_the_registry_does_not_import_torch() -> None:

@@ -293,9 +293,9 @@ def rope_theta(raw: Mapping[str, Any], default: float) -> float:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"config.json field '{key}' must be a string", given=shown(value),
                               expected="a rope type such as \"default\"")
-    rope_type = next((value for _, value in kinds if value and value != "default"), "default")
+    key, rope_type = next(((k, v) for k, v in kinds if v and v != "default"), ("", "default"))
     if rope_type != "default":
-        raise ConfigError("unsupported rotary embedding scaling", given=rope_type,
+        raise ConfigError(f"unsupported rotary embedding scaling in config.json field '{key}'", given=rope_type,
                           expected="default (no rope scaling)",
                           hint="mixport implements plain RoPE with the config's rope_theta")
     given = [(k, v) for k, v in (("rope_parameters.rope_theta", params.get("rope_theta")),

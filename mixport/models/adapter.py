@@ -63,6 +63,8 @@ class Adapter:
     #                                                   (read when the main key is absent; e.g. num_experts)
     required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (config_fields.FIELDS)
     defaults: ClassVar[Mapping[str, Any]] = {}  # the family's values for fields config.json omits
+    kv_heads_default: ClassVar[int | None] = None  # num_key_value_heads when config.json omits it (None: one per
+    #                                                 query head), as the family's transformers config class
 
     # -- checkpoint names -> mixport state-dict names ------------------------------------
     hub_prefix: ClassVar[str] = "model."  # on every hub name but the untied lm_head's
@@ -118,7 +120,8 @@ class Adapter:
         """Fields computed from config.json rather than copied (DERIVED); their values are checked
         against ``config_fields.FIELDS`` afterwards, under their config.json key."""
         heads, hidden = raw[self.hf_key("num_attention_heads")], raw[self.hf_key("hidden_size")]
-        kv = raw.get(self.hf_key("num_key_value_heads") or "num_key_value_heads")
+        kv = raw.get(self.hf_key("num_key_value_heads") or "num_key_value_heads",
+                     self.kv_heads_default)  # absent: the family's default (null: one per head)
         head_dim = raw.get("head_dim")
         if head_dim is None and hidden % heads:  # transformers' default head_dim: hidden_size // heads
             raise ConfigError(f"config.json has no head_dim and '{self.hf_key('hidden_size')}' is not a multiple of "

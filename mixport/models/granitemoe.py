@@ -30,7 +30,8 @@ class GraniteMoe(Adapter):
 
     hf_fields = {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "attention_scale": "attention_multiplier",
                  "embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",
-                 "logits_scaling": "logits_scaling", "normalization": None}
+                 "logits_scaling": "logits_scaling", "normalization": None,
+                 "sliding_window": None}  # GraniteMoeConfig has none; its attention ignores a config.json key
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "attention_scale": 1.0,
                 "normalization": "none", "routing_order": "topk_softmax"}
 

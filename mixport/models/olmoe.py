@@ -27,7 +27,8 @@ class Olmoe(Adapter):
     hf_class = "OlmoeForCausalLM"
 
     hf_fields = {"num_local_experts": "num_experts", "qkv_bias": "attention_bias", "o_bias": "attention_bias",
-                 "clip_qkv": "clip_qkv", "normalization": None}
+                 "clip_qkv": "clip_qkv", "normalization": None,
+                 "sliding_window": None}  # OlmoeConfig has none; its causal mask ignores a config.json key
     aliases = {"num_local_experts": ("num_local_experts",)}
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-5, "qk_norm": "projection", "bos_token_id": None,
                 "eos_token_id": 50279, "pad_token_id": 1}

@@ -279,6 +279,15 @@ def read(raw: Mapping[str, Any], key: str, spec: config_fields.Field, default: A
     return value
 
 
+def refuse_window(raw: Mapping[str, Any], name: str) -> None:
+    """A family without sliding-window attention: transformers' mask ignores a ``sliding_window`` key but its
+    KV cache is cropped to it (decode steps then see only the window), so neither reading is transformers'."""
+    if raw.get("sliding_window") is not None:
+        raise ConfigError(f"config.json field 'sliding_window' is not used by {name} attention",
+                          given=shown(raw["sliding_window"]), expected="absent or null",
+                          hint="transformers ignores it in the attention mask but crops the KV cache to it")
+
+
 def check_activation(raw: Mapping[str, Any], key: str = "hidden_act") -> None:
     """Every family here uses SwiGLU experts: refuse another activation by name."""
     act = raw.get(key, "silu")

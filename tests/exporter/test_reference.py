@@ -37,9 +37,9 @@ CASES = {  # model_type -> {case: changes to the tiny config}
             "qkv_bias": True, "shared_expert_intermediate_size": 56, "shared_expert_gate": True,
             "num_hidden_layers": 3, "dense_layers": (1,), "dense_intermediate_size": 48,
             "sliding_window": 3, "sliding_layers": (0, 2)},
-        "mha-e12-top1-renorm-sparse-step2": {
+        "mha-e12-top1-renorm-sparse-step2-shared0": {  # transformers keeps a zero-width shared expert
             **_H72, "head_dim": 18, "num_key_value_heads": 4, "num_local_experts": 12, "num_experts_per_tok": 1,
-            "shared_expert_intermediate_size": 32, "shared_expert_gate": True, "dense_layers": (0,),
+            "shared_expert_intermediate_size": 0, "shared_expert_gate": True, "dense_layers": (0,),
             "dense_intermediate_size": 40, JSON: {"mlp_only_layers": [], "decoder_sparse_step": 2}},
     },
     "qwen3_moe": {

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import torch
 
+from mixport.config_fields import FIELDS
 from mixport.errors import ConfigError
 from mixport.exporter.loader import expected_shapes
 from mixport.exporter.tiny import write_tiny
 from mixport.models import registry
-from mixport.models.adapter import Adapter
-from mixport.models.config import MoEConfig
+from mixport.models.adapter import COMMON, Adapter
+from mixport.models.config import MoEConfig, field_names
 from mixport.models.routing import topk_routing
 from tests.conftest import tiny_config
 from tests.helpers import invoke, one_line_error, require_module
@@ -230,6 +231,29 @@ def test_another_familys_keys_change_nothing_in_a_mixtral_config() -> None:
 
 
 # -- refusals: one line naming the config.json field ------------------------------------------
+
+OWN_KEYS = list({(a.model_type, a.hf_key(field)): (a.model_type, field, a.hf_key(field))
+                  for a in registry.ADAPTERS for field in field_names()
+                  if a.hf_key(field) not in (None, field)  # what a family reads from a key of its own
+                  or field not in COMMON and a.hf_key(field)}.values())
+
+
+def test_every_field_is_read_by_some_family() -> None:
+    read = {field for _, field, _ in OWN_KEYS} | set(COMMON)  # + the keys Mixtral's config.json names
+    derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate"}
+    assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family
+
+
+@pytest.mark.parametrize(("model_type", "field", "key"), OWN_KEYS, ids=[f"{m}-{k}" for m, _, k in OWN_KEYS])
+def test_a_familys_own_key_of_the_wrong_type_is_one_line_naming_it(model_type: str, field: str, key: str) -> None:
+    for value in ("1", -1, [1]):  # a string, out of range (or a wrong sign), a list
+        if FIELDS[field].accepts(value):
+            continue
+        with pytest.raises(ConfigError) as info:
+            registry.get(model_type).config_from_hf(_raw(model_type, **{key: value}))
+        assert "\n" not in str(info.value) and f"'{key}'" in str(info.value), str(info.value)
+    assert registry.get(model_type).config_from_hf(_raw(model_type))  # the family's minimal config is fine
+
 
 REFUSED = [  # (model_type, changes, fragments of the one line)
     ("qwen2_moe", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, ["'rope_scaling.type'", "yarn"]),

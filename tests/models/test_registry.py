@@ -20,8 +20,10 @@ ADAPTERS = [pytest.param(a, id=a.model_type) for a in registry.ADAPTERS]
 
 
 def _tiny(adapter: Adapter):  # -> MoEConfig of the family: odd sizes, more than one layer
+    fixed = {f: v for f, v in adapter.defaults.items() if adapter.hf_key(f) is None}  # not in config.json
+    shared = {"shared_expert_intermediate_size": 24} if adapter.hf_key("shared_expert_intermediate_size") else {}
     return replace(tiny_config(hidden_size=72, head_dim=18, intermediate_size=40, num_local_experts=5),
-                   model_type=adapter.model_type)
+                   model_type=adapter.model_type, **fixed, **shared)
 
 
 def test_importing_the_registry_does_not_import_torch() -> None:

@@ -2,6 +2,9 @@
 
 The family's adapter names the transformers class (``Adapter.hf_class``); a new family adds
 its tiny configurations to CASES (and ``test_every_family_has_cases`` fails until it does).
+Each case also compares the experts each MoE layer picked with transformers' router modules
+(forward hooks, ties apart), and STACKED checks that a folder saved with transformers 5's
+in-memory names (stacked experts) reads into the same reference model as the hub layout.
 """
 
 from __future__ import annotations

@@ -223,9 +223,17 @@ def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.S
     headers); ``lazy``: LazyWeights that read (and convert) one tensor when asked."""
     adapter = registry.for_config(cfg)
     state: dict[str, LazyWeight] = {}
+    unused: list[str] = []
     for name, weight in iter_weights(model_dir, adapter):
         if name in expected:
             state[name] = dataclasses.replace(weight, dtype=dtype)
+        elif not adapter.ignorable(name, tuple(weight.shape), cfg):
+            unused.append(weight.hf_name)
+    if unused:  # a weight the config does not build would be dropped silently: the model would compute wrong
+        raise CheckpointError(f"{len(unused)} checkpoint weights are not used by this config.json",
+                              given=", ".join(sorted(set(unused))[:3]) + ("..." if len(set(unused)) > 3 else ""),
+                              expected=f"only the {adapter.name} parameters this config.json describes",
+                              hint="does config.json match the weights (biases, norms, shared experts, layers)?")
     if "lm_head.weight" not in state and cfg.tie_word_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = sorted(set(expected) - set(state))

@@ -101,7 +101,8 @@ def write_with_transformers(out_dir: Path, cfg: MoEConfig, seed: int) -> None:
         for name, param in model.named_parameters():
             plain = name.removeprefix("model.")
             is_router = any(plain.startswith(r) for r in routers) or ".router." in plain
-            param.copy_(_seeded(plain, param.shape, is_router, gen))
+            if param.numel():  # e.g. Qwen2-MoE's shared expert of width 0
+                param.copy_(_seeded(plain, param.shape, is_router, gen))
     model.save_pretrained(out_dir, safe_serialization=True)
 
 

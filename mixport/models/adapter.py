@@ -65,6 +65,8 @@ class Adapter:
     derives: ClassVar[tuple[str, ...]] = ()  # MoEConfig fields derived() computes besides DERIVED
     required: ClassVar[tuple[str, ...]] = REQUIRED  # MoEConfig fields config.json must give (config_fields.FIELDS)
     defaults: ClassVar[Mapping[str, Any]] = {}  # the family's values for fields config.json omits
+    kv_heads_default: ClassVar[int | None] = None  # num_key_value_heads when config.json omits it (None: one per
+    #                                                 query head), as the family's transformers config class
 
     # -- checkpoint names -> mixport state-dict names ------------------------------------
     hub_prefix: ClassVar[str] = "model."  # on every hub name but the untied lm_head's
@@ -120,7 +122,8 @@ class Adapter:
         """Fields computed from config.json rather than copied (DERIVED); their values are checked
         against ``config_fields.FIELDS`` afterwards, under their config.json key."""
         heads, hidden = raw[self.hf_key("num_attention_heads")], raw[self.hf_key("hidden_size")]
-        kv = raw.get(self.hf_key("num_key_value_heads") or "num_key_value_heads")
+        kv = raw.get(self.hf_key("num_key_value_heads") or "num_key_value_heads",
+                     self.kv_heads_default)  # absent: the family's default (null: one per head)
         head_dim = raw.get("head_dim")
         if head_dim is None and hidden % heads:  # transformers' default head_dim: hidden_size // heads
             raise ConfigError(f"config.json has no head_dim and '{self.hf_key('hidden_size')}' is not a multiple of "
@@ -211,6 +214,12 @@ class Adapter:
             else:
                 yield self.expert_weight(layer, e, "down"), tuple(shape[1:]), (e,)
 
+    def ignorable(self, name: str, shape: Shape, cfg: MoEConfig) -> bool:
+        """Whether a checkpoint tensor the reference model does not have may be left unread: a
+        stored rotary buffer (computed from the config instead) or an empty tensor. Any other
+        unused tensor is refused: the model it belongs to would compute something else."""
+        return name.endswith("rotary_emb.inv_freq") or 0 in shape
+
     def hub_name(self, name: str) -> str:
         """The name the hub's (per-expert) checkpoint gives mixport weight ``name``."""
         return name if name == "lm_head.weight" else self.hub_prefix + name
@@ -287,6 +296,15 @@ def read(raw: Mapping[str, Any], key: str, spec: config_fields.Field, default: A
     if not spec.accepts(value):
         raise ConfigError(f"config.json field '{key}' must be {spec.expected()}", given=shown(value))
     return value
+
+
+def refuse_window(raw: Mapping[str, Any], name: str) -> None:
+    """A family without sliding-window attention: transformers' mask ignores a ``sliding_window`` key but its
+    KV cache is cropped to it (decode steps then see only the window), so neither reading is transformers'."""
+    if raw.get("sliding_window") is not None:
+        raise ConfigError(f"config.json field 'sliding_window' is not used by {name} attention",
+                          given=shown(raw["sliding_window"]), expected="absent or null",
+                          hint="transformers ignores it in the attention mask but crops the KV cache to it")
 
 
 def check_activation(raw: Mapping[str, Any], key: str = "hidden_act") -> None:

@@ -14,10 +14,10 @@ in the MoE block as its shared expert.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from mixport.models.adapter import Adapter, Renamed, Shape
+from mixport.models.adapter import Adapter, Renamed, Shape, refuse_window
 from mixport.models.config import MoEConfig
 
 _BLOCK = r"^layers\.(\d+)\.block_sparse_moe\."
@@ -30,13 +30,18 @@ class GraniteMoe(Adapter):
 
     hf_fields = {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "attention_scale": "attention_multiplier",
                  "embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",
-                 "logits_scaling": "logits_scaling", "normalization": None}
+                 "logits_scaling": "logits_scaling", "normalization": None,
+                 "sliding_window": None}  # GraniteMoeConfig has none (refuse_window)
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "attention_scale": 1.0,
                 "normalization": "none", "routing_order": "topk_softmax"}
 
     renames = ((r"\.block_sparse_moe\.router\.(layer\.)?weight$", ".block_sparse_moe.gate.weight"),)
     stacked_experts = ((_BLOCK + r"input_linear\.weight$", "gate_up"), (_BLOCK + r"output_linear\.weight$", "down"),
                        (_BLOCK + r"experts\.gate_up_proj$", "gate_up"), (_BLOCK + r"experts\.down_proj$", "down"))
+
+    def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        refuse_window(raw, self.name)
+        return super().derived(raw)
 
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         return {**super().to_hf_dict(cfg), "hidden_act": "silu"}

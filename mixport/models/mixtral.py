@@ -23,7 +23,9 @@ class Mixtral(Adapter):
     hf_class = "MixtralForCausalLM"
 
     hf_fields = {"normalization": None}  # Mixtral always renormalizes its top-k weights
-    defaults = {"normalization": "renormalize", "rope_theta": 1e6}
+    defaults = {"normalization": "renormalize", "rope_theta": 1e6,
+                "max_position_embeddings": 4096 * 32}  # MixtralConfig's, for a config.json without the key
+    kv_heads_default = 8  # MixtralConfig's num_key_value_heads
 
     renames = ((r"\.mlp\.gate\.", ".block_sparse_moe.gate."),)  # transformers 5's router name
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))

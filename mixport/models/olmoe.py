@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mixport.errors import ConfigError
-from mixport.models.adapter import Adapter
+from mixport.models.adapter import Adapter, refuse_window
 from mixport.models.config import MoEConfig
 from mixport.models.qwen2_moe import norm_topk
 from mixport.typed_json import shown
@@ -27,7 +27,8 @@ class Olmoe(Adapter):
     hf_class = "OlmoeForCausalLM"
 
     hf_fields = {"num_local_experts": "num_experts", "qkv_bias": "attention_bias", "o_bias": "attention_bias",
-                 "clip_qkv": "clip_qkv", "normalization": None}
+                 "clip_qkv": "clip_qkv", "normalization": None,
+                 "sliding_window": None}  # OlmoeConfig has none (refuse_window)
     aliases = {"num_local_experts": ("num_local_experts",)}
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-5, "qk_norm": "projection", "bos_token_id": None,
                 "eos_token_id": 50279, "pad_token_id": 1}
@@ -39,6 +40,7 @@ class Olmoe(Adapter):
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        refuse_window(raw, self.name)
         out = {**super().derived(raw), "normalization": norm_topk(raw, False)}
         if raw.get("head_dim") not in (None, raw["hidden_size"] // raw["num_attention_heads"]):
             raise ConfigError("config.json field 'head_dim' differs from hidden_size / num_attention_heads",

@@ -31,7 +31,15 @@ def sparse_step_layers(raw: Mapping[str, Any], layers: int) -> tuple[int, ...]:
     (i + 1) % decoder_sparse_step != 0 (transformers' rule)."""
     only = read(raw, "mlp_only_layers", Field("layers", nullable=True), []) or []
     step = read(raw, "decoder_sparse_step", _STEP, 1)
-    return tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if any(i >= layers for i in only):
+        raise ConfigError("config.json field 'mlp_only_layers' names a layer the model does not have",
+                          given=f"{shown(only)} ({layers} layers)", expected=f"layer indices in [0, {layers})")
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if len(dense) == layers:
+        raise ConfigError("config.json fields 'mlp_only_layers' and 'decoder_sparse_step' leave no layer with "
+                          "experts", given=f"mlp_only_layers {shown(only)}, decoder_sparse_step {step}, "
+                                       f"{layers} layers", expected="at least one sparse-MoE layer")
+    return dense
 
 
 def norm_topk(raw: Mapping[str, Any], default: bool) -> str:
@@ -52,6 +60,7 @@ class Qwen2Moe(Adapter):
                 "dense_intermediate_size": 5632, "shared_expert_intermediate_size": 5632,
                 "shared_expert_gate": True, "bos_token_id": None, "eos_token_id": None}
     norm_topk_default = False
+    kv_heads_default = 16  # Qwen2MoeConfig's num_key_value_heads
 
     router_path = "mlp.gate"
     experts_path = "mlp.experts"
@@ -59,10 +68,10 @@ class Qwen2Moe(Adapter):
     derives = ("normalization", "dense_layers", "sliding_window", "sliding_layers")
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
-    def validate(self, cfg: MoEConfig) -> None:
-        if not cfg.shared_expert_intermediate_size:
-            raise ConfigError("config.json field 'shared_expert_intermediate_size' must be > 0",
-                              given="0", expected="the shared expert's width (every Qwen2-MoE layer has one)")
+    def ignorable(self, name: str, shape: tuple[int, ...], cfg: MoEConfig) -> bool:
+        """transformers keeps a zero-width shared expert's gate; its output is multiplied by 0."""
+        zero_shared = not cfg.shared_expert_intermediate_size and name.endswith(f".{self.shared_gate_path}.weight")
+        return zero_shared or super().ignorable(name, shape, cfg)
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         layers = raw["num_hidden_layers"]

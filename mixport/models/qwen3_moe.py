@@ -32,6 +32,7 @@ class Qwen3Moe(Qwen2Moe):
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "qkv_bias": False,
                 "o_bias": False, "dense_intermediate_size": 6144, "qk_norm": "head",
                 "bos_token_id": None, "eos_token_id": None}
+    kv_heads_default = 4  # Qwen3MoeConfig's num_key_value_heads
 
     def validate(self, cfg: MoEConfig) -> None:
         """No shared expert to check (Qwen2-MoE's rule does not apply)."""
@@ -39,7 +40,7 @@ class Qwen3Moe(Qwen2Moe):
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         layers = raw["num_hidden_layers"]
         use = read(raw, "use_sliding_window", _FLAG, False)
-        window = read(raw, "sliding_window", Field("int", high=2**24, nullable=True), None) if use else None
+        window = read(raw, "sliding_window", Field("int", high=2**24, nullable=True), 4096) if use else None
         return {**super(Qwen2Moe, self).derived(raw), "normalization": norm_topk(raw, False),
                 "dense_layers": sparse_step_layers(raw, layers), "sliding_window": window, "sliding_layers": None}
 

@@ -48,7 +48,7 @@ DOMAIN = "mixport"
 OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "mixport"
 PLUGIN_VERSION = "1"  # the MoE node's
-ROUTING_PLUGIN_VERSION = "1"  # the TopKRouting node's (TODO plugins: "2" adds ``order``)
+ROUTING_PLUGIN_VERSION = "2"  # the TopKRouting node's: "2" added ``order`` (absent in "1": softmax_topk)
 ROUTING_PLUGIN_VERSIONS = ("1", "2")  # what the plugins and readers accept
 
 TOPK_ROUTING = "TopKRouting"

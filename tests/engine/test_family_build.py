@@ -22,6 +22,8 @@ from mixport.artifact import Manifest
 from mixport.exporter.tiny import TINY, write_tiny
 from tests.helpers import invoke
 
+pytestmark = pytest.mark.slow  # two torch exports (~15-45 s each on 2 shared cores)
+
 FAMILIES = {  # model_type -> (config changes, the routing mode its TopKRouting nodes carry)
     "qwen3_moe": (dict(num_experts_per_tok=4, head_dim=24, normalization="renormalize", qk_norm="head"),
                   ("softmax_topk", "renormalize")),

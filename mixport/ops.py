@@ -29,10 +29,17 @@ Two custom-domain nodes, each carrying a model-local ONNX function body:
              FFN_e(x) = (silu(x @ gate_e) * (x @ up_e)) @ down_e
     attrs:   num_experts (int), k (int), activation (str: "swiglu"),
              plugin_namespace="mixport", plugin_version="1"
+    Routed experts only: a family's shared expert (Qwen2-MoE, GraniteMoeShared) stays beside
+    the node as ordinary MatMuls (a dense FFN every token runs; docs/passes.md), so the fused
+    graph has one MoE node per MoE layer and this contract is the same for every family.
     Layout rationale: row-major [in, out] per expert is what ONNX MatMul takes
     without a Transpose, so the portable body gathers an expert's slab and
     multiplies directly; fusing gate and up into one [H, 2F] slab halves the
     GEMM launches and streams one contiguous block per expert.
+
+Versions: a field whose meaning a reader must know bumps ``plugin_version`` (TopKRouting "2" added
+``order``); every reader keeps accepting the older versions (``ROUTING_PLUGIN_VERSIONS``), and the
+TensorRT plugins register one creator per version.
 
 One implementation per form: the ONNX ops that compute ``TopKRouting`` are built only by
 ``exporter/routing_onnx.routing_nodes``, those of ``MoE`` only by ``passes/moe_bodies``
@@ -48,7 +55,7 @@ DOMAIN = "mixport"
 OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "mixport"
 PLUGIN_VERSION = "1"  # the MoE node's
-ROUTING_PLUGIN_VERSION = "1"  # the TopKRouting node's (TODO plugins: "2" adds ``order``)
+ROUTING_PLUGIN_VERSION = "2"  # the TopKRouting node's: "2" added ``order`` (absent in "1": softmax_topk)
 ROUTING_PLUGIN_VERSIONS = ("1", "2")  # what the plugins and readers accept
 
 TOPK_ROUTING = "TopKRouting"

@@ -88,18 +88,25 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
 def check_routing(torch: Any, device: str) -> list[str]:
-    """topk_routing vs softmax -> topk (-> renormalize) in PyTorch fp32."""
+    """topk_routing vs PyTorch fp32, both orders: softmax -> topk, or topk -> softmax over the k
+    (-> renormalize); 16 experts top-2 and Qwen3-MoE's 128 experts top-8."""
     from mixport.plugins.kernels import topk_routing
 
     failures = []
-    logits = torch.randn(1000, 16, device=device, generator=torch.Generator(device).manual_seed(1))
-    for norm in ("renormalize", "none"):
-        w, ids = topk_routing(logits, 2, norm)
-        rw, rids = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
-        if norm == "renormalize":
-            rw = rw / rw.sum(-1, keepdim=True)
-        if not torch.equal(ids, rids) or (w - rw).abs().max().item() > 1e-5:
-            failures.append(f"routing {norm}: ids or weights differ")
+    for experts, k in ((16, 2), (128, 8)):
+        logits = torch.randn(1000, experts, device=device, generator=torch.Generator(device).manual_seed(1))
+        for order in ("softmax_topk", "topk_softmax"):
+            for norm in ("renormalize", "none"):
+                w, ids = topk_routing(logits, k, norm, order)
+                if order == "softmax_topk":
+                    rw, rids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+                else:
+                    top, rids = torch.topk(logits.float(), k, dim=-1)
+                    rw = torch.softmax(top, dim=-1)
+                if norm == "renormalize":
+                    rw = rw / rw.sum(-1, keepdim=True)
+                if not torch.equal(ids, rids) or (w - rw).abs().max().item() > 1e-5:
+                    failures.append(f"routing E={experts} k={k} {order} {norm}: ids or weights differ")
     return failures
 
 

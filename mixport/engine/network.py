@@ -1,8 +1,11 @@
 """Parse an ONNX file into a TensorRT network, with or without the mixport plugins.
 
 The parser builds a plugin layer for a mixport node when the node carries
-``plugin_namespace="mixport"`` and the creator is registered; otherwise it
-inlines the node's ONNX function body. The parser's plugin-override flag does
+``plugin_namespace="mixport"`` and the creator of its ``plugin_version`` is
+registered; otherwise it inlines the node's ONNX function body. TopKRouting
+nodes carry version "2" (with ``order``) or "1" (files written before it; no
+``order``): both have a creator; a node whose version and attributes disagree,
+or whose version this mixport does not know, is refused before parsing. The parser's plugin-override flag does
 not change that for namespaced creators, so this module sets (use_plugins) or
 strips (no plugins) the attribute on an in-memory copy of the graph; weights
 stay external and are read from beside the file.
@@ -19,9 +22,18 @@ from types import ModuleType
 from typing import Any
 
 from mixport.errors import BuildError
-from mixport.ops import DOMAIN, MOE, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_ROUTING
+from mixport.ops import (
+    DOMAIN,
+    MOE,
+    ORDERS,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    ROUTING_PLUGIN_VERSION,
+    ROUTING_PLUGIN_VERSIONS,
+    TOPK_ROUTING,
+)
 
-_PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+_PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,7 @@ class LayerInfo:
     name: str
     type: str
     plugin: str | None = None  # "namespace::name" for plugin layers
+    version: str | None = None  # the plugin's version ("1", "2") for plugin layers
 
 
 @dataclass
@@ -60,8 +73,43 @@ def input_dim_params(model: Any) -> dict[str, list[str | None]]:
             for vi in model.graph.input}
 
 
+def _string_attrs(node: Any) -> dict[str, str]:
+    from onnx import AttributeProto
+
+    return {a.name: a.s.decode() for a in node.attribute if a.type == AttributeProto.STRING}
+
+
+def plugin_version_of(node: Any) -> str:
+    """The plugin version a mixport node asks for: its ``plugin_version``, or when it has none the
+    version its attributes describe (TopKRouting: "2" with an ``order`` attribute, else "1")."""
+    attrs = _string_attrs(node)
+    if "plugin_version" in attrs:
+        return attrs["plugin_version"]
+    if node.op_type == TOPK_ROUTING:
+        return ROUTING_PLUGIN_VERSION if "order" in attrs else "1"
+    return PLUGIN_VERSION
+
+
+def check_plugin_version(node: Any) -> None:
+    """BuildError when no mixport creator computes what the node says (unknown version, or a
+    version-1 TopKRouting with an ``order`` other than the one version 1 computes)."""
+    version, attrs = plugin_version_of(node), _string_attrs(node)
+    known = ROUTING_PLUGIN_VERSIONS if node.op_type == TOPK_ROUTING else (PLUGIN_VERSION,)
+    if version not in known:
+        raise BuildError(f"mixport::{node.op_type} node '{node.name}' has an unknown plugin_version",
+                         given=version, expected=" | ".join(known),
+                         hint="the file was written by a newer mixport: upgrade mixport, or build --no-plugins")
+    if node.op_type == TOPK_ROUTING and version == "1" and attrs.get("order", ORDERS[0]) != ORDERS[0]:
+        raise BuildError(f"mixport::TopKRouting node '{node.name}' has plugin_version '1', which has no order",
+                         given=f"order={attrs['order']!r}", expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'",
+                         hint="re-export the model with this mixport")
+
+
 def set_plugin_attrs(model: Any, use_plugins: bool) -> tuple[int, int]:
-    """Add (or strip) the plugin attributes on mixport nodes; returns (nodes, changes)."""
+    """Add (or strip) the plugin attributes on mixport nodes; returns (nodes, changes).
+
+    With plugins, each node's version is checked (``check_plugin_version``) and a missing
+    ``plugin_version`` is set to the one ``plugin_version_of`` reads from its attributes."""
     from onnx import helper
 
     nodes = changes = 0
@@ -70,9 +118,12 @@ def set_plugin_attrs(model: Any, use_plugins: bool) -> tuple[int, int]:
             continue
         nodes += 1
         present = {a.name: i for i, a in enumerate(node.attribute)}
-        for name, value in _PLUGIN_ATTRS.items():
+        if use_plugins:
+            check_plugin_version(node)
+            wanted = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": plugin_version_of(node)}
+        for name in _PLUGIN_ATTRS:
             if use_plugins and name not in present:
-                node.attribute.append(helper.make_attribute(name, value))
+                node.attribute.append(helper.make_attribute(name, wanted[name]))
                 changes += 1
             elif not use_plugins and name in present:
                 del node.attribute[[a.name for a in node.attribute].index(name)]
@@ -133,13 +184,14 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
     return ParsedNetwork(network, parser, input_dim_params(model), mixport_nodes)
 
 
-def _plugin_id(trt: ModuleType, layer: Any) -> str | None:
+def _plugin_id(trt: ModuleType, layer: Any) -> tuple[str | None, str | None]:
+    """("namespace::name", version) of a plugin layer; (None, None) for a C++ plugin."""
     try:
         layer.__class__ = trt.IPluginV3Layer
         core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
-        return f"{core.plugin_namespace}::{core.plugin_name}"
+        return f"{core.plugin_namespace}::{core.plugin_name}", str(core.plugin_version)
     except (AttributeError, TypeError, RuntimeError):  # C++ plugin: no Python core
-        return None
+        return None, None
 
 
 def list_layers(trt: ModuleType, network: Any) -> tuple[LayerInfo, ...]:
@@ -148,6 +200,6 @@ def list_layers(trt: ModuleType, network: Any) -> tuple[LayerInfo, ...]:
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         kind = layer.type
-        plugin = _plugin_id(trt, layer) if kind == trt.LayerType.PLUGIN_V3 else None
-        layers.append(LayerInfo(layer.name, kind.name, plugin))
+        plugin, version = _plugin_id(trt, layer) if kind == trt.LayerType.PLUGIN_V3 else (None, None)
+        layers.append(LayerInfo(layer.name, kind.name, plugin, version))
     return tuple(layers)

@@ -34,6 +34,7 @@ class PluginCore:
     """The body of one mixport IPluginV3 (core + build + runtime capabilities)."""
 
     op_name: ClassVar[str]
+    version: ClassVar[str] = PLUGIN_VERSION  # the node's plugin_version this plugin implements
     field_specs: ClassVar[tuple[FieldSpec, ...]]
     n_outputs: ClassVar[int]
 
@@ -48,9 +49,9 @@ class PluginCore:
         self.num_outputs = self.n_outputs
         self.plugin_name = self.op_name
         self.plugin_namespace = PLUGIN_NAMESPACE
-        self.plugin_version = PLUGIN_VERSION
+        self.plugin_version = self.version
         # Same fields -> same kernels: instances share one timing-cache entry.
-        self.timing_cache_id = f"{self.op_name}:" + ",".join(f"{k}={v}" for k, v in
+        self.timing_cache_id = f"{self.op_name}@{self.version}:" + ",".join(f"{k}={v}" for k, v in
                                                             sorted(self.values.items()))
         self._serialized: FieldBlock | None = None
 
@@ -133,7 +134,7 @@ class CreatorCore:
         self.trt = trt
         self.name = core.op_name
         self.plugin_namespace = PLUGIN_NAMESPACE
-        self.plugin_version = PLUGIN_VERSION
+        self.plugin_version = core.version
         self._declared = FieldBlock(trt, core.field_specs)
         self.field_names = self._declared.collection
 

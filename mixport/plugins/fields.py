@@ -3,7 +3,9 @@
 The ONNX parser fills a field from the node attribute of the same name only when
 the creator lists that name (int -> INT32, float -> FLOAT32, string -> CHAR).
 Fields it does not list — ``plugin_namespace``, ``plugin_version`` — never reach
-``create_plugin``; unknown names that do arrive are ignored, never fatal.
+``create_plugin``; unknown names that do arrive are ignored, never fatal. The node's
+``plugin_version`` picks the creator instead (``registry.py``): TopKRouting "2" declares
+``order``, "1" does not (``topk_routing_plugin.FIELDS`` / ``FIELDS_V1``).
 """
 
 from __future__ import annotations

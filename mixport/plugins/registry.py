@@ -1,40 +1,50 @@
-"""Register the mixport plugin creators with TensorRT's plugin registry."""
+"""Register the mixport plugin creators with TensorRT's plugin registry.
+
+One creator per (op, plugin_version) a file may carry: ``TopKRouting`` "2" (with ``order``)
+and "1" (older files), ``MoE`` "1". The ONNX parser picks the creator by the node's
+``plugin_version`` attribute.
+"""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 from mixport.errors import PluginError
-from mixport.ops import PLUGIN_NAMESPACE, PLUGIN_VERSION
+from mixport.ops import PLUGIN_NAMESPACE
 from mixport.plugins import trt_import
 from mixport.plugins.base import CreatorCore, bind_creator
 from mixport.plugins.moe_plugin import MoECreator
-from mixport.plugins.topk_routing_plugin import TopKRoutingCreator
+from mixport.plugins.topk_routing_plugin import TopKRoutingCreator, TopKRoutingV1Creator
 
-CREATORS: tuple[type[CreatorCore], ...] = (TopKRoutingCreator, MoECreator)
+CREATORS: tuple[type[CreatorCore], ...] = (TopKRoutingCreator, TopKRoutingV1Creator, MoECreator)
 # Creators must outlive the registry's use of them: keep one per (module, class).
 _LIVE: dict[tuple[str, str], object] = {}
 
 
+def _key(creator: type[CreatorCore]) -> tuple[str, str]:
+    """(op name, plugin version) of a creator."""
+    return creator.plugin_core.op_name, creator.plugin_core.version
+
+
 def plugin_ids() -> list[str]:
     """``namespace::name@version`` for every mixport plugin."""
-    return [f"{PLUGIN_NAMESPACE}::{c.plugin_core.op_name}@{PLUGIN_VERSION}" for c in CREATORS]
+    return [f"{PLUGIN_NAMESPACE}::{name}@{version}" for name, version in map(_key, CREATORS)]
 
 
 def register_plugins(trt_module: ModuleType | None = None) -> list[str]:
-    """Register both mixport creators (idempotent); returns their ``ns::name@version`` ids."""
+    """Register every mixport creator (idempotent); returns their ``ns::name@version`` ids."""
     trt = trt_module or trt_import.import_trt()
     registry = trt.get_plugin_registry()
     for creator_core, plugin_id in zip(CREATORS, plugin_ids(), strict=True):
-        name = creator_core.plugin_core.op_name
-        if registry.get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+        name, version = _key(creator_core)
+        if registry.get_creator(name, version, PLUGIN_NAMESPACE) is not None:
             continue  # already registered, by us or by an earlier process-wide call
         creator = bind_creator(trt, creator_core)(trt)
         if not registry.register_creator(creator, PLUGIN_NAMESPACE):
             raise PluginError(f"TensorRT refused to register {plugin_id}",
                               given=trt_import.describe(trt),
                               hint="another creator with this name/version/namespace exists")
-        _LIVE[(trt.__name__, name)] = creator
+        _LIVE[(trt.__name__, plugin_id)] = creator
     return plugin_ids()
 
 
@@ -42,8 +52,8 @@ def plugins_registered(trt_module: ModuleType | None = None) -> bool:
     """True when every mixport creator is present in the registry."""
     trt = trt_module or trt_import.import_trt()
     registry = trt.get_plugin_registry()
-    return all(registry.get_creator(c.plugin_core.op_name, PLUGIN_VERSION, PLUGIN_NAMESPACE)
-               is not None for c in CREATORS)
+    return all(registry.get_creator(name, version, PLUGIN_NAMESPACE) is not None
+               for name, version in map(_key, CREATORS))
 
 
 def trt_flavor(trt_module: ModuleType | None = None) -> str:

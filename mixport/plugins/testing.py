@@ -3,9 +3,11 @@
     hidden [T, H] -> MatMul router -> mixport::TopKRouting -> mixport::MoE -> out [T, H]
 
 Both nodes carry ``plugin_namespace``/``plugin_version`` and the shipped model-local
-function bodies: ``exporter.routing_onnx.routing_function`` (softmax/top-k/renormalize)
-and ``passes.moe_bodies``' dense body (one-hot combine weights, batched MatMul over all
-experts; what the trt-noplugin target attaches), so the file runs with or without plugins.
+function bodies: ``exporter.routing_onnx.routing_function`` (softmax/top-k/renormalize by
+default; ``order``/``normalization`` pick another mode, ``order=None`` writes a version-1
+TopKRouting node: no ``order`` attribute, plugin_version "1") and ``passes.moe_bodies``'
+dense body (one-hot combine weights, batched MatMul over all experts; what the
+trt-noplugin target attaches), so the file runs with or without plugins.
 T tokens (dynamic), H hidden, F expert FFN width, E experts, k active.
 """
 
@@ -19,12 +21,13 @@ from mixport.ops import (
     MOE,
     ONNX_OPSET,
     OPSET_VERSION,
+    ORDERS,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
+    ROUTING_PLUGIN_VERSION,
     TOPK_ROUTING,
 )
 
-_PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
 NORMALIZATION = "renormalize"
 MOE_BODY = "dense"  # the body the TensorRT parser takes when no plugin is registered (trt-noplugin)
 
@@ -36,8 +39,10 @@ def _float_io(name: str, dim: int) -> Any:
 
 
 def tiny_moe_model(hidden: int = 32, ffn: int = 48, experts: int = 4, k: int = 2,
-                   seed: int = 0, plugin_attrs: bool = True) -> Any:
-    """The tiny router + TopKRouting + MoE model (fp32, dynamic T) as a ModelProto."""
+                   seed: int = 0, plugin_attrs: bool = True, normalization: str = NORMALIZATION,
+                   order: str | None = ORDERS[0]) -> Any:
+    """The tiny router + TopKRouting + MoE model (fp32, dynamic T) as a ModelProto
+    (``order=None``: a version-1 TopKRouting node, as files written before ``order`` existed)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -49,15 +54,18 @@ def tiny_moe_model(hidden: int = 32, ffn: int = 48, experts: int = 4, k: int = 2
              for name, shape in (("router", (hidden, experts)),
                                  ("gate_up", (experts, hidden, 2 * ffn)),
                                  ("down", (experts, ffn, hidden)))]
-    extra = _PLUGIN_ATTRS if plugin_attrs else {}
+    def extra(version: str) -> dict[str, str]:
+        return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": version} if plugin_attrs else {}
+
+    mode = {"normalization": normalization} if order is None else {"normalization": normalization, "order": order}
     nodes = [
         helper.make_node("MatMul", ["hidden", "router"], ["logits"], name="router"),
         helper.make_node(TOPK_ROUTING, ["logits"], ["weights", "ids"], name="routing",
                          domain=DOMAIN, k=k, num_experts=experts, scoring_func="softmax",
-                         normalization=NORMALIZATION, **extra),
+                         **mode, **extra("1" if order is None else ROUTING_PLUGIN_VERSION)),
         helper.make_node(MOE, ["hidden", "weights", "ids", "gate_up", "down"], ["out"],
                          name="moe", domain=DOMAIN, num_experts=experts, k=k,
-                         activation="swiglu", **extra),
+                         activation="swiglu", **extra(PLUGIN_VERSION)),
     ]
     graph = helper.make_graph(
         nodes, "tiny_moe", [_float_io("hidden", hidden)],
@@ -65,7 +73,7 @@ def tiny_moe_model(hidden: int = 32, ffn: int = 48, experts: int = 4, k: int = 2
          helper.make_tensor_value_info("ids", TensorProto.INT64, ["T", k])], inits)
     model = helper.make_model(graph, opset_imports=[
         helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
-        functions=[routing_function(k, NORMALIZATION, TensorProto.FLOAT),
+        functions=[routing_function(k, normalization, TensorProto.FLOAT, order or ORDERS[0]),
                    moe_function(MOE_BODY, experts, k, ffn)])
     model.ir_version = 10
     return model

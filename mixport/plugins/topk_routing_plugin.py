@@ -2,6 +2,10 @@
 
     logits [T, E] float  ->  weights [T, k] same float type,  ids [T, k] int64
     T tokens, E experts, k active experts per token.
+
+Two creators, one per ``plugin_version`` a node may carry (the parser looks a creator up by
+name, version and namespace): "2" lists the ``order`` field, "1" (files written before
+``order`` existed) does not and always computes ``softmax_topk``.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from mixport.ops import NORMALIZATIONS, SCORING_FUNCS, TOPK_ROUTING
+from mixport.ops import NORMALIZATIONS, ORDERS, ROUTING_PLUGIN_VERSION, SCORING_FUNCS, TOPK_ROUTING
 from mixport.plugins import device
 from mixport.plugins.base import FLOAT_TYPES, CreatorCore, PluginCore
 from mixport.plugins.fields import FieldSpec
@@ -19,13 +23,17 @@ FIELDS = (
     FieldSpec("k", "int"),
     FieldSpec("scoring_func", "str", "softmax", SCORING_FUNCS),
     FieldSpec("normalization", "str", "renormalize", NORMALIZATIONS),
+    FieldSpec("order", "str", ORDERS[0], ORDERS),
 )
+FIELDS_V1 = tuple(spec for spec in FIELDS if spec.name != "order")  # plugin_version "1": no order
 
 
 class TopKRoutingPlugin(PluginCore):
-    """Softmax (fp32) -> top-k -> optional renormalization, one row per token (no workspace)."""
+    """Softmax (fp32) -> top-k, or top-k -> softmax over the k (``order``) -> optional
+    renormalization, one row per token (no workspace)."""
 
     op_name: ClassVar[str] = TOPK_ROUTING
+    version: ClassVar[str] = ROUTING_PLUGIN_VERSION
     field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS
     n_outputs: ClassVar[int] = 2
 
@@ -66,10 +74,28 @@ class TopKRoutingPlugin(PluginCore):
         out_ids = device.as_tensor(outputs[1], output_desc[1])
         with device.on_stream(stream):  # no scratch: the kernel writes TensorRT's outputs directly
             kernels.topk_routing(logits, int(self.values["k"]), str(self.values["normalization"]),
-                                 out=(out_weights, out_ids))
+                                 order=self.order, out=(out_weights, out_ids))
+
+    @property
+    def order(self) -> str:
+        """The kernel mode: the ``order`` field ("softmax_topk" where the version has none)."""
+        return str(self.values.get("order", ORDERS[0]))
+
+
+class TopKRoutingPluginV1(TopKRoutingPlugin):
+    """The version-1 node (no ``order`` field): softmax -> top-k."""
+
+    version: ClassVar[str] = "1"
+    field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS_V1
 
 
 class TopKRoutingCreator(CreatorCore):
     """Creates ``TopKRoutingPlugin`` from node attributes or serialized fields."""
 
     plugin_core: ClassVar[type[PluginCore]] = TopKRoutingPlugin
+
+
+class TopKRoutingV1Creator(CreatorCore):
+    """Creates ``TopKRoutingPluginV1`` (nodes with plugin_version "1")."""
+
+    plugin_core: ClassVar[type[PluginCore]] = TopKRoutingPluginV1

@@ -27,6 +27,7 @@ class LayerSpec:
     seed: int = 0
     router_bias: tuple[float, ...] = ()  # added to the router logits per expert (skews routing)
     normalization: str = "renormalize"
+    order: str = ops.ORDERS[0]  # TopKRouting's order (ops.ORDERS)
 
 
 def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
@@ -63,7 +64,7 @@ def dense_layer(spec: LayerSpec) -> onnx.ModelProto:
     nodes = [helper.make_node("Gemm", ["hidden", "gate.weight", *(["gate.bias"] if spec.router_bias else [])],
                               ["logits"], transB=1),
              helper.make_node(ops.TOPK_ROUTING, ["logits"], ["weights", "ids"], domain=ops.DOMAIN,
-                              **routing_onnx.routing_attributes(spec.k, n, spec.normalization)),
+                              **routing_onnx.routing_attributes(spec.k, n, spec.normalization, spec.order)),
              helper.make_node("Shape", ["hidden"], ["shape"]),
              helper.make_node("ConstantOfShape", ["shape"], ["acc0"])]
     for e in range(n):
@@ -76,7 +77,7 @@ def dense_layer(spec: LayerSpec) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", h])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", routing_onnx.ONNX_OPSET),
                                                     helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
-    model.functions.append(routing_onnx.routing_function(spec.k, spec.normalization, TensorProto.FLOAT))
+    model.functions.append(routing_onnx.routing_function(spec.k, spec.normalization, TensorProto.FLOAT, spec.order))
     return model
 
 

@@ -223,3 +223,52 @@ def test_field_shape_mismatch_is_a_build_error(trt: ModuleType, tmp_path: Path) 
     expected = "could not build.*gate_up experts .* given: 4; expected: 6"
     with pytest.raises(BuildError, match=expected):
         build_engine(tmp_path / "six.onnx", tmp_path / "x.engine", profiles=TOKENS)
+
+
+def _routing_plugin(trt: ModuleType, path: Path) -> object:
+    """The Python plugin object the parser created for the file's TopKRouting node."""
+    from mixport.engine.network import parse_onnx
+    from mixport.engine.trt_logger import make_logger
+
+    logger = make_logger(trt)
+    network = parse_onnx(trt, trt.Builder(logger), logger, path, use_plugins=True).network
+    layer = next(network.get_layer(i) for i in range(network.num_layers) if network.get_layer(i).name == "routing")
+    layer.__class__ = trt.IPluginV3Layer
+    return layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+
+
+@pytest.mark.parametrize("plugin_attrs", [True, False])
+@pytest.mark.parametrize(("order", "version"), [(None, "1"), ("softmax_topk", "2"), ("topk_softmax", "2")])
+def test_both_routing_versions_build_plugin_layers(trt: ModuleType, tmp_path: Path, order: str | None,
+                                                   version: str, plugin_attrs: bool) -> None:
+    """A version-1 file (no ``order``) and version-2 files each become their version's plugin layer,
+    the node's order reaching the plugin as the kernel mode (version 1: softmax_topk); attributes
+    added when missing follow the node (``order`` present: version 2)."""
+    path = write_tiny_moe_model(tmp_path / "m.onnx", order=order, normalization="none", plugin_attrs=plugin_attrs)
+    result = build_engine(path, tmp_path / "m.engine", profiles=TOKENS)
+    assert [(layer.plugin, layer.version) for layer in result.plugin_layers] == [
+        ("mixport::TopKRouting", version), ("mixport::MoE", "1")]
+    plugin = _routing_plugin(trt, path)
+    assert plugin.plugin_version == version and plugin.order == (order or "softmax_topk")
+    assert plugin.values["normalization"] == "none" and plugin.values.get("order") == order
+
+
+@pytest.mark.parametrize(("attrs", "message"), [
+    ({"plugin_version": "3"}, "TopKRouting node 'routing' has an unknown plugin_version; given: 3; expected: 1 | 2"),
+    ({"plugin_version": "1", "order": "topk_softmax"},
+     "TopKRouting node 'routing' has plugin_version '1', which has no order; given: order='topk_softmax'"),
+])
+def test_routing_version_mismatch_is_refused(trt: ModuleType, tmp_path: Path, attrs: dict[str, str],
+                                            message: str) -> None:
+    """A node no creator computes faithfully is refused before parsing, not built wrong."""
+    import onnx
+
+    model = tiny_moe_model(order="topk_softmax")
+    for a in model.graph.node[1].attribute:
+        if a.name in attrs:
+            a.s = attrs[a.name].encode()
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(BuildError, match=message.replace("|", r"\|").replace("(", r"\(")):
+        build_engine(tmp_path / "bad.onnx", tmp_path / "x.engine", profiles=TOKENS)
+    assert not (tmp_path / "x.engine").exists()
+    build_engine(tmp_path / "bad.onnx", tmp_path / "x.engine", profiles=TOKENS, use_plugins=False)  # bodies: fine

@@ -73,7 +73,7 @@ def test_dims_are_symbolic_and_node_carries_contract(tiny_export: Path) -> None:
     assert len(routers) == 2
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in routers[0].attribute}
     assert attrs == {"k": 2, "num_experts": 8, "normalization": b"renormalize", "order": b"softmax_topk",
-                     "scoring_func": b"softmax", "plugin_namespace": b"mixport", "plugin_version": b"1"}
+                     "scoring_func": b"softmax", "plugin_namespace": b"mixport", "plugin_version": b"2"}
     assert any(f.name == "TopKRouting" and f.domain == "mixport" for f in proto.functions)
     assert {o.domain: o.version for o in proto.opset_import}[""] >= 18
 

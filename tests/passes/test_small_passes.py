@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 
 from mixport.passes import fold_constants, lower_ort_moe, remove_dead, run_pipeline
 from mixport.tools.moe_layer import LayerSpec, dense_layer, swiglu_mlp
@@ -47,14 +48,53 @@ def test_lower_ort_moe_fires_and_matches() -> None:
                                atol=1e-5, rtol=1e-5)
 
 
-def test_lower_ort_moe_refuses_unnormalized_routing() -> None:
-    dense = dense_layer(LayerSpec(hidden=16, inter=24, experts=4, k=2, normalization="none"))
-    fused, counts = run_pipeline(dense, target="ort")
-    assert counts["lower_ort_moe"] == 0 and len(moe_nodes(fused)) == 1  # stays on the sparse body
+@pytest.mark.parametrize(("order", "normalization", "normalize"), [
+    ("softmax_topk", "renormalize", 1), ("softmax_topk", "none", 0),
+    ("topk_softmax", "none", 1), ("topk_softmax", "renormalize", 1)])
+def test_lower_ort_moe_each_routing_mode(order: str, normalization: str, normalize: int) -> None:
+    """Every TopKRouting mode is lowered; ORT's com.microsoft.MoE equals the function bodies (the unlowered
+    graph in ORT) and the float64 oracle. topk_softmax rides on softmax -> top-k -> renormalize (equal
+    mathematically); softmax_topk + none on normalize_routing_weights=0."""
+    from mixport.plugins.kernels.reference import reference_moe, reference_routing
+
+    spec = LayerSpec(hidden=32, inter=48, experts=8, k=3, normalization=normalization, order=order)
+    dense = dense_layer(spec)
+    lowered, counts = run_pipeline(dense, target="ort")
+    assert counts["lower_ort_moe"] == 1 and not moe_nodes(lowered)
+    (node,) = [n for n in lowered.graph.node if n.domain == "com.microsoft"]
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute
+                                                if a.name == "normalize_routing_weights")) == normalize
+    x = np.random.default_rng(1).standard_normal((40, 32)).astype(np.float32) * 2
+    got, body = ort_run(lowered, {"hidden": x})[0], ort_run(dense, {"hidden": x})[0]
+    np.testing.assert_allclose(got, body, atol=1e-5, rtol=1e-5)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in dense.graph.initializer}
+    w, ids = reference_routing(x @ inits["gate.weight"].T, spec.k, normalization, order)
+    gate_up = np.stack([np.concatenate([inits[f"experts.{e}.w1.weight"].T, inits[f"experts.{e}.w3.weight"].T], 1)
+                        for e in range(spec.experts)])
+    down = np.stack([inits[f"experts.{e}.w2.weight"].T for e in range(spec.experts)])
+    np.testing.assert_allclose(got, reference_moe(x, w, ids, gate_up, down), atol=1e-5, rtol=1e-4)
+
+
+def test_lower_ort_moe_distinguishes_the_modes() -> None:
+    """The modes differ (softmax_topk + none does not sum its weights to 1): lowering all to one contrib
+    setting would fail the comparison above."""
+    x = np.random.default_rng(1).standard_normal((40, 32)).astype(np.float32) * 2
+    outs = [ort_run(dense_layer(LayerSpec(hidden=32, inter=48, experts=8, k=3, normalization=n)), {"hidden": x})[0]
+            for n in ("renormalize", "none")]
+    assert np.abs(outs[0] - outs[1]).max() > 1e-2
+
+
+def test_lower_ort_moe_refuses_a_mode_it_cannot_express() -> None:
+    dense = dense_layer(LayerSpec(hidden=16, inter=24, experts=4, k=2))
+    fused, counts = run_pipeline(dense)  # portable: MoE + TopKRouting stay
     graph = gs.import_onnx(fused)
+    router = next(n for n in graph.nodes if n.op == "TopKRouting")
+    router.attrs["order"] = "sigmoid_topk"  # a mode com.microsoft.MoE has no setting for
     reasons: list[str] = []
-    assert lower_ort_moe.apply(graph, reasons) == 0
-    assert any("only renormalizes" in r for r in reasons)
+    assert lower_ort_moe.apply(graph, reasons) == 0 and len(moe_nodes(gs.export_onnx(graph))) == 1
+    assert reasons == ["lower_ort_moe: MoE '" + moe_nodes(fused)[0].name + "': com.microsoft.MoE routes softmax "
+                       "-> top-k (-> renormalize) only (router has order='sigmoid_topk', normalization='renormalize')"]
+    assert lower_ort_moe.contrib_normalize("softmax_topk", "bogus") != 0
 
 
 def test_interleaved_fc1_layout() -> None:

@@ -19,7 +19,7 @@ from tests.helpers import require_module
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"topk_routing_kernel", "moe_align_kernel", "gate_up_kernel", "down_kernel",
            "reduce_kernel"}
-C_SYMBOLS = {"mixport_topk_routing", "mixport_moe_align_sizes", "mixport_moe_align",
+C_SYMBOLS = {"mixport_topk_routing", "mixport_topk_routing_ordered", "mixport_moe_align_sizes", "mixport_moe_align",
              "mixport_module_load", "mixport_module_unload", "mixport_launch"}
 
 
@@ -41,6 +41,9 @@ def test_compile_all_writes_ptx_for_sm80_and_sm90(compiled: tuple[Path, list[Pat
     assert {e["arch"] for e in entries} == {"sm_80", "sm_90"}
     assert {e["dtype"] for e in entries if e["kernel"] == "gate_up_kernel"} == {
         "float16", "bfloat16", "float32"}
+    routing_modes = {(e["arch"], e["dtype"], e["constexprs"]["TOPK_FIRST"], e["constexprs"]["RENORMALIZE"])
+                     for e in entries if e["kernel"] == "topk_routing_kernel"}
+    assert len(routing_modes) == 2 * 3 * 2 * 2  # both orders x both normalizations, every dtype and arch
     for e in entries:
         ptx = (out / e["files"]["ptx"]).read_text()
         target = re.search(r"^\.target (sm_\d+)", ptx, re.M)

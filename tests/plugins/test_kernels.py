@@ -19,6 +19,7 @@ torch = require_module("torch")
 require_module("triton")
 
 from mixport.errors import MixportError  # noqa: E402
+from mixport.ops import ORDERS  # noqa: E402
 from mixport.plugins import kernels as K  # noqa: E402
 from mixport.plugins.kernels.configs import block_m_ranges, choose_block_m  # noqa: E402
 from mixport.plugins.kernels.reference import reference_align  # noqa: E402
@@ -54,24 +55,57 @@ def _assert_close(got: torch.Tensor, ref: np.ndarray, tol: float) -> None:
 @pytest.mark.parametrize("e", [8, 16])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("normalization", ["renormalize", "none"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_routing_matches_reference(t: int, e: int, k: int, normalization: str,
+def test_routing_matches_reference(t: int, e: int, k: int, normalization: str, order: str,
                                    dtype: torch.dtype) -> None:
     logits = (torch.randn(t, e, generator=torch.Generator().manual_seed(t + e)) * 3).to(dtype)
-    w, ids = K.topk_routing(logits, k, normalization)
-    rw, rids = K.reference_routing(logits, k, normalization)
+    w, ids = K.topk_routing(logits, k, normalization, order)
+    rw, rids = K.reference_routing(logits, k, normalization, order)
     assert w.dtype == dtype and ids.dtype == torch.int64 and w.shape == (t, k)
     np.testing.assert_array_equal(ids.numpy(), rids)
     np.testing.assert_allclose(w.float().numpy(), rw, rtol=TOL[dtype], atol=TOL[dtype] / 10)
 
 
-def test_routing_ties_pick_lower_expert_first() -> None:
+@pytest.mark.parametrize(("e", "k"), [(60, 4), (64, 3), (128, 8)])  # Qwen3-MoE: 128 experts, top-8
+@pytest.mark.parametrize("normalization", ["renormalize", "none"])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routing_many_experts(e: int, k: int, normalization: str, order: str, dtype: torch.dtype) -> None:
+    """Wide rows (BLOCK_E up to 128, BLOCK_T 32) and k up to 8, as the Mixtral family's routers have."""
+    logits = (torch.randn(37, e, generator=torch.Generator().manual_seed(e * k)) * 2).to(dtype)
+    w, ids = K.topk_routing(logits, k, normalization, order)
+    rw, rids = K.reference_routing(logits, k, normalization, order)
+    np.testing.assert_array_equal(ids.numpy(), rids)
+    np.testing.assert_allclose(w.float().numpy(), rw, rtol=TOL[dtype], atol=TOL[dtype] / 10)
+    assert ids.max() < e and len(set(ids[0].tolist())) == k  # k distinct experts, none from padding
+
+
+def test_routing_orders_differ_as_the_contract_says() -> None:
+    """topk_softmax's k weights sum to 1 and equal softmax_topk + renormalize; softmax_topk + none does not."""
+    logits = torch.randn(37, 16, generator=torch.Generator().manual_seed(7)) * 3
+    w_ts, ids_ts = K.topk_routing(logits, 4, "none", "topk_softmax")
+    w_sr, ids_sr = K.topk_routing(logits, 4, "renormalize", "softmax_topk")
+    w_sn, _ = K.topk_routing(logits, 4, "none", "softmax_topk")
+    assert torch.equal(ids_ts, ids_sr)
+    np.testing.assert_allclose(w_ts.sum(1).numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w_ts.numpy(), w_sr.numpy(), rtol=1e-5, atol=1e-7)
+    assert float((1 - w_sn.sum(1)).max()) > 0.1  # softmax_topk + none: the k weights sum to less than 1
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_routing_ties_pick_lower_expert_first(order: str) -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
-    w, ids = K.topk_routing(logits, 2, "none")
+    w, ids = K.topk_routing(logits, 2, "none", order)
     np.testing.assert_array_equal(ids.numpy(), [[1, 2], [0, 1]])
-    np.testing.assert_allclose(w[1].numpy(), [0.2, 0.2], rtol=1e-6)
-    w, _ = K.topk_routing(logits, 2, "renormalize")
+    np.testing.assert_allclose(w[1].numpy(), [0.2, 0.2] if order == "softmax_topk" else [0.5, 0.5], rtol=1e-6)
+    w, _ = K.topk_routing(logits, 2, "renormalize", order)
     np.testing.assert_allclose(w.numpy(), np.full((2, 2), 0.5), rtol=1e-6)
+    w, ids = K.topk_routing(logits, 3, "none", order)
+    np.testing.assert_array_equal(ids.numpy(), [[1, 2, 3], [0, 1, 2]])
+    rw, rids = K.reference_routing(logits, 3, "none", order)
+    np.testing.assert_array_equal(ids.numpy(), rids)
+    np.testing.assert_allclose(w.numpy(), rw, rtol=1e-6)
 
 
 def test_routing_rejects_bad_arguments() -> None:
@@ -80,6 +114,8 @@ def test_routing_rejects_bad_arguments() -> None:
         K.topk_routing(logits, 5)
     with pytest.raises(MixportError, match="normalization"):
         K.topk_routing(logits, 2, "softmax")
+    with pytest.raises(MixportError, match="unknown routing order"):
+        K.topk_routing(logits, 2, "none", "sigmoid_topk")
 
 
 @pytest.mark.parametrize("t,e,k,block_m", [(1, 8, 2, 16), (37, 8, 2, 16), (37, 16, 1, 32),

@@ -9,10 +9,21 @@ import numpy as np
 import pytest
 
 from mixport.errors import PluginError
-from mixport.ops import MOE, PLUGIN_NAMESPACE, PLUGIN_VERSION, TOPK_ROUTING
+from mixport.ops import (
+    MOE,
+    ORDERS,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    ROUTING_PLUGIN_VERSION,
+    ROUTING_PLUGIN_VERSIONS,
+    TOPK_ROUTING,
+)
 from mixport.plugins.kernels import moe_scratch_bytes, moe_workspace_bytes
 
-ROUTING_FIELDS = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none"}
+ROUTING_FIELDS = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none",
+                  "order": "topk_softmax"}
+ROUTING_FIELDS_V1 = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none"}
+VERSION = {TOPK_ROUTING: ROUTING_PLUGIN_VERSION, MOE: PLUGIN_VERSION}  # what new files carry
 MOE_FIELDS = {"num_experts": 8, "k": 2, "activation": "swiglu"}
 
 
@@ -24,9 +35,9 @@ def trt(trt_module: ModuleType) -> ModuleType:
     return trt_module
 
 
-def creator(trt: ModuleType, op: str) -> Any:
-    found = trt.get_plugin_registry().get_creator(op, PLUGIN_VERSION, PLUGIN_NAMESPACE)
-    assert found is not None, f"{op} creator not registered"
+def creator(trt: ModuleType, op: str, version: str | None = None) -> Any:
+    found = trt.get_plugin_registry().get_creator(op, version or VERSION[op], PLUGIN_NAMESPACE)
+    assert found is not None, f"{op}@{version or VERSION[op]} creator not registered"
     return found
 
 
@@ -37,11 +48,11 @@ def field(trt: ModuleType, name: str, value: int | str) -> Any:
     return trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32)
 
 
-def create(trt: ModuleType, op: str, values: dict[str, int | str]) -> Any:
+def create(trt: ModuleType, op: str, values: dict[str, int | str], version: str | None = None) -> Any:
     """create_plugin as the ONNX parser calls it (node attributes as fields)."""
     fields = [field(trt, k, v) for k, v in values.items()]
-    return creator(trt, op).create_plugin("node", trt.PluginFieldCollection(fields),
-                                          trt.TensorRTPhase.BUILD)
+    return creator(trt, op, version).create_plugin("node", trt.PluginFieldCollection(fields),
+                                                   trt.TensorRTPhase.BUILD)
 
 
 def descs(trt: ModuleType, *types: str, fmt: str = "LINEAR") -> list[Any]:
@@ -62,40 +73,61 @@ def test_register_is_idempotent(trt: ModuleType) -> None:
     )
 
     assert register_plugins(trt) == register_plugins(trt) == [
-        "mixport::TopKRouting@1", "mixport::MoE@1"]
+        "mixport::TopKRouting@2", "mixport::TopKRouting@1", "mixport::MoE@1"]
     assert plugins_registered(trt)
+    assert ROUTING_PLUGIN_VERSION == "2" and ROUTING_PLUGIN_VERSIONS == ("1", "2")
+    for version in ROUTING_PLUGIN_VERSIONS:  # every version a file may carry has its creator
+        assert creator(trt, TOPK_ROUTING, version).plugin_version == version
     assert trt.__version__ in trt_flavor(trt)
 
 
 def test_creators_declare_fields(trt: ModuleType) -> None:
-    declared = creator(trt, TOPK_ROUTING).field_names
-    kinds = {declared[i].name: declared[i].type for i in range(len(declared))}
-    assert kinds == {"num_experts": trt.PluginFieldType.INT32, "k": trt.PluginFieldType.INT32,
-                     "scoring_func": trt.PluginFieldType.CHAR,
-                     "normalization": trt.PluginFieldType.CHAR}
+    """The parser passes only declared fields: version 2 declares ``order``, version 1 does not."""
+    v1 = {"num_experts": trt.PluginFieldType.INT32, "k": trt.PluginFieldType.INT32,
+          "scoring_func": trt.PluginFieldType.CHAR, "normalization": trt.PluginFieldType.CHAR}
+    for version, expected in (("2", {**v1, "order": trt.PluginFieldType.CHAR}), ("1", v1)):
+        declared = creator(trt, TOPK_ROUTING, version).field_names
+        assert {declared[i].name: declared[i].type for i in range(len(declared))} == expected
 
 
-@pytest.mark.parametrize(("op", "values"), [(TOPK_ROUTING, ROUTING_FIELDS), (MOE, MOE_FIELDS)])
-def test_fields_round_trip(trt: ModuleType, op: str, values: dict[str, int | str]) -> None:
-    extra = {"plugin_namespace": "mixport", "plugin_version": "1"}  # must be ignored
-    plugin = create(trt, op, {**values, **extra})
+@pytest.mark.parametrize(("op", "values", "version"), [
+    (TOPK_ROUTING, ROUTING_FIELDS, "2"), (TOPK_ROUTING, ROUTING_FIELDS_V1, "1"), (MOE, MOE_FIELDS, "1")])
+def test_fields_round_trip(trt: ModuleType, op: str, values: dict[str, int | str], version: str) -> None:
+    extra = {"plugin_namespace": "mixport", "plugin_version": version}  # must be ignored
+    plugin = create(trt, op, {**values, **extra}, version)
     assert plugin is not None and plugin.values == values
     assert (plugin.plugin_name, plugin.plugin_namespace, plugin.plugin_version) == (
-        op, PLUGIN_NAMESPACE, PLUGIN_VERSION)
-    again = creator(trt, op).create_plugin("node", plugin.get_fields_to_serialize(),
-                                           trt.TensorRTPhase.RUNTIME)
-    assert again.values == values
-    assert plugin.clone().values == values and plugin.attach_to_context(None).values == values
+        op, PLUGIN_NAMESPACE, version)
+    # an engine stores the fields and the version; the runtime finds the same creator by them
+    again = creator(trt, op, plugin.plugin_version).create_plugin(
+        "node", plugin.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
+    assert again.values == values and again.plugin_version == version
+    for copy in (plugin.clone(), plugin.attach_to_context(None)):
+        assert copy.values == values and copy.plugin_version == version
 
 
 def test_defaults_fill_optional_fields(trt: ModuleType) -> None:
     plugin = create(trt, TOPK_ROUTING, {"num_experts": 4, "k": 1})
     assert plugin.values["normalization"] == "renormalize"
     assert plugin.values["scoring_func"] == "softmax"
+    assert plugin.values["order"] == "softmax_topk" == plugin.order
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_order_selects_the_kernel_mode(trt: ModuleType, order: str) -> None:
+    """Version 2 computes the node's order; version 1 always softmax_topk (an ``order`` field never
+    reaches it from the parser, and is ignored if it did)."""
+    assert create(trt, TOPK_ROUTING, {**ROUTING_FIELDS, "order": order}).order == order
+    v1 = create(trt, TOPK_ROUTING, {**ROUTING_FIELDS_V1, "order": order}, "1")
+    assert v1.order == "softmax_topk" and "order" not in v1.values
+    # different orders are different kernels: they must not share a timing-cache entry
+    ids = {create(trt, TOPK_ROUTING, {**ROUTING_FIELDS, "order": o}).timing_cache_id for o in ORDERS}
+    assert len(ids) == len(ORDERS)
 
 
 @pytest.mark.parametrize("values", [{"num_experts": 4}, {"num_experts": 4, "k": 0},
-                                    {"num_experts": 4, "k": 2, "normalization": "bogus"}])
+                                    {"num_experts": 4, "k": 2, "normalization": "bogus"},
+                                    {"num_experts": 4, "k": 2, "order": "sigmoid_topk"}])
 def test_bad_fields_create_nothing(trt: ModuleType, values: dict[str, int | str]) -> None:
     assert create(trt, TOPK_ROUTING, values) is None
 

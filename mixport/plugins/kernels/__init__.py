@@ -4,12 +4,12 @@
 
 Public API (torch and triton are imported only when a function is called)::
 
-    topk_routing(logits, k, normalization="renormalize", *, out=None) -> (weights, ids)
+    topk_routing(logits, k, normalization="renormalize", order="softmax_topk", *, out=None) -> (weights, ids)
     moe_align_block_size(ids, num_experts, block_m, *, out=None) -> (sorted_token_ids, expert_ids, num_post)
     fused_moe(hidden, weights, ids, gate_up, down, *, block_m=None, workspace=None, out=None) -> out
     moe_scratch_bytes(tokens, hidden, ffn, experts, k, dtype) -> bytes of fused_moe's workspace
     moe_workspace_bytes(max_tokens, hidden, ffn, experts, k, dtype) -> bytes for 1..max_tokens
-    reference_routing(logits, k, normalization="renormalize") -> (weights, ids)   # numpy f64
+    reference_routing(logits, k, normalization="renormalize", order="softmax_topk") -> (weights, ids)  # f64
     reference_moe(hidden, weights, ids, gate_up, down) -> out                     # numpy f64
 
 Layouts follow ``mixport.ops``: gate_up [E, H, 2F] (gate | up), down [E, F, H].

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mixport.errors import KernelInputError
-from mixport.ops import NORMALIZATIONS
+from mixport.ops import NORMALIZATIONS, ORDERS
 from mixport.plugins.kernels._runtime import cdiv, interpret_mode, require
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, choose_block_m, gemm_config
 from mixport.plugins.kernels.workspace import Slice, carve, scratch_bytes, scratch_layout
@@ -59,12 +59,13 @@ def _check_out(t: Tensor, name: str, like: Tensor, shape: tuple[int, ...], dtype
     _check(t.is_contiguous(), f"{name} must be contiguous", tuple(t.stride()), "contiguous")
 
 
-def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", *,
+def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", order: str = ORDERS[0], *,
                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Router logits [T, E] -> (weights [T, k] in logits dtype, ids [T, k] int64).
 
-    Softmax in fp32, top-k by descending weight (ties: lower expert first),
-    then "renormalize" (divide by the top-k sum) or "none". ``out``: the
+    In fp32: order "softmax_topk" takes the softmax over E, then the top k by descending
+    weight; "topk_softmax" the top k logits, then the softmax over those k (ties: lower
+    expert first in both); then "renormalize" (divide by the top-k sum) or "none". ``out``: the
     (weights, ids) tensors to write (a TensorRT plugin's outputs); no scratch is needed.
     """
     torch = _torch()
@@ -73,6 +74,7 @@ def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", *,
     _check(logits.dim() == 2, "logits must be 2-D [T, E]", tuple(logits.shape), "[T, E]")
     _check(_dtype_name(logits) in FLOAT_DTYPES, "logits dtype", logits.dtype, FLOAT_DTYPES)
     _check(normalization in NORMALIZATIONS, "unknown normalization", normalization, NORMALIZATIONS)
+    _check(order in ORDERS, "unknown routing order", order, ORDERS)
     t, e = logits.shape
     _check(1 <= k <= e, "k must be in [1, E]", k, f"1..{e}")
     logits = logits.contiguous()
@@ -88,7 +90,8 @@ def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", *,
     _interpret(logits)
     meta = routing_meta(e, k)
     topk_routing_kernel.launch((cdiv(t, meta["BLOCK_T"]),), logits, weights, ids, t, e,
-                               K=k, RENORMALIZE=normalization == "renormalize", **meta)
+                               K=k, RENORMALIZE=normalization == "renormalize",
+                               TOPK_FIRST=order == "topk_softmax", **meta)
     return weights, ids
 
 

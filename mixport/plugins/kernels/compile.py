@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mixport.ops import ORDERS
 from mixport.plugins.kernels._runtime import Kernel, interpret_mode, require
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, gemm_config
 
@@ -61,11 +62,13 @@ def _routing(dt: str, e: int, k: int) -> Iterator[Variant]:
     from mixport.plugins.kernels.routing import routing_meta, topk_routing_kernel
 
     ty = TRITON_TYPES[dt]
-    for renorm in (True, False):
-        yield Variant(topk_routing_kernel, f"{dt}_E{e}_k{k}_{'renorm' if renorm else 'none'}", dt,
-                      {"logits_ptr": f"*{ty}", "weights_ptr": f"*{ty}", "ids_ptr": "*i64",
-                       "T": "i32", "E": "i32"},
-                      {"K": k, "RENORMALIZE": renorm, **routing_meta(e, k)})
+    for order in ORDERS:
+        for renorm in (True, False):
+            yield Variant(topk_routing_kernel, f"{dt}_E{e}_k{k}_{order}_{'renorm' if renorm else 'none'}", dt,
+                          {"logits_ptr": f"*{ty}", "weights_ptr": f"*{ty}", "ids_ptr": "*i64",
+                           "T": "i32", "E": "i32"},
+                          {"K": k, "RENORMALIZE": renorm, "TOPK_FIRST": order == "topk_softmax",
+                           **routing_meta(e, k)})
 
 
 def _align(e: int, block_m: int) -> Variant:

@@ -1,12 +1,14 @@
-"""Top-k routing kernel: softmax (fp32) over E router logits -> top-k -> normalize.
+"""Top-k routing kernel: softmax (fp32) over E router logits -> top-k -> normalize,
+or (``TOPK_FIRST``, order "topk_softmax") top-k of the logits -> softmax over the k -> normalize.
 
 # T tokens, E experts, k active experts per token
 
 One program handles BLOCK_T tokens x BLOCK_E (E rounded up to a power of two)
-experts. Top-k is k rounds of arg-max; an arg-max picks the LOWEST expert index
-among equal maxima (the same order ``torch.topk`` gives on CPU in practice and
-a stable descending sort gives in the numpy reference), then knocks that
-expert out with -1 (softmax values are >= 0, so it never wins again).
+experts. Top-k is k rounds of arg-max over the scores (probabilities, or the fp32
+logits when TOPK_FIRST); an arg-max picks the LOWEST expert index among equal
+maxima (the same order ``torch.topk`` gives on CPU in practice and a stable
+descending sort gives in the numpy reference), then takes that expert out of the
+candidates, so it never wins again; padding columns are never candidates.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def topk_routing_kernel(
     E,                     # experts
     K: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    TOPK_FIRST: tl.constexpr,  # order "topk_softmax": softmax over the k picked logits
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -37,21 +40,30 @@ def topk_routing_kernel(
     offs = rows.to(tl.int64)[:, None] * E + cols[None, :]
     x = tl.load(logits_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)                         # keep dead rows finite
-    x = x - tl.max(x, axis=1)[:, None]
-    p = tl.exp(x)
-    p = p / tl.sum(p, axis=1)[:, None]
-    p = tl.where(valid, p, -1.0)                                  # padding never selected
+    if TOPK_FIRST:
+        p = x                                                     # rank the logits themselves
+    else:
+        x = x - tl.max(x, axis=1)[:, None]
+        p = tl.exp(x)
+        p = p / tl.sum(p, axis=1)[:, None]
+    live = tl.broadcast_to(cols[None, :] < E, [BLOCK_T, BLOCK_E])  # candidates left (dead rows: finite 0s)
     top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
     for j in tl.static_range(K):
-        best = tl.max(p, axis=1)                                  # [BLOCK_T]
-        idx = tl.min(tl.where(p == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        best = tl.max(tl.where(live, p, float("-inf")), axis=1)   # [BLOCK_T]
+        idx = tl.min(tl.where(live & (p == best[:, None]), cols[None, :], BLOCK_E), axis=1)
         top_w = tl.where(slots[None, :] == j, best[:, None], top_w)
         top_i = tl.where(slots[None, :] == j, idx.to(tl.int64)[:, None], top_i)
-        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
-    if RENORMALIZE:
+        live = live & (cols[None, :] != idx[:, None])
+    slot_ok = slots[None, :] < K                                  # [1, BLOCK_K]
+    if TOPK_FIRST:
+        top_w = tl.where(slot_ok, top_w, float("-inf"))          # slot 0 holds the row's max
+        top_w = tl.exp(top_w - tl.max(top_w, axis=1)[:, None])
         top_w = top_w / tl.sum(top_w, axis=1)[:, None]
-    out_ok = row_ok[:, None] & (slots[None, :] < K)
+    if RENORMALIZE:
+        top_w = tl.where(slot_ok, top_w, 0.0)
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    out_ok = row_ok[:, None] & slot_ok
     out_offs = rows.to(tl.int64)[:, None] * K + slots[None, :]
     tl.store(weights_ptr + out_offs, top_w.to(weights_ptr.dtype.element_ty), mask=out_ok)
     tl.store(ids_ptr + out_offs, top_i, mask=out_ok)

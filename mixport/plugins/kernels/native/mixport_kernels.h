@@ -29,6 +29,16 @@ MIXPORT_API int mixport_topk_routing(const void* logits, int dtype, void* weight
                                      int64_t* ids, int T, int E, int k, int renormalize,
                                      void* stream);
 
+enum mixport_routing_order { MIXPORT_SOFTMAX_TOPK = 0, MIXPORT_TOPK_SOFTMAX = 1 };
+
+// The same with the TopKRouting node's order (mixport/ops.py, plugin_version "2"):
+// MIXPORT_SOFTMAX_TOPK as above; MIXPORT_TOPK_SOFTMAX takes the top k logits (ties to
+// the lower expert), then a softmax over those k, then renormalize or not.
+// mixport_topk_routing is this with MIXPORT_SOFTMAX_TOPK.
+MIXPORT_API int mixport_topk_routing_ordered(const void* logits, int dtype, void* weights,
+                                             int64_t* ids, int T, int E, int k, int renormalize,
+                                             int order, void* stream);
+
 // Buffer lengths for mixport_moe_align: P + E*(BM-1) and its cdiv by BM.
 MIXPORT_API int mixport_moe_align_sizes(int P, int E, int block_m, int* max_padded,
                                         int* max_blocks);

@@ -1,10 +1,11 @@
-"""`mixport check` on the Mixtral family beyond Mixtral: a Qwen3-MoE with a dense layer and a
+"""`mixport check` and `mixport bench` on the Mixtral family beyond Mixtral: a Qwen3-MoE with a dense layer and a
 GraniteMoeShared (top-k of the logits, then softmax; a shared MLP; muP scalars), each written by
 transformers' own class and exported once per session.
 
 Routing agreement is reported for the layers with a router only, labelled by decoder layer; the
 PyTorch side is transformers' class or mixport's reference (hooked at the adapter's router
-path); a check against another family's model or source fails loudly.
+path); a check against another family's model or source fails loudly. `mixport bench` times
+each family and says which graph ran, and why not the fast one.
 """
 
 from __future__ import annotations
@@ -128,3 +129,25 @@ def test_ties_are_judged_on_logits() -> None:
                        [10.0, 9.0, 5.0, 5.0 - 2.0 * TIE_GAP * 5.0]], dtype=np.float32)  # beyond it
     assert routing_ties(logits.astype(np.float64), 3).tolist() == [False, True, True, False]
     assert routing_ties(logits, 4).tolist() == [False] * 4  # k = E: nothing to tie with
+
+
+@pytest.mark.parametrize("family_export", list(CONFIGS), indirect=True)
+def test_bench_every_family(family_export: Path) -> None:
+    """`mixport bench` times the family as `mixport run` runs it and names the graph: the fast one where
+    ort_graph builds the family, else model.onnx with the reason."""
+    from mixport.runtime import ort_graph
+
+    res = invoke("bench", family_export, "--prompt-len", "4", "--new-tokens", "3", "--runs", "1", "--threads", "1",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    manifest = json.loads((family_export / "manifest.json").read_text())
+    why_not = ort_graph.supported(manifest["config"], manifest["dtype"])
+    assert (data["backend"], data["graph"]) == ("onnxruntime", "portable" if why_not else "fast")
+    assert data["graph_reason"] == (f"portable graph, not the fast graph: {why_not}" if why_not else "")
+    (row,) = data["rows"]
+    assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0
+    table = invoke("bench", family_export, "--prompt-len", "4", "--new-tokens", "3", "--runs", "1", "--threads", "1",
+                   "--graph", "portable")
+    assert table.exit_code == 0, table.output
+    assert table.stdout.splitlines()[2] == "  portable graph: --graph portable"

@@ -1,6 +1,8 @@
-"""`mixport check` and `mixport bench` on the Mixtral family beyond Mixtral: a Qwen3-MoE with a dense layer and a
-GraniteMoeShared (top-k of the logits, then softmax; a shared MLP; muP scalars), each written by
-transformers' own class and exported once per session.
+"""`mixport check` and `mixport bench` on the Mixtral family beyond Mixtral (the tiny Mixtral export is
+the other tests'): every other registered family written by transformers' own class and exported
+once per session — a Qwen3-MoE with a dense layer, a GraniteMoeShared (top-k of the logits, then
+softmax; a shared MLP; muP scalars), a Qwen2-MoE (gated shared expert, q/k/v bias, a dense first
+layer), an OLMoE (q/k norm over the projection, clip, top-1) and a Granite-MoE.
 
 Routing agreement is reported for the layers with a router only, labelled by decoder layer; the
 PyTorch side is transformers' class or mixport's reference (hooked at the adapter's router
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 
 from mixport.exporter.tiny import TINY
-from mixport.models import MoEConfig, registry
+from mixport.models import registry
 from tests.helpers import invoke, one_line_error
 
 # Qwen3-MoE: head_dim != hidden / heads, per-head q/k norms, top-3 of 6, renormalized; layer 1 dense.
@@ -32,31 +35,54 @@ QWEN3 = replace(TINY, model_type="qwen3_moe", hidden_size=72, head_dim=24, inter
 GRANITE = replace(TINY, model_type="granitemoeshared", intermediate_size=40, num_local_experts=5,
                   routing_order="topk_softmax", normalization="none", shared_expert_intermediate_size=48,
                   attention_scale=0.1, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=1.5)
-CONFIGS = {"qwen3_moe": QWEN3, "granitemoeshared": GRANITE}
+QWEN2 = replace(TINY, model_type="qwen2_moe", hidden_size=72, head_dim=18, intermediate_size=40, num_hidden_layers=3,
+                num_local_experts=9, num_experts_per_tok=4, qkv_bias=True, shared_expert_intermediate_size=48,
+                shared_expert_gate=True, dense_layers=(0,), dense_intermediate_size=56, normalization="none",
+                bos_token_id=None, eos_token_id=None)
+OLMOE = replace(TINY, model_type="olmoe", qk_norm="projection", clip_qkv=2.0, num_local_experts=6,
+                num_experts_per_tok=1, normalization="none", bos_token_id=None, eos_token_id=7, pad_token_id=1)
+GRANITE_PLAIN = replace(TINY, model_type="granitemoe", num_local_experts=4, routing_order="topk_softmax",
+                        normalization="none", attention_scale=0.2, logits_scaling=2.0)
+CONFIGS = {"qwen3_moe": QWEN3, "granitemoeshared": GRANITE, "qwen2_moe": QWEN2, "olmoe": OLMOE,
+           "granitemoe": GRANITE_PLAIN}
 
 
-def _export(tmp_path_factory: pytest.TempPathFactory, cfg: MoEConfig) -> Path:
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """model_type -> its tiny export (written and exported on first use, once per session)."""
     from mixport.exporter.export import export
     from mixport.exporter.tiny import write_tiny
 
-    base = tmp_path_factory.mktemp(cfg.model_type)
-    export(write_tiny(base / "src", cfg, seed=5), base / "out")
-    return base / "out"
+    done: dict[str, Path] = {}
 
+    def get(model_type: str) -> Path:
+        if model_type not in done:
+            base = tmp_path_factory.mktemp(model_type)
+            export(write_tiny(base / "src", CONFIGS[model_type], seed=5), base / "out")
+            done[model_type] = base / "out"
+        return done[model_type]
 
-@pytest.fixture(scope="session")
-def qwen3_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tmp_path_factory, QWEN3)
-
-
-@pytest.fixture(scope="session")
-def granite_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tmp_path_factory, GRANITE)
+    return get
 
 
 @pytest.fixture
-def family_export(request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue({"qwen3_moe": "qwen3_export", "granitemoeshared": "granite_export"}[request.param])
+def qwen3_export(exports: Callable[[str], Path]) -> Path:
+    return exports("qwen3_moe")
+
+
+@pytest.fixture
+def granite_export(exports: Callable[[str], Path]) -> Path:
+    return exports("granitemoeshared")
+
+
+@pytest.fixture
+def family_export(request: pytest.FixtureRequest, exports: Callable[[str], Path]) -> Path:
+    return exports(request.param)
+
+
+def test_every_family_is_checked_here() -> None:
+    """A newly registered family gets a config here (Mixtral's export is the shared tiny_export)."""
+    assert sorted([*CONFIGS, "mixtral"]) == sorted(a.model_type for a in registry.ADAPTERS)
 
 
 def _routing_rows(text: str) -> list[str]:
@@ -74,7 +100,10 @@ def test_check_cli_passes_with_transformers(family_export: Path) -> None:
     assert "parity: pytorch-transformers vs onnxruntime" in res.stdout and "parity: PASSED" in res.stdout
     assert _routing_rows(res.stdout) == [str(i) for i in moe]
     dense = [i for i in range(cfg.num_hidden_layers) if i not in moe]
-    assert ("(dense MLP, no router: layer 1)" in res.stdout) == (dense == [1])
+    if dense:
+        assert f"(dense MLP, no router: layer {', '.join(map(str, dense))})" in res.stdout
+    else:
+        assert "dense MLP" not in res.stdout
 
 
 @pytest.mark.parametrize("family_export", list(CONFIGS), indirect=True)

@@ -1,4 +1,5 @@
-"""The README's first two commands: the main job runs, and .ci/run runs the test command."""
+"""The README's first two commands: the main job runs, and .ci/run runs the test command; its
+Supported architectures table lists every family mixport registers."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def test_readme_main_job_runs(tmp_path: Path) -> None:
         outputs.append(res.stdout)
     assert "parity: PASSED" in outputs[0]
     assert outputs[1].startswith("The ship sailed") and len(outputs[1]) > len("The ship sailed")
+
+
+def test_readme_lists_every_registered_architecture() -> None:
+    """One row per adapter in the Supported architectures table: its architectures and model_type."""
+    from mixport.models import registry
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| --- |", 1)[1].split("\n", 1)[1]  # the rows below the header
+    rows = [ln for ln in table.splitlines() if ln.startswith("| `")]
+    listed = [tuple(cell.strip().strip("`") for cell in row.split("|")[1:3]) for row in rows]
+    assert listed == [(a.architectures[0], a.model_type) for a in registry.ADAPTERS]

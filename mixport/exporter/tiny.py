@@ -44,6 +44,14 @@ MINI_MIXTRAL = MoEConfig(vocab_size=32000, hidden_size=512, intermediate_size=17
                          num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
                          num_experts_per_tok=2, head_dim=64, max_position_embeddings=4096, rope_theta=1e6)
 
+# Its Qwen3-MoE counterpart (issue 11's numbers): the same vocab, width, depth and heads; 32 narrower experts,
+# top-4, renormalized (released Qwen3-MoE configs set norm_topk_prob true), per-head q/k RMSNorm, no dense
+# layer (about 494 MB of fp32 weights; a decode token reads half the expert weights the mini-Mixtral's does).
+MINI_QWEN3_MOE = MoEConfig(vocab_size=32000, hidden_size=512, intermediate_size=448, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=32,
+                           num_experts_per_tok=4, head_dim=64, max_position_embeddings=4096, rope_theta=1e6,
+                           rms_norm_eps=1e-6, model_type="qwen3_moe", qk_norm="head", normalization="renormalize")
+
 
 def build_tokenizer(vocab_size: int = 512):  # -> tokenizers.Tokenizer
     """A byte-level BPE trained on CORPUS: deterministic, no download."""

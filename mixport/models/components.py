@@ -135,10 +135,14 @@ class Router(nn.Module):
         logits = Fn.linear(x, self.weight)  # [T, E]
         return topk_routing(logits, self.k, self.normalization, self.order)  # [T, k] x2
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> the router logits [T, E] fp32 (the tools' routing hooks: the experts picked
+        are the top-k of these, whatever the order)."""
+        return Fn.linear(x, self.weight).float()
+
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> every expert's routing probability [T, E] fp32 (the tools' routing hooks;
-        the top-k of these are the top-k of the logits, whatever the order)."""
-        return torch.softmax(Fn.linear(x, self.weight).float(), dim=-1)
+        """x [T, H] -> every expert's routing probability [T, E] fp32 (softmax of the logits)."""
+        return torch.softmax(self.logits(x), dim=-1)
 
 
 class Experts(nn.ModuleList):

@@ -4,7 +4,8 @@ Timed through the generation loop's own calls (``generate.last_logits`` on the
 session ``mixport run`` opens): one warm-up run, then the median of ``runs``.
 Greedy, no early stop, so every run decodes exactly ``new_tokens`` tokens. The result
 names what was measured: the backend (onnxruntime / tensorrt), the graph it ran
-(ONNX Runtime's fast or portable graph, TensorRT's engine) and why that backend.
+(ONNX Runtime's fast or portable graph, TensorRT's engine), why that backend and, when ONNX
+Runtime ran the portable model.onnx, why not the fast graph (e.g. a family it does not build yet).
 """
 
 from __future__ import annotations
@@ -115,6 +116,19 @@ def check_sizes(config: dict[str, object], dtype: str, prompt_len: int, new_toke
                              hint="use a smaller --batch or --prompt-len")
 
 
+def graph_reason(manifest_config: dict[str, object], dtype: str, backend: str, ran: str, asked: str) -> str:
+    """Why ONNX Runtime ran the portable model.onnx ("" when it ran the fast graph, or TensorRT ran)."""
+    from mixport.runtime import ort_graph
+
+    if backend != "onnxruntime" or ran != "portable":
+        return ""
+    if asked == "portable":
+        return "portable graph: --graph portable"
+    why = ort_graph.supported(manifest_config, dtype)
+    return (f"portable graph, not the fast graph: {why}" if why
+            else "portable graph: the fast graph could not be built (see the line above)")
+
+
 def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batches: tuple[int, ...] = (1,),
                  runs: int = 3, threads: int | None = None, graph: str = "auto",
                  progress: object = None, backend: str = "auto") -> dict[str, object]:
@@ -131,6 +145,7 @@ def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batc
                           b, runs) for b in batches]
     return {"folder": str(folder), "backend": pipe.backend, "graph": pipe.graph,
             "backend_reason": pipe.backend_reason,
+            "graph_reason": graph_reason(manifest.config, manifest.dtype, pipe.backend, pipe.graph, graph),
             "threads": threads, "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(rss_mb(), 1),
             "rows": [asdict(r) for r in rows]}
 
@@ -138,7 +153,10 @@ def bench_folder(folder: Path, prompt_len: int = 64, new_tokens: int = 128, batc
 def format_table(result: dict[str, object]) -> str:
     head = f"{'batch':>5} {'prompt':>6} {'new':>5} {'prefill ms':>11} {'ms/step':>8} {'decode tok/s':>13}"
     lines = [f"backend: {result['backend']}, graph: {result['graph']}  "
-             f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", f"  {result['backend_reason']}", head]
+             f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB", f"  {result['backend_reason']}"]
+    if result.get("graph_reason"):
+        lines.append(f"  {result['graph_reason']}")
+    lines.append(head)
     for r in result["rows"]:  # type: ignore[union-attr]
         lines.append(f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>5} {r['prefill_ms']:>11.1f} "
                      f"{r['decode_ms_per_step']:>8.2f} {r['decode_tok_s']:>13.1f}")

@@ -3,7 +3,8 @@
 Teacher-forced: the prompt and the greedy continuation come from the PyTorch
 reference; every runner sees the same tokens (and ONNX Runtime the reference's
 cache), so each step compares like with like. Routing ids per layer are compared
-as sets; tokens whose k-th and (k+1)-th router probabilities tie are counted apart.
+as sets, for each layer with a router (dense-MLP layers have none); tokens whose k-th and (k+1)-th
+router logits tie are counted apart.
 TensorRT joins (compared with the reference, outputs only) when the folder's
 engine is up to date and a GPU is visible; otherwise ``notes`` says why not.
 
@@ -30,6 +31,7 @@ from mixport import onnx_io, ops
 from mixport.artifact import Manifest
 from mixport.errors import CheckUnavailable
 from mixport.models import registry
+from mixport.models.config import DEFAULT_MODEL_TYPE
 from mixport.tools import check_target
 from mixport.tools.check_fast import FastGraphStat, check_fast_graph, greedy_tokens
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # torch and the exporter are imported when a check runs, afte
     from mixport.models.components import DecoderModel
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2.5e-1, 1e-1)}  # atol, rtol
-TIE_GAP = 1e-6
+TIE_GAP = 1e-5  # router logits whose k-th and (k+1)-th differ by <= this x max(1, |k-th|) tie
 
 
 @dataclass
@@ -50,10 +52,10 @@ class OutputStat:
 
 @dataclass
 class RoutingStat:
-    layer: int
+    layer: int  # the decoder layer (its index in the model, dense layers counted)
     tokens: int
     agree: int
-    ties: int  # tokens whose k-th / (k+1)-th probabilities tie (either pick is right)
+    ties: int  # tokens whose k-th / (k+1)-th router logits tie (either pick is right)
     tie_mismatch: int
 
     @property
@@ -68,7 +70,8 @@ class CheckReport:
     atol: float
     rtol: float
     outputs: list[OutputStat] = field(default_factory=list)
-    routing: list[RoutingStat] = field(default_factory=list)
+    routing: list[RoutingStat] = field(default_factory=list)  # one per layer with a router
+    dense_layers: list[int] = field(default_factory=list)  # decoder layers with a dense MLP (no router to compare)
     notes: list[str] = field(default_factory=list)  # e.g. why TensorRT was not compared
     fast: FastGraphStat | None = None  # the graph `mixport run` uses on CPU
     ref_tokens: list[int] = field(default_factory=list)
@@ -202,22 +205,32 @@ def _output_stats(accuracy: Any, atol: float, rtol: float) -> list[OutputStat]:
     return list(worst.values())
 
 
-def _routing_stats(ref: list[Any], ort: list[Any], layers: int, k: int) -> list[RoutingStat]:
+def routing_ties(logits: np.ndarray, k: int) -> np.ndarray:
+    """logits [T, E] -> [T] bool: the k-th and (k+1)-th largest router logits tie (within TIE_GAP,
+    relative to the k-th's size), so either expert is a right pick. Logits, not probabilities:
+    two tiny probabilities are close without being a tie."""
+    if logits.shape[1] <= k:
+        return np.zeros(len(logits), bool)
+    srt = -np.sort(-logits, axis=1)
+    return srt[:, k - 1] - srt[:, k] <= TIE_GAP * np.maximum(1.0, np.abs(srt[:, k - 1]))
+
+
+def _routing_stats(ref: list[Any], ort: list[Any], layers: list[int], k: int) -> list[RoutingStat]:
+    """Per MoE layer (``layers``: the decoder layers with a router, in TopKRouting node order)."""
     stats = []
-    for i in range(layers):
+    for j, layer in enumerate(layers):
         tokens = agree = ties = tie_mismatch = 0
         for r, o in zip(ref, ort, strict=True):
-            probs = r[f"routing.{i}.probs"].reshape(-1, r[f"routing.{i}.probs"].shape[-1])
-            a = np.sort(r[f"routing.{i}.ids"].reshape(len(probs), -1), axis=1)
-            b = np.sort(o[f"routing.{i}.ids"].reshape(len(probs), -1), axis=1)
-            srt = -np.sort(-probs, axis=1)
-            tie = (srt[:, k - 1] - srt[:, k] <= TIE_GAP) if probs.shape[1] > k else np.zeros(len(probs), bool)
+            logits = r[f"routing.{j}.logits"].reshape(-1, r[f"routing.{j}.logits"].shape[-1])
+            a = np.sort(r[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
+            b = np.sort(o[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
+            tie = routing_ties(logits, k)
             same = (a == b).all(axis=1)
-            tokens += len(probs)
+            tokens += len(logits)
             agree += int(same.sum())
             ties += int(tie.sum())
             tie_mismatch += int((~same & tie).sum())
-        stats.append(RoutingStat(i, tokens, agree, ties, tie_mismatch))
+        stats.append(RoutingStat(layer, tokens, agree, ties, tie_mismatch))
     return stats
 
 
@@ -227,7 +240,8 @@ def torch_runner(source: Path, model: DecoderModel, prefer_transformers: bool): 
     if prefer_transformers:
         try:
             import transformers  # noqa: F401
-            return TransformersRunner(source, registry.for_config(model.cfg))
+            adapter = registry.for_config(model.cfg)
+            return TransformersRunner(source, adapter, len(adapter.moe_layers(model.cfg)))
         except ImportError:
             pass
     return ReferenceRunner(model)
@@ -260,8 +274,9 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
     with resolve_source(Path(src_info.path) if src_info.path else None, src_info.builtin) \
             as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, polygraphy_logs(verbose):
         ref_model, cfg, _ = load_reference(src, "fp32")
-        moe_layers = len(registry.for_config(cfg).moe_layers(cfg))  # one TopKRouting node each
-        _require_routers(target, moe_layers)
+        _require_family(manifest, cfg, src)
+        moe_layers = registry.for_config(cfg).moe_layers(cfg)  # the layers with a router: one TopKRouting each
+        _require_routers(target, len(moe_layers))
         rng = np.random.default_rng(seed)
         prompt = rng.integers(3, cfg.vocab_size, prompt_len).tolist()
         feeds, ref_tokens = reference_feeds(ref_model, prompt, steps)
@@ -282,6 +297,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         report = CheckReport([r.name for r in runners], steps, atol, rtol, notes=notes)
         report.outputs = _output_stats(accuracy, atol, rtol)
         report.routing = _routing_stats(ref_iters, ort_iters, moe_layers, cfg.num_experts_per_tok)
+        report.dense_layers = [i for i in range(cfg.num_hidden_layers) if i not in moe_layers]
         report.ref_tokens = ref_tokens
         report.ort_tokens = ort_greedy(model_path, manifest, prompt, len(ref_tokens))
         report.tokens_must_match = dtype == "fp32"
@@ -294,6 +310,17 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
                 report.notes.append(f"built the fast ONNX Runtime graph into {folder} from its exported "
                                     "model.onnx (as `mixport run` would) and checked it")
     return report
+
+
+def _require_family(manifest: Manifest, cfg: Any, src: Path) -> None:
+    """The source model must still be the family the folder was exported from (a folder re-pointed at,
+    or a source overwritten by, another family's checkpoint is refused, not compared)."""
+    exported = manifest.config.get("model_type") or DEFAULT_MODEL_TYPE
+    if exported != cfg.model_type:
+        raise CheckUnavailable("the source model is another family than the export",
+                               given=f"{src} is {registry.get(cfg.model_type).name} ({cfg.model_type})",
+                               expected=f"{exported} (the manifest's config.model_type)",
+                               hint="check an export against the checkpoint it was exported from")
 
 
 def _require_routers(target: check_target.CheckTarget, moe_layers: int) -> None:
@@ -382,6 +409,8 @@ def format_report(report: CheckReport) -> str:
         lines.append(f"  {'layer ' + str(r.layer):<22} {r.tokens:>12} {r.agree:>12}  {r.ties}"
                      f"{' (differ only on ties: ' + str(r.tie_mismatch) + ')' if r.tie_mismatch else ''}"
                      f"  {'ok' if r.passed else 'FAIL'}")
+    if report.dense_layers:
+        lines.append(f"  (dense MLP, no router: layer {', '.join(map(str, report.dense_layers))})")
     lines.append(f"  greedy tokens (free-running): {report.same_tokens}/{len(report.ref_tokens)} identical"
                  + ("" if report.tokens_must_match else " (informative at this dtype)"))
     f = report.fast

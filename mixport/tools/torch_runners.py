@@ -1,7 +1,10 @@
 """Polygraphy runners for the PyTorch side of a parity check.
 
-Both take a feed of the exported graph's inputs and return its outputs by name,
-plus ``routing.{i}.ids`` [T, k] and ``routing.{i}.probs`` [T, E] per layer.
+Both take a feed of the exported graph's inputs and return its outputs by name, plus, for
+the j-th MoE layer (the j-th TopKRouting node: layers with a router only, ``adapter.moe_layers``),
+``routing.{j}.logits`` [T, E] fp32 (the router's logits) and ``routing.{j}.ids`` [T, k] (their
+top-k: the experts picked, whatever the family's routing order — softmax then top-k picks the
+top-k of the logits too).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from mixport.errors import CheckUnavailable
 from mixport.models import Adapter, registry
 from mixport.models.components import DecoderModel
 
@@ -31,11 +35,16 @@ def input_metadata(num_layers: int, dtype: np.dtype = np.float32) -> TensorMetad
     return meta
 
 
-def _routing(probs: list[torch.Tensor], k: int) -> dict[str, np.ndarray]:
+def _routing(logits: list[torch.Tensor], k: int, moe_layers: int, who: str) -> dict[str, np.ndarray]:
+    """routing.{j}.logits / .ids for each MoE layer's router logits [T, E]."""
+    if len(logits) != moe_layers:  # a hook or a recorder that missed (or added) a router
+        raise CheckUnavailable(f"{who} reported router logits for {len(logits)} layers", given=str(len(logits)),
+                               expected=f"{moe_layers} (one per MoE layer)")
     out = {}
-    for i, p in enumerate(probs):
-        out[f"routing.{i}.probs"] = p.float().numpy()
-        out[f"routing.{i}.ids"] = torch.topk(p.float(), k, dim=-1).indices.numpy()
+    for j, lg in enumerate(logits):
+        lg = lg.float().reshape(-1, lg.shape[-1])
+        out[f"routing.{j}.logits"] = lg.numpy()
+        out[f"routing.{j}.ids"] = torch.topk(lg, k, dim=-1).indices.numpy()
     return out
 
 
@@ -60,20 +69,20 @@ class ReferenceRunner(_TimedRunner):
         self.model = model
 
     def activate_impl(self) -> None:
-        self.probs: list[torch.Tensor] = []
-        adapter = registry.for_config(self.model.cfg)  # where each MoE layer's router sits
-        routers = [self.model.get_submodule(f"layers.{i}.{adapter.router_path}")
-                   for i in adapter.moe_layers(self.model.cfg)]
-        self.hooks = [router.register_forward_hook(self._hook) for router in routers]
+        self.logits: list[torch.Tensor] = []
+        adapter = registry.for_config(self.model.cfg)  # where each MoE layer's router sits (dense layers: none)
+        self.routers = [self.model.get_submodule(f"layers.{i}.{adapter.router_path}")
+                        for i in adapter.moe_layers(self.model.cfg)]
+        self.hooks = [router.register_forward_hook(self._hook) for router in self.routers]
 
     def _hook(self, module, args, _out) -> None:  # noqa: ANN001
-        self.probs.append(module.probs(args[0]))
+        self.logits.append(module.logits(args[0]))
 
     def get_input_metadata_impl(self) -> TensorMetadata:
         return input_metadata(self.model.cfg.num_hidden_layers)
 
     def _infer(self, feed_dict: OrderedDict) -> OrderedDict:
-        self.probs = []
+        self.logits = []
         n = self.model.cfg.num_hidden_layers
         past = [torch.from_numpy(feed_dict[f"past_key_values.{i}.{kv}"]) for i in range(n)
                 for kv in ("key", "value")]
@@ -84,7 +93,7 @@ class ReferenceRunner(_TimedRunner):
         for i in range(n):
             out[f"present.{i}.key"] = present[2 * i].float().numpy()
             out[f"present.{i}.value"] = present[2 * i + 1].float().numpy()
-        out.update(_routing(self.probs, self.model.cfg.num_experts_per_tok))
+        out.update(_routing(self.logits, self.model.cfg.num_experts_per_tok, len(self.routers), self.name))
         return out
 
     def deactivate_impl(self) -> None:
@@ -97,10 +106,11 @@ class TransformersRunner(_TimedRunner):
     MixtralForCausalLM) on the source folder. It keeps its own cache: a feed with an empty
     past starts a new sequence; later feeds must continue it."""
 
-    def __init__(self, model_dir: Path, adapter: Adapter, name: str = "pytorch-transformers") -> None:
+    def __init__(self, model_dir: Path, adapter: Adapter, moe_layers: int, name: str = "pytorch-transformers") -> None:
         super().__init__(name=name, prefix="pyt-hf")
         self.model_dir = Path(model_dir)
         self.adapter = adapter
+        self.moe_layers = moe_layers  # layers with a router (transformers records router logits for these only)
 
     def activate_impl(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -129,8 +139,9 @@ class TransformersRunner(_TimedRunner):
         for i, layer in enumerate(self.cache.layers):
             out[f"present.{i}.key"] = layer.keys.float().numpy()
             out[f"present.{i}.value"] = layer.values.float().numpy()
-        probs = [torch.softmax(r.float(), dim=-1) for r in res.router_logits]
-        out.update(_routing(probs, self.model.config.num_experts_per_tok))
+        # router_logits: one [T, E] per layer with a router (transformers records each router module's logits)
+        out.update(_routing(list(res.router_logits), self.model.config.num_experts_per_tok, self.moe_layers,
+                            self.name))
         return out
 
     def deactivate_impl(self) -> None:

@@ -145,20 +145,23 @@ def left_padded_prompt(vocab: int, batch: int = 2, length: int = 11, pads: int =
 
 # ---- routing the trace never saw ----------------------------------------------------------------
 
-def routing_probe(model_path: Path, ids: np.ndarray) -> tuple[np.ndarray, list[set[int]]]:
-    """One prefill of ``ids`` (no padding) through plain ONNX Runtime on a copy of model.onnx that
-    also outputs each TopKRouting node's ids: (logits, the experts each MoE layer picked)."""
-    from mixport.tools.check import debug_model
+class RoutingProbe:
+    """A copy of model.onnx that also outputs each TopKRouting node's ids, in plain ONNX Runtime."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = plain_session(debug_model(model_path, Path(tmp)))
+    def __init__(self, model_path: Path, tmp: Path) -> None:
+        from mixport.tools.check import debug_model
+
+        self.sess = plain_session(debug_model(model_path, tmp))
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.layers = sum(n.startswith("routing.") for n in self.names)
+
+    def __call__(self, ids: np.ndarray) -> tuple[np.ndarray, list[set[int]]]:
+        """One prefill of ``ids`` (no padding): (logits, the experts each MoE layer picked)."""
         mask = np.ones_like(ids)
-        names = [o.name for o in sess.get_outputs()]
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
-                **empty_past(sess, ids.shape[0])}
-        outs = dict(zip(names, sess.run(names, feed), strict=True))
-    layers = sum(n.startswith("routing.") for n in names)
-    return outs["logits"], [set(np.unique(outs[f"routing.{i}.ids"]).tolist()) for i in range(layers)]
+                **empty_past(self.sess, ids.shape[0])}
+        outs = dict(zip(self.names, self.sess.run(self.names, feed), strict=True))
+        return outs["logits"], [set(np.unique(outs[f"routing.{i}.ids"]).tolist()) for i in range(self.layers)]
 
 
 def assert_unseen_routing(model_path: Path, ref: Any, stepper: Callable[[], Step] | None = None) -> None:
@@ -166,19 +169,23 @@ def assert_unseen_routing(model_path: Path, ref: Any, stepper: Callable[[], Step
     sequence sizes: logits within 1e-4 of the reference model ``ref`` (``DecoderModel``) from
     model.onnx, or from ``stepper()`` (a new stepper of the same export, e.g. mixport's runtime)."""
     from mixport.exporter.trace import _example
+    from mixport.models import registry
 
     cfg = ref.cfg
     (trace_ids, *_), _ = _example(ref)  # the exact input the export traced with
-    _, seen = routing_probe(model_path, trace_ids.numpy())
-    assert seen and any(len(s) < cfg.num_local_experts for s in seen), "the trace input already hit every expert"
-    rng = np.random.default_rng(1)
-    for batch, seq in [(1, 1), (3, 17), (1, 40)]:
-        ids = rng.integers(3, cfg.vocab_size, (batch, seq))
-        ours, picked = routing_probe(model_path, ids)
-        if stepper is not None:
-            ours = stepper()(ids, np.ones_like(ids), positions(np.ones_like(ids)))
-        want = ReferenceStepper(ref)(ids, np.ones_like(ids), positions(np.ones_like(ids)))
-        assert np.abs(ours - want).max() <= 1e-4, (batch, seq)
-        if seq == 40:  # a long prompt reaches experts the 6-token trace example did not
-            assert any(p - s for p, s in zip(picked, seen, strict=True)), (picked, seen)
-            assert all(len(p) == cfg.num_local_experts for p in picked), picked
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = RoutingProbe(model_path, Path(tmp))
+        _, seen = probe(trace_ids.numpy())
+        assert len(seen) == len(registry.for_config(cfg).moe_layers(cfg))  # one TopKRouting per MoE layer
+        assert any(len(s) < cfg.num_local_experts for s in seen), "the trace input already hit every expert"
+        rng = np.random.default_rng(1)
+        for batch, seq in [(1, 1), (3, 17), (1, 40)]:
+            ids = rng.integers(3, cfg.vocab_size, (batch, seq))
+            ours, picked = probe(ids)
+            if stepper is not None:
+                ours = stepper()(ids, np.ones_like(ids), positions(np.ones_like(ids)))
+            want = ReferenceStepper(ref)(ids, np.ones_like(ids), positions(np.ones_like(ids)))
+            assert np.abs(ours - want).max() <= 1e-4, (batch, seq)
+            if seq == 40:  # a long prompt reaches experts the 6-token trace example did not
+                assert any(p - s for p, s in zip(picked, seen, strict=True)), (picked, seen)
+                assert all(len(p) == cfg.num_local_experts for p in picked), picked

@@ -8,9 +8,11 @@ q/k norm over the projection; Granite: muP scalars far from 1, top-k then softma
 GraniteMoeShared: its shared MLP). The written model.onnx runs in a plain
 ``onnxruntime.InferenceSession`` against transformers' model (prefill + 32 greedy steps, batch
 2, left padding), equals the same trace before the fusion passes, computes routing the trace
-never saw, and passes `mixport check`. fp16, bf16, sharded checkpoints and external data are
-each covered once, on a one-MoE-layer variant of one family each (not the cross product: each
-export costs seconds of torch.export).
+never saw, and passes `mixport check`. Layouts big checkpoints come in ride on those exports:
+OLMoE's and Granite's folders are transformers' shards + index, Qwen2-MoE is exported past the
+(lowered) 2 GB limit into model.onnx.data. fp16 and bf16 are each covered once, on a
+one-MoE-layer variant of one family (not the cross product: each export costs seconds of
+torch.export).
 """
 
 from __future__ import annotations
@@ -48,17 +50,19 @@ class Family:
     order: str  # the TopKRouting node's routing order ...
     normalization: str  # ... and normalization, as the family's config implies them
     ops: dict[str, int] | None = None  # op_type -> count per layer the family's graph must hold
+    sharded: bool = False  # the folder holds transformers' shards + index, not one model.safetensors
+    external_data: bool = False  # exported past the 2 GB limit (lowered): weights in model.onnx.data
 
 
 FAMILIES = {
     "qwen2_moe": Family(dict(num_hidden_layers=3, dense_layers=(1,), dense_intermediate_size=88, qkv_bias=True,
                              shared_expert_intermediate_size=56, shared_expert_gate=True, normalization="none"),
-                        "softmax_topk", "none"),
+                        "softmax_topk", "none", external_data=True),
     "qwen3_moe": Family(dict(head_dim=24, qk_norm="head", num_local_experts=12, num_experts_per_tok=4,
                              normalization="renormalize"), "softmax_topk", "renormalize"),
     "olmoe": Family(dict(qk_norm="projection", clip_qkv=0.6, num_local_experts=10, num_experts_per_tok=3,
-                         normalization="none"), "softmax_topk", "none", ops={"Clip": 3}),
-    "granitemoe": Family(dict(**MUP, num_experts_per_tok=1), "topk_softmax", "none"),
+                         normalization="none"), "softmax_topk", "none", ops={"Clip": 3}, sharded=True),
+    "granitemoe": Family(dict(**MUP, num_experts_per_tok=1), "topk_softmax", "none", sharded=True),
     "granitemoeshared": Family(dict(**MUP, num_local_experts=6, shared_expert_intermediate_size=56),
                                "topk_softmax", "none"),
 }
@@ -120,9 +124,13 @@ def family_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], E
 
     def get(family: str) -> Exported:
         if family not in made:
-            root = tmp_path_factory.mktemp(family)
-            src = write_tiny(root / "src", family_config(family), seed=3)
-            with keeping_unfused(root / "unfused"):
+            root, fam = tmp_path_factory.mktemp(family), FAMILIES[family]
+            src = write_tiny(root / ("single" if fam.sharded else "src"), family_config(family), seed=3)
+            if fam.sharded:
+                src = hf_sharded(src, root / "src", family)
+            with keeping_unfused(root / "unfused"), pytest.MonkeyPatch.context() as mp:
+                if fam.external_data:
+                    mp.setattr(artifact, "TWO_GB", 1 << 16)
                 out = cli_export(src, root / "out")
             made[family] = Exported(src, out, root / "unfused", load_config(src)[0])
         return made[family]
@@ -133,6 +141,14 @@ def family_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], E
 def hf_model(folder: Path, family: str):  # -> the family's transformers *ForCausalLM, fp32, eval
     cls = registry.get(family).transformers_class()
     return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_sharded(src: Path, dst: Path, family: str) -> Path:
+    """SRC re-saved by transformers in several model-0000x-of-0000y.safetensors shards + the index."""
+    hf_model(src, family).save_pretrained(dst, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst
 
 
 def mixport_nodes(proto: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
@@ -242,51 +258,30 @@ def test_mixport_check_passes(family_export: Callable[[str], Exported], family: 
 
 # ---- dtypes, checkpoint and output layouts: one family each ----------------------------------------
 
-def _hf_sharded(src: Path, dst: Path, family: str) -> Path:
-    """SRC re-saved by transformers in several model-0000x-of-0000y.safetensors shards + the index."""
-    hf_model(src, family).save_pretrained(dst, max_shard_size="100KB")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(src / name, dst / name)
-    return dst
+@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.sharded])
+def test_sharded_checkpoint(family_export: Callable[[str], Exported], family: str) -> None:
+    """The session folder is transformers' shards + index (Granite: its stacked experts in one shard,
+    its router in another); the tests above ran on its export (transformers reading the same folder)."""
+    ex = family_export(family)
+    weight_map = json.loads((ex.src / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 2 and shards[0].startswith("model-00001-of-") and not (ex.src / "model.safetensors").exists()
+    assert all((ex.src / shard).is_file() for shard in shards)
+    assert artifact.Manifest.read(ex.out).source.path == str(ex.src.absolute())
 
 
-def test_sharded_checkpoint(tmp_path: Path) -> None:
-    """A checkpoint in transformers' shards + index (Granite: its experts stacked on disk, read from
-    the shard that holds them): the export matches transformers reading the same folder."""
-    family = "granitemoe"
-    src = _hf_sharded(write_tiny(tmp_path / "one", small_config(family), seed=4), tmp_path / "sharded", family)
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 2 and shards[0].startswith("model-00001-of-") and not (src / "model.safetensors").exists()
-    out = cli_export(src, tmp_path / "out")
-    cfg = load_config(src)[0]
-    assert_fused_graph(onnx.load(str(out / artifact.MODEL_FILE)), cfg, FAMILIES[family].order,
-                       FAMILIES[family].normalization)
-    ids, mask = parity.left_padded_prompt(cfg.vocab_size, seed=2)
-    ours = parity.greedy(parity.OrtStepper(parity.plain_session(out / artifact.MODEL_FILE)), ids, mask, 6)
-    theirs = parity.greedy(parity.HfStepper(hf_model(src, family)), ids, mask, 6)
-    np.testing.assert_array_equal(ours.tokens, theirs.tokens)
-    assert parity.max_logit_error(ours, theirs, mask) <= 1e-4
-
-
-def test_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past the 2 GB limit (lowered here) the weights go to model.onnx.data, and the model still matches."""
-    family = "qwen2_moe"
-    monkeypatch.setattr(artifact, "TWO_GB", 1 << 16)
-    src = write_tiny(tmp_path / "src", small_config(family), seed=4)
-    out = cli_export(src, tmp_path / "out")
+@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.external_data])
+def test_external_data(family_export: Callable[[str], Exported], family: str) -> None:
+    """Past the 2 GB limit (lowered for the session export) the weights went to model.onnx.data;
+    the tests above ran on that layout."""
+    out = family_export(family).out
     manifest = artifact.Manifest.read(out)
     assert artifact.DATA_FILE in manifest.files and manifest.data_sha256
     assert (out / artifact.MODEL_FILE).stat().st_size < (out / artifact.DATA_FILE).stat().st_size
     proto = onnx.load(str(out / artifact.MODEL_FILE), load_external_data=False)
-    assert any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
-    cfg = load_config(src)[0]
-    assert_fused_graph(proto, cfg, FAMILIES[family].order, FAMILIES[family].normalization)
-    ids, mask = parity.left_padded_prompt(cfg.vocab_size, seed=2)
-    ours = parity.greedy(parity.OrtStepper(parity.plain_session(out / artifact.MODEL_FILE)), ids, mask, 6)
-    theirs = parity.greedy(parity.HfStepper(hf_model(src, family)), ids, mask, 6)
-    np.testing.assert_array_equal(ours.tokens, theirs.tokens)
-    assert parity.max_logit_error(ours, theirs, mask) <= 1e-4
+    stored = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert stored == {artifact.DATA_FILE}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no work files left
 
 
 def test_fp16_export(tmp_path: Path) -> None:

@@ -253,7 +253,7 @@ def test_mixport_check_passes(family_export: Callable[[str], Exported], family: 
     assert "parity: PASSED" in result.output and "pytorch-transformers vs onnxruntime" in result.output
     moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
     routing = [ln.split() for ln in result.output.splitlines() if ln.strip().startswith("layer ")]
-    assert [(r[1], r[-1]) for r in routing] == [(str(i), "ok") for i in range(moe_layers)]
+    assert len(routing) == moe_layers and all(r[-1] == "ok" for r in routing), result.output  # one per MoE layer
 
 
 # ---- dtypes, checkpoint and output layouts: one family each ----------------------------------------

@@ -9,9 +9,10 @@ one over a prefill and N decode steps, batch rows free-running, left padding all
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,26 @@ class Greedy:
     logits: list[np.ndarray]  # per forward: [B, S, V] (the prefill's S = prompt length, then 1)
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread: tiny models step faster so, and a busy machine does not leave torch's
+    worker threads spinning at every op's barrier (seconds per test on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def greedy(step: Step, ids: np.ndarray, mask: np.ndarray, steps: int, forced: np.ndarray | None = None) -> Greedy:
     """A prefill of ``ids`` (rows left-padded where ``mask`` is 0) + ``steps`` greedy decode steps;
     with ``forced`` [B, >= steps], step i decodes forced[:, i] instead of the model's own pick."""
+    with one_torch_thread():
+        return _greedy(step, ids, mask, steps, forced)
+
+
+def _greedy(step: Step, ids: np.ndarray, mask: np.ndarray, steps: int, forced: np.ndarray | None) -> Greedy:
     ids, mask = ids.astype(np.int64), mask.astype(np.int64)
     pos = positions(mask)
     tokens, logits = [], []

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from mixport.exporter.export import export
 from mixport.exporter.tiny import write_tiny
-from mixport.exporter.trace import _example
 from mixport.runtime import load
 from tests.conftest import tiny_config
+from tests.exporter import parity
 
 CONFIGS = {
     "e8-top2-gqa2": {},
@@ -24,17 +23,8 @@ CONFIGS = {
 
 
 def _greedy_reference(ref, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:  # noqa: ANN001
-    ids, mask = torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
-    pos, past = torch.arange(len(prompt))[None], ref.empty_past(1)
-    tokens, logits_seq = [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits, past = ref(ids, mask, pos, past)
-            logits_seq.append(logits[0, -1].numpy())
-            ids = logits[:, -1:].argmax(-1)
-            tokens.append(int(ids))
-            pos, mask = pos[:, -1:] + 1, torch.cat([mask, torch.ones_like(ids)], 1)
-    return tokens, logits_seq
+    run = parity.greedy(parity.ReferenceStepper(ref), np.array([prompt]), np.ones((1, len(prompt))), steps - 1)
+    return run.tokens[0].tolist(), [logits[0, -1] for logits in run.logits]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -78,45 +68,14 @@ def test_dims_are_symbolic_and_node_carries_contract(tiny_export: Path) -> None:
     assert {o.domain: o.version for o in proto.opset_import}[""] >= 18
 
 
-def _expert_sets(pipe, ids: np.ndarray) -> list[set[int]]:  # noqa: ANN001
-    """Experts each layer picked for a prompt, read from the ORT graph's TopKRouting outputs."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from mixport.tools.check import debug_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = ort.InferenceSession(str(debug_model(pipe.folder / "model.onnx", Path(tmp))))
-        pipe.session.reset(ids.shape[0])
-        feed = pipe.session.feed(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
-    return [set(np.unique(outs[f"routing.{i}.ids"]).tolist()) for i in range(2)]
-
-
 def test_routing_the_trace_never_saw(tiny_dir: Path, tiny_export: Path) -> None:
-    """Experts the trace example did not reach still compute correctly, at other batch/seq sizes."""
+    """Experts the trace example did not reach still compute correctly, at other batch/seq sizes
+    (logits from `mixport run`'s session on model.onnx)."""
     from mixport.exporter.loader import load_reference
 
-    ref, cfg, _ = load_reference(tiny_dir)
+    ref, _, _ = load_reference(tiny_dir)
     pipe = load(tiny_export, graph="portable")  # model.onnx itself
-    (trace_ids, *_), _ = _example(ref)  # the exact input the export traced with
-    seen = _expert_sets(pipe, trace_ids.numpy())
-    assert any(len(s) < cfg.num_local_experts for s in seen), "the trace input already hit every expert"
-    rng = np.random.default_rng(1)
-    for batch, seq in [(1, 1), (3, 17), (1, 40)]:
-        ids = rng.integers(3, cfg.vocab_size, (batch, seq))
-        picked = _expert_sets(pipe, ids)
-        pos = np.broadcast_to(np.arange(seq), ids.shape)
-        pipe.session.reset(batch)
-        ours = pipe.session.step(ids, np.ones_like(ids), pos)
-        with torch.no_grad():
-            want, _ = ref(torch.from_numpy(ids), torch.ones(batch, seq, dtype=torch.long),
-                          torch.from_numpy(pos.copy()), ref.empty_past(batch))
-        assert np.abs(ours - want.numpy()).max() <= 1e-4
-        if seq == 40:  # a long prompt reaches experts the 6-token trace example did not
-            assert any(p - s for p, s in zip(picked, seen, strict=True)), (picked, seen)
-            assert all(len(p) == cfg.num_local_experts for p in picked)
+    parity.assert_unseen_routing(tiny_export / "model.onnx", ref, lambda: parity.SessionStepper(pipe.session))
 
 
 def test_fp16_export_runs_and_checks(tiny_dir: Path, tmp_path: Path) -> None:
@@ -190,13 +149,8 @@ def _loaded(folder: Path) -> onnx.ModelProto:
 
 def _ort_outputs(folder: Path, ids: np.ndarray) -> list[np.ndarray]:
     """Every output of one prefill through ONNX Runtime (one thread: no scheduling noise)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = parity.plain_session(folder / "model.onnx")
     feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                   "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-    for i in sess.get_inputs()[3:]:  # past_key_values.*: empty
-        feed[i.name] = np.zeros([ids.shape[0], i.shape[1], 0, i.shape[3]], np.float32)
+                                   "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
+                                   **parity.empty_past(sess, ids.shape[0])}
     return sess.run(None, feed)

@@ -38,6 +38,8 @@ class GraniteMoe(Adapter):
     stacked_experts = ((_BLOCK + r"input_linear\.weight$", "gate_up"), (_BLOCK + r"output_linear\.weight$", "down"),
                        (_BLOCK + r"experts\.gate_up_proj$", "gate_up"), (_BLOCK + r"experts\.down_proj$", "down"))
 
+    fast_graph = True
+
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         return {**super().to_hf_dict(cfg), "hidden_act": "silu"}
 

@@ -37,6 +37,8 @@ class Olmoe(Adapter):
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
+    fast_graph = True
+
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         out = {**super().derived(raw), "normalization": norm_topk(raw, False)}
         if raw.get("head_dim") not in (None, raw["hidden_size"] // raw["num_attention_heads"]):

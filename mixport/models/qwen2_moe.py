@@ -58,6 +58,8 @@ class Qwen2Moe(Adapter):
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
+    fast_graph = True
+
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         layers = raw["num_hidden_layers"]
         return {**super().derived(raw), "normalization": norm_topk(raw, self.norm_topk_default),

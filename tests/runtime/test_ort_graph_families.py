@@ -11,6 +11,7 @@ orders with and without renormalization, muP scalars, tied embeddings, top-k 1..
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,19 +70,29 @@ PROMPTS = ([5, 17, 42, 7, 99, 3, 250, 11, 64, 8], [300, 2, 77, 19, 140, 6])  # l
 DECODE_STEPS = 6
 
 
-@pytest.fixture(scope="session", params=["mixtral", *FAMILIES])
-def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An unfused tiny export of the family (Mixtral's: the runtime tests' own export)."""
-    if request.param == "mixtral":
-        return request.getfixturevalue("rt_export")
-    require_module("transformers")
-    for name in ("torch.onnx", "torch.export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    cfg = replace(TINY, model_type=request.param, **FAMILIES[request.param])
-    source = write_tiny(tmp_path_factory.mktemp(f"{request.param}-src"), cfg, seed=1)
-    out = tmp_path_factory.mktemp(f"{request.param}-out") / "export"
-    export(source, out, fuse=False)
-    return out
+@pytest.fixture(scope="session")
+def exports(rt_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """model_type -> an unfused tiny export of the family, made once per session (Mixtral's: the
+    runtime tests' own export)."""
+    made = {"mixtral": rt_export}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            require_module("transformers")
+            for name in ("torch.onnx", "torch.export", "onnxscript"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            cfg = replace(TINY, model_type=model_type, **FAMILIES[model_type])
+            source = write_tiny(tmp_path_factory.mktemp(f"{model_type}-src"), cfg, seed=1)
+            made[model_type] = tmp_path_factory.mktemp(f"{model_type}-out") / "export"
+            export(source, made[model_type], fuse=False)
+        return made[model_type]
+
+    return get
+
+
+@pytest.fixture(params=["mixtral", *FAMILIES])
+def family(request: pytest.FixtureRequest, exports: Callable[[str], Path]) -> Path:
+    return exports(request.param)
 
 
 def _config(folder: Path) -> dict:
@@ -129,16 +140,15 @@ def _fast_prefill(folder: Path, cfg: dict, path: Path) -> np.ndarray:
 
 
 def _cases(table: dict[str, dict]) -> list:
-    """(family, field) pairs, the family fixture parametrized with that family only."""
     return [pytest.param(m, f, id=f"{m}-{f}") for m, fields in table.items() for f in fields]
 
 
-@pytest.mark.parametrize(("family", "field"), _cases(NEUTRAL), indirect=["family"])
-def test_each_feature_is_built(family: Path, field: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model_type", "field"), _cases(NEUTRAL))
+def test_each_feature_is_built(exports: Callable[[str], Path], model_type: str, field: str, tmp_path: Path) -> None:
     """Back at its neutral value, a feature's absence shows in the logits (so the parity test above
     holds because the graph builds it, not because it does not matter)."""
+    family = exports(model_type)
     cfg = _config(family)
-    model_type = cfg["model_type"]
     portable = load(family, threads=1, graph="portable")
     want = _prefill_and_decode(portable.session, 0)[0][0]
     assert np.abs(_fast_prefill(family, cfg, tmp_path / "same.onnx") - want).max() <= 1e-4
@@ -146,10 +156,10 @@ def test_each_feature_is_built(family: Path, field: str, tmp_path: Path) -> None
     assert np.abs(changed - want).max() > 1e-3, field
 
 
-@pytest.mark.parametrize(("family", "field"), _cases(WEIGHTED), indirect=["family"])
-def test_a_feature_with_weights_is_never_dropped(family: Path, field: str) -> None:
+@pytest.mark.parametrize(("model_type", "field"), _cases(WEIGHTED))
+def test_a_feature_with_weights_is_never_dropped(exports: Callable[[str], Path], model_type: str, field: str) -> None:
+    family = exports(model_type)
     cfg = _config(family)
-    model_type = cfg["model_type"]
     weights = ort_graph.export_weights(family / artifact.MODEL_FILE, cfg)
     with pytest.raises(RuntimeFailure, match="unused|missing"):
         ort_graph.build(weights, {**cfg, field: WEIGHTED[model_type][field]}, "fp32")

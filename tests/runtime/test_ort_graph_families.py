@@ -71,27 +71,30 @@ DECODE_STEPS = 6
 
 
 @pytest.fixture(scope="session")
-def exports(rt_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """model_type -> an unfused tiny export of the family, made once per session (Mixtral's: the
-    runtime tests' own export)."""
-    made = {"mixtral": rt_export}
+def exports(rt_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """(model_type, fuse=False) -> a tiny export of the family, made once per session (Mixtral's
+    unfused one: the runtime tests' own export)."""
+    sources: dict[str, Path] = {}
+    made = {("mixtral", False): rt_export}
 
-    def get(model_type: str) -> Path:
-        if model_type not in made:
+    def get(model_type: str, fuse: bool = False) -> Path:
+        if model_type not in sources:
             require_module("transformers")
             for name in ("torch.onnx", "torch.export", "onnxscript"):
                 logging.getLogger(name).setLevel(logging.ERROR)
             cfg = replace(TINY, model_type=model_type, **FAMILIES[model_type])
-            source = write_tiny(tmp_path_factory.mktemp(f"{model_type}-src"), cfg, seed=1)
-            made[model_type] = tmp_path_factory.mktemp(f"{model_type}-out") / "export"
-            export(source, made[model_type], fuse=False)
-        return made[model_type]
+            sources[model_type] = write_tiny(tmp_path_factory.mktemp(f"{model_type}-src"), cfg, seed=1)
+        if (model_type, fuse) not in made:
+            out = tmp_path_factory.mktemp(f"{model_type}-{'fused' if fuse else 'out'}") / "export"
+            export(sources[model_type], out, fuse=fuse)
+            made[model_type, fuse] = out
+        return made[model_type, fuse]
 
     return get
 
 
 @pytest.fixture(params=["mixtral", *FAMILIES])
-def family(request: pytest.FixtureRequest, exports: Callable[[str], Path]) -> Path:
+def family(request: pytest.FixtureRequest, exports: Callable[..., Path]) -> Path:
     return exports(request.param)
 
 
@@ -132,6 +135,20 @@ def test_fast_graph_equals_portable_over_prefill_and_decode(family: Path) -> Non
     assert len({int(t) for t in np.concatenate(tokens)}) > 1  # the decode steps did not stall on one token
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoeshared"])
+def test_fused_and_unfused_exports_build_the_same_fast_graph(exports: Callable[..., Path], model_type: str) -> None:
+    """The fused export's stacked experts (one mixport::MoE per sparse layer; shared experts and
+    dense layers stay MatMuls) are read back as the same weights: identical logits."""
+    fused = exports(model_type, fuse=True)
+    proto = onnx.load(str(fused / artifact.MODEL_FILE), load_external_data=False)
+    sparse = len(registry.get(model_type).moe_layers(ort_graph.model_cfg(_config(fused))))
+    assert sum(n.op_type == "MoE" for n in proto.graph.node) == sparse
+    logits = [_prefill_and_decode(load(folder, threads=1, graph="fast").session, 3)[0]
+              for folder in (exports(model_type), fused)]
+    for a, b in zip(*logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _fast_prefill(folder: Path, cfg: dict, path: Path) -> np.ndarray:
     weights = ort_graph.export_weights(folder / artifact.MODEL_FILE, cfg)
     onnx.save_model(ort_graph.build(weights, cfg, "fp32"), str(path))
@@ -144,7 +161,7 @@ def _cases(table: dict[str, dict]) -> list:
 
 
 @pytest.mark.parametrize(("model_type", "field"), _cases(NEUTRAL))
-def test_each_feature_is_built(exports: Callable[[str], Path], model_type: str, field: str, tmp_path: Path) -> None:
+def test_each_feature_is_built(exports: Callable[..., Path], model_type: str, field: str, tmp_path: Path) -> None:
     """Back at its neutral value, a feature's absence shows in the logits (so the parity test above
     holds because the graph builds it, not because it does not matter)."""
     family = exports(model_type)
@@ -157,7 +174,7 @@ def test_each_feature_is_built(exports: Callable[[str], Path], model_type: str, 
 
 
 @pytest.mark.parametrize(("model_type", "field"), _cases(WEIGHTED))
-def test_a_feature_with_weights_is_never_dropped(exports: Callable[[str], Path], model_type: str, field: str) -> None:
+def test_a_feature_with_weights_is_never_dropped(exports: Callable[..., Path], model_type: str, field: str) -> None:
     family = exports(model_type)
     cfg = _config(family)
     weights = ort_graph.export_weights(family / artifact.MODEL_FILE, cfg)

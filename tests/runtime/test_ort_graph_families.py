@@ -78,17 +78,18 @@ def exports(rt_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Callab
     made = {("mixtral", False): rt_export}
 
     def get(model_type: str, fuse: bool = False) -> Path:
+        if (model_type, fuse) in made:
+            return made[model_type, fuse]
         if model_type not in sources:
             require_module("transformers")
             for name in ("torch.onnx", "torch.export", "onnxscript"):
                 logging.getLogger(name).setLevel(logging.ERROR)
             cfg = replace(TINY, model_type=model_type, **FAMILIES[model_type])
             sources[model_type] = write_tiny(tmp_path_factory.mktemp(f"{model_type}-src"), cfg, seed=1)
-        if (model_type, fuse) not in made:
-            out = tmp_path_factory.mktemp(f"{model_type}-{'fused' if fuse else 'out'}") / "export"
-            export(sources[model_type], out, fuse=fuse)
-            made[model_type, fuse] = out
-        return made[model_type, fuse]
+        out = tmp_path_factory.mktemp(f"{model_type}-{'fused' if fuse else 'out'}") / "export"
+        export(sources[model_type], out, fuse=fuse)
+        made[model_type, fuse] = out
+        return out
 
     return get
 
@@ -149,11 +150,19 @@ def test_fused_and_unfused_exports_build_the_same_fast_graph(exports: Callable[.
         np.testing.assert_array_equal(a, b)
 
 
-def _fast_prefill(folder: Path, cfg: dict, path: Path) -> np.ndarray:
+def _fast_prefill(folder: Path, cfg: dict, path: Path, dtype: str = "fp32") -> np.ndarray:
     weights = ort_graph.export_weights(folder / artifact.MODEL_FILE, cfg)
-    onnx.save_model(ort_graph.build(weights, cfg, "fp32"), str(path))
-    session = OrtFastSession(path, artifact.Manifest.read(folder), threads=1)
-    return _prefill_and_decode(session, 0)[0][0]
+    onnx.save_model(ort_graph.build(weights, cfg, dtype), str(path))
+    session = OrtFastSession(path, replace(artifact.Manifest.read(folder), dtype=dtype), threads=1)
+    return _prefill_and_decode(session, 0)[0][0].astype(np.float32)
+
+
+def test_fast_graph_in_fp16_agrees_with_fp32(family: Path, tmp_path: Path) -> None:
+    """Every layer's constants (clip bounds, muP scalars, biases, norms) in the graph's float type."""
+    cfg = _config(family)
+    half, full = (_fast_prefill(family, cfg, tmp_path / f"{d}.onnx", d) for d in ("fp16", "fp32"))
+    np.testing.assert_allclose(half, full, atol=5e-2, rtol=5e-2)
+    assert (half.argmax(-1) == full.argmax(-1)).mean() > 0.9
 
 
 def _cases(table: dict[str, dict]) -> list:

@@ -65,7 +65,7 @@ FIELDS = frozenset({
     "routing_order", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "attention_scale", "sliding_layers",
     "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
     "embedding_multiplier", "residual_multiplier", "logits_scaling"})
-# GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_ort_graph.py):
+# GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
 # head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
 HEAD_DIM_MULTIPLE = 16
 

@@ -39,6 +39,8 @@ class GraniteMoe(Adapter):
     stacked_experts = ((_BLOCK + r"input_linear\.weight$", "gate_up"), (_BLOCK + r"output_linear\.weight$", "down"),
                        (_BLOCK + r"experts\.gate_up_proj$", "gate_up"), (_BLOCK + r"experts\.down_proj$", "down"))
 
+    fast_graph = True
+
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         refuse_window(raw, self.name)
         return super().derived(raw)

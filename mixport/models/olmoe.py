@@ -39,6 +39,8 @@ class Olmoe(Adapter):
     derives = ("normalization",)
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
+    fast_graph = True
+
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         refuse_window(raw, self.name)
         out = {**super().derived(raw), "normalization": norm_topk(raw, False)}

@@ -68,6 +68,8 @@ class Qwen2Moe(Adapter):
     derives = ("normalization", "dense_layers", "sliding_window", "sliding_layers")
     stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
 
+    fast_graph = True
+
     def ignorable(self, name: str, shape: tuple[int, ...], cfg: MoEConfig) -> bool:
         """transformers keeps a zero-width shared expert's gate; its output is multiplied by 0."""
         zero_shared = not cfg.shared_expert_intermediate_size and name.endswith(f".{self.shared_gate_path}.weight")

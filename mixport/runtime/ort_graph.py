@@ -5,7 +5,7 @@ concatenated caches, logits for every position. This graph is the same model
 written for ONNX Runtime's CPU kernels, so that a decode step reads each weight
 it needs about once:
 
-* q/k/v as one MatMul, gate/up of each expert as one MatMul;
+* q/k/v as one MatMul, gate/up of each expert (and of a shared expert or dense MLP) as one MatMul;
 * ``com.microsoft.GroupQueryAttention`` with rotary inside and a fixed-capacity
   cache whose past and present are one buffer (``past_present_share_buffer``);
 * residual add + RMSNorm as ``SkipSimplifiedLayerNormalization``;
@@ -17,11 +17,14 @@ it needs about once:
   slower in both prefill and decode);
 * lm_head only on the rows named by ``logits_index`` (the last token of each row).
 
-What it builds is derived from the family's adapter (``manifest.config["model_type"]``;
-a manifest without one is Mixtral's): the adapter says whether the fast graph can build
-the family (``Adapter.fast_graph``) and where the router and expert weights sit. It refuses,
-with a reason, any graph it does not fully understand: an unknown family, a config field
-it does not build, or a weight of the export it would not use (a shared expert, a bias).
+The layers (``ort_layers``: q/k/v and o biases, q/k norms, clipping, the softmax scale,
+per-layer sliding windows, shared experts, dense MLP layers, both routing orders, muP
+scalars) are derived from the manifest's config and the family's adapter
+(``manifest.config["model_type"]``; a manifest without one is Mixtral's): the adapter says
+whether the fast graph can build the family (``Adapter.fast_graph``) and where its weights
+sit. It refuses, with a reason, any graph it does not fully understand: an unknown family, a
+config field it does not build (``FIELDS``), a head size GroupQueryAttention rejects, or a
+weight of the export it would not use.
 
 Signature (B batch, S new tokens, C cache capacity, G kv heads, D head dim, N rows):
 input_ids [B, S] int64 (right-padded), seqlens_k [B] int32 (tokens in cache after
@@ -40,168 +43,31 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mixport import artifact, onnx_io
+from mixport import artifact, config_fields, onnx_io
 from mixport.artifact import Manifest, OrtGraphRecord
 from mixport.errors import RuntimeFailure
-from mixport.exporter import routing_onnx
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
-from mixport.passes import moe_bodies
+from mixport.runtime import ort_layers
+from mixport.runtime.ort_emit import MS, Builder, is_weight
 
 GRAPH_VERSION = 5
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
-MS = "com.microsoft"
 
-# T tokens (B*S), H hidden, E experts, k active, F intermediate, V vocab
-
-# The config fields this builder reads, or that do not change what a decoder computes. Any other
+# The config fields this builder builds, or that do not change what a decoder computes. Any other
 # field (one a newer family added to MoEConfig) must keep its neutral default, else: not supported.
 FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim", "rms_norm_eps",
     "rope_theta", "max_position_embeddings", "sliding_window", "tie_word_embeddings", "normalization",
-    "bos_token_id", "eos_token_id", "pad_token_id", "model_type"})
-
-
-class _Reads(dict):
-    """The export's weights by name; remembers which ones the builder read."""
-
-    def __init__(self, weights: dict[str, np.ndarray]) -> None:
-        super().__init__(weights)
-        self.read: set[str] = set()
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        value = super().__getitem__(key)
-        self.read.add(key)
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self:
-            self.read.add(key)
-        return super().get(key, default)
-
-
-def _is_weight(name: str, value: np.ndarray) -> bool:
-    """A weight of the model, which the fast graph must build from, rather than a constant of
-    the traced graph it re-expresses (a scalar: eps, scale, mask value; an int64 shape/axes
-    vector): a state-dict (dotted) name, or any other tensor."""
-    return "." in name or (value.ndim > 0 and not (value.ndim == 1 and value.dtype == np.int64))
-
-
-class _Builder:
-    """Nodes and initializers with unique names; ``names``: the family's adapter (weight names)."""
-
-    def __init__(self, weights: dict[str, np.ndarray], dtype: np.dtype, names: Adapter) -> None:
-        self.w, self.dtype, self.names = _Reads(weights), dtype, names
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.count = 0
-
-    def name(self, hint: str) -> str:
-        self.count += 1
-        return f"{hint}_{self.count}"
-
-    def const(self, hint: str, value: np.ndarray) -> str:
-        name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
-        return name
-
-    def weight(self, key: str, value: np.ndarray | None = None) -> str:
-        """An initializer named ``key`` (value: the export's tensor of that name unless given)."""
-        arr = self.w[key] if value is None else value
-        self.inits.append(numpy_helper.from_array(np.asarray(arr, dtype=self.dtype, order="C"), key))
-        return key
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "",
-           outputs: list[str] | None = None, **attrs: Any) -> list[str]:
-        outs = outputs or [self.name(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain,
-                                           **attrs))
-        return outs
-
-    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs: Any) -> str:
-        return self.op(op_type, inputs, 1, domain, **attrs)[0]
-
-
-def _attention(g: _Builder, cfg: dict[str, Any], i: int, h: str) -> str:
-    """RMS-normed hidden [B, S, H] -> attention output [B, S, H]; cache updated in place."""
-    pre = f"layers.{i}.self_attn"
-    qkv_w = np.concatenate([g.w[f"{pre}.{p}_proj.weight"].T for p in "qkv"], axis=1)  # [H, (Q+2G)*D]
-    qkv = g.op1("MatMul", [h, g.weight(f"{pre}.qkv_proj.weight", qkv_w)])
-    attn = g.op("GroupQueryAttention",
-                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-                 "total_sequence_length", "cos_cache", "sin_cache"],
-                domain=MS, outputs=[g.name("attn"), f"present.{i}.key", f"present.{i}.value"],
-                num_heads=cfg["num_attention_heads"], kv_num_heads=cfg["num_key_value_heads"],
-                do_rotary=1, rotary_interleaved=0, scale=float(cfg["head_dim"]) ** -0.5)[0]
-    return g.op1("MatMul", [attn, g.weight(f"{pre}.o_proj.weight", g.w[f"{pre}.o_proj.weight"].T)])
-
-
-def _routes(g: _Builder, cfg: dict[str, Any], i: int, flat: str) -> tuple[str, str]:
-    """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
-    gate = g.names.router_weight(i)
-    logits = g.op1("MatMul", [flat, g.weight(gate, g.w[gate].T)])  # [T, E]
-    return routing_onnx.routing_nodes(g, logits, cfg["num_experts_per_tok"], cfg.get("normalization", "renormalize"),
-                                      helper.np_dtype_to_tensor_dtype(g.dtype))
-
-
-def _moe(g: _Builder, cfg: dict[str, Any], i: int, h: str, shape: str) -> str:
-    """Sparse experts over expert-sorted token slots (moe_bodies.ORT_CPU): one gate|up MatMul,
-    QuickGelu and one down MatMul per expert on its rows, one scatter-add combine."""
-    flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [T, H]
-    weights, ids = _routes(g, cfg, i, flat)
-
-    def slabs(e: int) -> tuple[str, None, str]:
-        pre = f"{g.names.experts_prefix(i)}.{e}"
-        w1, w3, w2 = (g.names.expert_weight(i, e, role) for role in ("gate", "up", "down"))
-        gate_up = np.concatenate([g.w[w1].T, g.w[w3].T], axis=1)  # [H, 2F]
-        return g.weight(f"{pre}.w13.weight", gate_up), None, g.weight(w2, g.w[w2].T)
-
-    out = moe_bodies.sparse_moe(g, flat, weights, ids, cfg["num_experts_per_tok"], cfg["num_local_experts"], slabs,
-                                moe_bodies.ORT_CPU, helper.np_dtype_to_tensor_dtype(g.dtype))
-    return g.op1("Reshape", [out, shape])  # [B, S, H]
-
-
-def _rope_cache(cfg: dict[str, Any], dtype: np.dtype, exported: np.ndarray | None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [P, D/2] of plain RoPE; ``exported``: the export's inv_freq, which must agree."""
-    d = cfg["head_dim"]
-    inv_freq = 1.0 / (cfg["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float32) / d))
-    if exported is not None and (exported.shape != inv_freq.shape
-                                 or not np.allclose(exported, inv_freq, rtol=1e-6, atol=0)):
-        raise RuntimeFailure("the export's rotary frequencies (inv_freq) are not plain RoPE of the config",
-                             given=f"inv_freq {exported.ravel()[:3]}...",
-                             expected=f"rope_theta {cfg['rope_theta']}: {inv_freq[:3]}...",
-                             hint="run with --graph portable")
-    freqs = np.arange(cfg["max_position_embeddings"], dtype=np.float32)[:, None] * inv_freq  # [P, D/2]
-    return np.cos(freqs).astype(dtype), np.sin(freqs).astype(dtype)
-
-
-def _decoder(g: _Builder, cfg: dict[str, Any]) -> None:
-    eps = float(cfg["rms_norm_eps"])
-    x = g.op1("Gather", [g.weight("embed_tokens.weight"), "input_ids"])  # [B, S, H]
-    shape = g.op1("Shape", [x])
-    cos, sin = _rope_cache(cfg, g.dtype, g.w.get("inv_freq"))
-    g.weight("cos_cache", cos)
-    g.weight("sin_cache", sin)
-    moe_out = None
-    for i in range(cfg["num_hidden_layers"]):
-        ln1 = g.weight(f"layers.{i}.input_layernorm.weight")
-        if moe_out is None:
-            h = g.op1("SimplifiedLayerNormalization", [x, ln1], axis=-1, epsilon=eps)
-        else:
-            h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [moe_out, x, ln1], 4, MS, epsilon=eps)
-        attn = _attention(g, cfg, i, h)
-        ln2 = g.weight(f"layers.{i}.post_attention_layernorm.weight")
-        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", [attn, x, ln2], 4, MS, epsilon=eps)
-        moe_out = _moe(g, cfg, i, h, shape)
-    h = g.op("SkipSimplifiedLayerNormalization", [moe_out, x, g.weight("norm.weight")], 4, MS,
-             epsilon=eps)[0]
-    flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg["hidden_size"]]))])  # [B*S, H]
-    rows = g.op1("Gather", [flat, "logits_index"])  # [N, H]
-    lm = g.weight("lm_head.weight", g.w["lm_head.weight"].T)
-    g.op("MatMul", [rows, lm], outputs=["logits"])  # [N, V]
+    "bos_token_id", "eos_token_id", "pad_token_id", "model_type",
+    "routing_order", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "attention_scale", "sliding_layers",
+    "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
+    "embedding_multiplier", "residual_multiplier", "logits_scaling"})
+# GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
+# head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
+HEAD_DIM_MULTIPLE = 16
 
 
 def _io(cfg: dict[str, Any], elem: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -220,6 +86,18 @@ def _io(cfg: dict[str, Any], elem: int) -> tuple[list[onnx.ValueInfoProto], list
     return inputs, outputs
 
 
+def _typed(name: str, value: Any) -> Any:
+    """A manifest value as MoEConfig holds it (JSON's layer lists as tuples)."""
+    spec = config_fields.FIELDS.get(name)
+    return tuple(value) if spec is not None and spec.kind == "layers" and value is not None else value
+
+
+def model_cfg(cfg: dict[str, Any]) -> model_config.MoEConfig:
+    """The manifest's config dict as a MoEConfig (fields it lacks at their neutral defaults)."""
+    names = set(model_config.field_names())
+    return model_config.MoEConfig(**{k: _typed(k, v) for k, v in cfg.items() if k in names})
+
+
 def supported(cfg: dict[str, Any], dtype: str) -> str | None:
     """None when the fast graph can express this model (its family, config and dtype), else why
     not. ``build`` also refuses an export with weights it would not use."""
@@ -231,14 +109,13 @@ def supported(cfg: dict[str, Any], dtype: str) -> str | None:
     if not adapter.fast_graph:
         return f"{adapter.name} (the fast graph does not build this family's modules)"
     defaults = model_config.defaults()
-    odd = [f"{k}={v!r}" for k, v in cfg.items() if k not in FIELDS and (k not in defaults or v != defaults[k])]
+    odd = [f"{k}={v!r}" for k, v in cfg.items()
+           if k not in FIELDS and (k not in defaults or _typed(k, v) != defaults[k])]
     if odd:
         return f"config {', '.join(odd)} (the fast graph does not build it)"
-    if cfg["head_dim"] % 8:
-        return f"head_dim {cfg['head_dim']} (GroupQueryAttention wants a multiple of 8)"
-    window = cfg.get("sliding_window")
-    if window is not None and window < cfg["max_position_embeddings"]:
-        return f"sliding_window {window} < context"
+    if cfg["head_dim"] % HEAD_DIM_MULTIPLE:
+        return (f"head_dim {cfg['head_dim']} (ONNX Runtime's CPU GroupQueryAttention with rotary needs a "
+                f"multiple of {HEAD_DIM_MULTIPLE})")
     return None
 
 
@@ -246,7 +123,7 @@ def _require_supported(cfg: dict[str, Any], dtype: str) -> None:
     why = supported(cfg, dtype)
     if why:
         raise RuntimeFailure("the fast ONNX Runtime graph cannot express this model", given=why,
-                             expected="fp32/fp16, no sliding window, a family it builds",
+                             expected=f"fp32/fp16, head_dim a multiple of {HEAD_DIM_MULTIPLE}, a family it builds",
                              hint="run with --graph portable")
 
 
@@ -255,22 +132,21 @@ def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> on
     RuntimeFailure when ``supported`` says no, a weight is missing, or one would be left unused."""
     _require_supported(cfg, dtype)
     np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    g = _Builder(weights, np_dtype, _adapter(cfg))
+    g = Builder(weights, np_dtype, model_cfg(cfg), _adapter(cfg))
     try:
-        _decoder(g, cfg)
+        ort_layers.decoder(g)
     except KeyError as exc:
         raise RuntimeFailure("the export's weights are not named as the fast graph expects",
                              given=f"missing {exc}", expected="a mixport export (state-dict weight names)",
                              hint="run with --graph portable") from None
-    unused = sorted(n for n, v in g.w.items() if n not in g.w.read and _is_weight(n, v))
+    unused = sorted(n for n, v in g.w.items() if n not in g.w.read and is_weight(n, v))
     if unused:
         more = "..." if len(unused) > 3 else ""
         raise RuntimeFailure("the fast ONNX Runtime graph does not understand every weight of this export",
                              given=f"{len(unused)} unused: {', '.join(unused[:3])}{more}",
                              expected=f"only the weights of the {g.names.name} modules it builds",
                              hint="run with --graph portable (model.onnx uses every weight)")
-    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
-    inputs, outputs = _io(cfg, elem)
+    inputs, outputs = _io(cfg, g.elem)
     graph = helper.make_graph(g.nodes, "mixport_ort_cpu", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
                              producer_name="mixport", producer_version=str(GRAPH_VERSION))

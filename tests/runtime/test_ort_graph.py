@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from mixport import artifact
 from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
-from mixport.runtime import load, ort_graph
+from mixport.runtime import load, ort_emit, ort_graph
 from mixport.runtime.ort_fast import OrtFastSession
 from mixport.runtime.ort_session import OrtSession
 
@@ -46,7 +46,7 @@ def test_fused_and_unfused_exports_build_the_same_fast_graph(rt_export: Path, ti
     for folder in (rt_export, tiny_export):
         weights = ort_graph.export_weights(folder / artifact.MODEL_FILE, _manifest(folder).config)
         if folder == tiny_export:
-            assert any(not ort_graph._is_weight(n, v) for n, v in weights.items())  # val_* constants
+            assert any(not ort_emit.is_weight(n, v) for n, v in weights.items())  # val_* constants
         path = tmp_path / f"{folder.name}-{len(logits)}.onnx"
         onnx.save_model(ort_graph.build(weights, manifest.config, "fp32"), str(path))
         logits.append(_logits(path, manifest, ids))
@@ -118,11 +118,19 @@ def test_supported_asks_the_adapter_and_the_config(rt_export: Path, monkeypatch:
     assert ort_graph.supported(cfg, "fp32") is None
     old = {k: v for k, v in cfg.items() if k != "model_type"}  # a manifest from before the adapters
     assert ort_graph.supported(old, "fp32") is None
-    why = ort_graph.supported({**cfg, "model_type": "qwen3_moe"}, "fp32")
-    assert "qwen3_moe" in why and "MixtralForCausalLM" in why
+    why = ort_graph.supported({**cfg, "model_type": "nope_moe"}, "fp32")
+    assert "nope_moe" in why and "MixtralForCausalLM" in why
     monkeypatch.setattr(registry, "ADAPTERS", (*registry.ADAPTERS, _NewFamily()))
     assert "NewMoeForCausalLM" in ort_graph.supported({**cfg, "model_type": "new_moe"}, "fp32")
     # a config field the fast graph does not build (a newer family's), unless at its neutral default
+    assert "attn_logit_softcapping=30.0" in ort_graph.supported({**cfg, "attn_logit_softcapping": 30.0}, "fp32")
+    monkeypatch.setattr(ort_graph, "FIELDS", ort_graph.FIELDS - {"shared_expert_intermediate_size", "dense_layers"})
     assert "shared_expert_intermediate_size=64" in ort_graph.supported(
         {**cfg, "shared_expert_intermediate_size": 64}, "fp32")
+    assert ort_graph.supported({**cfg, "shared_expert_intermediate_size": 0}, "fp32") is None
+    assert ort_graph.supported({**cfg, "dense_layers": []}, "fp32") is None  # JSON's list of the default ()
+    assert "dense_layers=[1]" in ort_graph.supported({**cfg, "dense_layers": [1]}, "fp32")
     assert ort_graph.supported({**cfg, "normalization": "none"}, "fp32") is None
+    assert ort_graph.supported({**cfg, "sliding_window": 4}, "fp32") is None  # GQA's local_window_size
+    assert "head_dim 24" in ort_graph.supported({**cfg, "head_dim": 24}, "fp32")  # see test_gqa_contract.py
+    assert "bf16" in ort_graph.supported(cfg, "bf16")

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 import mixport
 from mixport.cli import main
-from tests.helpers import set_config
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -104,12 +103,14 @@ def test_ctrl_c_in_a_batch_prints_the_rows_so_far(rt_export: Path) -> None:
     assert b"Traceback" not in err
 
 
-def test_auto_uses_the_portable_graph_where_the_fast_one_cannot_run(rt_copy: Path) -> None:
+def test_auto_uses_the_portable_graph_where_the_fast_one_cannot_run(rt_copy: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from mixport.errors import RuntimeFailure
+    from mixport.models import registry
     from mixport.runtime import load
     from mixport.runtime.ort_session import OrtSession
 
-    set_config(rt_copy, sliding_window=16)  # GroupQueryAttention here runs without a window
+    monkeypatch.setattr(registry.get("mixtral"), "fast_graph", False)  # a family the fast graph has not learned
     assert isinstance(load(rt_copy, threads=1).session, OrtSession)
     with pytest.raises(RuntimeFailure, match="cannot express this model"):
         load(rt_copy, threads=1, graph="fast")

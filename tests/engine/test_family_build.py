@@ -22,12 +22,19 @@ from mixport.artifact import Manifest
 from mixport.exporter.tiny import TINY, write_tiny
 from tests.helpers import invoke
 
-pytestmark = pytest.mark.slow  # two torch exports (~15-45 s each on 2 shared cores)
+pytestmark = pytest.mark.slow  # five torch exports (~10-45 s each on 2 shared cores)
 
 FAMILIES = {  # model_type -> (config changes, the routing mode its TopKRouting nodes carry)
     "qwen3_moe": (dict(num_experts_per_tok=4, head_dim=24, normalization="renormalize", qk_norm="head"),
                   ("softmax_topk", "renormalize")),
     "granitemoe": (dict(normalization="none", routing_order="topk_softmax"), ("topk_softmax", "none")),
+    "qwen2_moe": (dict(shared_expert_intermediate_size=48, shared_expert_gate=True, qkv_bias=True, dense_layers=(1,),
+                       dense_intermediate_size=56, normalization="none", bos_token_id=None, eos_token_id=None),
+                  ("softmax_topk", "none")),  # the gated shared expert and the dense layer build as plain layers
+    "olmoe": (dict(qk_norm="projection", clip_qkv=2.0, num_experts_per_tok=3, normalization="none",
+                   bos_token_id=None, eos_token_id=None), ("softmax_topk", "none")),
+    "granitemoeshared": (dict(normalization="none", routing_order="topk_softmax", shared_expert_intermediate_size=32),
+                         ("topk_softmax", "none")),
 }
 
 
@@ -46,6 +53,12 @@ def family_engine(request: pytest.FixtureRequest, trt_module: ModuleType,
     return model_type, out
 
 
+def _moe_layers(model_type: str) -> int:
+    """The decoder layers with a router in the family's tiny config (a dense layer has none)."""
+    cfg = replace(TINY, **FAMILIES[model_type][0])
+    return cfg.num_hidden_layers - len(cfg.dense_layers)
+
+
 def _nodes(folder: Path) -> list[onnx.NodeProto]:
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     return [n for n in model.graph.node if n.domain == ops.DOMAIN]
@@ -57,7 +70,7 @@ def test_family_builds_with_a_plugin_layer_per_mixport_node(family_engine: tuple
     counts = Counter(n.op_type for n in nodes)
     manifest = Manifest.read(folder)
     layers = Counter(layer["plugin"] for layer in manifest.engine.plugin_layers)
-    assert counts == {ops.TOPK_ROUTING: TINY.num_hidden_layers, ops.MOE: TINY.num_hidden_layers}
+    assert counts == {ops.TOPK_ROUTING: _moe_layers(model_type), ops.MOE: _moe_layers(model_type)}
     assert layers == Counter({f"mixport::{op}": n for op, n in counts.items()})
     assert manifest.engine.use_plugins and (folder / "model.engine").stat().st_size > 0
     order, normalization = FAMILIES[model_type][1]
@@ -88,7 +101,7 @@ def test_family_routing_mode_reaches_the_plugins(family_engine: tuple[str, Path]
                 layer.__class__ = trt.IPluginV3Layer
                 plugins.append(layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE))
     routing = [p for p in plugins if p.plugin_name == ops.TOPK_ROUTING]
-    assert len(routing) == TINY.num_hidden_layers and len(plugins) == 2 * TINY.num_hidden_layers
+    assert len(routing) == _moe_layers(model_type) and len(plugins) == 2 * _moe_layers(model_type)
     order, normalization = FAMILIES[model_type][1]
     for plugin in routing:
         assert plugin.plugin_version == ops.ROUTING_PLUGIN_VERSION

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from mixport import progress
 from mixport.errors import FileSystemError, MixportError, Terminated
 
 INTERRUPTED, TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
@@ -99,20 +100,33 @@ DTYPES = ("fp32", "fp16", "bf16")
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C would, so
-    the same cleanup runs (staging folders, temp files); a second SIGTERM during it is ignored."""
+    the same cleanup runs (staging folders, temp files); a second SIGTERM during it is ignored. Both
+    signals are latched (``progress.latch``): one a library swallows is raised again at the job's next
+    progress step."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handle(_signum: int, _frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
+        exc = Terminated()
+        progress.latch(exc)
+        raise exc
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        exc = KeyboardInterrupt()
+        progress.latch(exc)
+        raise exc
 
     old = signal.signal(signal.SIGTERM, handle)
+    old_int = signal.signal(signal.SIGINT, interrupt) if signal.getsignal(signal.SIGINT) is signal.default_int_handler \
+        else None  # an ignored SIGINT (a background job) stays ignored
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
 
 
 class _Group(click.Group):
@@ -127,6 +141,8 @@ class _Group(click.Group):
             terminated = isinstance(exc, Terminated)
             click.echo(f"[mixport] {'terminated' if terminated else 'interrupted'}", err=True)
             sys.exit(TERMINATED if terminated else INTERRUPTED)
+        finally:
+            progress.clear_latch()
 
 
 @click.group(cls=_Group)

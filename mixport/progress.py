@@ -1,10 +1,34 @@
-"""Progress on stderr: one tqdm bar over the named steps of a long job."""
+"""Progress on stderr: one tqdm bar over the named steps of a long job.
+
+The bar is also where a long job notices a signal that a library swallowed: the CLI's handlers
+``latch`` each SIGINT / SIGTERM before raising, and every step and detail call re-raises a latched
+signal that did not end the job (native code that turns an interrupt into an ordinary error, caught
+by a library's fallback, would otherwise let the job run on and exit 0)."""
 
 from __future__ import annotations
 
 import sys
 from types import TracebackType
 from typing import Any
+
+_latched: list[BaseException] = []  # the interrupt (KeyboardInterrupt or Terminated) not yet seen through
+
+
+def latch(exc: BaseException) -> None:
+    """Remember an interrupt raised from a signal handler (the CLI's), until it ends the job."""
+    _latched[:] = [exc]
+
+
+def clear_latch() -> None:
+    """The interrupt reached the top: nothing to re-raise."""
+    _latched.clear()
+
+
+def reraise_latched() -> None:
+    """Raise a latched interrupt again (once) if it has not ended the job yet."""
+    if _latched:
+        exc = _latched.pop()
+        raise type(exc)()
 
 
 class StepBar:
@@ -18,6 +42,7 @@ class StepBar:
         self.bar: Any = None  # tqdm, from the first step on
 
     def __call__(self, message: str) -> None:
+        reraise_latched()
         if self.bar is None:
             from tqdm import tqdm
 
@@ -30,6 +55,7 @@ class StepBar:
 
     def detail(self, text: str) -> None:
         """Where the current step is (e.g. "weights 120/995"), shown after the elapsed time."""
+        reraise_latched()
         if self.bar is not None:
             self.bar.set_postfix_str(text)
 

@@ -25,11 +25,18 @@ def _hidden(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("."))
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal delivers it, even when this suite runs as a background job
+    (whose shell ignores SIGINT, which children inherit and mixport rightly keeps)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_export(out: Path, log: Path) -> subprocess.Popen:
     """`mixport export --model tiny -o OUT` in a child process (stderr to LOG)."""
     with log.open("w") as err:
         return subprocess.Popen([sys.executable, "-m", "mixport.cli", "export", "--model", "tiny", "-o", str(out),
-                                 "--no-check"], stdout=subprocess.DEVNULL, stderr=err, env=ENV, cwd=out.parent)
+                                 "--no-check"], stdout=subprocess.DEVNULL, stderr=err, env=ENV, cwd=out.parent,
+                                preexec_fn=_default_sigint)
 
 
 def _staged(proc: subprocess.Popen, out: Path, log: Path, timeout: float = 300) -> Path:
@@ -190,8 +197,12 @@ def test_an_interrupt_a_library_swallows_still_ends_the_export(tmp_path: Path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(passes, "run_passes", swallowing)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not a background job)
     out = tmp_path / "out"
-    res = invoke("export", "--model", "tiny", "-o", out, "--no-check")
+    try:
+        res = invoke("export", "--model", "tiny", "-o", out, "--no-check")
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert res.exit_code == 130, res.output
     assert "[mixport] interrupted" in res.output and "Traceback" not in res.output
     assert list(tmp_path.iterdir()) == [], "OUT or a staging folder was left behind"

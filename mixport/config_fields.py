@@ -118,6 +118,17 @@ MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 #   a manifest's config must hold these; the others may be absent (added later, with a neutral default)
 
 
+def held(name: str, value: Any) -> Any:
+    """A checked value of field ``name`` as MoEConfig holds it: floats as float, layer lists (JSON
+    arrays in config.json and manifests) as tuples."""
+    kind = FIELDS[name].kind if name in FIELDS else None
+    if value is not None and kind == "float":
+        return float(value)
+    if value is not None and kind == "layers":
+        return tuple(value)
+    return value
+
+
 class Problem(NamedTuple):
     """The first thing wrong: the key (as the caller names it), what is wrong with it, the value
     shown, what was expected."""

@@ -76,12 +76,7 @@ def random_state(cfg: MoEConfig, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, shape in expected_shapes(cfg).items():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            std = 1.0 if name in routers else (1.0 if "embed" in name else shape[-1] ** -0.5)
-            t = std * torch.randn(shape, generator=gen)
-        state[adapter.hub_name(name)] = t.contiguous()
+        state[adapter.hub_name(name)] = _seeded(name, shape, name in routers, gen).contiguous()
     return state
 
 

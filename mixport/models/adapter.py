@@ -114,7 +114,7 @@ class Adapter:
         self._check_fields(values)  # before derived() computes with them
         values.update(self.derived(raw))
         self._check_fields(values)
-        cfg = MoEConfig(**{k: _typed(k, v) for k, v in values.items()})
+        cfg = MoEConfig(**{k: config_fields.held(k, v) for k, v in values.items()})
         self.validate(cfg)
         return cfg
 
@@ -346,16 +346,6 @@ def _object(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"config.json field '{key}' must be an object", given=shown(value),
                           expected='an object such as {"rope_type": "default", "rope_theta": 10000.0}, or null')
-    return value
-
-
-def _typed(field: str, value: Any) -> Any:
-    """A checked config.json value as MoEConfig holds it (floats as float, layer lists as tuples)."""
-    kind = FIELDS[field].kind
-    if value is not None and kind == "float":
-        return float(value)
-    if value is not None and kind == "layers":
-        return tuple(value)
     return value
 
 

@@ -140,9 +140,6 @@ class Router(nn.Module):
         are the top-k of these, whatever the order)."""
         return Fn.linear(x, self.weight).float()
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> every expert's routing probability [T, E] fp32 (softmax of the logits)."""
-        return torch.softmax(self.logits(x), dim=-1)
 
 
 class Experts(nn.ModuleList):

@@ -23,7 +23,7 @@ from mixport.models.config import MoEConfig
 from mixport.typed_json import shown
 
 _V5_EXPERTS = r"^layers\.(\d+)\.mlp\.experts\."
-_FLAG, _STEP, _LAYERS = Field("bool"), Field("int", high=2**12), Field("layers")
+_FLAG, _STEP = Field("bool"), Field("int", high=2**12)
 
 
 def sparse_step_layers(raw: Mapping[str, Any], layers: int) -> tuple[int, ...]:
@@ -59,7 +59,6 @@ class Qwen2Moe(Adapter):
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "qkv_bias": True,
                 "dense_intermediate_size": 5632, "shared_expert_intermediate_size": 5632,
                 "shared_expert_gate": True, "bos_token_id": None, "eos_token_id": None}
-    norm_topk_default = False
     kv_heads_default = 16  # Qwen2MoeConfig's num_key_value_heads
 
     router_path = "mlp.gate"
@@ -77,7 +76,7 @@ class Qwen2Moe(Adapter):
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         layers = raw["num_hidden_layers"]
-        return {**super().derived(raw), "normalization": norm_topk(raw, self.norm_topk_default),
+        return {**super().derived(raw), "normalization": norm_topk(raw, False),
                 "dense_layers": sparse_step_layers(raw, layers), **self.window(raw, layers)}
 
     def window(self, raw: Mapping[str, Any], layers: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 from mixport.config_fields import Field
 from mixport.models.adapter import read
 from mixport.models.config import MoEConfig
-from mixport.models.qwen2_moe import Qwen2Moe, norm_topk, qwen_hf_fields, sparse_step_layers
+from mixport.models.qwen2_moe import Qwen2Moe, qwen_hf_fields
 
 _FLAG = Field("bool")
 
@@ -34,15 +34,11 @@ class Qwen3Moe(Qwen2Moe):
                 "bos_token_id": None, "eos_token_id": None}
     kv_heads_default = 4  # Qwen3MoeConfig's num_key_value_heads
 
-    def validate(self, cfg: MoEConfig) -> None:
-        """No shared expert to check (Qwen2-MoE's rule does not apply)."""
-
-    def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        layers = raw["num_hidden_layers"]
+    def window(self, raw: Mapping[str, Any], layers: int) -> dict[str, Any]:
+        """The sliding window, on every layer, when ``use_sliding_window`` (no layer_types)."""
         use = read(raw, "use_sliding_window", _FLAG, False)
         window = read(raw, "sliding_window", Field("int", high=2**24, nullable=True), 4096) if use else None
-        return {**super(Qwen2Moe, self).derived(raw), "normalization": norm_topk(raw, False),
-                "dense_layers": sparse_step_layers(raw, layers), "sliding_window": window, "sliding_layers": None}
+        return {"sliding_window": window, "sliding_layers": None}
 
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         window = cfg.sliding_window is not None

@@ -86,16 +86,10 @@ def _io(cfg: dict[str, Any], elem: int) -> tuple[list[onnx.ValueInfoProto], list
     return inputs, outputs
 
 
-def _typed(name: str, value: Any) -> Any:
-    """A manifest value as MoEConfig holds it (JSON's layer lists as tuples)."""
-    spec = config_fields.FIELDS.get(name)
-    return tuple(value) if spec is not None and spec.kind == "layers" and value is not None else value
-
-
 def model_cfg(cfg: dict[str, Any]) -> model_config.MoEConfig:
     """The manifest's config dict as a MoEConfig (fields it lacks at their neutral defaults)."""
     names = set(model_config.field_names())
-    return model_config.MoEConfig(**{k: _typed(k, v) for k, v in cfg.items() if k in names})
+    return model_config.MoEConfig(**{k: config_fields.held(k, v) for k, v in cfg.items() if k in names})
 
 
 def supported(cfg: dict[str, Any], dtype: str) -> str | None:
@@ -110,7 +104,7 @@ def supported(cfg: dict[str, Any], dtype: str) -> str | None:
         return f"{adapter.name} (the fast graph does not build this family's modules)"
     defaults = model_config.defaults()
     odd = [f"{k}={v!r}" for k, v in cfg.items()
-           if k not in FIELDS and (k not in defaults or _typed(k, v) != defaults[k])]
+           if k not in FIELDS and (k not in defaults or config_fields.held(k, v) != defaults[k])]
     if odd:
         return f"config {', '.join(odd)} (the fast graph does not build it)"
     if cfg["head_dim"] % HEAD_DIM_MULTIPLE:

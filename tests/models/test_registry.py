@@ -94,7 +94,7 @@ def test_declared_paths_exist_in_the_reference_model(adapter: Adapter) -> None:
         model = adapter.reference_model(cfg)
     assert adapter.moe_layers(cfg)
     for i in adapter.moe_layers(cfg):
-        assert hasattr(model.get_submodule(f"layers.{i}.{adapter.router_path}"), "probs")
+        assert hasattr(model.get_submodule(f"layers.{i}.{adapter.router_path}"), "logits")
         assert shapes[adapter.router_weight(i)] == (cfg.num_local_experts, cfg.hidden_size)
         for e in range(cfg.num_local_experts):
             assert shapes[adapter.expert_weight(i, e, "gate")] == (cfg.intermediate_size, cfg.hidden_size)

@@ -322,6 +322,18 @@ class EngineRecord:
 
 
 @dataclass(frozen=True)
+class QuantRecord:
+    """The manifest's ``quantization`` section (``mixport/quant.py``): how the weights were quantized."""
+
+    bits: int  # 8 | 4
+    block_size: int
+    symmetric: bool = True  # False: uint4 with zero points
+    lm_head: bool = False  # was lm_head quantized too
+    scheme: str = ""  # int8 | int4 | int4-zp
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class OrtGraphRecord:
     """The manifest's ``ort_graph`` section: the fast ONNX Runtime graph (runtime.ort_graph)."""
 
@@ -364,6 +376,7 @@ class Manifest:
     outputs: list[TensorSig] = field(default_factory=list)
     engine: EngineRecord | None = None
     ort_graph: OrtGraphRecord | None = None
+    quantization: QuantRecord | None = None  # None: float weights
     version: int = MANIFEST_VERSION  # as read (0: before versions); always written as MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # fields this mixport does not know (kept)
 

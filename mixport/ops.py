@@ -29,6 +29,23 @@ Two custom-domain nodes, each carrying a model-local ONNX function body:
              FFN_e(x) = (silu(x @ gate_e) * (x @ up_e)) @ down_e
     attrs:   num_experts (int), k (int), activation (str: "swiglu"),
              plugin_namespace="mixport", plugin_version="1"
+    Quantized experts (``plugin_version="2"``, written by ``mixport export --quantize``; see
+    ``mixport/quant.py`` for the numbers): gate_up and down hold integers instead of floats and
+    three or five more inputs follow (a reader of version "1" would misread them):
+             gate_up [E, H, 2F]  int8 | int4 | uint4   (same layout as above)
+             down    [E, F, H]   int8 | int4 | uint4
+             gate_up_scale [E, ceil(H/B), 2F]  hidden's float type (one scale per expert,
+                                 per block of B input rows, per output column)
+             down_scale    [E, ceil(F/B), H]
+             gate_up_zero  [E, ceil(H/B), 2F] uint4  (only with uint4 weights: int4 with zero points)
+             down_zero     [E, ceil(F/B), H]  uint4
+    attrs:   + bits (int: 8 | 4), block_size (int: B, a power of two; H and F need not be multiples)
+    expert e's float weights are ONNX's blocked DequantizeLinear(q[e], scale[e], zero[e],
+    axis=0, block_size=B) = (q - zero) * scale; the FFN is then computed as above. Scales are
+    never shared across experts; the router (TopKRouting's input) is never quantized.
+    Dense weights of a quantized export (attention q/k/v/o, shared experts, dense MLPs, lm_head
+    with --quantize-lm-head) are DequantizeLinear(q [in, out], scale [ceil(in/B), out][, zero],
+    axis=0, block_size=B) -> MatMul; a quantized model imports the standard opset QUANT_OPSET.
     Routed experts only: a family's shared expert (Qwen2-MoE, GraniteMoeShared) stays beside
     the node as ordinary MatMuls (a dense FFN every token runs; docs/passes.md), so the fused
     graph has one MoE node per MoE layer and this contract is the same for every family.
@@ -54,7 +71,10 @@ ONNX_OPSET = 18  # the standard-domain opset of every graph and function body mi
 DOMAIN = "mixport"
 OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "mixport"
-PLUGIN_VERSION = "1"  # the MoE node's
+PLUGIN_VERSION = "1"  # the MoE node's, float experts
+QUANT_PLUGIN_VERSION = "2"  # the MoE node's, quantized experts: "2" added the scale/zero inputs, bits, block_size
+MOE_PLUGIN_VERSIONS = ("1", "2")
+QUANT_OPSET = 21  # blocked DequantizeLinear and the int4/uint4 types need opset 21
 ROUTING_PLUGIN_VERSION = "2"  # the TopKRouting node's: "2" added ``order`` (absent in "1": softmax_topk)
 ROUTING_PLUGIN_VERSIONS = ("1", "2")  # what the plugins and readers accept
 
@@ -65,3 +85,6 @@ SCORING_FUNCS = ("softmax",)
 NORMALIZATIONS = ("renormalize", "none")
 ORDERS = ("softmax_topk", "topk_softmax")  # the first: the default (version-1 files)
 ACTIVATIONS = ("swiglu",)
+MOE_INPUTS = ("hidden", "weights", "ids", "gate_up", "down")
+QUANT_INPUTS = ("gate_up_scale", "down_scale")  # after MOE_INPUTS in a quantized MoE node
+ZERO_INPUTS = ("gate_up_zero", "down_zero")  # after QUANT_INPUTS, uint4 weights only

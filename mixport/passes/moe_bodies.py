@@ -77,6 +77,8 @@ ORT_CPU = Sparse(combine="scatter_add", activation="quickgelu")
 
 # expert e -> (gate [H, F] or gate|up [H, 2F], up [H, F] or None, down [F, H]): tensor names
 Slabs = Callable[[int], tuple[str, str | None, str]]
+# (x, weight name) -> x @ weight: MatMul by default; the fast graph's also emits MatMulNBits
+MatMulFn = Callable[[str, str], str]
 
 
 @dataclass(frozen=True)
@@ -91,17 +93,20 @@ def _ints(em: Emitter, hint: str, values: list[int] | int) -> str:
     return em.const(hint, np.array(values, dtype=np.int64))
 
 
-def swiglu_ffn(em: Emitter, x: str, gate: str, up: str | None, down: str, activation: str = "sigmoid") -> str:
-    """(silu(x @ gate) * (x @ up)) @ down; up=None: ``gate`` is gate|up [.., H, 2F], split after."""
+def swiglu_ffn(em: Emitter, x: str, gate: str, up: str | None, down: str, activation: str = "sigmoid",
+               matmul: MatMulFn | None = None) -> str:
+    """(silu(x @ gate) * (x @ up)) @ down; up=None: ``gate`` is gate|up [.., H, 2F], split after.
+    ``matmul``: how x @ w is emitted (default one MatMul)."""
+    mm = matmul or (lambda a, w: em.op1("MatMul", [a, w]))
     if up is None:
-        g, u = em.op("Split", [em.op1("MatMul", [x, gate])], 2, axis=-1, num_outputs=2)
+        g, u = em.op("Split", [mm(x, gate)], 2, axis=-1, num_outputs=2)
     else:
-        g, u = em.op1("MatMul", [x, gate]), em.op1("MatMul", [x, up])
+        g, u = mm(x, gate), mm(x, up)
     if activation == "quickgelu":
         silu = em.op1("QuickGelu", [g], domain=MS_DOMAIN, alpha=1.0)
     else:
         silu = em.op1("Mul", [g, em.op1("Sigmoid", [g])])
-    return em.op1("MatMul", [em.op1("Mul", [silu, u]), down])
+    return mm(em.op1("Mul", [silu, u]), down)
 
 
 def stacked_slabs(em: Emitter, gate_up: str, down: str, inter: int) -> Slabs:
@@ -174,13 +179,15 @@ def _combine_scatter(em: Emitter, ys: str, grouped: _Grouped, weights: str, hidd
 
 
 def sparse_moe(em: Emitter, hidden: str, weights: str, ids: str, k: int, num_experts: int, slabs: Slabs,
-               variant: Sparse = SORTED, elem_type: int = TensorProto.FLOAT, out: str | None = None) -> str:
+               variant: Sparse = SORTED, elem_type: int = TensorProto.FLOAT, out: str | None = None,
+               matmul: MatMulFn | None = None) -> str:
     """Sparse MoE: each expert runs its FFN on its own token rows only (an expert with no tokens
     does 0-row MatMuls), the k results per token are weighted and summed -> out [T, H].
-    ``elem_type``: the float type of hidden/weights (``scatter_add`` casts to fp32 and back)."""
+    ``elem_type``: the float type of hidden/weights (``scatter_add`` casts to fp32 and back);
+    ``matmul``: how each x @ slab is emitted (``swiglu_ffn``)."""
     group = _group_nonzero if variant.grouping == "nonzero" else _group_sorted
     grouped = group(em, hidden, ids, k, num_experts)
-    ys = em.op1("Concat", [swiglu_ffn(em, x, *slabs(e), variant.activation)
+    ys = em.op1("Concat", [swiglu_ffn(em, x, *slabs(e), variant.activation, matmul)
                            for e, x in enumerate(grouped.rows)], axis=0)  # [T*k, H] in row order
     if variant.combine == "scatter_add":
         return _combine_scatter(em, ys, grouped, weights, hidden, k, elem_type, out)

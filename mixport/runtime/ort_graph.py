@@ -49,9 +49,9 @@ from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
 from mixport.runtime import ort_layers
-from mixport.runtime.ort_emit import MS, Builder, is_weight
+from mixport.runtime.ort_emit import MS, QUANTIZED, SCALE, ZERO, Builder, is_weight
 
-GRAPH_VERSION = 5
+GRAPH_VERSION = 6  # 6: quantized exports (MatMulNBits)
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 
@@ -65,6 +65,7 @@ FIELDS = frozenset({
     "routing_order", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "attention_scale", "sliding_layers",
     "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
     "embedding_multiplier", "residual_multiplier", "logits_scaling"})
+ACCURACY_LEVEL = 4  # MatMulNBits' accuracy_level for quantized weights (see the module docstring)
 # GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
 # head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
 HEAD_DIM_MULTIPLE = 16
@@ -121,12 +122,14 @@ def _require_supported(cfg: dict[str, Any], dtype: str) -> None:
                              hint="run with --graph portable")
 
 
-def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> onnx.ModelProto:
-    """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts).
+def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str,
+          accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+    """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts;
+    quantized ones as ``export_weights`` names them, run as MatMulNBits at ``accuracy_level``).
     RuntimeFailure when ``supported`` says no, a weight is missing, or one would be left unused."""
     _require_supported(cfg, dtype)
     np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    g = Builder(weights, np_dtype, model_cfg(cfg), _adapter(cfg))
+    g = Builder(weights, np_dtype, model_cfg(cfg), _adapter(cfg), accuracy_level)
     try:
         ort_layers.decoder(g)
     except KeyError as exc:
@@ -158,7 +161,10 @@ def _adapter(cfg: dict[str, Any] | None) -> Adapter:
 def export_weights(model_path: Path, cfg: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The initializers of an export's model.onnx by state-dict name (external data resolved);
     a fused export's stacked experts (the fusion pass names them ``<experts>.gate_up`` /
-    ``.down``) are viewed as the per-expert gate/up/down [out, in] slabs the adapter names.
+    ``.down``) are viewed as the per-expert gate/up/down [out, in] slabs the adapter names, and a
+    quantized export's (``<experts>.gate_up_quantized`` [E, H, 2F], ``_scale``, ``_zero_point``) as
+    per-expert ``<slab>_quantized`` [in, out], ``_scale``, ``_zero_point`` (the dense weights'
+    layout: blocks run along the input axis, so slicing columns is exact).
     ``cfg``: the manifest's config (None: Mixtral's names)."""
     names = _adapter(cfg)
     onnx_io.check_external_locations(model_path)  # before onnx reads any external data
@@ -166,15 +172,31 @@ def export_weights(model_path: Path, cfg: dict[str, Any] | None = None) -> dict[
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     for i in range(_layer_count(weights)):
         base = names.experts_prefix(i)
-        if f"{base}.gate_up" not in weights:
-            continue
-        gate_up, down = weights.pop(f"{base}.gate_up"), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
-        f = down.shape[1]
-        for e in range(gate_up.shape[0]):
-            weights[names.expert_weight(i, e, "gate")] = gate_up[e, :, :f].T
-            weights[names.expert_weight(i, e, "up")] = gate_up[e, :, f:].T
-            weights[names.expert_weight(i, e, "down")] = down[e].T
+        for suffix, view in (("", _float_slabs), (QUANTIZED, _quantized_slabs)):
+            if f"{base}.gate_up{suffix}" in weights:
+                view(weights, base, lambda e, role: names.expert_weight(i, e, role))
     return weights
+
+
+def _float_slabs(weights: dict[str, np.ndarray], base: str, slab: Any) -> None:
+    gate_up, down = weights.pop(f"{base}.gate_up"), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
+    f = down.shape[1]
+    for e in range(gate_up.shape[0]):
+        weights[slab(e, "gate")] = gate_up[e, :, :f].T
+        weights[slab(e, "up")] = gate_up[e, :, f:].T
+        weights[slab(e, "down")] = down[e].T
+
+
+def _quantized_slabs(weights: dict[str, np.ndarray], base: str, slab: Any) -> None:
+    f = weights[f"{base}.down{QUANTIZED}"].shape[1]
+    for suffix in (QUANTIZED, SCALE, ZERO):
+        if f"{base}.gate_up{suffix}" not in weights:
+            continue
+        gate_up, down = weights.pop(f"{base}.gate_up{suffix}"), weights.pop(f"{base}.down{suffix}")
+        for e in range(gate_up.shape[0]):  # columns of gate_up: gate [0, F), up [F, 2F)
+            weights[slab(e, "gate") + suffix] = gate_up[e, :, :f]
+            weights[slab(e, "up") + suffix] = gate_up[e, :, f:]
+            weights[slab(e, "down") + suffix] = down[e]
 
 
 def _layer_count(weights: dict[str, np.ndarray]) -> int:

@@ -32,14 +32,14 @@ from mixport.runtime.ort_emit import MS, Builder
 
 
 def _gate_up(g: Builder, gate: str, up: str, name: str) -> str:
-    """One [H, 2F] initializer ``name`` holding a SwiGLU's gate then up ([out, in] weights ``gate``, ``up``)."""
-    return g.weight(name, np.concatenate([g.linear(gate), g.linear(up)], axis=1))
+    """One [H, 2F] weight ``name`` holding a SwiGLU's gate then up (the export's weights ``gate``, ``up``)."""
+    return g.proj(name, [gate, up])
 
 
 def _qkv(g: Builder, pre: str, h: str) -> str:
     """h [B, S, H] -> q|k|v [B, S, (Q+2G)*D] in one MatMul (+ the q|k|v bias)."""
-    qkv_w = np.concatenate([g.linear(f"{pre}.{p}_proj.weight") for p in "qkv"], axis=1)  # [H, (Q+2G)*D]
-    qkv = g.op1("MatMul", [h, g.weight(f"{pre}.qkv_proj.weight", qkv_w)])
+    qkv_w = g.proj(f"{pre}.qkv_proj.weight", [f"{pre}.{p}_proj.weight" for p in "qkv"])  # [H, (Q+2G)*D]
+    qkv = g.matmul(h, qkv_w)
     if g.cfg.qkv_bias:
         bias = np.concatenate([g.w[f"{pre}.{p}_proj.bias"] for p in "qkv"])
         qkv = g.op1("Add", [qkv, g.weight(f"{pre}.qkv_proj.bias", bias)])
@@ -85,14 +85,14 @@ def attention(g: Builder, i: int, h: str) -> str:
                 domain=MS, outputs=[g.name("attn"), f"present.{i}.key", f"present.{i}.value"],
                 num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                 do_rotary=1, rotary_interleaved=0, scale=float(cfg.scale), **attrs)[0]
-    out = g.op1("MatMul", [attn, g.weight(f"{pre}.o_proj.weight", g.linear(f"{pre}.o_proj.weight"))])
+    out = g.matmul(attn, g.proj(f"{pre}.o_proj.weight", [f"{pre}.o_proj.weight"]))
     return g.op1("Add", [out, g.weight(f"{pre}.o_proj.bias")]) if cfg.o_bias else out
 
 
 def _routes(g: Builder, i: int, flat: str) -> tuple[str, str]:
     """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
     gate = g.names.router_weight(i)
-    logits = g.op1("MatMul", [flat, g.weight(gate, g.linear(gate))])  # [T, E]
+    logits = g.matmul(flat, g.proj(gate, [gate]))  # [T, E]
     return routing_onnx.routing_nodes(g, logits, g.cfg.num_experts_per_tok, g.cfg.normalization, g.elem,
                                       order=g.cfg.routing_order)
 
@@ -100,8 +100,8 @@ def _routes(g: Builder, i: int, flat: str) -> tuple[str, str]:
 def _mlp(g: Builder, x: str, names: dict[str, str], prefix: str) -> str:
     """One SwiGLU MLP (its gate|up as one MatMul) on x [.., H]; ``names``: role -> weight."""
     gate_up = _gate_up(g, names["gate"], names["up"], f"{prefix}.gate_up.weight")
-    return moe_bodies.swiglu_ffn(g, x, gate_up, None, g.weight(names["down"], g.linear(names["down"])),
-                                 "quickgelu")
+    return moe_bodies.swiglu_ffn(g, x, gate_up, None, g.proj(names["down"], [names["down"]]), "quickgelu",
+                                 g.matmul)
 
 
 def _shared(g: Builder, i: int, flat: str) -> str:
@@ -111,7 +111,7 @@ def _shared(g: Builder, i: int, flat: str) -> str:
     if not g.cfg.shared_expert_gate:
         return y
     gate = g.names.shared_weight(i, "shared_gate")
-    scale = g.op1("Sigmoid", [g.op1("MatMul", [flat, g.weight(gate, g.linear(gate))])])  # [T, 1]
+    scale = g.op1("Sigmoid", [g.matmul(flat, g.proj(gate, [gate]))])  # [T, 1]
     return g.op1("Mul", [y, scale])
 
 
@@ -124,10 +124,10 @@ def _moe(g: Builder, i: int, h: str, shape: str) -> str:
 
     def slabs(e: int) -> tuple[str, None, str]:
         w1, w3, w2 = (g.names.expert_weight(i, e, role) for role in ("gate", "up", "down"))
-        return _gate_up(g, w1, w3, f"{g.names.experts_prefix(i)}.{e}.w13.weight"), None, g.weight(w2, g.linear(w2))
+        return _gate_up(g, w1, w3, f"{g.names.experts_prefix(i)}.{e}.w13.weight"), None, g.proj(w2, [w2])
 
     out = moe_bodies.sparse_moe(g, flat, weights, ids, cfg.num_experts_per_tok, cfg.num_local_experts, slabs,
-                                moe_bodies.ORT_CPU, g.elem)
+                                moe_bodies.ORT_CPU, g.elem, matmul=g.matmul)
     if cfg.shared_expert_intermediate_size:
         out = g.op1("Add", [out, _shared(g, i, flat)])
     return g.op1("Reshape", [out, shape])  # [B, S, H]
@@ -180,9 +180,8 @@ def decoder(g: Builder) -> None:
     h = g.op("SkipSimplifiedLayerNormalization", [out, x, g.weight("norm.weight")], 4, MS, epsilon=eps)[0]
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg.hidden_size]))])  # [B*S, H]
     rows = g.op1("Gather", [flat, "logits_index"])  # [N, H]
-    lm = g.weight("lm_head.weight", g.linear("lm_head.weight"))
+    lm = g.proj("lm_head.weight", ["lm_head.weight"])
     if cfg.logits_scaling == 1.0:
-        g.op("MatMul", [rows, lm], outputs=["logits"])  # [N, V]
+        g.matmul(rows, lm, outputs=["logits"])  # [N, V]
     else:
-        g.op("Div", [g.op1("MatMul", [rows, lm]), g.scalar("logits_scaling", cfg.logits_scaling)],
-             outputs=["logits"])
+        g.op("Div", [g.matmul(rows, lm), g.scalar("logits_scaling", cfg.logits_scaling)], outputs=["logits"])

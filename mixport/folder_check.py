@@ -84,11 +84,11 @@ def read_signature(path: Path) -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            for field, start, end in _fields(buf, 0, len(buf)):
+            for field, start, end in wire_fields(buf, 0, len(buf)):
                 if field == _MODEL_METADATA:
                     model.metadata_props.add().ParseFromString(buf[start:end])
                 elif field == _MODEL_GRAPH:
-                    for part, begin, stop in _fields(buf, start, end):
+                    for part, begin, stop in wire_fields(buf, start, end):
                         if part in (_GRAPH_INPUT, _GRAPH_OUTPUT):
                             values = model.graph.input if part == _GRAPH_INPUT else model.graph.output
                             values.add().ParseFromString(buf[begin:stop])
@@ -98,8 +98,9 @@ def read_signature(path: Path) -> onnx.ModelProto:
     return model
 
 
-def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field of the message in buf[pos:end]."""
+def wire_fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in buf[pos:end]
+    (also used by ``onnx_locate``)."""
     while pos < end:
         key, pos = _varint(buf, pos, end)
         kind = key & 7

@@ -17,7 +17,7 @@ import numpy as np
 
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
-from mixport.runtime.ort_session import open_session, run_failure
+from mixport.runtime.ort_session import open_session, quant_config, run_failure
 
 # B batch, S new tokens, C capacity, G kv heads, D head dim, V vocab
 
@@ -32,11 +32,11 @@ class OrtFastSession:
     graph = "fast"
 
     def __init__(self, model_path: Path, manifest: Manifest, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, accuracy_level: int | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
-        self.sess = open_session(model_path, device, threads)
+        self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level))
         cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])

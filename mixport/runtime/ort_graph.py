@@ -41,15 +41,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper
 
-from mixport import artifact, config_fields, onnx_io
+from mixport import artifact, config_fields, ops
 from mixport.artifact import Manifest, OrtGraphRecord
 from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
 from mixport.runtime import ort_layers
-from mixport.runtime.ort_emit import MS, QUANTIZED, SCALE, ZERO, Builder, is_weight
+from mixport.runtime import ort_weights
+from mixport.runtime.ort_emit import MS, Builder, is_weight
 
 GRAPH_VERSION = 6  # 6: quantized exports (MatMulNBits)
 FILE = "model.ort.onnx"
@@ -65,7 +66,6 @@ FIELDS = frozenset({
     "routing_order", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "attention_scale", "sliding_layers",
     "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
     "embedding_multiplier", "residual_multiplier", "logits_scaling"})
-ACCURACY_LEVEL = 4  # MatMulNBits' accuracy_level for quantized weights (see the module docstring)
 # GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
 # head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
 HEAD_DIM_MULTIPLE = 16
@@ -122,14 +122,14 @@ def _require_supported(cfg: dict[str, Any], dtype: str) -> None:
                              hint="run with --graph portable")
 
 
-def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str,
-          accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> onnx.ModelProto:
     """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts;
-    quantized ones as ``export_weights`` names them, run as MatMulNBits at ``accuracy_level``).
+    quantized ones as ``export_weights`` names them); from ``export_weights``' result its big
+    weights point at model.onnx's bytes (the graph must then sit in model.onnx's folder).
     RuntimeFailure when ``supported`` says no, a weight is missing, or one would be left unused."""
     _require_supported(cfg, dtype)
     np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    g = Builder(weights, np_dtype, model_cfg(cfg), _adapter(cfg), accuracy_level)
+    g = Builder(weights, np_dtype, model_cfg(cfg), _adapter(cfg))
     try:
         ort_layers.decoder(g)
     except KeyError as exc:
@@ -145,7 +145,8 @@ def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str,
                              hint="run with --graph portable (model.onnx uses every weight)")
     inputs, outputs = _io(cfg, g.elem)
     graph = helper.make_graph(g.nodes, "mixport_ort_cpu", inputs, outputs, g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+    opset = ops.QUANT_OPSET if g.dequantize else ops.ONNX_OPSET  # blocked DequantizeLinear: opset 21
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                              producer_name="mixport", producer_version=str(GRAPH_VERSION))
 
 
@@ -158,50 +159,11 @@ def _adapter(cfg: dict[str, Any] | None) -> Adapter:
     return adapter
 
 
-def export_weights(model_path: Path, cfg: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """The initializers of an export's model.onnx by state-dict name (external data resolved);
-    a fused export's stacked experts (the fusion pass names them ``<experts>.gate_up`` /
-    ``.down``) are viewed as the per-expert gate/up/down [out, in] slabs the adapter names, and a
-    quantized export's (``<experts>.gate_up_quantized`` [E, H, 2F], ``_scale``, ``_zero_point``) as
-    per-expert ``<slab>_quantized`` [in, out], ``_scale``, ``_zero_point`` (the dense weights'
-    layout: blocks run along the input axis, so slicing columns is exact).
+def export_weights(model_path: Path, cfg: dict[str, Any] | None = None) -> ort_weights.Exported:
+    """The initializers of an export's model.onnx by state-dict name, stacked experts viewed per
+    expert, with where model.onnx holds each one's bytes (``ort_weights.export_weights``);
     ``cfg``: the manifest's config (None: Mixtral's names)."""
-    names = _adapter(cfg)
-    onnx_io.check_external_locations(model_path)  # before onnx reads any external data
-    proto = onnx.load(str(model_path))
-    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for i in range(_layer_count(weights)):
-        base = names.experts_prefix(i)
-        for suffix, view in (("", _float_slabs), (QUANTIZED, _quantized_slabs)):
-            if f"{base}.gate_up{suffix}" in weights:
-                view(weights, base, lambda e, role: names.expert_weight(i, e, role))
-    return weights
-
-
-def _float_slabs(weights: dict[str, np.ndarray], base: str, slab: Any) -> None:
-    gate_up, down = weights.pop(f"{base}.gate_up"), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
-    f = down.shape[1]
-    for e in range(gate_up.shape[0]):
-        weights[slab(e, "gate")] = gate_up[e, :, :f].T
-        weights[slab(e, "up")] = gate_up[e, :, f:].T
-        weights[slab(e, "down")] = down[e].T
-
-
-def _quantized_slabs(weights: dict[str, np.ndarray], base: str, slab: Any) -> None:
-    f = weights[f"{base}.down{QUANTIZED}"].shape[1]
-    for suffix in (QUANTIZED, SCALE, ZERO):
-        if f"{base}.gate_up{suffix}" not in weights:
-            continue
-        gate_up, down = weights.pop(f"{base}.gate_up{suffix}"), weights.pop(f"{base}.down{suffix}")
-        for e in range(gate_up.shape[0]):  # columns of gate_up: gate [0, F), up [F, 2F)
-            weights[slab(e, "gate") + suffix] = gate_up[e, :, :f]
-            weights[slab(e, "up") + suffix] = gate_up[e, :, f:]
-            weights[slab(e, "down") + suffix] = down[e]
-
-
-def _layer_count(weights: dict[str, np.ndarray]) -> int:
-    layers = {int(n.split(".")[1]) for n in weights if n.startswith("layers.") and n.split(".")[1].isdigit()}
-    return max(layers, default=-1) + 1
+    return ort_weights.export_weights(Path(model_path), _adapter(cfg))
 
 
 def _is_current(folder: Path, record: OrtGraphRecord | None, source_sha: str) -> bool:
@@ -226,10 +188,23 @@ def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
     return _write(folder, proto, source_sha)
 
 
+def _save(proto: onnx.ModelProto, path: Path) -> list[str]:
+    """Write PATH; initializers that point at model.onnx's bytes stay pointers (never copied), the
+    others go inline, or to PATH.data when the graph would pass protobuf's 2 GB limit."""
+    if not any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
+        return artifact.save_onnx(proto, path)
+    if proto.ByteSize() < artifact.TWO_GB:
+        onnx.save_model(proto, str(path))
+        return [path.name]
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+    return [path.name, f"{path.name}.data"]
+
+
 def _write(folder: Path, proto: onnx.ModelProto, source_sha: str) -> Path:
     try:
         with artifact.atomic_write(folder / FILE) as tmp:
-            files = artifact.save_onnx(proto, tmp)
+            files = _save(proto, tmp)
     except OSError as exc:
         raise RuntimeFailure("cannot write the fast graph into the export folder", given=str(exc),
                              expected="a writable folder", hint="run with --graph portable") from None

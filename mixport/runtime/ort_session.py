@@ -12,6 +12,13 @@ import numpy as np
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 
+ACCURACY_CONFIG = "session.qdq_matmulnbits_accuracy_level"
+# MatMulNBits' accuracy_level for quantized weights, in both graphs (ONNX Runtime fuses each blocked
+# DequantizeLinear -> MatMul into one MatMulNBits when the session starts). 4: activations quantized
+# to int8 per block inside the kernel (what llama.cpp's q8_0 / q4_0 dot products do); 0/1 keep
+# them fp32 (exact to the dequantized weights). Measured (docs in runtime/ort_graph.py): TODO
+QUANT_ACCURACY_LEVEL = 4
+
 
 def providers_for(device: str) -> list[str]:
     import onnxruntime as ort
@@ -50,9 +57,20 @@ def check_threads(threads: int | None) -> None:
                              expected=f"1 to {top} (4 per CPU here), or none for one per physical core")
 
 
-def session_options(threads: int | None) -> Any:
+def quant_config(manifest: Manifest, accuracy_level: int | None = None) -> dict[str, str]:
+    """Session config entries for ``manifest``'s model: for quantized weights, the accuracy level of
+    the MatMulNBits that ONNX Runtime fuses blocked DequantizeLinear -> MatMul into (default
+    ``QUANT_ACCURACY_LEVEL``); nothing for float weights."""
+    if manifest.quantization is None:
+        return {}
+    level = QUANT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    return {ACCURACY_CONFIG: str(level)}
+
+
+def session_options(threads: int | None, config: dict[str, str] | None = None) -> Any:
     """Options tuned for one-request-at-a-time decoding: all graph optimizations, a fixed
-    intra-op pool (physical cores by default), no inter-op pool, arena + memory pattern on."""
+    intra-op pool (physical cores by default), no inter-op pool, arena + memory pattern on;
+    ``config``: more session config entries (``quant_config``)."""
     import onnxruntime as ort
 
     check_threads(threads)
@@ -66,17 +84,19 @@ def session_options(threads: int | None) -> Any:
     opts.enable_mem_pattern = True
     opts.log_severity_level = 4  # failures reach the user as one RuntimeFailure line, not ORT's log too
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     return opts
 
 
-def open_session(model_path: Path, device: str, threads: int | None) -> Any:
+def open_session(model_path: Path, device: str, threads: int | None, config: dict[str, str] | None = None) -> Any:
     """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line."""
     import onnxruntime as ort
 
     from mixport import onnx_io
 
     onnx_io.check_external_locations(model_path)  # before ONNX Runtime reads any external data
-    providers, options = providers_for(device), session_options(threads)  # their own one-line errors
+    providers, options = providers_for(device), session_options(threads, config)  # their own one-line errors
     try:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types; one line for the user
@@ -97,12 +117,12 @@ class OrtSession:
     backend = "onnxruntime"
 
     def __init__(self, model_path: Path, manifest: Manifest, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, accuracy_level: int | None = None) -> None:
         if manifest.dtype == "bf16" and device == "cpu":
             raise RuntimeFailure("ONNX Runtime's CPU provider cannot run bf16 graphs", given=str(model_path),
                                  expected="an fp32 or fp16 export for CPU",
                                  hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
-        self.sess = open_session(model_path, device, threads)
+        self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level))
         cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])

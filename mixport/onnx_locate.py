@@ -1,0 +1,79 @@
+"""Where each initializer's bytes lie in a saved ONNX file, so that another graph can point at them.
+
+A second graph over the same weights (the fast ONNX Runtime graph beside model.onnx) need not copy
+them: an initializer stored as external data with ``location`` = the first file, ``offset`` and
+``length`` = where its raw bytes sit there, reads the very same bytes. For a tensor that is external
+data already (model.onnx.data past 2 GB) that is its own pointer; for one stored inline, the offset
+of its ``raw_data`` inside the protobuf file, found by walking the wire format (ModelProto field 7
+``graph`` -> GraphProto field 5 ``initializer`` -> TensorProto field 8 ``name``, field 9 ``raw_data``;
+repeated ``graph`` records merge, which is how ``onnx_io`` writes big inline files). Only the
+records' headers are read (a memory map); payloads are skipped by their lengths.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, external_data_helper
+
+from mixport.folder_check import wire_fields as _fields
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW = 7, 5, 8, 9  # onnx.proto's field numbers
+
+
+@dataclass(frozen=True)
+class Where:
+    """An initializer's bytes: ``length`` bytes at ``offset`` in ``location`` (relative to the folder)."""
+
+    location: str
+    offset: int
+    length: int
+
+    def part(self, index: int, count: int) -> Where:
+        """The ``index``-th of ``count`` equal consecutive parts (one expert of a stacked tensor; a
+        caller checks the part's length against what it expects: int4 parts of odd size do not
+        start on bytes)."""
+        size = self.length // count
+        return Where(self.location, self.offset + index * size, size)
+
+    def pointer(self, name: str, data_type: int, dims: list[int]) -> TensorProto:
+        """An initializer ``name`` that reads these bytes as external data."""
+        tensor = TensorProto(name=name, data_type=data_type, dims=dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", self.offset), ("length", self.length)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return tensor
+
+
+def _inline(path: Path) -> dict[str, tuple[int, int]]:
+    """{initializer name: (offset, length) of its raw_data} for the initializers stored inline."""
+    found: dict[str, tuple[int, int]] = {}
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        graphs = [(g0, g1) for field, g0, g1 in _fields(buf, 0, len(buf)) if field == _MODEL_GRAPH]
+        tensors = [(t0, t1) for g0, g1 in graphs for field, t0, t1 in _fields(buf, g0, g1)
+                   if field == _GRAPH_INITIALIZER]
+        for t0, t1 in tensors:
+            parts = {field: (v0, v1) for field, v0, v1 in _fields(buf, t0, t1)}
+            if _TENSOR_NAME in parts and _TENSOR_RAW in parts:
+                (n0, n1), (r0, r1) = parts[_TENSOR_NAME], parts[_TENSOR_RAW]
+                found[buf[n0:n1].decode()] = (r0, r1 - r0)
+    return found
+
+
+def locate(model_path: Path) -> dict[str, Where]:
+    """{initializer name: Where} for every initializer of ``model_path`` whose bytes are raw data
+    (inline ``raw_data`` or external data); locations are relative to the model's folder."""
+    model_path = Path(model_path)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    where: dict[str, Where] = {}
+    for tensor in proto.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            if "length" in info:
+                where[tensor.name] = Where(info["location"], int(info.get("offset", 0)), int(info["length"]))
+    for name, (offset, length) in _inline(model_path).items():
+        where.setdefault(name, Where(model_path.name, offset, length))
+    return where

@@ -1,0 +1,132 @@
+"""The export's weights as the fast graph reads them: arrays by state-dict name, where each one was
+cut from, and where model.onnx keeps its bytes (``onnx_locate``), so the fast graph can point at
+them instead of holding a second copy.
+
+A fused export stacks the experts (``<experts>.gate_up`` [E, H, 2F], ``.down`` [E, F, H]; quantized:
+``<experts>.gate_up_quantized`` / ``_scale`` / ``_zero_point`` with the same leading axes). They are
+viewed as the per-expert gate/up/down weights the adapter names ([out, in] floats as a state dict
+holds them; quantized ones as ``<name>_quantized`` [in, out], ``<name>_scale``, ``<name>_zero_point``,
+the dense weights' layout: blocks run along the input axis, so cutting columns is exact), and each
+view remembers its ``Origin``: which stacked tensor, which expert, which columns. Weights that side
+by side make up one whole expert slab (gate then up: the slab [H, 2F]; down: [F, H]) are that slab's
+bytes in model.onnx: ``slab_of`` says so, and the builder points at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from mixport import onnx_io, onnx_locate
+from mixport.onnx_locate import Where
+
+QUANTIZED, SCALE, ZERO = "_quantized", "_scale", "_zero_point"  # passes/quantize_weights' suffixes
+
+
+@dataclass(frozen=True)
+class Origin:
+    """A weight cut from expert ``index`` of the stacked ``tensor`` ([count, rows, width]): its columns
+    ``cols`` of that slab (a quantized weight: the tensor's ``_quantized`` / ``_scale`` / ... alike)."""
+
+    tensor: str
+    index: int
+    count: int
+    cols: tuple[int, int]
+    width: int
+
+
+@dataclass(frozen=True)
+class Slab:
+    """One expert's whole slab of a stacked tensor."""
+
+    tensor: str
+    index: int
+    count: int
+
+
+class Exported(dict):
+    """The export's weights by name (name -> array), with ``origins`` (the views of stacked experts)
+    and ``where`` (model.onnx initializer name -> its bytes; locations relative to the folder)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], origins: dict[str, Origin] | None = None,
+                 where: dict[str, Where] | None = None) -> None:
+        super().__init__(weights)
+        self.origins = origins or {}
+        self.where = where or {}
+
+
+def slab_of(origins: dict[str, Origin], keys: list[str]) -> Slab | None:
+    """The slab that the weights ``keys``, their columns side by side in this order, are exactly."""
+    found = [origins.get(k) for k in keys]
+    if not found or any(o is None for o in found):
+        return None
+    first: Origin = found[0]  # type: ignore[assignment]
+    col = 0
+    for o in found:
+        if o.tensor != first.tensor or o.index != first.index or o.cols[0] != col:  # type: ignore[union-attr]
+            return None
+        col = o.cols[1]  # type: ignore[union-attr]
+    return Slab(first.tensor, first.index, first.count) if col == first.width else None
+
+
+def export_weights(model_path: Path, names: Any) -> Exported:
+    """The initializers of an export's model.onnx by state-dict name (external data resolved), the
+    stacked experts viewed per expert (module docstring); ``names``: the family's adapter."""
+    onnx_io.check_external_locations(model_path)  # before onnx reads any external data
+    proto = onnx.load(str(model_path))
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    del proto
+    origins: dict[str, Origin] = {}
+    for i in range(_layer_count(weights)):
+        base = names.experts_prefix(i)
+        slab: Callable[[int, str], str] = lambda e, role, i=i: names.expert_weight(i, e, role)  # noqa: E731
+        if f"{base}.gate_up" in weights:
+            _float_slabs(weights, origins, base, slab)
+        if f"{base}.gate_up{QUANTIZED}" in weights:
+            _quantized_slabs(weights, origins, base, slab)
+    return Exported(weights, origins, onnx_locate.locate(model_path))
+
+
+def _layer_count(weights: dict[str, np.ndarray]) -> int:
+    layers = {int(n.split(".")[1]) for n in weights if n.startswith("layers.") and n.split(".")[1].isdigit()}
+    return max(layers, default=-1) + 1
+
+
+def _record(origins: dict[str, Origin], slab: Callable[[int, str], str], base: str, e: int, count: int,
+            f: int, h: int) -> None:
+    """Where expert e's gate ([0, F) of gate_up), up ([F, 2F)) and down (all H columns) come from."""
+    origins[slab(e, "gate")] = Origin(f"{base}.gate_up", e, count, (0, f), 2 * f)
+    origins[slab(e, "up")] = Origin(f"{base}.gate_up", e, count, (f, 2 * f), 2 * f)
+    origins[slab(e, "down")] = Origin(f"{base}.down", e, count, (0, h), h)
+
+
+def _float_slabs(weights: dict[str, np.ndarray], origins: dict[str, Origin], base: str,
+                 slab: Callable[[int, str], str]) -> None:
+    gate_up, down = weights.pop(f"{base}.gate_up"), weights.pop(f"{base}.down")  # [E, H, 2F], [E, F, H]
+    count, f = gate_up.shape[0], down.shape[1]
+    for e in range(count):
+        weights[slab(e, "gate")] = gate_up[e, :, :f].T
+        weights[slab(e, "up")] = gate_up[e, :, f:].T
+        weights[slab(e, "down")] = down[e].T
+        _record(origins, slab, base, e, count, f, down.shape[2])
+
+
+def _quantized_slabs(weights: dict[str, np.ndarray], origins: dict[str, Origin], base: str,
+                     slab: Callable[[int, str], str]) -> None:
+    count, f, h = weights[f"{base}.down{QUANTIZED}"].shape
+    for suffix in (QUANTIZED, SCALE, ZERO):
+        if f"{base}.gate_up{suffix}" not in weights:
+            continue
+        gate_up, down = weights.pop(f"{base}.gate_up{suffix}"), weights.pop(f"{base}.down{suffix}")
+        for e in range(count):  # columns of gate_up: gate [0, F), up [F, 2F)
+            weights[slab(e, "gate") + suffix] = gate_up[e, :, :f]
+            weights[slab(e, "up") + suffix] = gate_up[e, :, f:]
+            weights[slab(e, "down") + suffix] = down[e]
+    for e in range(count):
+        _record(origins, slab, base, e, count, f, h)

@@ -175,10 +175,6 @@ class Builder:
         """The export's [out, in] Linear weight ``key`` as the [in, out] a MatMul takes."""
         return self.w[key].T
 
-    def qweight(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """The quantized weight ``key``: q [in, out], scale [blocks, out], zero or None."""
-        return self.w[key + QUANTIZED], self.w[key + SCALE], self.w.get(key + ZERO)
-
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "",
            outputs: list[str] | None = None, **attrs: Any) -> list[str]:
         outs = outputs or [self.name(op_type.lower()) for _ in range(n_out)]

@@ -120,10 +120,6 @@ def _moe(g: Builder, i: int, h: str, shape: str) -> str:
     QuickGelu and one down MatMul per expert on its rows, one scatter-add combine; + the shared expert."""
     cfg = g.cfg
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg.hidden_size]))])  # [T, H]
-    import os
-    if os.environ.get("MIXPORT_QMOE"):
-        out = _qmoe(g, i, flat)
-        return g.op1("Reshape", [out, shape])
     weights, ids = _routes(g, i, flat)
 
     def slabs(e: int) -> tuple[str, None, str]:
@@ -135,40 +131,6 @@ def _moe(g: Builder, i: int, h: str, shape: str) -> str:
     if cfg.shared_expert_intermediate_size:
         out = g.op1("Add", [out, _shared(g, i, flat)])
     return g.op1("Reshape", [out, shape])  # [B, S, H]
-
-
-def _qmoe(g: Builder, i: int, flat: str) -> str:
-    import os
-    from mixport.passes import lower_ort_moe, nbits
-    cfg = g.cfg
-    gate = g.names.router_weight(i)
-    logits = g.matmul(flat, g.proj(gate, [gate]))  # [T, E]
-    fc1, fc2 = [], []
-    for e in range(cfg.num_local_experts):
-        w1, w3, w2 = (g.names.expert_weight(i, e, role) for role in ("gate", "up", "down"))
-        (gq, gs, gz), (uq, us, uz) = g.qweight(w1), g.qweight(w3)
-        inter = lambda a, b: None if a is None else np.stack([a, b], axis=-1).reshape(a.shape[0], -1)
-        fc1.append((inter(gq, uq), inter(gs, us), inter(gz, uz)))
-        fc2.append(g.qweight(w2))
-    block = nbits.block_size_of(fc1[0][0].shape[0], fc1[0][1].shape[0])
-    ins = []
-    zs = []
-    for parts in (fc1, fc2):
-        q = np.stack([p[0] for p in parts]); sc = np.stack([p[1] for p in parts])
-        z = None if parts[0][2] is None else np.stack([p[2] for p in parts])
-        w, scales, zp = nbits.expert_rows(q, sc, z, block)
-        ins.append((g.const("fc", w), g.const("fcs", scales.astype(g.dtype))))
-        zs.append(None if zp is None else g.const("fcz", zp))
-    bits = 8 if fc1[0][0].dtype == np.int8 else 4
-    normalize = lower_ort_moe.contrib_normalize(cfg.routing_order, cfg.normalization)
-    attrs = lower_ort_moe.contrib_attrs(cfg.num_experts_per_tok, normalize)
-    attrs["swiglu_fusion"] = int(os.environ.get("MIXPORT_QMOE_FUSION", "2"))
-    inputs = [flat, logits, ins[0][0], ins[0][1], "", ins[1][0], ins[1][1], ""]
-    if zs[0] is not None:
-        inputs += ["", "", "", zs[0], zs[1]]
-    import os as _os
-    return g.op1("QMoE", inputs, MS, expert_weight_bits=bits, block_size=block,
-                 accuracy_level=int(os.environ.get("QMOE_LEVEL", "4")), **attrs)
 
 
 def feed_forward(g: Builder, i: int, h: str, shape: str) -> str:

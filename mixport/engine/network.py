@@ -166,6 +166,20 @@ def _parser_errors(parser: Any) -> list[str]:
     return errors
 
 
+def _quantized_for_trt(model: Any, base_dir: Path, use_plugins: bool) -> tuple[Any, int]:
+    """Quantized weights as TensorRT takes them (``quant_inputs``): with plugins, the quantized MoE
+    nodes' INT4/UINT4 initializers re-typed as INT8 bytes; without, the dequantizing bodies inlined;
+    both: UINT4 + zero-point dequantization rewritten to INT8. (model, changes)."""
+    from mixport.engine import quant_inputs
+
+    changes = quant_inputs.retype_quant_inputs(model, base_dir) if use_plugins else 0
+    if not use_plugins:
+        inlined = quant_inputs.inline_quantized_bodies(model)
+        changes += inlined is not model
+        model = inlined
+    return model, changes + quant_inputs.zero_points_to_int8(model, base_dir)
+
+
 def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
                use_plugins: bool) -> ParsedNetwork:
     """A strongly typed network parsed from ``path``; BuildError with the parser's text."""
@@ -174,10 +188,8 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
     model = load_onnx(path)
     onnx_io.check_external_locations(path, model)  # before the parser reads any external data
     mixport_nodes, changes = set_plugin_attrs(model, use_plugins)
-    if use_plugins:
-        from mixport.engine.quant_inputs import retype_quant_inputs
-
-        changes += retype_quant_inputs(model, path.parent)
+    model, quant_changes = _quantized_for_trt(model, path.parent, use_plugins)
+    changes += quant_changes
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

@@ -99,3 +99,64 @@ def _drop_stale_types(model: Any, names: set[str]) -> None:
     for field in (model.graph.value_info, model.graph.input):
         for info in [v for v in field if v.name in names]:
             field.remove(info)
+
+
+def _attr_int(node: Any, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def zero_points_to_int8(model: Any, base_dir: Path) -> int:
+    """Every DequantizeLinear of UINT4 weights with UINT4 zero points -> INT8 weights (q - zero),
+    no zero point: the same numbers, ((q - z) - 0) * scale, in a form TensorRT imports (it has no
+    UINT4 and no zero points in dequantize layers; q - z lies in [-15, 15]). Those layers take one
+    byte per weight in the engine instead of half. The weights are loaded into memory (a protobuf
+    holds at most 2 GB). Returns how many nodes were rewritten."""
+    from onnx import TensorProto, numpy_helper
+
+    from mixport.quant import dequantize
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    uint4 = TensorProto.UINT4
+    rewritten, replaced = 0, set()
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        q, zero = initializers.get(node.input[0]), initializers.get(node.input[2])
+        if q is None or zero is None or q.data_type != uint4 or zero.data_type != uint4:
+            continue
+        for tensor in (q, zero):
+            if tensor.data_location == TensorProto.EXTERNAL:
+                _raw_bytes(tensor, base_dir)  # loads it in place
+        values = numpy_helper.to_array(q).astype(np.float32)
+        zeros = numpy_helper.to_array(zero)
+        axis, block = _attr_int(node, "axis", 1), _attr_int(node, "block_size", 0)
+        ones = np.ones(zeros.shape, np.float32)  # dequantize with scale 1: exactly q - z
+        shifted = dequantize(values, ones, zeros, axis, block) if block else values - zeros.astype(np.float32)
+        name = f"{node.input[0]}_minus_zero_int8"
+        model.graph.initializer.append(numpy_helper.from_array(shifted.astype(np.int8), name))
+        replaced |= {node.input[0], node.input[2]}
+        node.input[0] = name
+        del node.input[2]
+        rewritten += 1
+    _drop_unused(model, replaced)
+    return rewritten
+
+
+def _drop_unused(model: Any, names: set[str]) -> None:
+    """Initializers in ``names`` that no node reads any more (TensorRT imports every initializer)."""
+    used = {i for n in model.graph.node for i in n.input}
+    for tensor in [t for t in model.graph.initializer if t.name in names and t.name not in used]:
+        model.graph.initializer.remove(tensor)
+    _drop_stale_types(model, names - used)
+
+
+def inline_quantized_bodies(model: Any) -> Any:
+    """``model`` with its local functions inlined when a body dequantizes (quantized MoE): the
+    TensorRT parser names a dequantize layer after its output, and a body inlined by the parser at
+    two call sites gives two layers one name ("node_of_dequantizelinear_1 ... already in use");
+    onnx's inliner makes every call site's names unique."""
+    if not any(n.op_type == "DequantizeLinear" for f in model.functions for n in f.node):
+        return model
+    from onnx import inliner
+
+    return inliner.inline_local_functions(model)

@@ -1,8 +1,8 @@
 """Register the mixport plugin creators with TensorRT's plugin registry.
 
 One creator per (op, plugin_version) a file may carry: ``TopKRouting`` "2" (with ``order``)
-and "1" (older files), ``MoE`` "1" (float experts) and "2" (quantized experts). The ONNX parser picks the creator by the node's
-``plugin_version`` attribute.
+and "1" (older files), ``MoE`` "1" (float experts) and "2" (quantized experts). The ONNX parser
+picks the creator by the node's ``plugin_version`` attribute.
 """
 
 from __future__ import annotations

@@ -138,3 +138,21 @@ def test_bad_quantization_requests_are_one_line(args: list[str], message: str, t
     result = CliRunner().invoke(main, ["export", "--model", "tiny", "-o", str(tmp_path / "out"), *args])
     assert result.exit_code in (1, 2) and message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_quantized_export_retargets_and_is_not_quantized_twice(quantized_export: Callable[[str], Path],
+                                                                  tmp_path: Path) -> None:
+    """`optimize --target trt-noplugin` on a quantized export: the dense body dequantizes too and
+    computes the same; `--quantize` on it again is one clear error line, nothing written."""
+    src = quantized_export("int4-zp") / "model.onnx"
+    dense = tmp_path / "dense.onnx"
+    assert CliRunner().invoke(main, ["optimize", str(src), "-o", str(dense), "--target", "trt-noplugin"]).exit_code == 0
+    body = next(f for f in onnx.load(str(dense)).functions if f.name == ops.MOE)
+    assert {"DequantizeLinear", "MatMul"} <= {n.op_type for n in body.node} and "NonZero" not in str(body)
+    ids, mask = left_padded_prompt(512)
+    want = greedy(OrtStepper(plain_session(src, EXACT_QDQ)), ids, mask, 3)
+    got = greedy(OrtStepper(plain_session(dense, EXACT_QDQ)), ids, mask, 3)
+    assert max(np.abs(a - b).max() for a, b in zip(got.logits, want.logits, strict=True)) <= 1e-4
+    again = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "again.onnx"), "--quantize", "int8"])
+    assert again.exit_code == 1 and "nothing to quantize" in again.output and "already quantized" in again.output
+    assert not (tmp_path / "again.onnx").exists()

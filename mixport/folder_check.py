@@ -100,7 +100,7 @@ def read_signature(path: Path) -> onnx.ModelProto:
 
 def wire_fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, end) of each length-delimited field of the message in buf[pos:end]
-    (also used by ``onnx_locate``)."""
+    (also used by ``runtime.onnx_locate``)."""
     while pos < end:
         key, pos = _varint(buf, pos, end)
         kind = key & 7

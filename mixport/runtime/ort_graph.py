@@ -122,14 +122,16 @@ def _require_supported(cfg: dict[str, Any], dtype: str) -> None:
                              hint="run with --graph portable")
 
 
-def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str) -> onnx.ModelProto:
+def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str, share: bool = False
+          ) -> onnx.ModelProto:
     """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts;
-    quantized ones as ``export_weights`` names them); from ``export_weights``' result its big
-    weights point at model.onnx's bytes (the graph must then sit in model.onnx's folder).
+    quantized ones as ``export_weights`` names them). ``share``: its big weights point at
+    model.onnx's bytes (``weights`` from ``export_weights``; the graph must then be saved in
+    model.onnx's folder), else every weight is copied into it.
     RuntimeFailure when ``supported`` says no, a weight is missing, or one would be left unused."""
     _require_supported(cfg, dtype)
     np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    g = Builder(weights, np_dtype, model_cfg(cfg), _adapter(cfg))
+    g = Builder(weights if share else dict(weights), np_dtype, model_cfg(cfg), _adapter(cfg))
     try:
         ort_layers.decoder(g)
     except KeyError as exc:
@@ -184,7 +186,7 @@ def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
     if progress:
         progress("building the ONNX Runtime CPU graph (once per export folder)")
     cfg = manifest.config
-    proto = build(export_weights(folder / artifact.MODEL_FILE, cfg), cfg, manifest.dtype)
+    proto = build(export_weights(folder / artifact.MODEL_FILE, cfg), cfg, manifest.dtype, share=True)
     return _write(folder, proto, source_sha)
 
 

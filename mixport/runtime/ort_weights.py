@@ -23,8 +23,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from mixport import onnx_io, onnx_locate
-from mixport.onnx_locate import Where
+from mixport import onnx_io
+from mixport.runtime import onnx_locate
+from mixport.runtime.onnx_locate import Where
 
 QUANTIZED, SCALE, ZERO = "_quantized", "_scale", "_zero_point"  # passes/quantize_weights' suffixes
 

@@ -1,0 +1,123 @@
+"""The fast ONNX Runtime graph of a quantized export: it computes what the portable model.onnx
+computes, holds no second copy of the weights, and runs its quantized MatMuls as MatMulNBits.
+
+Parity is exact (<= 1e-4) at accuracy level 1 (fp32 activations; the portable model in a plain
+session with the same level). At the level ``mixport run`` uses (``QUANT_ACCURACY_LEVEL`` 4: int8
+activations inside MatMulNBits), max |logit error| vs the exact model on this tiny model, prefill of
+2 x 12 + 6 greedy steps: about 0.06 (int8), 0.07 (int4), 0.5 (int4-zp, whose rounding moves more
+values); the test holds it under 1 (bound: ``LEVEL4_BOUND``), the numbers are
+``mixport check``'s business."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from mixport import artifact
+from mixport.runtime import load, ort_graph
+from mixport.runtime.onnx_locate import locate
+from mixport.runtime.ort_fast import OrtFastSession
+from mixport.runtime.ort_session import ACCURACY_CONFIG, QUANT_ACCURACY_LEVEL, OrtSession
+from tests.conftest import QUANT_SCHEMES
+from tests.exporter.parity import Greedy, SessionStepper, greedy, left_padded_prompt, max_logit_error
+
+EXACT_LEVEL = 1
+LEVEL4_BOUND = 1.0
+
+
+@pytest.fixture(scope="module")
+def fast_folders(quantized_export: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+                 ) -> Callable[[str], Path]:
+    """A copy of each quantized export with its fast graph built (as `mixport run` builds it)."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            folder = Path(shutil.copytree(quantized_export(name), tmp_path_factory.mktemp(name) / "q"))
+            ort_graph.ensure(folder, artifact.Manifest.read(folder))
+            made[name] = folder
+        return made[name]
+
+    return get
+
+
+def _run(session: object, vocab: int, forced: np.ndarray | None = None) -> Greedy:
+    """Prefill of a left-padded batch of 2 and 6 greedy steps (decoding ``forced`` when given)."""
+    ids, mask = left_padded_prompt(vocab)
+    return greedy(SessionStepper(session), ids, mask, 6, forced)
+
+
+@pytest.mark.parametrize("name", list(QUANT_SCHEMES))
+def test_fast_graph_equals_the_portable_model(name: str, fast_folders: Callable[[str], Path]) -> None:
+    folder = fast_folders(name)
+    manifest = artifact.Manifest.read(folder)
+    vocab = manifest.config["vocab_size"]
+    want = _run(OrtSession(folder / artifact.MODEL_FILE, manifest, threads=1, accuracy_level=EXACT_LEVEL), vocab)
+    fast = folder / ort_graph.FILE
+    got = _run(OrtFastSession(fast, manifest, threads=1, accuracy_level=EXACT_LEVEL), vocab)
+    _, mask = left_padded_prompt(vocab)
+    assert np.array_equal(got.tokens, want.tokens)
+    assert max_logit_error(got, want, mask) <= 1e-4
+    # the exact model's picks decoded, so that both read the same tokens
+    chosen = _run(OrtFastSession(fast, manifest, threads=1), vocab, want.tokens)  # QUANT_ACCURACY_LEVEL
+    assert 0 < max_logit_error(chosen, want, mask) <= LEVEL4_BOUND  # int8 activations change the numbers
+
+
+@pytest.mark.parametrize("name", list(QUANT_SCHEMES))
+def test_fast_graph_points_at_model_onnx(name: str, fast_folders: Callable[[str], Path]) -> None:
+    """Every expert slab and every single quantized weight of the fast graph reads model.onnx's
+    bytes (external data there): the fast graph adds a small file, not a second copy."""
+    folder = fast_folders(name)
+    fast = onnx.load(str(folder / ort_graph.FILE), load_external_data=False)
+    pointers = {t.name for t in fast.graph.initializer if onnx.external_data_helper.uses_external_data(t)}
+    locations = {e.value for t in fast.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {artifact.MODEL_FILE}
+    experts = [n for n in pointers if ".experts." in n and n.endswith("_quantized")]
+    cfg = artifact.Manifest.read(folder).config
+    assert len(experts) == cfg["num_hidden_layers"] * cfg["num_local_experts"] * 2  # gate|up and down slabs
+    assert {"embed_tokens.weight", "lm_head.weight"} <= pointers
+    size = (folder / ort_graph.FILE).stat().st_size
+    assert size < (folder / artifact.MODEL_FILE).stat().st_size / 3
+
+
+def test_quantized_matmuls_become_matmulnbits(fast_folders: Callable[[str], Path], tmp_path: Path) -> None:
+    """ONNX Runtime fuses each DequantizeLinear -> MatMul of the fast graph into one MatMulNBits
+    (else the weights would be dequantized at every step); the accuracy level is the session's."""
+    folder = fast_folders("int4")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.add_session_config_entry(ACCURACY_CONFIG, str(QUANT_ACCURACY_LEVEL))
+    ort.InferenceSession(str(folder / ort_graph.FILE), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    cfg = artifact.Manifest.read(folder).config
+    assert ops["DequantizeLinear"] == 0
+    # per layer: q|k|v, o, and gate|up + down of each expert
+    assert ops["MatMulNBits"] == cfg["num_hidden_layers"] * (2 + 2 * cfg["num_local_experts"])
+    levels = {a.i for n in optimized.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {QUANT_ACCURACY_LEVEL}
+
+
+def test_run_uses_the_fast_graph_on_a_quantized_folder(fast_folders: Callable[[str], Path]) -> None:
+    said: list[str] = []
+    with load(fast_folders("int8"), threads=1, graph="auto", progress=said.append) as pipe:
+        assert isinstance(pipe.session, OrtFastSession) and pipe.graph == "fast", said
+
+
+def test_locate_finds_every_inline_tensor(quantized_export: Callable[[str], Path]) -> None:
+    path = quantized_export("int4") / artifact.MODEL_FILE
+    data = path.read_bytes()
+    where = locate(path)
+    proto = onnx.load(str(path))
+    inline = [t for t in proto.graph.initializer if t.raw_data]
+    assert inline and all(data[where[t.name].offset:where[t.name].offset + where[t.name].length] == t.raw_data
+                          for t in inline)
+    assert {w.location for w in where.values()} == {artifact.MODEL_FILE}

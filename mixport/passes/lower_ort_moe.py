@@ -14,6 +14,19 @@ maps onto that (``contrib_normalize``):
 
 It wants, on CPU, gate/up interleaved per row ([E, 2F, H]: g0, u0, g1, u1, ...) and
 the down weights as [E, H, F] (both [out, in]). The file then runs in ONNX Runtime only.
+
+Quantized experts (MoE plugin_version "2") become ``com.microsoft.QMoE`` (contrib op schema of ONNX
+Runtime 1.32): ``expert_weight_bits`` 8 | 4, ``block_size`` B, the same routing and SwiGLU settings,
+``swiglu_fusion`` 1 (its CPU kernel takes interleaved gate/up only), fc1 = gate|up with its columns
+interleaved, fc2 = down, each per expert in MatMulNBits' rows (``passes/nbits``: [E, N, K*bits/8]
+unsigned codes, scales [E, N, K/B], uint4 zero points packed [E, N, ceil(K/B/2)]); exact since
+every block belongs to one column. What ONNX Runtime 1.32's CPU QMoE cannot express is refused with
+the reason: a block size that does not divide H and F (the contract allows a last, partial block;
+QMoE requires whole blocks). Measured on its CPU kernel: 4-bit experts compute exactly at
+``accuracy_level`` 0/1 and with int8 activations at 4; 8-bit experts have no fp32 kernel and
+quantize the activations to int8 at every level (the file's numbers then differ from the portable
+body's by that rounding, as the fast graph's at ``QUANT_ACCURACY_LEVEL`` do). ``accuracy_level`` is
+``nbits.ACCURACY_LEVEL``, the level ``mixport run`` uses.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import onnx_graphsurgeon as gs
 from mixport import ops
 from mixport.onnx_io import WeightFiles
 from mixport.passes import graph_utils as gu
+from mixport.passes import nbits
 
 NAME = "lower_ort_moe"
 MS_DOMAIN = "com.microsoft"
@@ -69,7 +83,7 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     if isinstance(normalize, str):
         return f"MoE '{moe.name}': {normalize}"
     if "bits" in moe.attrs:
-        return f"MoE '{moe.name}': quantized experts are lowered to com.microsoft.QMoE, not MoE"
+        return _lower_quantized(graph, moe, router, normalize, files)
     gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
     if gate_up is None or down is None:
         return f"MoE '{moe.name}': expert weights are not constants"
@@ -78,6 +92,59 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     empty = gs.Variable.empty()
     node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize),
                    [moe.inputs[0], router.inputs[0], fc1, empty, fc2], list(moe.outputs), domain=MS_DOMAIN)
+    moe.outputs.clear()
+    graph.nodes.append(node)
+    return None
+
+
+def qmoe_refusal(hidden: int, inter: int, bits: int, block: int) -> str | None:
+    """Why ONNX Runtime 1.32's CPU QMoE cannot take these experts (None: it can)."""
+    if bits not in (4, 8):
+        return f"QMoE takes 4- or 8-bit experts (these are {bits}-bit)"
+    if block < nbits.MIN_BLOCK or hidden % block or inter % block:
+        return (f"com.microsoft.QMoE needs whole blocks: block_size {block} must divide hidden {hidden} and "
+                f"intermediate {inter} (and be >= {nbits.MIN_BLOCK}); mixport's last block may be partial")
+    return None
+
+
+def interleave_columns(a: np.ndarray | None) -> np.ndarray | None:
+    """[E, K, 2F] gate | up columns -> [E, K, 2F] columns g0, u0, g1, u1, ... (QMoE's swiglu_fusion=1)."""
+    if a is None:
+        return None
+    f = a.shape[-1] // 2
+    return np.stack([a[..., :f], a[..., f:]], axis=-1).reshape(a.shape)
+
+
+def _lower_quantized(graph: gs.Graph, moe: gs.Node, router: gs.Node, normalize: int,
+                     files: WeightFiles | None) -> str | None:
+    """One quantized MoE node -> com.microsoft.QMoE; a reason string when it cannot."""
+    bits, block = int(moe.attrs["bits"]), int(moe.attrs["block_size"])
+    arrays = [gu.const_array(t) for t in moe.inputs[3:]]
+    if any(a is None for a in arrays):
+        return f"MoE '{moe.name}': expert weights are not constants"
+    gate_up, down, gate_up_scale, down_scale, *zeros = arrays
+    (e, h, two_f), f = gate_up.shape, down.shape[1]
+    why = qmoe_refusal(h, f, bits, block)
+    if why:
+        return f"MoE '{moe.name}': {why}"
+    gate_up_zero, down_zero = zeros or (None, None)
+    fc1 = nbits.expert_rows(interleave_columns(gate_up), interleave_columns(gate_up_scale),  # type: ignore[arg-type]
+                            interleave_columns(gate_up_zero), block)
+    fc2 = nbits.expert_rows(down, down_scale, down_zero, block)
+    made = {}
+    for fc, (weights, scales, zp), source in (("fc1", fc1, moe.inputs[3]), ("fc2", fc2, moe.inputs[4])):
+        for part, value in (("weights", weights), ("scales", scales), ("zero_points", zp)):
+            if value is not None:
+                made[f"{fc}_{part}"] = gu.make_constant(gu.unique_name(graph, f"{source.name}.qmoe_{part}"), value,
+                                                        files)
+    empty = gs.Variable.empty
+    inputs = [moe.inputs[0], router.inputs[0], made["fc1_weights"], made["fc1_scales"], empty(),
+              made["fc2_weights"], made["fc2_scales"], empty()]
+    if "fc1_zero_points" in made:
+        inputs += [empty(), empty(), empty(), made["fc1_zero_points"], made["fc2_zero_points"]]
+    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize), expert_weight_bits=bits, block_size=block,
+                 accuracy_level=nbits.ACCURACY_LEVEL)
+    node = gs.Node("QMoE", f"{moe.name}/ort", attrs, inputs, list(moe.outputs), domain=MS_DOMAIN)
     moe.outputs.clear()
     graph.nodes.append(node)
     return None

@@ -28,6 +28,10 @@ from mixport import quant
 
 
 MIN_BLOCK, MAX_BLOCK = 16, 1024  # MatMulNBits: a power of two >= 16
+# MatMulNBits' / QMoE's accuracy_level for quantized weights wherever mixport runs them on ONNX
+# Runtime's CPU provider (the fast graph's and model.onnx's sessions, the ``ort`` target's QMoE):
+# 4 = activations quantized to int8 per block inside the kernel. Measured: runtime/ort_graph.py.
+ACCURACY_LEVEL = 4
 
 
 def block_size_of(rows: int, blocks: int) -> int | None:

@@ -11,13 +11,14 @@ import numpy as np
 
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
+from mixport.passes import nbits
 
 ACCURACY_CONFIG = "session.qdq_matmulnbits_accuracy_level"
 # MatMulNBits' accuracy_level for quantized weights, in both graphs (ONNX Runtime fuses each blocked
-# DequantizeLinear -> MatMul into one MatMulNBits when the session starts). 4: activations quantized
-# to int8 per block inside the kernel (what llama.cpp's q8_0 / q4_0 dot products do); 0/1 keep
-# them fp32 (exact to the dequantized weights). Measured (docs in runtime/ort_graph.py): TODO
-QUANT_ACCURACY_LEVEL = 4
+# DequantizeLinear -> MatMul into one MatMulNBits when the session starts): 4, activations quantized
+# to int8 per block inside the kernel (what llama.cpp's q8_0 / q4_0 dot products do); 0/1 keep them
+# fp32 (exact to the dequantized weights). The measurements behind it: runtime/ort_graph.py.
+QUANT_ACCURACY_LEVEL = nbits.ACCURACY_LEVEL
 
 
 def providers_for(device: str) -> list[str]:

@@ -95,15 +95,18 @@ def to_nbits(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_si
     if bits == 4:
         rows = _pack4(rows)
     b = rows.reshape(n, nb, block_size * bits // 8)
-    zp = None
-    if zero is not None:
-        z = np.ascontiguousarray(np.asarray(zero, dtype=np.uint8).T)  # [N, nb]
-        if bits == 4:
-            if nb % 2:
-                z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-            z = _pack4(z)
-        zp = z
+    zp = None if zero is None else pack_zero_points(zero, bits)
     return NBits(b, np.ascontiguousarray(scale.T), zp, k, n, bits, block_size)
+
+
+def pack_zero_points(zero: np.ndarray, bits: int = 4) -> np.ndarray:
+    """Zero points [n_blocks, N] -> uint8 [N, ceil(n_blocks * bits / 8)], packed like B."""
+    z = np.ascontiguousarray(np.asarray(zero, dtype=np.uint8).T)  # [N, nb]
+    if bits == 8:
+        return z
+    if z.shape[1] % 2:
+        z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+    return _pack4(z)
 
 
 def concat_columns(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]

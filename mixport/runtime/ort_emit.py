@@ -66,8 +66,10 @@ class Builder:
     config; ``names``: the family's adapter (weight names). ``weights``: an ``ort_weights.Exported``
     lets the builder point at model.onnx's bytes; a plain dict is copied."""
 
-    def __init__(self, weights: dict[str, np.ndarray], dtype: np.dtype, cfg: MoEConfig, names: Adapter) -> None:
+    def __init__(self, weights: dict[str, np.ndarray], dtype: np.dtype, cfg: MoEConfig, names: Adapter,
+                 accuracy_level: int = nbits.ACCURACY_LEVEL) -> None:
         self.w, self.dtype, self.cfg, self.names = Reads(weights), dtype, cfg, names
+        self.accuracy_level = accuracy_level  # of the QMoE nodes (MatMulNBits': the session's)
         self.origins: dict[str, ort_weights.Origin] = getattr(weights, "origins", {})
         self.where: dict[str, ort_weights.Where] = getattr(weights, "where", {})
         self.elem = helper.np_dtype_to_tensor_dtype(dtype)
@@ -76,6 +78,7 @@ class Builder:
         self.count = 0
         self.dequantize: dict[str, tuple[list[str], int]] = {}  # proj name -> DequantizeLinear inputs, block
         self.transposed: set[str] = set()  # proj names that hold [out, in]: multiplied through a Transpose
+        self.qmoe: dict[str, dict[str, Any]] = {}  # initializers the session supplies (ort_qmoe): recipes
 
     def name(self, hint: str) -> str:
         self.count += 1

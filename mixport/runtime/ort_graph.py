@@ -49,7 +49,8 @@ from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
 from mixport.runtime import ort_layers
-from mixport.runtime import ort_weights
+from mixport.passes import nbits
+from mixport.runtime import ort_qmoe, ort_weights
 from mixport.runtime.ort_emit import MS, Builder, is_weight
 
 GRAPH_VERSION = 6  # 6: quantized exports (MatMulNBits)
@@ -122,16 +123,17 @@ def _require_supported(cfg: dict[str, Any], dtype: str) -> None:
                              hint="run with --graph portable")
 
 
-def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str, share: bool = False
-          ) -> onnx.ModelProto:
+def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str, share: bool = False,
+          accuracy_level: int = nbits.ACCURACY_LEVEL) -> onnx.ModelProto:
     """The fast graph for ``cfg`` from the export's weights (state-dict names, [out, in] layouts;
     quantized ones as ``export_weights`` names them). ``share``: its big weights point at
     model.onnx's bytes (``weights`` from ``export_weights``; the graph must then be saved in
-    model.onnx's folder), else every weight is copied into it.
+    model.onnx's folder), else every weight is copied into it. ``accuracy_level``: of the QMoE nodes
+    (those of MatMulNBits are the session's).
     RuntimeFailure when ``supported`` says no, a weight is missing, or one would be left unused."""
     _require_supported(cfg, dtype)
     np_dtype = np.dtype(np.float16 if dtype == "fp16" else np.float32)
-    g = Builder(weights if share else dict(weights), np_dtype, model_cfg(cfg), _adapter(cfg))
+    g = Builder(weights if share else dict(weights), np_dtype, model_cfg(cfg), _adapter(cfg), accuracy_level)
     try:
         ort_layers.decoder(g)
     except KeyError as exc:
@@ -148,8 +150,10 @@ def build(weights: dict[str, np.ndarray], cfg: dict[str, Any], dtype: str, share
     inputs, outputs = _io(cfg, g.elem)
     graph = helper.make_graph(g.nodes, "mixport_ort_cpu", inputs, outputs, g.inits)
     opset = ops.QUANT_OPSET if g.dequantize else ops.ONNX_OPSET  # blocked DequantizeLinear: opset 21
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                             producer_name="mixport", producer_version=str(GRAPH_VERSION))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              producer_name="mixport", producer_version=str(GRAPH_VERSION))
+    ort_qmoe.record(model, g.qmoe)
+    return model
 
 
 def _adapter(cfg: dict[str, Any] | None) -> Adapter:

@@ -28,6 +28,7 @@ import numpy as np
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
 from mixport.passes import moe_bodies
+from mixport.runtime import ort_qmoe
 from mixport.runtime.ort_emit import MS, Builder
 
 
@@ -120,6 +121,9 @@ def _moe(g: Builder, i: int, h: str, shape: str) -> str:
     QuickGelu and one down MatMul per expert on its rows, one scatter-add combine; + the shared expert."""
     cfg = g.cfg
     flat = g.op1("Reshape", [h, g.const("shape", np.array([-1, cfg.hidden_size]))])  # [T, H]
+    out = _qmoe(g, i, flat) if g.quantized(g.names.expert_weight(i, 0, "gate")) else None
+    if out is not None:
+        return g.op1("Reshape", [_with_shared(g, i, flat, out), shape])
     weights, ids = _routes(g, i, flat)
 
     def slabs(e: int) -> tuple[str, None, str]:
@@ -128,9 +132,23 @@ def _moe(g: Builder, i: int, h: str, shape: str) -> str:
 
     out = moe_bodies.sparse_moe(g, flat, weights, ids, cfg.num_experts_per_tok, cfg.num_local_experts, slabs,
                                 moe_bodies.ORT_CPU, g.elem, matmul=g.matmul)
-    if cfg.shared_expert_intermediate_size:
-        out = g.op1("Add", [out, _shared(g, i, flat)])
-    return g.op1("Reshape", [out, shape])  # [B, S, H]
+    return g.op1("Reshape", [_with_shared(g, i, flat, out), shape])  # [B, S, H]
+
+
+def _with_shared(g: Builder, i: int, flat: str, out: str) -> str:
+    """The routed experts' output [T, H] + the shared expert's, when the layer has one."""
+    return g.op1("Add", [out, _shared(g, i, flat)]) if g.cfg.shared_expert_intermediate_size else out
+
+
+def _qmoe(g: Builder, i: int, flat: str) -> str | None:
+    """Layer i's quantized experts as one com.microsoft.QMoE (``ort_qmoe``), routed from the router
+    logits by QMoE itself; None when it cannot express them (the sparse body runs them then)."""
+    how = ort_qmoe.expressible(g, i)
+    if how is None:
+        return None
+    gate = g.names.router_weight(i)
+    logits = g.matmul(flat, g.proj(gate, [gate]))  # [T, E]
+    return ort_qmoe.emit(g, i, flat, logits, *how)
 
 
 def feed_forward(g: Builder, i: int, h: str, shape: str) -> str:

@@ -105,14 +105,26 @@ def session_options(threads: int | None, config: dict[str, str] | None = None) -
     return opts
 
 
-def open_session(model_path: Path, device: str, threads: int | None, config: dict[str, str] | None = None) -> Any:
-    """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line."""
+def open_session(model_path: Path, device: str, threads: int | None, config: dict[str, str] | None = None,
+                 supplied: dict[str, np.ndarray] | None = None) -> Any:
+    """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line. ``supplied``:
+    initializers given to ONNX Runtime from memory (placeholders in the file, ``ort_qmoe``)."""
+    import onnx
     import onnxruntime as ort
 
     from mixport import onnx_io
 
-    onnx_io.check_external_locations(model_path)  # before ONNX Runtime reads any external data
+    proto = None
+    if supplied:  # the placeholders' location is never a file: check the others
+        proto = onnx.load(str(model_path), load_external_data=False)
+        kept = [t for t in proto.graph.initializer if t.name not in supplied]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    onnx_io.check_external_locations(model_path, proto)  # before ONNX Runtime reads any external data
     providers, options = providers_for(device), session_options(threads, config)  # their own one-line errors
+    if supplied:
+        options.add_external_initializers(list(supplied), [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                                                           for v in supplied.values()])
     try:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types; one line for the user

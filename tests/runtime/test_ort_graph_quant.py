@@ -1,12 +1,14 @@
 """The fast ONNX Runtime graph of a quantized export: it computes what the portable model.onnx
-computes, holds no second copy of the weights, and runs its quantized MatMuls as MatMulNBits.
+computes, holds no second copy of the weights, and runs its quantized MatMuls as MatMulNBits and its
+experts as QMoE (where QMoE can: int4 here has blocks of 64 over F = 96, a partial block, so its
+experts run the sparse body of MatMulNBits; int8 and int4-zp run QMoE).
 
-Parity is exact (<= 1e-4) at accuracy level 1 (fp32 activations; the portable model in a plain
-session with the same level). At the level ``mixport run`` uses (``QUANT_ACCURACY_LEVEL`` 4: int8
-activations inside MatMulNBits), max |logit error| vs the exact model on this tiny model, prefill of
-2 x 12 + 6 greedy steps: about 0.06 (int8), 0.07 (int4), 0.5 (int4-zp, whose rounding moves more
-values); the test holds it under 1 (bound: ``LEVEL4_BOUND``), the numbers are
-``mixport check``'s business."""
+Parity is exact (<= 1e-4) for a graph built at accuracy level 1 (fp32 activations; 8-bit experts then
+keep the sparse body) against the portable model with the same level. At the level ``mixport run``
+uses (``QUANT_ACCURACY_LEVEL`` 4: int8 activations inside MatMulNBits / QMoE), max |logit error| vs the
+exact model on this tiny model, prefill of 2 x 11 + 6 steps decoding the same tokens: about 0.06
+(int8), 0.07 (int4), 0.5 (int4-zp); the test holds it under 1 (``LEVEL4_BOUND``): the error against
+the float model is ``mixport check``'s business."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import onnxruntime as ort
 import pytest
 
 from mixport import artifact
-from mixport.runtime import load, ort_graph
+from mixport.runtime import load, ort_graph, ort_qmoe
 from mixport.runtime.onnx_locate import locate
 from mixport.runtime.ort_fast import OrtFastSession
 from mixport.runtime.ort_session import ACCURACY_CONFIG, QUANT_ACCURACY_LEVEL, OrtSession, portable_config
@@ -60,8 +62,12 @@ def test_fast_graph_equals_the_portable_model(name: str, fast_folders: Callable[
     manifest = artifact.Manifest.read(folder)
     vocab = manifest.config["vocab_size"]
     want = _run(OrtSession(folder / artifact.MODEL_FILE, manifest, threads=1, accuracy_level=EXACT_LEVEL), vocab)
+    exact = folder / "exact.ort.onnx"  # beside model.onnx: its weights point there
+    weights = ort_graph.export_weights(folder / artifact.MODEL_FILE, manifest.config)
+    ort_graph._save(ort_graph.build(weights, manifest.config, manifest.dtype, share=True,
+                                    accuracy_level=EXACT_LEVEL), exact)
+    got = _run(OrtFastSession(exact, manifest, threads=1, accuracy_level=EXACT_LEVEL), vocab)
     fast = folder / ort_graph.FILE
-    got = _run(OrtFastSession(fast, manifest, threads=1, accuracy_level=EXACT_LEVEL), vocab)
     _, mask = left_padded_prompt(vocab)
     assert np.array_equal(got.tokens, want.tokens)
     assert max_logit_error(got, want, mask) <= 1e-4
@@ -71,20 +77,37 @@ def test_fast_graph_equals_the_portable_model(name: str, fast_folders: Callable[
 
 
 @pytest.mark.parametrize("name", list(QUANT_SCHEMES))
-def test_fast_graph_points_at_model_onnx(name: str, fast_folders: Callable[[str], Path]) -> None:
-    """Every expert slab and every single quantized weight of the fast graph reads model.onnx's
-    bytes (external data there): the fast graph adds a small file, not a second copy."""
+def test_fast_graph_holds_no_copy_of_the_weights(name: str, fast_folders: Callable[[str], Path]) -> None:
+    """Expert slabs (sparse body) and single quantized weights read model.onnx's bytes (external data
+    there); QMoE's weights are placeholders the session makes from model.onnx (``ort_qmoe``): either
+    way the fast graph adds a small file, not a second copy."""
     folder = fast_folders(name)
     fast = onnx.load(str(folder / ort_graph.FILE), load_external_data=False)
-    pointers = {t.name for t in fast.graph.initializer if onnx.external_data_helper.uses_external_data(t)}
-    locations = {e.value for t in fast.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {artifact.MODEL_FILE}
-    experts = [n for n in pointers if ".experts." in n and n.endswith("_quantized")]
     cfg = artifact.Manifest.read(folder).config
-    assert len(experts) == cfg["num_hidden_layers"] * cfg["num_local_experts"] * 2  # gate|up and down slabs
+    pointers = {t.name for t in fast.graph.initializer if onnx.external_data_helper.uses_external_data(t)}
+    locations = {t.name: e.value for t in fast.graph.initializer for e in t.external_data if e.key == "location"}
+    recipes = ort_qmoe.placeholders(fast)
+    qmoe = [n for n in fast.graph.node if n.op_type == "QMoE"]
+    if name == "int4":  # blocks of 64 over F = 96: QMoE cannot, the sparse body points at each slab
+        assert not qmoe and not recipes
+        slabs = [n for n in pointers if ".experts." in n and n.endswith("_quantized")]
+        assert len(slabs) == cfg["num_hidden_layers"] * cfg["num_local_experts"] * 2  # gate|up and down
+    else:
+        assert len(qmoe) == cfg["num_hidden_layers"]
+        assert {n for n, where in locations.items() if where == ort_qmoe.MARKER} == set(recipes)
+        assert len(recipes) == cfg["num_hidden_layers"] * (4 + 2 * (name == "int4-zp"))
+    assert set(locations.values()) <= {artifact.MODEL_FILE, ort_qmoe.MARKER}
     assert {"embed_tokens.weight", "lm_head.weight"} <= pointers
+    assert not (folder / ort_qmoe.MARKER).exists()
     size = (folder / ort_graph.FILE).stat().st_size
     assert size < (folder / artifact.MODEL_FILE).stat().st_size / 3
+
+
+def test_a_plain_session_refuses_the_placeholders(fast_folders: Callable[[str], Path]) -> None:
+    """Without the weights OrtFastSession supplies, ONNX Runtime fails loudly (a missing file), it
+    never reads wrong bytes."""
+    with pytest.raises(Exception, match=ort_qmoe.MARKER.replace(".", "[.]")):
+        ort.InferenceSession(str(fast_folders("int8") / ort_graph.FILE), providers=["CPUExecutionProvider"])
 
 
 def test_quantized_matmuls_become_matmulnbits(fast_folders: Callable[[str], Path], tmp_path: Path) -> None:
@@ -123,6 +146,17 @@ def test_the_portable_session_dequantizes_once(fast_folders: Callable[[str], Pat
     want = _run(OrtSession(folder / artifact.MODEL_FILE, manifest, threads=1, accuracy_level=EXACT_LEVEL), vocab)
     got = _run(OrtSession(folder / artifact.MODEL_FILE, manifest, threads=1), vocab)
     assert max_logit_error(got, want, left_padded_prompt(vocab)[1]) <= 1e-4
+
+
+def test_qmoe_layers_in_the_optimized_graph(fast_folders: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = fast_folders("int4-zp")
+    manifest = artifact.Manifest.read(folder)
+    session = OrtFastSession(folder / ort_graph.FILE, manifest, threads=1)  # supplies the placeholders
+    assert session.sess is not None
+    fast = onnx.load(str(folder / ort_graph.FILE), load_external_data=False)
+    ops = Counter(n.op_type for n in fast.graph.node)
+    assert ops["QMoE"] == manifest.config["num_hidden_layers"]
+    assert ops["DequantizeLinear"] == 2 * manifest.config["num_hidden_layers"]  # q|k|v and o
 
 
 def test_run_uses_the_fast_graph_on_a_quantized_folder(fast_folders: Callable[[str], Path]) -> None:

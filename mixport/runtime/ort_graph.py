@@ -15,7 +15,30 @@ it needs about once:
   (none routed: zero rows, no weight read), one scatter-add combines (measured: same
   speed as per-expert gather/scatter with ~40% fewer nodes; ORT's com.microsoft.MoE was
   slower in both prefill and decode);
-* lm_head only on the rows named by ``logits_index`` (the last token of each row).
+* lm_head only on the rows named by ``logits_index`` (the last token of each row);
+* no second copy of the weights: big initializers point at model.onnx's bytes (``ort_weights``);
+* quantized exports: blocked DequantizeLinear -> MatMul, fused by ONNX Runtime into MatMulNBits at
+  load at the session's accuracy level, and one ``com.microsoft.QMoE`` per layer for the routed
+  experts (``ort_qmoe``), or the sparse body of MatMulNBits where QMoE cannot express them.
+
+Quantized choices, measured on the mini-Mixtral (hidden 512, intermediate 1792, 4 layers, 8 experts,
+top-2, vocab 32000) with ONNX Runtime 1.32 CPU on a loaded 2-core AMD EPYC (AVX-512 VNNI), 1 thread,
+64-token prompt, 128 new tokens (``mixport bench --threads 1``; medians, noisy: ratios hold):
+
+* accuracy level (``passes/nbits.ACCURACY_LEVEL`` = 4). Level 0/1 (fp32 activations) is exact to the
+  dequantized weights but slow: 8-bit MatMulNBits has no fp32 kernel there (int8: 7.7 tok/s decode,
+  450 ms prefill, against 122 tok/s / 46 ms at level 4); int4 decodes 107 vs 127 tok/s and prefills
+  84 vs 55 ms (level 0 vs 4, lm_head fp32). Level 4 quantizes activations to int8 per block inside the
+  kernel (llama.cpp's q8_0 / q4_0 do the same). Its error, teacher-forced logits of 2 x 96 tokens
+  against the fp32 model: int8 rms 0.038 -> 0.055 (max 0.97 -> 1.58; top-1 0.95 -> 0.90), int4 rms
+  0.362 -> 0.366 (max 4.19 -> 4.25), int4-zp 0.354 -> 0.355 (logits rms 1.0): +45% on int8's small
+  error, +1% on int4's. Chosen: 4 (decode 1.2-20x faster).
+* experts: QMoE against one MatMulNBits per expert slab (A/B in one process, level 4): decode 321 vs
+  263 tok/s (int4, lm_head int4), 289 vs 230 (int8, lm_head int8), 175 vs 163 (int4, lm_head fp32);
+  prefill 15% slower (44 vs 37 ms); session start +0.6 s (its weights are made at load). Chosen: QMoE.
+* decode tok/s / prefill ms (``mixport bench --threads 1``): fp32 96 / 51, int8 149 / 42, int4 162 / 43,
+  int4-zp 173 / 41, int8 + lm_head 235 / 43, int4 + lm_head 327 / 40. The fp32 lm_head (65 MB of the
+  int4 folder's 188) is read every step: ``--quantize-lm-head`` doubles int4's decode.
 
 The layers (``ort_layers``: q/k/v and o biases, q/k norms, clipping, the softmax scale,
 per-layer sliding windows, shared experts, dense MLP layers, both routing orders, muP

@@ -123,7 +123,7 @@ def _lower_quantized(graph: gs.Graph, moe: gs.Node, router: gs.Node, normalize: 
     if any(a is None for a in arrays):
         return f"MoE '{moe.name}': expert weights are not constants"
     gate_up, down, gate_up_scale, down_scale, *zeros = arrays
-    (e, h, two_f), f = gate_up.shape, down.shape[1]
+    h, f = gate_up.shape[1], down.shape[1]
     why = qmoe_refusal(h, f, bits, block)
     if why:
         return f"MoE '{moe.name}': {why}"

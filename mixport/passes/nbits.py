@@ -26,7 +26,6 @@ import numpy as np
 
 from mixport import quant
 
-
 MIN_BLOCK, MAX_BLOCK = 16, 1024  # MatMulNBits: a power of two >= 16
 # MatMulNBits' / QMoE's accuracy_level for quantized weights wherever mixport runs them on ONNX
 # Runtime's CPU provider (the fast graph's and model.onnx's sessions, the ``ort`` target's QMoE):

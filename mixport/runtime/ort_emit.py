@@ -30,7 +30,6 @@ from mixport.runtime import ort_weights
 from mixport.runtime.ort_weights import QUANTIZED, SCALE, ZERO
 
 MS = "com.microsoft"
-QUANTIZED, SCALE, ZERO = "_quantized", "_scale", "_zero_point"  # passes/quantize_weights' suffixes
 
 
 class Reads(dict):
@@ -128,7 +127,8 @@ class Builder:
             return self._proj_quantized(name, keys)
         if any(held):
             raise RuntimeFailure("the export quantized some of the weights one MatMul of the fast graph joins",
-                                 given=", ".join(f"{k}: {'quantized' if h else 'float'}" for k, h in zip(keys, held)),
+                                 given=", ".join(f"{k}: {'quantized' if h else 'float'}"
+                                             for k, h in zip(keys, held, strict=True)),
                                  expected="all quantized or all float", hint="run with --graph portable")
         slab = ort_weights.slab_of(self.origins, keys)
         if len(keys) == 1 and keys[0] not in self.origins and self._point(name, keys[0], self.w[keys[0]]):

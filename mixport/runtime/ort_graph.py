@@ -71,9 +71,8 @@ from mixport.artifact import Manifest, OrtGraphRecord
 from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
-from mixport.runtime import ort_layers
 from mixport.passes import nbits
-from mixport.runtime import ort_qmoe, ort_weights
+from mixport.runtime import ort_layers, ort_qmoe, ort_weights
 from mixport.runtime.ort_emit import MS, Builder, is_weight
 
 GRAPH_VERSION = 6  # 6: quantized exports (MatMulNBits)

@@ -139,5 +139,5 @@ def materialize(folder: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, n
 
 def _read(folder: Path, where: onnx_locate.Where, data_type: int, dims: list[int]) -> np.ndarray:
     with (folder / where.location).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        tensor = TensorProto(data_type=data_type, dims=dims, raw_data=bytes(buf[where.offset:where.offset + where.length]))
-    return numpy_helper.to_array(tensor)
+        raw = bytes(buf[where.offset:where.offset + where.length])
+    return numpy_helper.to_array(TensorProto(data_type=data_type, dims=dims, raw_data=raw))

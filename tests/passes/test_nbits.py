@@ -22,7 +22,8 @@ def _matmulnbits(p: nbits.NBits, x: np.ndarray) -> np.ndarray:
                             accuracy_level=1, **p.attrs())
     graph = helper.make_graph([node], "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, p.k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, p.n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"A": x})[0]
 

@@ -248,13 +248,19 @@ def torch_runner(source: Path, model: DecoderModel, prefer_transformers: bool): 
 
 
 def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_transformers: bool = True,
-              seed: int = 0, onnx_path: Path | None = None, verbose: bool = False) -> CheckReport:
+              seed: int = 0, onnx_path: Path | None = None, verbose: bool = False,
+              dequantized: bool = False) -> CheckReport:
     """Compare PyTorch (FOLDER's source model) and ONNX Runtime over a prefill + ``steps`` decodes.
 
     The ONNX side is FOLDER's model.onnx as it is now, or ``onnx_path`` (same inputs and outputs).
-    ``verbose``: Polygraphy's log lines go to the ``Polygraphy`` logger (else they are dropped)."""
+    ``verbose``: Polygraphy's log lines go to the ``Polygraphy`` logger (else they are dropped).
+    ``dequantized`` (a quantized folder): the reference is mixport's model on the source weights
+    quantized -> dequantized by the folder's scheme (``check_quant.dequantize_reference``)."""
+    from mixport.tools import check_quant, quant_error
+
     folder = Path(folder)
     manifest = Manifest.read(folder)
+    record = quant_error.require_quantized(manifest, folder) if dequantized else None
     check_target.require_steps(manifest, steps, prompt_len)
     target = check_target.resolve(folder, manifest, onnx_path)
     model_path = target.path
@@ -275,6 +281,9 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
             as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, polygraphy_logs(verbose):
         ref_model, cfg, _ = load_reference(src, "fp32")
         _require_family(manifest, cfg, src)
+        if record is not None:
+            check_quant.dequantize_reference(ref_model, record)
+            prefer_transformers = False
         moe_layers = registry.for_config(cfg).moe_layers(cfg)  # the layers with a router: one TopKRouting each
         _require_routers(target, len(moe_layers))
         rng = np.random.default_rng(seed)

@@ -49,22 +49,40 @@ CHUNK = 512  # tokens per forward call when a --text file is scored
 
 @dataclass(frozen=True)
 class Limits:
-    """Pass/fail limits of one quantization scheme (fractions in [0, 1]; errors / logit scale)."""
+    """Pass/fail limits of one quantization scheme (agreements are fractions; errors / logit scale)."""
 
+    rms_logit: float  # RMS logit error / logit scale <=
     top1: float  # teacher-forced top-1 agreement >=
     experts: float  # every MoE layer's expert agreement >=
-    max_logit: float  # max |logit error| / logit scale <=
-    rms_logit: float  # RMS logit error / logit scale <=
-    greedy: float  # free-running greedy agreement (prefix / N) >=
     perplexity: float  # perplexity ratio quantized / reference <= (with --text)
-    implementation: float = 0.01  # max |logits - dequantized reference's| / logit scale <=
+    implementation: float = 0.01  # max |logits - the dequantized reference's| / logit scale <=
 
 
-# Measured (see the module docstring; `mixport check` on correct exports, block 32):
+# Chosen from measurements (tools/measure_quant_error.py; prompt seeds 0-9 on the tiny model, 0-4 on the
+# mini-Mixtral, 64 random prompt tokens + 16 greedy; worst case over seeds, correct quantization, block 32):
+#
+#   scheme    model  RMS/scale  top-1   experts (worst layer)   | one scale shared across experts
+#   int8      tiny   <= 0.063   >= 0.963  >= 0.975              | RMS 0.32-0.35, top-1 <= 0.61
+#   int8      mini   <= 0.090   >= 0.887  >= 0.950              | RMS 0.58-0.59, top-1 <= 0.24
+#   int4      tiny   <= 0.188   >= 0.637  >= 0.800              | RMS 0.83-0.87, top-1 <= 0.19
+#   int4      mini   <= 0.360   >= 0.463  >= 0.662              | RMS 1.03-1.04, top-1 0
+#   int4-zp   tiny   <= 0.182   >= 0.675  >= 0.850              | RMS 0.59-0.66, top-1 <= 0.35
+#   int4-zp   mini   <= 0.335   >= 0.425  >= 0.775              | RMS 0.88-0.89, top-1 <= 0.09
+#
+# Models with random weights are the hard case (no structure to absorb the noise: a trained model's
+# tokens are far more decisive), so these limits are floors a correct quantization of any model should
+# clear, with >= 1.4x margin on the measured worst case; they fail a scale shared across experts. One
+# expert's scale x 4 is what the implementation row catches: the same run's PyTorch model on the source
+# weights quantized -> dequantized by the contract (mixport/quant.py) must match to 1% of the logit scale
+# (a correct export measures ~1e-5; a wrong scale of one expert, >= 0.3 on the tiny model).
+# Not judged, shown: the max logit error (one token routed to another expert moves its logits by O(1)
+# scale even in int8: 0.4-2.9 on the mini) and the free-running greedy agreement (one near-tie flips the
+# rest of the continuation: int8 0.0-1.0 over seeds on the mini; the teacher-forced top-1 measures the same
+# without the cascade).
 LIMITS: dict[str, Limits] = {
-    "int8": Limits(top1=0.95, experts=0.95, max_logit=0.05, rms_logit=0.01, greedy=0.5, perplexity=1.01),
-    "int4": Limits(top1=0.85, experts=0.85, max_logit=0.5, rms_logit=0.12, greedy=0.25, perplexity=1.10),
-    "int4-zp": Limits(top1=0.85, experts=0.85, max_logit=0.5, rms_logit=0.12, greedy=0.25, perplexity=1.10),
+    "int8": Limits(rms_logit=0.15, top1=0.80, experts=0.90, perplexity=1.02),
+    "int4": Limits(rms_logit=0.50, top1=0.35, experts=0.55, perplexity=1.10),
+    "int4-zp": Limits(rms_logit=0.50, top1=0.35, experts=0.55, perplexity=1.10),
 }
 
 
@@ -130,10 +148,8 @@ class QuantReport:
         for b in (b for b in self.backends if b.skipped is None):
             logits = b.outputs[0]
             checks = [("implementation error", b.implementation <= lim.implementation * logits.scale),
-                      ("max logit error", logits.max_rel <= lim.max_logit),
                       ("RMS logit error", logits.rms_rel <= lim.rms_logit),
-                      ("top-1 agreement", b.top1 >= lim.top1 * b.positions),
-                      ("greedy tokens", self.greedy_agreement(b.greedy) >= lim.greedy)]
+                      ("top-1 agreement", b.top1 >= lim.top1 * b.positions)]
             checks += [(f"experts of layer {r.layer}", agreement(r) >= lim.experts) for r in b.routing]
             if b.perplexity is not None and self.ref_perplexity is not None:
                 checks.append(("perplexity", b.perplexity <= lim.perplexity * self.ref_perplexity))

@@ -1,8 +1,8 @@
 """``mixport check`` on a quantized folder: the fp32 PyTorch reference vs the quantized model.
 
-``run_quant_check`` measures what ``quant_error`` defines (logit error, top-1, greedy and expert
+``run_quant_check`` measures what ``quant_metrics`` defines (logit error, top-1, greedy and expert
 agreement, perplexity with a text) for ONNX Runtime on model.onnx and for the fast ONNX Runtime
-graph, and judges it by ``quant_error.LIMITS``; ``format_quant_report`` prints one table;
+graph, and judges it by ``quant_metrics.LIMITS``; ``format_quant_report`` prints one table;
 ``quant_summary`` is the lines ``mixport export --quantize`` prints at its end.
 
 ``dequantize_reference`` is the other comparison (``mixport check --reference dequantized``): the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,12 +24,17 @@ from mixport.artifact import Manifest, QuantRecord
 from mixport.errors import MixportError
 from mixport.models import registry
 from mixport.tools import check, check_target
-from mixport.tools import quant_error as qe
+from mixport.tools import quant_metrics as qe
 
 if TYPE_CHECKING:
     from mixport.models.components import DecoderModel
 
 FAST = "fast ORT graph"
+# ONNX Runtime fuses DequantizeLinear -> MatMul into MatMulNBits, by default with int8 activations (accuracy
+# level 4: ~0.08 of the logit scale on the tiny model); level 1 keeps fp32 activations: model.onnx exactly
+EXACT_QDQ = ("session.qdq_matmulnbits_accuracy_level", "1")
+DEQUANTIZED_ONLY = ("--reference dequantized checks model.onnx's exactness alone (fp32 activations); the fast "
+                    "graph and TensorRT are measured by `mixport check` without it")
 
 
 def is_quantized(folder: Path) -> bool:
@@ -38,7 +43,7 @@ def is_quantized(folder: Path) -> bool:
 
 def run_quant_check(folder: Path, *, steps: int = 8, prefer_transformers: bool = True, seed: int = 0,
                     onnx_path: Path | None = None, text: Path | None = None) -> qe.QuantReport:
-    """Measure FOLDER's quantization error against its fp32 source model (see ``quant_error``)."""
+    """Measure FOLDER's quantization error against its fp32 source model (see ``quant_metrics``)."""
     folder = Path(folder)
     manifest = Manifest.read(folder)
     record = qe.require_quantized(manifest, folder)
@@ -135,6 +140,9 @@ def _measure_ort(debug: Path, model_path: Path, manifest: Manifest, ref: _Refere
     out = _whole(session.run, ref.sequence, empty)
     stat = _stat("onnxruntime", ref, out, manifest.config["num_hidden_layers"])
     stat.routing = check._routing_stats([ref.out], [out], *ref.routers)
+    exact = _whole(_named(exact_session(model_path)), ref.sequence, empty)["logits"]
+    stat.implementation = float(np.abs(exact - ref.dequantized_logits).max())
+    stat.implementation_limit = qe.EXACT
     stat.perplexity = qe.perplexity(session.run, text_ids, empty) if text_ids else None
     session.close()
     stat.greedy = check.ort_greedy(model_path, manifest, ref.prompt, steps) if steps else []
@@ -146,6 +154,35 @@ def _stat(name: str, ref: _Reference, out: dict[str, np.ndarray], layers: int) -
     stat = qe.BackendStat(name, outputs, len(ref.sequence), qe.top1(ref.out["logits"], out["logits"]))
     stat.implementation = float(np.abs(out["logits"] - ref.dequantized_logits).max())
     return stat
+
+
+def exact_session(model_path: Path | str) -> Any:  # -> onnxruntime.InferenceSession
+    """model.onnx in ONNX Runtime's CPU provider with fp32 activations in its quantized MatMuls."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.add_session_config_entry(*EXACT_QDQ)
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+def exact_greedy(model_path: Path, manifest: Manifest, prompt: list[int], count: int) -> list[int]:
+    """``count`` free-running greedy tokens from ``exact_session`` (each step reruns the whole sequence: short, exact)."""
+    session = exact_session(model_path)
+    infer = _named(session)
+    cfg = manifest.config
+    past = [np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
+            for _ in range(2 * cfg["num_hidden_layers"])]
+    tokens: list[int] = []
+    for _ in range(count):
+        out = _whole(infer, prompt + tokens, past)
+        tokens.append(int(out["logits"][0, -1].argmax()))
+    return tokens
+
+
+def _named(session: Any) -> qe.Infer:
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(names, feed), strict=True))
 
 
 def _measure_fast(folder: Path, manifest: Manifest, target: check_target.CheckTarget, ref: _Reference,
@@ -172,6 +209,7 @@ def _measure_fast(folder: Path, manifest: Manifest, target: check_target.CheckTa
         return {"logits": session.step(feed["input_ids"], feed["attention_mask"], feed["position_ids"])}
 
     stat = _stat(FAST, ref, _whole(infer, ref.sequence, []), 0)
+    stat.implementation_limit = qe.APPROXIMATE
     stat.perplexity = qe.perplexity(infer, text_ids, []) if text_ids else None
     stat.greedy = greedy_tokens(session, ref.prompt, steps) if steps else []
     session.close()

@@ -241,6 +241,12 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
     from mixport.tools.check import format_report, run_check
     from mixport.tools.check_quant import is_quantized
 
+    if text is not None and dequantized:
+        from mixport.errors import ConfigError
+
+        raise ConfigError("--text and --reference dequantized measure different things", given="both",
+                          expected="one of them", hint="--text: perplexity vs the fp32 source; "
+                          "--reference dequantized: model.onnx's exactness")
     if text is not None or (not dequantized and is_quantized(folder)):
         _quant_check_and_report(folder, steps, prefer_transformers, onnx_path, text)
         return

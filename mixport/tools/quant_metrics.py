@@ -210,7 +210,7 @@ def perplexity(infer: Infer, tokens: list[int], empty_past: list[np.ndarray], ch
     nll, count = 0.0, 0
     for start, out in run_sequence(infer, tokens, empty_past, chunk):
         logits = out["logits"][0].astype(np.float64)  # [S, V]
-        targets = np.array(tokens[start + 1:start + 1 + len(logits)])
+        targets = np.array(tokens[start + 1:start + 1 + len(logits)], dtype=np.int64)  # the last token: none
         logits = logits[:len(targets)]
         top = logits.max(axis=1, keepdims=True)
         logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]

@@ -142,7 +142,7 @@ def _measure_ort(debug: Path, model_path: Path, manifest: Manifest, ref: _Refere
     stat.routing = check._routing_stats([ref.out], [out], *ref.routers)
     exact = _whole(_named(exact_session(model_path)), ref.sequence, empty)["logits"]
     stat.implementation = float(np.abs(exact - ref.dequantized_logits).max())
-    stat.implementation_limit = qe.EXACT
+    stat.implementation_limit = qe.EXACT if manifest.dtype == "fp32" else qe.APPROXIMATE  # fp16 activations
     stat.perplexity = qe.perplexity(session.run, text_ids, empty) if text_ids else None
     session.close()
     stat.greedy = check.ort_greedy(model_path, manifest, ref.prompt, steps) if steps else []
@@ -167,11 +167,12 @@ def exact_session(model_path: Path | str) -> Any:  # -> onnxruntime.InferenceSes
 
 
 def exact_greedy(model_path: Path, manifest: Manifest, prompt: list[int], count: int) -> list[int]:
-    """``count`` free-running greedy tokens from ``exact_session`` (each step reruns the whole sequence: short, exact)."""
+    """``count`` free-running greedy tokens from ``exact_session`` (each step reruns the whole sequence)."""
     session = exact_session(model_path)
     infer = _named(session)
     cfg = manifest.config
-    past = [np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
+    dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+    past = [np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), dtype)
             for _ in range(2 * cfg["num_hidden_layers"])]
     tokens: list[int] = []
     for _ in range(count):

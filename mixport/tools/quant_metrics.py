@@ -20,14 +20,18 @@ random tokens, ``QUANT_PROMPT_LEN`` of them, fewer when the context is short):
   - the cache outputs (present.*.key / .value): max and RMS error, worst layer (informative).
 * Free-running greedy agreement: each model generates N tokens greedily from the prompt on its
   own; agreement = (tokens before the first difference) / N. After a difference the two
-  continue from different text, so later positions are not compared.
+  continue from different text, so later positions are not compared. Shown, not judged.
+* Implementation error: max |logits - the logits of the same PyTorch model on the source
+  weights quantized -> dequantized by ``mixport/quant.py``| / logit scale. Quantization error
+  and implementation error kept apart: a wrong scale shows here as O(1), whatever the scheme.
 * Perplexity (``--text FILE``): the file tokenized with the folder's tokenizer, cut at the
   model's context, run in chunks through the reference and each backend: exp(mean negative
   log-likelihood of each token given those before it). Limit: quantized / reference ratio.
 
 ``LIMITS`` were chosen from measurements on the tiny and the mini-Mixtral (seeded random
-weights; see the table in ``LIMITS``' comment): a correct quantization passes with margin, one
-expert's scale x 4 or a scale shared across experts fails (exit 3).
+weights; see the table above ``LIMITS``): a correct quantization passes with margin; one
+expert's scale x 4 fails the implementation limit, a scale shared across experts fails both
+(exit 3).
 """
 
 from __future__ import annotations

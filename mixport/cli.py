@@ -236,13 +236,23 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
 
 
 def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True, onnx_path: Path | None = None,
-                      verbose: bool = False) -> None:
+                      verbose: bool = False, text: Path | None = None, dequantized: bool = False) -> None:
     from mixport.errors import ParityError
     from mixport.tools.check import format_report, run_check
+    from mixport.tools.check_quant import is_quantized
 
+    if text is not None and dequantized:
+        from mixport.errors import ConfigError
+
+        raise ConfigError("--text and --reference dequantized measure different things", given="both",
+                          expected="one of them", hint="--text: perplexity vs the fp32 source; "
+                          "--reference dequantized: model.onnx's exactness")
+    if text is not None or (not dequantized and is_quantized(folder)):
+        _quant_check_and_report(folder, steps, prefer_transformers, onnx_path, text)
+        return
     _progress("checking parity (PyTorch vs ONNX Runtime)")
     report = run_check(folder, steps=steps, prefer_transformers=prefer_transformers, onnx_path=onnx_path,
-                       verbose=verbose)
+                       verbose=verbose, dequantized=dequantized)
     for note in report.notes:
         click.echo(f"[mixport] {note}", err=True)
     click.echo(format_report(report))
@@ -250,6 +260,23 @@ def _check_and_report(folder: Path, steps: int, prefer_transformers: bool = True
         raise ParityError(f"parity check failed: {', '.join(report.failures())} differ",
                           given=onnx_path or folder, expected="every output within tolerance and the same experts "
                           "picked per layer", hint="see the table above")
+
+
+def _quant_check_and_report(folder: Path, steps: int, prefer_transformers: bool, onnx_path: Path | None,
+                            text: Path | None) -> None:
+    from mixport.errors import ParityError
+    from mixport.tools.check_quant import format_quant_report, run_quant_check
+
+    _progress("measuring the quantization error (fp32 PyTorch vs the quantized model)")
+    report = run_quant_check(folder, steps=steps, prefer_transformers=prefer_transformers, onnx_path=onnx_path,
+                             text=text)
+    for note in report.notes:
+        click.echo(f"[mixport] {note}", err=True)
+    click.echo(format_quant_report(report))
+    if not report.passed:
+        raise ParityError(f"quantization error beyond the {report.scheme} limits: {', '.join(report.failures())}",
+                          given=onnx_path or folder, expected="every measure within its limit (the table's "
+                          "limit column)", hint="see the table above")
 
 
 class _ClickStderr(logging.Handler):
@@ -317,22 +344,30 @@ def build(out_dir: Path, targets: str | None, dtype: str | None, batch: tuple[in
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
               help="Decode steps after the prefill (the prompt is 12 tokens; both within the model's context).")
-@click.option("--reference", type=click.Choice(["auto", "mixport"]), default="auto", show_default=True,
-              help="auto: transformers when installed, else mixport's reference model.")
+@click.option("--reference", type=click.Choice(["auto", "mixport", "dequantized"]), default="auto",
+              show_default=True, help="auto: transformers when installed, else mixport's reference model. "
+              "dequantized (quantized folders): mixport's on the source weights quantized -> dequantized as the "
+              "export does, held to the fp32 tolerances.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Compare this ONNX file (same inputs and outputs) instead of FOLDER/model.onnx.")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Quantized folders: also the perplexity of the reference and of the quantized model on this "
+              "UTF-8 text (cut at the model's context).")
 @click.option("-v", "--verbose", is_flag=True, help="Show Polygraphy's and TensorRT's log lines (on stderr).")
 @friendly
-def check(folder: Path, steps: int, reference: str, onnx_path: Path | None, verbose: bool) -> None:
+def check(folder: Path, steps: int, reference: str, onnx_path: Path | None, text: Path | None,
+          verbose: bool) -> None:
     """Prove parity: PyTorch (FOLDER's source model) vs ONNX Runtime, per output and per layer's expert choice.
 
     Compares FOLDER/model.onnx as it is now (a note says when it changed since export), or --onnx FILE.
+    A quantized folder is measured against its fp32 source: logit error, top-1, greedy and expert
+    agreement (and perplexity with --text), held to the limits of its precision.
 
     Example: mixport check out --steps 16
     """
     with _library_logs(verbose):
         _check_and_report(folder, steps, prefer_transformers=reference == "auto", onnx_path=onnx_path,
-                          verbose=verbose)
+                          verbose=verbose, text=text, dequantized=reference == "dequantized")
 
 
 

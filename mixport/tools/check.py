@@ -248,13 +248,19 @@ def torch_runner(source: Path, model: DecoderModel, prefer_transformers: bool): 
 
 
 def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_transformers: bool = True,
-              seed: int = 0, onnx_path: Path | None = None, verbose: bool = False) -> CheckReport:
+              seed: int = 0, onnx_path: Path | None = None, verbose: bool = False,
+              dequantized: bool = False) -> CheckReport:
     """Compare PyTorch (FOLDER's source model) and ONNX Runtime over a prefill + ``steps`` decodes.
 
     The ONNX side is FOLDER's model.onnx as it is now, or ``onnx_path`` (same inputs and outputs).
-    ``verbose``: Polygraphy's log lines go to the ``Polygraphy`` logger (else they are dropped)."""
+    ``verbose``: Polygraphy's log lines go to the ``Polygraphy`` logger (else they are dropped).
+    ``dequantized`` (a quantized folder): the reference is mixport's model on the source weights
+    quantized -> dequantized by the folder's scheme (``check_quant.dequantize_reference``)."""
+    from mixport.tools import check_quant, quant_metrics
+
     folder = Path(folder)
     manifest = Manifest.read(folder)
+    record = quant_metrics.require_quantized(manifest, folder) if dequantized else None
     check_target.require_steps(manifest, steps, prompt_len)
     target = check_target.resolve(folder, manifest, onnx_path)
     model_path = target.path
@@ -275,6 +281,9 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
             as (src, _), tempfile.TemporaryDirectory(prefix="mixport-check-") as tmp, polygraphy_logs(verbose):
         ref_model, cfg, _ = load_reference(src, "fp32")
         _require_family(manifest, cfg, src)
+        if record is not None:
+            check_quant.dequantize_reference(ref_model, record)
+            prefer_transformers = False
         moe_layers = registry.for_config(cfg).moe_layers(cfg)  # the layers with a router: one TopKRouting each
         _require_routers(target, len(moe_layers))
         rng = np.random.default_rng(seed)
@@ -285,9 +294,11 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         torch_side = torch_runner(src, ref_model, prefer_transformers)
         del ref_model  # a transformers runner loads its own copy, in turn with the other runners
         gc.collect()
-        runners = [torch_side,
-                   OnnxrtRunner(SessionFromOnnx(str(debug_model(model_path, Path(tmp)))), name="onnxruntime")]
-        notes = target.notes + _add_tensorrt(runners, folder, manifest, target.not_derived)
+        debug = str(debug_model(model_path, Path(tmp)))
+        session = SessionFromOnnx(debug) if record is None else (lambda: check_quant.exact_session(debug))
+        runners = [torch_side, OnnxrtRunner(session, name="onnxruntime")]
+        skip = target.not_derived if record is None else target.not_derived or check_quant.DEQUANTIZED_ONLY
+        notes = target.notes + _add_tensorrt(runners, folder, manifest, skip)
         results = Comparator.run(runners, data_loader=feeds)
         func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="max",
                                   find_output_func=_skip_routing)
@@ -299,11 +310,12 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         report.routing = _routing_stats(ref_iters, ort_iters, moe_layers, cfg.num_experts_per_tok)
         report.dense_layers = [i for i in range(cfg.num_hidden_layers) if i not in moe_layers]
         report.ref_tokens = ref_tokens
-        report.ort_tokens = ort_greedy(model_path, manifest, prompt, len(ref_tokens))
+        report.ort_tokens = (ort_greedy if record is None else check_quant.exact_greedy)(model_path, manifest, prompt,
+                                                                                         len(ref_tokens))
         report.tokens_must_match = dtype == "fp32"
         ref_logits = [it["logits"][0, -1] for it in ref_iters]
-        if target.not_derived is not None:  # never built (or rebuilt) from a file that is not the export's
-            report.fast = FastGraphStat(skipped=target.not_derived)
+        if skip is not None:  # never built (or rebuilt) from a file that is not the export's
+            report.fast = FastGraphStat(skipped=skip)
         else:
             report.fast = check_fast_graph(folder, manifest, prompt, ref_tokens, ref_logits, atol, rtol)
             if report.fast.built:

@@ -142,6 +142,7 @@ def _measure_ort(debug: Path, model_path: Path, manifest: Manifest, ref: _Refere
     stat.routing = check._routing_stats([ref.out], [out], *ref.routers)
     exact = _whole(_named(exact_session(model_path)), ref.sequence, empty)["logits"]
     stat.implementation = float(np.abs(exact - ref.dequantized_logits).max())
+    stat.implementation_rms = float(np.sqrt(np.mean((exact - ref.dequantized_logits) ** 2)))
     stat.implementation_limit = qe.EXACT if manifest.dtype == "fp32" else qe.APPROXIMATE  # fp16 activations
     stat.perplexity = qe.perplexity(session.run, text_ids, empty) if text_ids else None
     session.close()
@@ -153,6 +154,7 @@ def _stat(name: str, ref: _Reference, out: dict[str, np.ndarray], layers: int) -
     outputs = qe.output_errors(ref.out, out, layers)
     stat = qe.BackendStat(name, outputs, len(ref.sequence), qe.top1(ref.out["logits"], out["logits"]))
     stat.implementation = float(np.abs(out["logits"] - ref.dequantized_logits).max())
+    stat.implementation_rms = float(np.sqrt(np.mean((out["logits"] - ref.dequantized_logits) ** 2)))
     return stat
 
 

@@ -61,10 +61,12 @@ class Limits:
     perplexity: float  # perplexity ratio quantized / reference <= (with --text)
 
 
-# The implementation error: max |logits - the dequantized reference's logits| / logit scale <=
-EXACT = 1e-3  # model.onnx with fp32 activations (check_quant.EXACT_QDQ): measured ~1e-5
-APPROXIMATE = 0.25  # a graph whose quantized MatMuls may quantize activations to int8 (ONNX Runtime's
-#                     MatMulNBits accuracy level 4: ~0.08 on the tiny model); a wrong scale: >= 0.3
+# The implementation error vs the dequantized reference's logits, relative to the logit scale:
+EXACT = 1e-3  # max error <=, model.onnx with fp32 activations (check_quant.EXACT_QDQ): measured ~1e-5
+APPROXIMATE = 0.1  # RMS error <=, a graph whose quantized MatMuls quantize activations to int8 (ONNX
+#                    Runtime's MatMulNBits accuracy level 4, the fast graph): its max is not judged, since
+#                    activation rounding may flip a near-tied router at one position (max ~1 scale there,
+#                    measured on the tiny int8 export) while its RMS stays ~0.01-0.03
 
 
 # Chosen from measurements (prompt seeds 0-9 on the tiny model, 0-4 on the
@@ -125,7 +127,16 @@ class BackendStat:
     routing: list[RoutingStat] = field(default_factory=list)  # empty: not observable in this backend
     perplexity: float | None = None
     implementation: float = 0.0  # max |logits - the dequantized reference's logits|
-    implementation_limit: float = EXACT  # its limit, relative to the logit scale
+    implementation_rms: float = 0.0  # their RMS difference
+    implementation_limit: float = EXACT  # the limit of the max (EXACT) or of the RMS (APPROXIMATE), / logit scale
+
+    @property
+    def implementation_judged(self) -> float:
+        """What the implementation limit applies to: the max difference, or the RMS for APPROXIMATE."""
+        return self.implementation_rms if self.implementation_limit == APPROXIMATE else self.implementation
+
+    def implementation_ok(self, scale: float) -> bool:
+        return self.implementation_judged <= self.implementation_limit * scale
     skipped: str | None = None  # why this backend was not measured
 
 
@@ -157,7 +168,7 @@ class QuantReport:
         lim, out = self.limits, []
         for b in (b for b in self.backends if b.skipped is None):
             logits = b.outputs[0]
-            checks = [("implementation error", b.implementation <= b.implementation_limit * logits.scale),
+            checks = [("implementation error", b.implementation_ok(logits.scale)),
                       ("RMS logit error", logits.rms_rel <= lim.rms_logit),
                       ("top-1 agreement", b.top1 >= lim.top1 * b.positions)]
             checks += [(f"experts of layer {r.layer}", agreement(r) >= lim.experts) for r in b.routing]

@@ -24,9 +24,10 @@ def _rows(report: qe.QuantReport) -> list[tuple[str, str, Cell]]:
         return b.outputs[0]
 
     rows: list[tuple[str, str, Cell]] = [
-        ("max err vs dequantized ref", "(in cell)",
-         lambda b: _judged(f"{b.implementation / logits(b).scale:.1e} <= {b.implementation_limit:g}",
-                           b.implementation <= b.implementation_limit * logits(b).scale)),
+        ("err vs dequantized ref", "(in cell)",
+         lambda b: _judged(f"{'RMS' if b.implementation_limit == qe.APPROXIMATE else 'max'} "
+                           f"{b.implementation_judged / logits(b).scale:.1e} <= {b.implementation_limit:g}",
+                           b.implementation_ok(logits(b).scale))),
         ("logits RMS err / scale", f"<= {lim.rms_logit:g}",
          lambda b: _judged(f"{logits(b).rms_rel:.4f} ({logits(b).rms:.2e})", logits(b).rms_rel <= lim.rms_logit)),
         ("top-1 (teacher-forced)", f">= {lim.top1:g}",

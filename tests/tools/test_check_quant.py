@@ -58,7 +58,7 @@ def test_a_correct_int4_export_passes_with_the_table(int4_report) -> None:  # no
     assert len(ort.routing) == 2 and all(r.tokens == ort.positions for r in ort.routing)
     assert len(report.ref_tokens) == 6 and len(ort.greedy) == 6
     table = format_quant_report(report)
-    for row in ("max err vs dequantized ref", "logits RMS err / scale", "top-1 (teacher-forced)",
+    for row in ("err vs dequantized ref", "logits RMS err / scale", "top-1 (teacher-forced)",
                 "logits max |err| / scale", "greedy prefix (free-running)", "experts, layer 0", "experts, layer 1"):
         assert row in table
     assert table.splitlines()[-1] == "quantization error: PASSED (limits for int4)"

@@ -98,13 +98,13 @@ def keeping_unfused(dst: Path) -> Iterator[None]:
     real = passes.run_passes
 
     def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Path | None = None,
-                   work_dir: Path | None = None, detail: Callable[[str], None] | None = None
-                   ) -> passes.PipelineReport:
+                   work_dir: Path | None = None, detail: Callable[[str], None] | None = None,
+                   quantize: passes.QuantOptions | None = None) -> passes.PipelineReport:
         assert weights_dir is not None  # the export streams the traced weights to a work file
         dst.mkdir(parents=True)
         shutil.copy(Path(weights_dir) / artifact.TRACED_DATA, dst)
         onnx.save_model(proto, str(dst / artifact.MODEL_FILE))  # locations stay relative: TRACED_DATA
-        return real(proto, target, weights_dir=weights_dir, work_dir=work_dir, detail=detail)
+        return real(proto, target, weights_dir=weights_dir, work_dir=work_dir, detail=detail, quantize=quantize)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(passes, "run_passes", run_passes)

@@ -1,0 +1,102 @@
+"""The quantization benchmark's mixport side: the transformers fp32 reference logits, and mixport
+fp32 / int8 / int4 exports (`mixport export [--quantize int8|int4] [--block-size B]`) run on the
+graph `mixport run` picks (the fast ONNX Runtime graph), timed with `mixport bench`'s calls."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from quant_common import Plan, Prepared, logit_errors, run_child, size_mb, tail
+from quant_table import Row
+
+CLI = [sys.executable, "-c", "import sys; from mixport.cli import main; sys.exit(main())"]
+RUN_PROMPT = "The ship sailed north, the wind was cold, and the sailors sang"
+NO_QUANTIZE = ("mixport export has no --quantize option yet (issue 12: the lead's quantized export); "
+               "this row runs once it lands")
+
+
+def reference_logits(src: Path, plan: Plan) -> np.ndarray:
+    """transformers' MixtralForCausalLM (fp32) on ``plan.error_tokens``: logits [L, V]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(plan.threads)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = model(torch.tensor([plan.error_tokens]), use_cache=False).logits[0].float().numpy()
+    del model
+    return out
+
+
+def export(src: Path, out: Path, quantize: str | None, block_size: int | None) -> tuple[str, float | None]:
+    """`mixport export` in a child (reused when OUT already holds one): ("" or why not, export peak
+    RSS MB or None when reused)."""
+    if (out / "manifest.json").is_file():
+        return "", None
+    cmd = [*CLI, "export", str(src), "-o", str(out), "--force", "--no-check"]
+    if quantize:
+        cmd += ["--quantize", quantize] + (["--block-size", str(block_size)] if block_size else [])
+    log = out.parent / f"{out.name}.export.log"
+    code, peak = run_child(cmd, log)
+    if code == 0:
+        return "", peak
+    text = log.read_text(errors="replace")
+    if quantize and code == 2 and ("--quantize" in text or "--block-size" in text):
+        return NO_QUANTIZE, None
+    return f"mixport export exited {code}: {tail(log)}", None
+
+
+def run_peak_rss(folder: Path, plan: Plan) -> tuple[float | None, str]:
+    """Peak RSS (MB) of `mixport run FOLDER` generating ``plan.new_tokens`` tokens, in a child."""
+    log = folder.parent / f"{folder.name}.run.log"
+    code, peak = run_child([*CLI, "run", str(folder), "--prompt", RUN_PROMPT, "--max-new-tokens",
+                            str(plan.new_tokens), "--threads", str(plan.threads), "--no-stream"], log)
+    return (peak, "") if code == 0 else (None, f"mixport run exited {code}: {tail(log)}")
+
+
+def _teacher_forced(session: object, tokens: list[int]) -> np.ndarray:
+    ids = np.array([tokens], dtype=np.int64)
+    session.reset(1)  # type: ignore[attr-defined]
+    logits = session.step(ids, np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None])  # type: ignore[attr-defined]
+    return np.asarray(logits[0], dtype=np.float32)
+
+
+def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, Prepared | None]:
+    """Open FOLDER as `mixport run` does; its row (errors, size, run RSS) and its timer."""
+    from mixport.runtime import load
+    from mixport.tools.bench import graph_reason, time_once
+
+    row = Row(name, size_mb=size_mb(folder))
+    pipe = load(folder, threads=plan.threads, graph="auto", backend="onnxruntime")
+    if pipe.graph != "fast":
+        row.notes.append(graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, pipe.graph, "auto"))
+    row.size_mb = size_mb(folder)  # after the fast graph was built into the folder
+    weights = sum(size_mb(f) for f in folder.glob("model.onnx*"))
+    row.notes.append(f"ran: {pipe.graph} graph; folder {row.size_mb:.1f} MB, model.onnx* {weights:.1f} MB")
+    logits = _teacher_forced(pipe.session, plan.error_tokens)
+    row.max_err, row.rms_err, row.top1 = logit_errors(ref, logits)
+    row.peak_rss_mb, why = run_peak_rss(folder, plan)
+    if why:
+        row.notes.append(why)
+    time_once(pipe.session, [plan.prompt], min(plan.new_tokens, 4))  # warm-up
+    return row, Prepared(lambda: time_once(pipe.session, [plan.prompt], plan.new_tokens), logits, pipe.close)
+
+
+def mixport_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarray, quantize: str | None,
+                    block_size: int | None) -> tuple[Row, Prepared | None]:
+    """Export (or reuse) and open one mixport variant; a variant that cannot run says why."""
+    out = work / (name.replace(" ", "-") + (f"-b{block_size}" if quantize and block_size else ""))
+    why, peak = export(src, out, quantize, block_size)
+    if why:
+        print(f"# {name}: {why}", file=sys.stderr)
+        return Row(name, why=why), None
+    try:
+        row, prepared = prepare(name, out, plan, ref)
+    except Exception as exc:  # noqa: BLE001 - a variant that fails to run is reported, not fatal
+        print(f"# {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return Row(name, why=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"), None
+    if peak is not None:
+        row.notes.append(f"export peak RSS {peak:.0f} MB")
+    return row, prepared

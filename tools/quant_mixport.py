@@ -66,15 +66,17 @@ def _teacher_forced(session: object, tokens: list[int]) -> np.ndarray:
 def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, Prepared | None]:
     """Open FOLDER as `mixport run` does; its row (errors, size, run RSS) and its timer."""
     from mixport.runtime import load
+    from mixport.runtime.ort_graph import FILE as FAST_FILE
     from mixport.tools.bench import graph_reason, time_once
 
-    row = Row(name, size_mb=size_mb(folder))
     pipe = load(folder, threads=plan.threads, graph="auto", backend="onnxruntime")
+    fast_mb = sum(size_mb(f) for f in folder.iterdir() if f.name.startswith(FAST_FILE))
+    row = Row(name, size_mb=size_mb(folder) - fast_mb)  # what `mixport export` wrote
+    onnx_mb = sum(size_mb(f) for f in folder.glob("model.onnx*"))
+    row.notes.append(f"ran: {pipe.graph} graph; export {row.size_mb:.1f} MB (model.onnx* {onnx_mb:.1f} MB)"
+                     + (f", + {fast_mb:.1f} MB fast graph built into the folder" if fast_mb else ""))
     if pipe.graph != "fast":
         row.notes.append(graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, pipe.graph, "auto"))
-    row.size_mb = size_mb(folder)  # after the fast graph was built into the folder
-    weights = sum(size_mb(f) for f in folder.glob("model.onnx*"))
-    row.notes.append(f"ran: {pipe.graph} graph; folder {row.size_mb:.1f} MB, model.onnx* {weights:.1f} MB")
     logits = _teacher_forced(pipe.session, plan.error_tokens)
     row.max_err, row.rms_err, row.top1 = logit_errors(ref, logits)
     row.peak_rss_mb, why = run_peak_rss(folder, plan)

@@ -50,7 +50,7 @@ def test_every_target_met_at_the_bounds() -> None:
     (qt.MIXPORT_INT4, "decode_tok_s", 319.0, "int4 decode >= llama.cpp q4_0"),
     (qt.MIXPORT_INT4, "max_err", 0.33, "int4 max logit error <= 0.5x ORT-GenAI's"),  # 0.33 > 0.64 / 2
     (qt.ORTGENAI_INT4, "decode_tok_s", 301.0, "int4 decode >= 1.1x ORT-GenAI int4"),  # 330 / 301 < 1.1
-    (qt.MIXPORT_INT4, "size_mb", 150.5, "int4 folder < 150 MB"),
+    (qt.MIXPORT_INT4, "size_mb", 150.5, "int4 export folder < 150 MB"),
 ])
 def test_one_miss_fails_exactly_its_target(name: str, field: str, value: float, label: str) -> None:
     got = _status(_rows(**{name: {field: value}}))

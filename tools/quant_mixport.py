@@ -78,7 +78,7 @@ def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, 
     if pipe.graph != "fast":
         row.notes.append(graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, pipe.graph, "auto"))
     logits = _teacher_forced(pipe.session, plan.error_tokens)
-    row.max_err, row.rms_err, row.top1 = logit_errors(ref, logits)
+    row.set_errors(logit_errors(ref, logits))
     row.peak_rss_mb, why = run_peak_rss(folder, plan)
     if why:
         row.notes.append(why)

@@ -143,7 +143,7 @@ def llama_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarray,
     checker.eval(plan.error_tokens)
     logits = np.array(checker.scores[: plan.error_len], dtype=np.float32)
     checker.close()
-    row.max_err, row.rms_err, row.top1 = logit_errors(ref, logits)
+    row.set_errors(logit_errors(ref, logits))
     llm = _llama(path, plan, logits_all=False)
     _llama_time(llm, warm_up(plan))
     return row, Prepared(lambda: _llama_time(llm, plan), logits, llm.close)
@@ -221,6 +221,6 @@ def ortgenai_variant(src: Path, work: Path, plan: Plan, ref: np.ndarray) -> tupl
     gen.append_tokens(plan.error_tokens)
     logits = np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(plan.error_len, -1)
     del gen
-    row.max_err, row.rms_err, row.top1 = logit_errors(ref, logits)
+    row.set_errors(logit_errors(ref, logits))
     _og_time(model, warm_up(plan))
     return row, Prepared(lambda: _og_time(model, plan), logits)

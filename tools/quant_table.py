@@ -28,6 +28,7 @@ class Row:
     prefill_tok_s: float | None = None
     size_mb: float | None = None  # what the tool writes: GGUF file, ORT-GenAI folder, `mixport export`'s folder
     max_err: float | None = None  # max |logit - transformers fp32 logit| over the teacher-forced tokens
+    p50_err: float | None = None  # median over positions of the position's max |logit error|
     rms_err: float | None = None
     top1: float | None = None  # fraction of positions whose argmax equals transformers'
     peak_rss_mb: float | None = None  # `mixport run` in a child process (mixport rows only)
@@ -39,6 +40,11 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def set_errors(self, errors: dict[str, float]) -> None:
+        """Fill the error fields from ``quant_common.logit_errors``."""
+        for key, value in errors.items():
+            setattr(self, key, value)
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_rows(rows: dict[str, Row]) -> list[str]:
     head = (f"  {'variant':<16} {'decode tok/s':>12} {'prefill tok/s':>13} {'size MB':>8} {'run RSS MB':>10} "
-            f"{'max |err|':>10} {'RMS err':>9} {'top-1':>6}")
+            f"{'max |err|':>10} {'p50 |err|':>9} {'RMS err':>9} {'top-1':>6}")
     lines = [head]
     for name in [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]:
         r = rows[name]
@@ -138,7 +144,7 @@ def format_rows(rows: dict[str, Row]) -> list[str]:
             continue
         lines.append(f"  {name:<16} {_fmt(r.decode_tok_s, '12.1f')} {_fmt(r.prefill_tok_s, '13.0f')} "
                      f"{_fmt(r.size_mb, '8.1f')} {_fmt(r.peak_rss_mb, '10.0f')} {_fmt(r.max_err, '10.4f')} "
-                     f"{_fmt(r.rms_err, '9.5f')} {_fmt(r.top1, '6.3f')}")
+                     f"{_fmt(r.p50_err, '9.4f')} {_fmt(r.rms_err, '9.5f')} {_fmt(r.top1, '6.3f')}")
         lines.extend(f"  {'':<16} ({note})" for note in r.notes)
     return lines
 

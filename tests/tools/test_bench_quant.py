@@ -87,8 +87,12 @@ def test_report_shows_rows_ratios_and_targets() -> None:
 def test_logit_errors() -> None:
     ref = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
     got = ref + np.array([[0.0, 0.0, -0.5], [0.0, 4.0, 0.0]])  # second row's argmax moves
-    mx, rms, top1 = quant_common.logit_errors(ref, got)
-    assert mx == 4.0 and top1 == 0.5 and rms == pytest.approx(np.sqrt((0.25 + 16) / 6))
+    got = quant_common.logit_errors(ref, got)
+    assert got["max_err"] == 4.0 and got["p50_err"] == 2.25 and got["top1"] == 0.5
+    assert got["rms_err"] == pytest.approx(np.sqrt((0.25 + 16) / 6))
+    row = qt.Row("x")
+    row.set_errors(got)
+    assert (row.max_err, row.p50_err) == (4.0, 2.25)
 
 
 def test_interleaved_alternates_and_takes_medians() -> None:

@@ -19,7 +19,8 @@ and issue 12's targets, each met / not met / n/a.
 
 Usage: PYTHONPATH=. python tools/bench_quant.py [--work DIR] [--threads 2] [--rounds 5]
        [--prompt-len 64] [--new-tokens 128] [--error-len 128] [--block-size B]
-       [--variants mixport-fp32,llama-q8_0,...] [--llama-src DIR] [--json] [--tiny]
+       [--variants mixport-fp32,llama-q8_0,...] [--llama-src DIR] [--ortgenai-option KEY=VALUE ...]
+       [--json] [--tiny]
 (--work keeps the source folder, exports, GGUFs and logs, reused on the next run;
  --tiny: tiny configs, the script's logic in seconds.)
 """
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", type=variant_list, default=list(VARIANTS), help="Comma-separated; default all.")
     ap.add_argument("--llama-src", type=Path, default=None,
                     help="llama.cpp tree with convert_hf_to_gguf.py (default: llama-cpp-python's sdist, fetched).")
+    ap.add_argument("--ortgenai-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="ORT-GenAI builder extra option (repeatable), e.g. accuracy_level=1; default: its defaults.")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="Tiny config (a smoke run of this script).")
     args = ap.parse_args(argv)
@@ -76,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.new_tokens < 2:
         ap.error(f"--new-tokens must be >= 2 (one prefill token, then decode steps), got {args.new_tokens}")
+    bad = [o for o in args.ortgenai_option if "=" not in o]
+    if bad:
+        ap.error(f"--ortgenai-option takes KEY=VALUE, got {bad}")
     if args.block_size is not None and args.block_size < 1:
         ap.error(f"--block-size must be >= 1, got {args.block_size}")
     return args
@@ -106,7 +112,7 @@ def runners(args: argparse.Namespace, src: Path, work: Path, plan: Plan, ref) ->
     table = {"mixport-fp32": mix(qt.MIXPORT_FP32, None), "mixport-int8": mix(qt.MIXPORT_INT8, "int8"),
              "mixport-int4": mix(qt.MIXPORT_INT4, "int4"), "llama-f32": llama(qt.LLAMA_F32),
              "llama-q8_0": llama(qt.LLAMA_Q8), "llama-q4_0": llama(qt.LLAMA_Q4),
-             "ortgenai-int4": lambda: peers.ortgenai_variant(src, work, plan, ref)}
+             "ortgenai-int4": lambda: peers.ortgenai_variant(src, work, plan, ref, args.ortgenai_option)}
     return {VARIANTS[k]: table[k] for k in args.variants}
 
 

@@ -14,6 +14,7 @@ same tokens. A peer that cannot run returns a row that says why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tarfile
@@ -149,13 +150,14 @@ def llama_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarray,
     return row, Prepared(lambda: _llama_time(llm, plan), logits, llm.close)
 
 
-def build_ortgenai(src: Path, out: Path) -> str:
-    """ORT-GenAI's builder, int4 for the CPU (reused when OUT holds a model); "" or why not."""
+def build_ortgenai(src: Path, out: Path, options: list[str]) -> str:
+    """ORT-GenAI's builder, int4 for the CPU, with builder extra OPTIONS (KEY=VALUE; none: its defaults);
+    reused when OUT holds a model; "" or why not."""
     if (out / "genai_config.json").is_file():
         return ""
     log = out.parent / f"{out.name}.build.log"
     code, _ = run_child([sys.executable, str(HERE / "ortgenai_mixtral.py"), str(src), str(out),
-                         "--precision", "int4", "--ep", "cpu"], log)
+                         "--precision", "int4", "--ep", "cpu", "--extra", *options], log)
     return "" if code == 0 else f"the model builder exited {code}: {tail(log)}"
 
 
@@ -173,6 +175,7 @@ def onnx_ops(model: Path) -> str:
             bits = attrs.get("expert_weight_bits", attrs.get("bits"))
             label += f" {bits}-bit" if bits else ""
             label += f" block {attrs['block_size']}" if "block_size" in attrs else ""
+            label += f" accuracy_level {attrs['accuracy_level']}" if "accuracy_level" in attrs else ""
             seen[label] += 1
     return "ops " + ", ".join(f"{k} x{v}" for k, v in seen.items())
 
@@ -203,19 +206,24 @@ def _og_time(model, plan: Plan) -> tuple[float, float]:  # noqa: ANN001
     return t1 - t0, time.perf_counter() - t1
 
 
-def ortgenai_variant(src: Path, work: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, Prepared | None]:
-    """ONNX Runtime GenAI int4 (QMoE experts, MatMulNBits attention / lm_head), where it runs."""
+def ortgenai_variant(src: Path, work: Path, plan: Plan, ref: np.ndarray,
+                     options: list[str] | None = None) -> tuple[Row, Prepared | None]:
+    """ONNX Runtime GenAI int4 (QMoE experts, MatMulNBits attention / router / lm_head: the builder's
+    defaults unless OPTIONS say otherwise), where it runs."""
     try:
         import onnxruntime_genai as og
     except ImportError as exc:
         return Row(ORTGENAI_INT4, why=f"onnxruntime-genai is not installed ({exc})"), None
-    out = work / "ortgenai-int4"
-    why = build_ortgenai(src, out)
+    options = sorted(options or [])
+    tag = hashlib.sha1("\n".join(options).encode()).hexdigest()[:8] if options else ""
+    out = work / ("ortgenai-int4" + (f"-{tag}" if tag else ""))
+    why = build_ortgenai(src, out, options)
     if why:
         print(f"# {ORTGENAI_INT4}: {why}", file=sys.stderr)
         return Row(ORTGENAI_INT4, why=why), None
     _set_threads(out, plan.threads)
-    row = Row(ORTGENAI_INT4, size_mb=size_mb(out), notes=[onnx_ops(out / "model.onnx")])
+    row = Row(ORTGENAI_INT4, size_mb=size_mb(out), notes=[onnx_ops(out / "model.onnx")]
+              + ([f"builder options {' '.join(options)}"] if options else []))
     model = og.Model(str(out))
     gen = _og_generator(model, plan.error_len + 1)
     gen.append_tokens(plan.error_tokens)

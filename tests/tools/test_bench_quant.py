@@ -115,7 +115,8 @@ def test_arguments() -> None:
     assert bench_quant.variant_list("all") == list(bench_quant.VARIANTS)
     args = bench_quant.parse_args(["--variants", "mixport-fp32", "--block-size", "64"])
     assert args.variants == ["mixport-fp32"] and args.block_size == 64 and args.new_tokens == 128
-    for bad in (["--variants", "llama-q5"], ["--new-tokens", "1"], ["--rounds", "0"], ["--block-size", "0"]):
+    for bad in (["--variants", "llama-q5"], ["--new-tokens", "1"], ["--rounds", "0"], ["--block-size", "0"],
+                ["--ortgenai-option", "accuracy_level"]):
         with pytest.raises(SystemExit) as exc:
             bench_quant.parse_args(bad)
         assert exc.value.code == 2

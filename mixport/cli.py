@@ -151,6 +151,40 @@ def main() -> None:
     """mixport: Mixture-of-Experts models to portable ONNX, fused sparse ops and TensorRT."""
 
 
+def _quantize_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--quantize / --block-size / --zero-points / --quantize-lm-head (export and optimize)."""
+    from mixport import quant
+
+    options = [
+        click.option("--quantize", "precision", type=click.Choice(quant.PRECISIONS), default=None,
+                     help="Weight-only block quantization of experts and attention (router and norms stay float)."),
+        click.option("--block-size", type=click.Choice([str(b) for b in quant.BLOCK_SIZES]),
+                     default=str(quant.DEFAULT_BLOCK_SIZE), show_default=True,
+                     help="With --quantize: weights per scale, along the input axis."),
+        click.option("--zero-points", is_flag=True, help="With --quantize int4: uint4 with zero points "
+                     "(asymmetric) instead of symmetric int4."),
+        click.option("--quantize-lm-head", is_flag=True, help="With --quantize: quantize lm_head too."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _quant_request(precision: str | None, block_size: str, zero_points: bool, lm_head: bool) -> Any:
+    """QuantOptions from the CLI's words; None without --quantize (then the other three must be unset)."""
+    from mixport import quant
+    from mixport.errors import ConfigError
+    from mixport.passes import QuantOptions
+
+    if precision is None:
+        if zero_points or lm_head:
+            raise ConfigError("quantization options without --quantize",
+                              given="--zero-points" if zero_points else "--quantize-lm-head",
+                              expected="--quantize int8|int4 with them", hint="add --quantize int4")
+        return None
+    return QuantOptions(quant.Scheme.parse(precision, int(block_size), zero_points), lm_head)
+
+
 @main.command()
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--model", "builtin", help="A built-in model instead of MODEL_DIR (tiny).")
@@ -163,9 +197,11 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Print each pass's rewrites and why passes did not match.")
 @click.option("--engine", is_flag=True, help="Also build OUT_DIR/model.engine (as `mixport build`).")
 @click.option("--targets", default=None, help="With --engine: GPUs to build for (see `mixport build`).")
+@_quantize_options
 @friendly
 def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: str, force: bool,
-           no_fuse: bool, no_check: bool, verbose: bool, engine: bool, targets: str | None) -> None:
+           no_fuse: bool, no_check: bool, verbose: bool, engine: bool, targets: str | None,
+           precision: str | None, block_size: str, zero_points: bool, quantize_lm_head: bool) -> None:
     """Export a Mixtral folder (or --model tiny) to ONNX with mixport routing/MoE ops.
 
     Example: mixport export --model tiny -o out --engine
@@ -174,10 +210,12 @@ def export(model_dir: Path | None, builtin: str | None, out_dir: Path, dtype: st
     from mixport.exporter.export import export as run_export
     from mixport.progress import StepBar
 
-    check_request(model_dir, out_dir, builtin=builtin, force=force)  # in a second, before torch loads
+    quantize = _quant_request(precision, block_size, zero_points, quantize_lm_head)
+    check_request(model_dir, out_dir, builtin=builtin, force=force, fuse=not no_fuse,
+                  quantize=quantize)  # in a second, before torch loads
     with StepBar(total=3 if no_fuse else 4, desc="export") as bar:
         result = run_export(model_dir, out_dir, builtin=builtin, dtype=dtype, force=force, fuse=not no_fuse,
-                            progress=bar, detail=bar.detail, notice=bar.note)
+                            progress=bar, detail=bar.detail, notice=bar.note, quantize=quantize)
     if verbose and result.pass_counts:
         from mixport.passes import report_lines
 
@@ -432,15 +470,17 @@ def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampl
               show_default=True, help="MoE body: sparse (portable), dense (TensorRT without plugin), "
               "or ONNX Runtime's com.microsoft.MoE (ort).")
 @click.option("-v", "--verbose", is_flag=True, help="Print each pass's rewrites and why passes did not match.")
+@_quantize_options
 @friendly
-def optimize(src: Path, dst: Path, target: str, verbose: bool) -> None:
-    """Fuse an unfused export's experts into mixport MoE nodes and fold constants.
+def optimize(src: Path, dst: Path, target: str, verbose: bool, precision: str | None, block_size: str,
+             zero_points: bool, quantize_lm_head: bool) -> None:
+    """Fuse an unfused export's experts into mixport MoE nodes and fold constants (and quantize).
 
     Example: mixport optimize out/model.onnx -o fused.onnx --target trt-noplugin -v
     """
     from mixport.passes import optimize_file
 
-    report = optimize_file(src, dst, target)
+    report = optimize_file(src, dst, target, _quant_request(precision, block_size, zero_points, quantize_lm_head))
     if verbose:
         click.echo("\n".join(report.lines()), err=True)
     click.echo(f"optimized {dst} (target {target})")

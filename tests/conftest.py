@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,6 +82,30 @@ def tiny_export(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("tiny-export") / "out"
     export(tiny_dir, out)
     return out
+
+
+QUANT_SCHEMES = {"int8": (8, 32, True), "int4": (4, 64, True), "int4-zp": (4, 32, False)}  # bits, block, symmetric
+
+
+@pytest.fixture(scope="session")
+def quantized_export(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``quantized_export(name)``: tiny_dir exported with ``--quantize`` (QUANT_SCHEMES[name]; int4's
+    block of 64 leaves a partial block on the intermediate size 96), made once per session, read-only."""
+    from mixport import quant
+    from mixport.exporter.export import export
+    from mixport.passes import QuantOptions
+
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            bits, block, symmetric = QUANT_SCHEMES[name]
+            out = tmp_path_factory.mktemp(f"tiny-{name}") / "out"
+            export(tiny_dir, out, quantize=QuantOptions(quant.Scheme(bits, block, symmetric)))
+            made[name] = out
+        return made[name]
+
+    return get
 
 
 @pytest.fixture

@@ -25,9 +25,11 @@ from mixport.errors import BuildError
 from mixport.ops import (
     DOMAIN,
     MOE,
+    MOE_PLUGIN_VERSIONS,
     ORDERS,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
+    QUANT_PLUGIN_VERSION,
     ROUTING_PLUGIN_VERSION,
     ROUTING_PLUGIN_VERSIONS,
     TOPK_ROUTING,
@@ -81,20 +83,21 @@ def _string_attrs(node: Any) -> dict[str, str]:
 
 def plugin_version_of(node: Any) -> str:
     """The plugin version a mixport node asks for: its ``plugin_version``, or when it has none the
-    version its attributes describe (TopKRouting: "2" with an ``order`` attribute, else "1")."""
+    version its attributes describe (TopKRouting: "2" with an ``order`` attribute, else "1";
+    MoE: "2" with ``bits`` (quantized experts), else "1")."""
     attrs = _string_attrs(node)
     if "plugin_version" in attrs:
         return attrs["plugin_version"]
     if node.op_type == TOPK_ROUTING:
         return ROUTING_PLUGIN_VERSION if "order" in attrs else "1"
-    return PLUGIN_VERSION
+    return QUANT_PLUGIN_VERSION if any(a.name == "bits" for a in node.attribute) else PLUGIN_VERSION
 
 
 def check_plugin_version(node: Any) -> None:
     """BuildError when no mixport creator computes what the node says (unknown version, or a
     version-1 TopKRouting with an ``order`` other than the one version 1 computes)."""
     version, attrs = plugin_version_of(node), _string_attrs(node)
-    known = ROUTING_PLUGIN_VERSIONS if node.op_type == TOPK_ROUTING else (PLUGIN_VERSION,)
+    known = ROUTING_PLUGIN_VERSIONS if node.op_type == TOPK_ROUTING else MOE_PLUGIN_VERSIONS
     if version not in known:
         raise BuildError(f"mixport::{node.op_type} node '{node.name}' has an unknown plugin_version",
                          given=version, expected=" | ".join(known),
@@ -102,6 +105,13 @@ def check_plugin_version(node: Any) -> None:
     if node.op_type == TOPK_ROUTING and version == "1" and attrs.get("order", ORDERS[0]) != ORDERS[0]:
         raise BuildError(f"mixport::TopKRouting node '{node.name}' has plugin_version '1', which has no order",
                          given=f"order={attrs['order']!r}", expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'",
+                         hint="re-export the model with this mixport")
+    quantized = any(a.name == "bits" for a in node.attribute) or len(node.input) > 5
+    if node.op_type == MOE and quantized != (version == QUANT_PLUGIN_VERSION):
+        raise BuildError(f"mixport::MoE node '{node.name}' has plugin_version '{version}'",
+                         given=f"{len(node.input)} inputs" + (", bits" if quantized else ""),
+                         expected=f"plugin_version '{QUANT_PLUGIN_VERSION}' for quantized experts (bits, scales), "
+                                  f"'{PLUGIN_VERSION}' for float experts (5 inputs)",
                          hint="re-export the model with this mixport")
 
 
@@ -156,6 +166,20 @@ def _parser_errors(parser: Any) -> list[str]:
     return errors
 
 
+def _quantized_for_trt(model: Any, base_dir: Path, use_plugins: bool) -> tuple[Any, int]:
+    """Quantized weights as TensorRT takes them (``quant_inputs``): with plugins, the quantized MoE
+    nodes' INT4/UINT4 initializers re-typed as INT8 bytes; without, the dequantizing bodies inlined;
+    both: UINT4 + zero-point dequantization rewritten to INT8. (model, changes)."""
+    from mixport.engine import quant_inputs
+
+    changes = quant_inputs.retype_quant_inputs(model, base_dir) if use_plugins else 0
+    if not use_plugins:
+        inlined = quant_inputs.inline_quantized_bodies(model)
+        changes += inlined is not model
+        model = inlined
+    return model, changes + quant_inputs.zero_points_to_int8(model, base_dir)
+
+
 def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
                use_plugins: bool) -> ParsedNetwork:
     """A strongly typed network parsed from ``path``; BuildError with the parser's text."""
@@ -164,6 +188,8 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, path: Path,
     model = load_onnx(path)
     onnx_io.check_external_locations(path, model)  # before the parser reads any external data
     mixport_nodes, changes = set_plugin_attrs(model, use_plugins)
+    model, quant_changes = _quantized_for_trt(model, path.parent, use_plugins)
+    changes += quant_changes
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

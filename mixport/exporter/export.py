@@ -15,10 +15,11 @@ import mixport
 from mixport import artifact, folder_check
 from mixport.errors import ConfigError
 from mixport.exporter.config import load_config
-from mixport.ops import ONNX_OPSET
 
 if TYPE_CHECKING:
     import onnx
+
+    from mixport.passes import QuantOptions
 
 BUILTIN_MODELS = ("tiny",)
 
@@ -43,11 +44,14 @@ def _check_source(model_dir: Path | None, builtin: str | None) -> None:
 
 
 def check_request(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
-                  force: bool = False) -> None:
+                  force: bool = False, fuse: bool = True, quantize: QuantOptions | None = None) -> None:
     """Refuse a bad ``export`` request in about a second, before torch is imported and before
     anything is written: one model source (a folder with a config.json mixport reads, or a
     built-in name) and an OUT_DIR that may be written (``artifact.check_target``)."""
     _check_source(model_dir, builtin)
+    if quantize is not None and not fuse:
+        raise ConfigError("--quantize quantizes the fused experts", given="--quantize with --no-fuse",
+                          expected="a fused export", hint="drop --no-fuse")
     if model_dir is not None:
         load_config(Path(model_dir))
     artifact.check_target(out_dir, force, _sources(model_dir))
@@ -79,14 +83,15 @@ def _quiet_exporter() -> None:
 
 def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None, dtype: str = "fp32",
            force: bool = False, fuse: bool = True, progress: Callable[[str], None] | None = None,
-           detail: Callable[[str], None] | None = None, notice: Callable[[str], None] | None = None
-           ) -> ExportResult:
+           detail: Callable[[str], None] | None = None, notice: Callable[[str], None] | None = None,
+           quantize: QuantOptions | None = None) -> ExportResult:
     """Export MODEL_DIR (or a built-in model) into OUT_DIR atomically; returns what was written.
     ``progress(step)`` names each step, ``detail(text)`` says how far a long one is, ``notice(line)``
-    hears of a dead export's staging folder removed (default: stderr)."""
+    hears of a dead export's staging folder removed (default: stderr). ``quantize``: weight-only
+    quantization of the fused graph (``passes.quantize_weights``)."""
     step = progress or (lambda _msg: None)
     weights_done = None if detail is None else (lambda i, n: detail(f"weights {i}/{n}"))
-    check_request(model_dir, out_dir, builtin=builtin, force=force)
+    check_request(model_dir, out_dir, builtin=builtin, force=force, fuse=fuse, quantize=quantize)
     from mixport.exporter import tokenizer_files
     from mixport.exporter.loader import load_for_export
     from mixport.exporter.trace import trace
@@ -105,7 +110,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             reasons: list[str] = []
             if fuse:
                 step("fusing experts")
-                proto, counts, reasons = _run_passes(proto, tmp, detail)
+                proto, counts, reasons = _run_passes(proto, tmp, detail, quantize)
                 gc.collect()
             step("writing files")
             folder_check.record_config(proto, asdict(cfg))  # the manifest's config, covered by the hash
@@ -116,18 +121,20 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
             data = stamps.get(artifact.DATA_FILE)
             manifest = artifact.Manifest(
                 mixport_version=mixport.__version__, source=artifact.Source(**source_info),
-                config_sha256=config_hash, dtype=dtype, opset=ONNX_OPSET,
+                config_sha256=config_hash, dtype=dtype, opset=max(o.version for o in proto.opset_import
+                                                                  if o.domain in ("", "ai.onnx")),
                 onnx_sha256=stamps[artifact.MODEL_FILE].sha256, data_sha256=data and data.sha256, stamps=stamps,
                 fused=bool(counts), passes=counts, target="portable" if fuse else None, files=files,
-                config=asdict(cfg), **artifact.io_signature(proto))
+                config=asdict(cfg), **artifact.io_signature(proto),
+                quantization=None if quantize is None else artifact.QuantRecord(**quantize.record()))
             manifest.write(tmp)
     return ExportResult(Path(out_dir), files, counts, reasons, manifest)
 
 
-def _run_passes(proto: onnx.ModelProto, weights_dir: Path, detail: Callable[[str], None] | None
-                ) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
+def _run_passes(proto: onnx.ModelProto, weights_dir: Path, detail: Callable[[str], None] | None,
+                quantize: QuantOptions | None) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
     """The fusion pipeline (mixport.passes): the fused model, {pass: rewrites}, no-match reasons."""
     from mixport.passes import run_passes
 
-    report = run_passes(proto, target="portable", weights_dir=weights_dir, detail=detail)
+    report = run_passes(proto, target="portable", weights_dir=weights_dir, detail=detail, quantize=quantize)
     return report.model, report.counts, report.reasons

@@ -20,10 +20,11 @@ import onnx_graphsurgeon as gs
 from mixport import artifact, onnx_io, ops, staging
 from mixport.errors import PassError
 from mixport.onnx_io import WeightFiles
-from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, remove_dead
+from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, quantize_weights, remove_dead
 from mixport.passes import graph_utils as gu
 
 TARGETS = ("portable", "trt-noplugin", "ort")
+QuantOptions = quantize_weights.QuantOptions
 BODY_FOR_TARGET = {"portable": "sorted", "trt-noplugin": "dense", "ort": "sorted"}
 
 
@@ -34,11 +35,13 @@ class Pass:
     required: bool = False  # must fire on a graph with unfused TopKRouting nodes
     targets: tuple[str, ...] = TARGETS
     makes_weights: bool = False  # also takes the WeightFiles its big new tensors are written to
+    quantizes: bool = False  # runs only when quantization is asked for, and takes its options
 
 
 PIPELINE: tuple[Pass, ...] = (
     Pass(fold_constants.NAME, fold_constants.apply),
     Pass(fuse_moe_experts.NAME, fuse_moe_experts.apply, required=True, makes_weights=True),
+    Pass(quantize_weights.NAME, quantize_weights.apply, makes_weights=True, quantizes=True),
     Pass(lower_ort_moe.NAME, lower_ort_moe.apply, targets=("ort",), makes_weights=True),
     Pass(remove_dead.NAME, remove_dead.apply),
 )
@@ -72,8 +75,12 @@ def _check_required(graph: gs.Graph, step: Pass, report: PipelineReport) -> None
 
 
 def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Path | None = None,
-               work_dir: Path | None = None, detail: Callable[[str], None] | None = None) -> PipelineReport:
+               work_dir: Path | None = None, detail: Callable[[str], None] | None = None,
+               quantize: QuantOptions | None = None) -> PipelineReport:
     """Run PIPELINE for ``target`` and attach the MoE function body; the full report.
+
+    ``quantize``: also run the quantization pass (weight-only; the model then imports
+    ``ops.QUANT_OPSET``), which must quantize something.
 
     ``weights_dir``: ``proto``'s external-data weights are read from there (memory-mapped, never
     all loaded), and the stacked expert weights the passes make are written to
@@ -89,15 +96,21 @@ def run_passes(proto: onnx.ModelProto, target: str = "portable", weights_dir: Pa
     graph = gu.import_graph(proto, files)
     report = PipelineReport(proto, target)
     for step in PIPELINE:
-        if target not in step.targets:
+        if target not in step.targets or (step.quantizes and quantize is None):
             continue
         args = (graph, report.reasons, files) if step.makes_weights else (graph, report.reasons)
-        report.counts[step.name] = step.apply(*args)
+        report.counts[step.name] = step.apply(*args, quantize) if step.quantizes else step.apply(*args)
         if step.required:
             _check_required(graph, step, report)
+        if step.quantizes and not report.counts[step.name]:
+            raise PassError("nothing to quantize in this model", given="; ".join(
+                r for r in report.reasons if r.startswith(step.name)) or "no MoE node, no constant MatMul weight",
+                expected="a Mixtral-style export with float weights")
     model = gs.export_onnx(graph)
     model.ir_version = proto.ir_version
     report.counts[ATTACH] = moe_bodies.attach(model, BODY_FOR_TARGET[target])
+    if quantize is not None or moe_bodies.quantized(model):
+        gu.set_opset(model, ops.QUANT_OPSET)
     report.model = model
     return report
 
@@ -113,7 +126,8 @@ def run_pipeline(proto: onnx.ModelProto, target: str = "portable", verbose: bool
     return report.model, report.counts
 
 
-def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineReport:
+def optimize_file(src: Path, dst: Path, target: str = "portable", quantize: QuantOptions | None = None
+                  ) -> PipelineReport:
     """``mixport optimize``: read SRC, run the pipeline, write DST (+ DST.data past 2 GB).
 
     SRC's external data is memory-mapped, not loaded, and the stacked experts go to a work file
@@ -131,7 +145,7 @@ def optimize_file(src: Path, dst: Path, target: str = "portable") -> PipelineRep
     weights = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
     staging.check_output_file(dst, [src, *(src.parent / name for name in sorted(weights))])  # never over SRC
     with artifact.atomic_write(dst) as out:  # the work files (stacked experts) stay behind in its folder
-        report = run_passes(proto, target, weights_dir=src.parent, work_dir=out.parent)
+        report = run_passes(proto, target, weights_dir=src.parent, work_dir=out.parent, quantize=quantize)
         artifact.save_onnx(report.model, out, weights_dir=src.parent, work_dir=out.parent)
         artifact.remove_work_files(out.parent)
     return report

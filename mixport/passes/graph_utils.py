@@ -107,6 +107,15 @@ def make_constant(name: str, array: np.ndarray, files: WeightFiles | None = None
     return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))
 
 
+def set_opset(model: onnx.ModelProto, version: int) -> None:
+    """Import the standard opset ``version`` in the model and in each of its functions (the ops
+    mixport writes mean the same from opset 18 on; 21 adds blocked DequantizeLinear and int4)."""
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        for opset in imports:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, version)
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     taken = graph.tensors()
     name, i = base, 1

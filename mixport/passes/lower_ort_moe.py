@@ -68,6 +68,8 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
                                   str(router.attrs.get("normalization")))
     if isinstance(normalize, str):
         return f"MoE '{moe.name}': {normalize}"
+    if "bits" in moe.attrs:
+        return f"MoE '{moe.name}': quantized experts are lowered to com.microsoft.QMoE, not MoE"
     gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
     if gate_up is None or down is None:
         return f"MoE '{moe.name}': expert weights are not constants"

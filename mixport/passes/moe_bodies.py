@@ -200,33 +200,74 @@ def dense_moe(em: Emitter, hidden: str, weights: str, ids: str, gate_up: str, do
     return last(em, "ReduceSum", [em.op1("Mul", [y, scale]), _ints(em, "axis", [0])], out, keepdims=0)
 
 
-def _sparse_body(variant: Sparse) -> Callable[[int, int, int], list[onnx.NodeProto]]:
-    def nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
-        em = Nodes()
-        sparse_moe(em, "hidden", "weights", "ids", k, num_experts, stacked_slabs(em, "gate_up", "down", inter),
+Body = Callable[[Emitter, int, int, int, str, str], None]  # (em, E, k, F, gate_up, down): nodes -> "out"
+
+
+def _sparse_body(variant: Sparse) -> Body:
+    def nodes(em: Emitter, num_experts: int, k: int, inter: int, gate_up: str, down: str) -> None:
+        sparse_moe(em, "hidden", "weights", "ids", k, num_experts, stacked_slabs(em, gate_up, down, inter),
                    variant, out="out")
-        return em.nodes
 
     return nodes
 
 
-def dense_nodes(num_experts: int, k: int, inter: int) -> list[onnx.NodeProto]:
+def dense_nodes(em: Emitter, num_experts: int, k: int, inter: int, gate_up: str, down: str) -> None:
     """The dense body's nodes (k and F come from the inputs' shapes; BODIES share one signature)."""
-    em = Nodes()
-    dense_moe(em, "hidden", "weights", "ids", "gate_up", "down", num_experts, out="out")
-    return em.nodes
+    dense_moe(em, "hidden", "weights", "ids", gate_up, down, num_experts, out="out")
 
 
 sorted_nodes = _sparse_body(SORTED)
 nonzero_nodes = _sparse_body(NONZERO)
-BODIES = {"sorted": sorted_nodes, "nonzero": nonzero_nodes, "dense": dense_nodes}
+BODIES: dict[str, Body] = {"sorted": sorted_nodes, "nonzero": nonzero_nodes, "dense": dense_nodes}
 
 
-def moe_function(body: str, num_experts: int, k: int, inter: int) -> onnx.FunctionProto:
-    """The FunctionProto for mixport::MoE: ``body`` (one of BODIES) for E experts, top-k, F."""
-    nodes = BODIES[body](num_experts, k, inter)
-    return helper.make_function(ops.DOMAIN, ops.MOE, INPUTS, ["out"], nodes,
-                                [helper.make_opsetid("", ONNX_OPSET)], attributes=ATTRIBUTES)
+@dataclass(frozen=True)
+class Quant:
+    """A quantized MoE node's weights (ops.py): bits, block size, zero points or not."""
+
+    bits: int
+    block_size: int
+    zero_points: bool
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*ops.MOE_INPUTS, *ops.QUANT_INPUTS, *(ops.ZERO_INPUTS if self.zero_points else ())]
+
+
+def dequantized_stacks(em: Emitter, q: Quant) -> tuple[str, str]:
+    """The float [E, H, 2F] and [E, F, H] stacks of a quantized node's inputs: blocked
+    DequantizeLinear along the input axis (ONNX Gather does not take int4, so the whole stack
+    is dequantized and the body slices the float result)."""
+    zeros = ops.ZERO_INPUTS if q.zero_points else (None, None)
+    return tuple(em.op1("DequantizeLinear", [w, s] + ([z] if z else []), axis=1, block_size=q.block_size)
+                 for w, s, z in zip(("gate_up", "down"), ops.QUANT_INPUTS, zeros, strict=True))  # type: ignore
+
+
+def moe_function(body: str, num_experts: int, k: int, inter: int, quant: Quant | None = None
+                 ) -> onnx.FunctionProto:
+    """The FunctionProto for mixport::MoE: ``body`` (one of BODIES) for E experts, top-k, F
+    (with ``quant``: for quantized expert weights, dequantized first)."""
+    em = Nodes()
+    gate_up, down = ("gate_up", "down") if quant is None else dequantized_stacks(em, quant)
+    BODIES[body](em, num_experts, k, inter, gate_up, down)
+    inputs = list(INPUTS) if quant is None else quant.inputs
+    attributes = ATTRIBUTES if quant is None else [*ATTRIBUTES, "bits", "block_size"]
+    opset = ONNX_OPSET if quant is None else ops.QUANT_OPSET
+    return helper.make_function(ops.DOMAIN, ops.MOE, inputs, ["out"], em.nodes,
+                                [helper.make_opsetid("", opset)], attributes=attributes)
+
+
+def quantized(model: onnx.ModelProto) -> bool:
+    """Does ``model`` hold quantized weights (a quantized MoE node or a blocked DequantizeLinear)?"""
+    return any((n.domain == ops.DOMAIN and n.op_type == ops.MOE and _attr(n, "bits") is not None)
+               or (n.op_type == "DequantizeLinear" and _attr(n, "block_size")) for n in model.graph.node)
+
+
+def _quant_of(node: onnx.NodeProto) -> Quant | None:
+    bits = _attr(node, "bits")
+    if bits is None:
+        return None
+    return Quant(bits, _attr(node, "block_size") or 0, len(node.input) > len(ops.MOE_INPUTS) + len(ops.QUANT_INPUTS))
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int | None:
@@ -242,11 +283,11 @@ def attach(model: onnx.ModelProto, body: str) -> int:
     if not moes:
         return 0
     down_dims = {t.name: t.dims[1] for t in model.graph.initializer if len(t.dims) == 3}
-    kinds = {(_attr(n, "num_experts"), _attr(n, "k"), down_dims.get(n.input[4])) for n in moes}
-    if len(kinds) != 1 or None in next(iter(kinds)):
+    kinds = {(_attr(n, "num_experts"), _attr(n, "k"), down_dims.get(n.input[4]), _quant_of(n)) for n in moes}
+    if len(kinds) != 1 or None in next(iter(kinds))[:3]:
         raise PassError("cannot attach one MoE function body: the MoE nodes disagree or lack constant weights",
-                        given=f"(num_experts, k, intermediate) = {sorted(map(str, kinds))}",
-                        expected="one E, k and F for every MoE node, weights as initializers")
+                        given=f"(num_experts, k, intermediate, quantization) = {sorted(map(str, kinds))}",
+                        expected="one E, k, F and quantization for every MoE node, weights as initializers")
     model.functions.append(moe_function(body, *kinds.pop()))
     if not any(o.domain == ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))

@@ -15,6 +15,7 @@ _TYPES = {
     "FLOAT": ("<f4", "float32"),
     "HALF": ("<f2", "float16"),
     "BF16": ("<i2", "bfloat16"),
+    "INT8": ("|i1", "int8"),  # int8 values, or packed int4 bytes (MoE version 2)
     "INT32": ("<i4", "int32"),
     "INT64": ("<i8", "int64"),
 }

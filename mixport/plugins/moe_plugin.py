@@ -2,7 +2,21 @@
 
     hidden [T, H], weights [T, k], ids [T, k] int64, gate_up [E, H, 2F], down [E, F, H]
     -> out [T, H] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t])
-    T tokens, H hidden, F expert FFN width, E experts, k active experts per token.
+    T tokens, H hidden, F expert FFN width, E experts, k active experts per token, B block size.
+
+Version "2" (quantized experts, ``MoEPluginV2``) adds the fields ``bits`` and ``block_size`` and
+takes, after hidden / weights / ids (``mixport.ops``; the kernel layout is ``kernels.qlayout``'s):
+
+    gate_up  INT8 [E, H, 2F]  (bits 8)  |  INT8 [E, H, 2*ceil(F/2)]  (bits 4: packed bytes)
+    down     INT8 [E, F, H]   (bits 8)  |  INT8 [E, F, ceil(H/2)]    (bits 4: packed bytes)
+    gate_up_scale [E, ceil(H/B), 2F], down_scale [E, ceil(F/B), H]: hidden's type
+    gate_up_zero INT8 [E, ceil(H/B), 2*ceil(F/2)], down_zero INT8 [E, ceil(F/B), ceil(H/2)]
+                 (9 inputs: uint4 weights with zero points, packed bytes)
+
+Packed int4 travels typed INT8: TensorRT has INT4 only as DequantizeLinear weights and no UINT8
+plugin tensors, so ``mixport.engine`` re-types the file's INT4/UINT4 initializers as INT8 bytes
+before parsing (``engine/quant_inputs.py``: the same bytes when F and H are even), and the plugin
+views them as uint8 for the kernels.
 """
 
 from __future__ import annotations
@@ -10,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from mixport.ops import ACTIVATIONS, MOE
+from mixport.ops import ACTIVATIONS, MOE, QUANT_INPUTS, QUANT_PLUGIN_VERSION, ZERO_INPUTS
 from mixport.plugins import device
 from mixport.plugins.base import FLOAT_TYPES, KERNEL_DTYPES, CreatorCore, PluginCore, type_name
 from mixport.plugins.fields import FieldSpec
@@ -22,6 +36,9 @@ FIELDS = (
     FieldSpec("activation", "str", "swiglu", ACTIVATIONS),
 )
 HIDDEN, WEIGHTS, IDS, GATE_UP, DOWN = range(5)  # input positions; the output is 5
+GATE_UP_SCALE, DOWN_SCALE, GATE_UP_ZERO, DOWN_ZERO = range(5, 9)  # version 2's extra inputs
+QUANT_BLOCKS = tuple(2**i for i in range(4, 11))  # block sizes the kernels take (16..1024)
+FIELDS_V2 = (*FIELDS, FieldSpec("bits", "int", None, (8, 4)), FieldSpec("block_size", "int", None, QUANT_BLOCKS))
 
 
 class MoEPlugin(PluginCore):
@@ -85,3 +102,95 @@ class MoECreator(CreatorCore):
     """Creates ``MoEPlugin`` from node attributes or serialized fields."""
 
     plugin_core: ClassVar[type[PluginCore]] = MoEPlugin
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b) if a >= 0 else -1  # -1: a dimension not known until runtime
+
+
+class MoEPluginV2(MoEPlugin):
+    """Quantized experts (plugin_version "2"): int8, int4, or uint4 with zero points, dequantized
+    inside the grouped GEMMs (``kernels.fused_moe_quantized``)."""
+
+    version: ClassVar[str] = QUANT_PLUGIN_VERSION
+    field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS_V2
+
+    @property
+    def bits(self) -> int:
+        return int(self.values["bits"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.values["block_size"])
+
+    def accepts_type(self, pos: int, names: list[str], num_inputs: int) -> bool:
+        if num_inputs not in (7, 9) or (num_inputs == 9 and self.bits != 4):
+            return False  # zero points only with 4-bit weights
+        if pos in (GATE_UP, DOWN) or (pos < num_inputs and pos >= GATE_UP_ZERO):
+            return names[pos] == "INT8"  # int8 values, or int4 / uint4 packed two per byte
+        return super().accepts_type(pos, names, num_inputs)  # hidden, weights, ids; scales and out: hidden's
+
+    def _packed(self, n: int) -> int:
+        """Last dim of an N-column weight as the plugin takes it (N = -1: unknown)."""
+        return n if self.bits == 8 or n < 0 else -(-n // 2)
+
+    def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
+        experts, k = int(self.values["num_experts"]), int(self.values["k"])
+        names = ("hidden", "weights", "ids", "gate_up", "down", *QUANT_INPUTS, *ZERO_INPUTS)
+        ranks = [(f"{names[i]} rank", len(d), 2 if i < GATE_UP else 3) for i, d in enumerate(dims)]
+        if any(found != expected for _, found, expected in ranks):
+            return ranks
+        h = dims[HIDDEN][1]
+        e_gu, h_gu, gu_n = dims[GATE_UP]
+        e_dn, f_dn, dn_n = dims[DOWN]
+        e_gs, nb_h, two_f = dims[GATE_UP_SCALE]
+        e_ds, nb_f, h_ds = dims[DOWN_SCALE]
+        f = two_f // 2 if two_f >= 0 else -1
+        checks = [("weights k (dim 1)", dims[WEIGHTS][1], k), ("ids k (dim 1)", dims[IDS][1], k),
+                  *((f"{names[i]} experts (dim 0)", dims[i][0], experts) for i in range(GATE_UP, len(dims))),
+                  ("gate_up hidden (dim 1)", h_gu, h), ("down_scale hidden (dim 2)", h_ds, h),
+                  ("down ffn (dim 1) vs gate_up_scale 2F/2", f_dn, f),
+                  ("gate_up_scale blocks (dim 1)", nb_h, _cdiv(h, self.block_size)),
+                  ("down_scale blocks (dim 1)", nb_f, _cdiv(f, self.block_size)),
+                  ("gate_up columns (dim 2)", gu_n, 2 * self._packed(f) if f >= 0 else -1),
+                  ("down columns (dim 2)", dn_n, self._packed(h))]
+        if len(dims) == 9:  # zero points: shaped like the scales, packed like the weights
+            checks += [("gate_up_zero blocks (dim 1)", dims[GATE_UP_ZERO][1], nb_h),
+                       ("gate_up_zero columns (dim 2)", dims[GATE_UP_ZERO][2], gu_n),
+                       ("down_zero blocks (dim 1)", dims[DOWN_ZERO][1], nb_f),
+                       ("down_zero columns (dim 2)", dims[DOWN_ZERO][2], dn_n)]
+        return checks
+
+    def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
+        tokens, hidden = (max(int(d), 0) for d in inputs[HIDDEN].max)
+        experts, _, two_ffn = (max(int(d), 0) for d in inputs[GATE_UP_SCALE].max)
+        return moe_workspace_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
+                                   KERNEL_DTYPES[type_name(inputs[HIDDEN])])
+
+    def launch(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
+               inputs: Sequence[int], outputs: Sequence[int], workspace: int,
+               stream: int) -> None:
+        if not device.all_nonempty(output_desc):
+            return
+        import torch
+
+        from mixport.plugins import kernels
+
+        args = [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
+        if self.bits == 4:  # packed bytes travel as INT8; the kernels read them as uint8
+            args = [a.view(torch.uint8) if i in (GATE_UP, DOWN, GATE_UP_ZERO, DOWN_ZERO) else a
+                    for i, a in enumerate(args)]
+        out = device.as_tensor(outputs[0], output_desc[0])
+        (tokens, hidden), (experts, _, two_ffn) = args[HIDDEN].shape, args[GATE_UP_SCALE].shape
+        need = moe_scratch_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
+                                 KERNEL_DTYPES[type_name(input_desc[HIDDEN])])
+        scratch = device.as_bytes(workspace, need)
+        with device.on_stream(stream):
+            kernels.fused_moe_quantized(*args, bits=self.bits, block_size=self.block_size,
+                                        workspace=scratch, out=out)
+
+
+class MoEV2Creator(CreatorCore):
+    """Creates ``MoEPluginV2`` (nodes with plugin_version "2": quantized experts)."""
+
+    plugin_core: ClassVar[type[PluginCore]] = MoEPluginV2

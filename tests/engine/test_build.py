@@ -58,7 +58,7 @@ def test_without_plugins_the_function_bodies_are_inlined(trt: ModuleType, tiny: 
     declared = Counter(n.op_type for f in model.functions for n in f.node)
     assert {f.name: len(f.node) for f in model.functions} == {
         "TopKRouting": len(routing_function(2, "renormalize", TensorProto.FLOAT).node),
-        "MoE": len(moe_bodies.dense_nodes(4, 2, 48))}
+        "MoE": len(moe_bodies.moe_function("dense", 4, 2, 48).node)}
     assert declared["MatMul"] == 2 and declared["TopK"] == 1
     assert types["MATRIX_MULTIPLY"] == declared["MatMul"] + 1 and types["TOPK"] == declared["TopK"]
     assert not {"NON_ZERO", "SCATTER", "EINSUM", "ONE_HOT"} & set(types)

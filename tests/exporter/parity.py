@@ -24,12 +24,21 @@ Step = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (ids, mask,
 NP_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def plain_session(model_path: Path):  # -> onnxruntime.InferenceSession
-    """``model_path`` in ONNX Runtime's CPU provider, one thread (no scheduling noise)."""
+# ONNX Runtime fuses DequantizeLinear -> MatMul into MatMulNBits, by default with int8 activations
+# (accuracy level 4: errors ~0.1 on the tiny model's logits, tools/probe_ort_blocked_dq.py); level 1
+# keeps fp32 activations: what exactness tests of a quantized model.onnx run with
+EXACT_QDQ = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
+def plain_session(model_path: Path, config: dict[str, str] | None = None):  # -> onnxruntime.InferenceSession
+    """``model_path`` in ONNX Runtime's CPU provider, one thread (no scheduling noise); ``config``:
+    session config entries."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 

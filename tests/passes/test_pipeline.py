@@ -20,7 +20,9 @@ from .conftest import fused_folder, moe_nodes, routers
 
 
 def test_pipeline_is_one_explicit_ordered_list() -> None:
-    assert [p.name for p in PIPELINE] == ["fold_constants", "fuse_moe_experts", "lower_ort_moe", "remove_dead"]
+    assert [p.name for p in PIPELINE] == ["fold_constants", "fuse_moe_experts", "quantize_weights", "lower_ort_moe",
+                                          "remove_dead"]
+    assert [p.name for p in PIPELINE if p.quantizes] == ["quantize_weights"]
     assert [p.name for p in PIPELINE if p.required] == ["fuse_moe_experts"]
 
 

@@ -18,7 +18,7 @@ from tests.helpers import require_module
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"topk_routing_kernel", "moe_align_kernel", "gate_up_kernel", "down_kernel",
-           "reduce_kernel"}
+           "reduce_kernel", "qgate_up_kernel", "qdown_kernel"}
 C_SYMBOLS = {"mixport_topk_routing", "mixport_topk_routing_ordered", "mixport_moe_align_sizes", "mixport_moe_align",
              "mixport_module_load", "mixport_module_unload", "mixport_launch"}
 
@@ -44,6 +44,11 @@ def test_compile_all_writes_ptx_for_sm80_and_sm90(compiled: tuple[Path, list[Pat
     routing_modes = {(e["arch"], e["dtype"], e["constexprs"]["TOPK_FIRST"], e["constexprs"]["RENORMALIZE"])
                      for e in entries if e["kernel"] == "topk_routing_kernel"}
     assert len(routing_modes) == 2 * 3 * 2 * 2  # both orders x both normalizations, every dtype and arch
+    quantized = {(e["kernel"], e["arch"], e["dtype"], e["constexprs"]["BITS"], e["constexprs"]["HAS_ZERO"],
+                  e["constexprs"]["QBLOCK"], e["constexprs"]["BLOCK_M"])
+                 for e in entries if e["kernel"].startswith("q")}
+    assert len(quantized) == 2 * 2 * 3 * 3 * 2  # 2 kernels, 2 archs, 3 dtypes, int8/int4/int4-zp, 2 BLOCK_M
+    assert {q[5] for q in quantized} == {32}  # the default quantization block
     for e in entries:
         ptx = (out / e["files"]["ptx"]).read_text()
         target = re.search(r"^\.target (sm_\d+)", ptx, re.M)
@@ -62,6 +67,24 @@ def test_gemm_shared_memory_fits_sm80(compiled: tuple[Path, list[Path]]) -> None
     entries = json.loads((out / "manifest.json").read_text())["kernels"]
     for e in entries:
         assert e["shared_mem_bytes"] <= 163 * 1024, (e["kernel"], e["variant"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_quantized_gemms_compile_for_every_block_size(block_size: int) -> None:
+    """BLOCK_K is cut to the quantization block: each block size is its own specialization."""
+    require_module("triton")
+    from mixport.plugins.kernels._runtime import interpret_mode
+    from mixport.plugins.kernels.compile import QUANT_SCHEMES, _compile_one, _quant_gemms
+
+    assert not interpret_mode()  # conftest keeps this process compiled (interpreted tests run in a child)
+    for scheme in QUANT_SCHEMES:
+        for v in _quant_gemms("float16", 2, 16, scheme, block_size):
+            assert v.constexprs["BLOCK_K"] <= block_size
+            for arch in (80, 90):
+                compiled = _compile_one(v, arch)
+                assert f".target sm_{arch}" in compiled.asm["ptx"] and compiled.asm["cubin"]
+                assert compiled.metadata.shared <= 163 * 1024
 
 
 def test_cli_rejects_missing_out_dir() -> None:

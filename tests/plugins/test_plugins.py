@@ -11,6 +11,7 @@ import pytest
 from mixport.errors import PluginError
 from mixport.ops import (
     MOE,
+    MOE_PLUGIN_VERSIONS,
     ORDERS,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
@@ -25,6 +26,7 @@ ROUTING_FIELDS = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normaliz
 ROUTING_FIELDS_V1 = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none"}
 VERSION = {TOPK_ROUTING: ROUTING_PLUGIN_VERSION, MOE: PLUGIN_VERSION}  # what new files carry
 MOE_FIELDS = {"num_experts": 8, "k": 2, "activation": "swiglu"}
+MOE_FIELDS_V2 = {**MOE_FIELDS, "bits": 4, "block_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +75,14 @@ def test_register_is_idempotent(trt: ModuleType) -> None:
     )
 
     assert register_plugins(trt) == register_plugins(trt) == [
-        "mixport::TopKRouting@2", "mixport::TopKRouting@1", "mixport::MoE@1"]
+        "mixport::TopKRouting@2", "mixport::TopKRouting@1", "mixport::MoE@1", "mixport::MoE@2"]
     assert plugins_registered(trt)
     assert ROUTING_PLUGIN_VERSION == "2" and ROUTING_PLUGIN_VERSIONS == ("1", "2")
     for version in ROUTING_PLUGIN_VERSIONS:  # every version a file may carry has its creator
         assert creator(trt, TOPK_ROUTING, version).plugin_version == version
     assert trt.__version__ in trt_flavor(trt)
+    for version in MOE_PLUGIN_VERSIONS:
+        assert creator(trt, MOE, version).plugin_version == version
 
 
 def test_creators_declare_fields(trt: ModuleType) -> None:
@@ -91,7 +95,8 @@ def test_creators_declare_fields(trt: ModuleType) -> None:
 
 
 @pytest.mark.parametrize(("op", "values", "version"), [
-    (TOPK_ROUTING, ROUTING_FIELDS, "2"), (TOPK_ROUTING, ROUTING_FIELDS_V1, "1"), (MOE, MOE_FIELDS, "1")])
+    (TOPK_ROUTING, ROUTING_FIELDS, "2"), (TOPK_ROUTING, ROUTING_FIELDS_V1, "1"), (MOE, MOE_FIELDS, "1"),
+    (MOE, MOE_FIELDS_V2, "2")])
 def test_fields_round_trip(trt: ModuleType, op: str, values: dict[str, int | str], version: str) -> None:
     extra = {"plugin_namespace": "mixport", "plugin_version": version}  # must be ignored
     plugin = create(trt, op, {**values, **extra}, version)
@@ -204,3 +209,75 @@ def test_output_shapes_through_the_parser(trt: ModuleType, tmp_path: Any, k: int
     assert tuple(outputs["out"].shape) == (-1, 32)
     assert outputs["ids"].dtype == trt.DataType.INT64
     assert outputs["weights"].dtype == outputs["out"].dtype == trt.DataType.FLOAT
+
+
+# -- MoE version 2: quantized experts ------------------------------------------------------------
+
+def quant_descs(trt: ModuleType, float_type: str, zero: bool, weight_type: str = "INT8") -> list[Any]:
+    """hidden, weights, ids, gate_up, down, scales [, zeros], out as version 2 takes them."""
+    types = [float_type, float_type, "INT64", weight_type, weight_type, float_type, float_type]
+    return descs(trt, *types, *([weight_type] * 2 if zero else []), float_type)
+
+
+@pytest.mark.parametrize("float_type", ["FLOAT", "HALF", "BF16"])
+@pytest.mark.parametrize(("bits", "zero"), [(8, False), (4, False), (4, True)])
+def test_quantized_moe_formats(trt: ModuleType, float_type: str, bits: int, zero: bool) -> None:
+    """Weights and zero points are INT8 (values, or int4 packed two per byte: TensorRT has no INT4
+    or UINT8 plugin tensors); scales and the output follow hidden."""
+    moe = create(trt, MOE, {**MOE_FIELDS_V2, "bits": bits}, "2")
+    io = quant_descs(trt, float_type, zero)
+    n = len(io) - 1
+    assert all(moe.supports_format_combination(p, io, n) for p in range(len(io)))
+    for bad in ("INT4", "UINT8", "INT32", float_type):
+        assert not moe.supports_format_combination(3, quant_descs(trt, float_type, zero, bad), n)
+    wrong_scale = quant_descs(trt, float_type, zero)
+    wrong_scale[5] = descs(trt, "FLOAT" if float_type != "FLOAT" else "HALF")[0]
+    assert not moe.supports_format_combination(5, wrong_scale, n)
+
+
+def test_quantized_moe_refuses_zero_points_with_int8_and_bad_fields(trt: ModuleType) -> None:
+    moe8 = create(trt, MOE, {**MOE_FIELDS_V2, "bits": 8}, "2")
+    assert not moe8.supports_format_combination(0, quant_descs(trt, "HALF", True), 9)
+    assert not create(trt, MOE, MOE_FIELDS_V2, "2").supports_format_combination(0, descs(trt, "HALF"), 5)
+    for bad in ({"bits": 2}, {"block_size": 48}, {"block_size": 8}):
+        assert create(trt, MOE, {**MOE_FIELDS_V2, **bad}, "2") is None
+    assert create(trt, MOE, MOE_FIELDS, "2") is None  # bits and block_size are required
+    ids = {create(trt, MOE, {**MOE_FIELDS_V2, "block_size": b}, "2").timing_cache_id for b in (32, 64)}
+    assert len(ids) == 2  # another block size is another kernel
+
+
+def _configure(trt: ModuleType, plugin: Any, shapes: list[tuple[int, ...]], float_type: str = "HALF") -> None:
+    inputs = quant_descs(trt, float_type, len(shapes) == 9)[:-1]
+    for desc, shape in zip(inputs, shapes, strict=True):
+        desc.desc.dims = trt.Dims(list(shape))
+    plugin.configure_plugin(inputs, descs(trt, float_type))
+
+
+def test_quantized_moe_shape_checks(trt: ModuleType) -> None:
+    """T=-1 (dynamic), E=8, H=80, F=45, B=32: int4 rows are ceil(45/2)*2 = 46 and ceil(80/2) = 40 bytes."""
+    t, e, h, f = -1, 8, 80, 45
+    int4 = [(t, h), (t, 2), (t, 2), (e, h, 46), (e, f, 40), (e, 3, 2 * f), (e, 2, h)]
+    zeros = [(e, 3, 46), (e, 2, 40)]
+    _configure(trt, create(trt, MOE, MOE_FIELDS_V2, "2"), int4)
+    _configure(trt, create(trt, MOE, MOE_FIELDS_V2, "2"), int4 + zeros)
+    int8 = [(t, h), (t, 2), (t, 2), (e, h, 2 * f), (e, f, h), (e, 3, 2 * f), (e, 2, h)]
+    _configure(trt, create(trt, MOE, {**MOE_FIELDS_V2, "bits": 8}, "2"), int8)
+    for pos, shape, what in [(3, (e, h, 2 * f), "gate_up columns"), (5, (e, 2, 2 * f), "gate_up_scale blocks"),
+                             (6, (e, 2, h + 1), "down_scale hidden"), (4, (e, f, 80), "down columns")]:
+        broken = list(int4)
+        broken[pos] = shape
+        with pytest.raises(PluginError, match=what):
+            _configure(trt, create(trt, MOE, MOE_FIELDS_V2, "2"), broken)
+    with pytest.raises(PluginError, match="down_zero blocks"):
+        _configure(trt, create(trt, MOE, MOE_FIELDS_V2, "2"), int4 + [zeros[0], (e, 3, 40)])
+
+
+def test_quantized_moe_workspace(trt: ModuleType) -> None:
+    """The same scratch as the float plugin's: F is read from gate_up_scale (packed weights hide it)."""
+    tokens, hidden, ffn, experts = 100, 80, 45, 8
+    moe = create(trt, MOE, MOE_FIELDS_V2, "2")
+    inputs = quant_descs(trt, "HALF", False)[:-1]
+    inputs[0].max = trt.Dims([tokens, hidden])
+    inputs[5].max = trt.Dims([experts, 3, 2 * ffn])
+    size = moe.get_workspace_size(inputs, descs(trt, "HALF"))
+    assert size == moe_workspace_bytes(tokens, hidden, ffn, experts, 2, "float16") > 0

@@ -160,35 +160,51 @@ def fused_moe(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, dow
     holding every intermediate; without it one such buffer is allocated.
     ``out``: the [T, H] tensor to write (a plugin's output).
     """
-    torch = _torch()
     from mixport.plugins.kernels import grouped_gemm as gg
 
     t, h, f, e, k = _check_moe(hidden, weights, ids, gate_up, down)
+    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
+
+    def gemms(grid_m: int, index: tuple[Tensor, ...], inter: Tensor, partial: Tensor, flat_w: Tensor,
+              opts: dict[str, Any]) -> None:
+        gg.gate_up_kernel.launch((grid_m, cdiv(f, opts["BLOCK_N"])), hidden, gate_up, inter, *index,
+                                 t * k, h, f, TOP_K=k, **opts)
+        gg.down_kernel.launch((grid_m, cdiv(h, opts["BLOCK_N"])), inter, down, flat_w, partial, *index,
+                              t * k, h, f, **opts)
+
+    return run_moe(hidden, weights, ids, (e, f, k), gemms,
+                   lambda bm, interpret: gemm_config(bm, _dtype_name(hidden), interpret=interpret),
+                   block_m=block_m, workspace=workspace, out=out)
+
+
+def run_moe(hidden: Tensor, weights: Tensor, ids: Tensor, efk: tuple[int, int, int], gemms: Any,
+            config: Any, *, block_m: int | None, workspace: Tensor | None, out: Tensor | None) -> Tensor:
+    """The pipeline every MoE variant shares: align pairs by expert, ``gemms`` (gate_up then down,
+    into the workspace's inter / partial), then the deterministic k-way reduce into ``out``.
+    ``config(block_m, interpret) -> GemmConfig``; ``gemms(grid_m, (sorted_ids, expert_ids, num_post),
+    inter, partial, flat weights, launch options)``."""
+    torch = _torch()
+    from mixport.plugins.kernels import grouped_gemm as gg
+
+    (t, h), (e, f, k) = hidden.shape, efk
     if out is None:
         out = torch.empty((t, h), dtype=hidden.dtype, device=hidden.device)
     _check_out(out, "out", hidden, (t, h), hidden.dtype)
     if t == 0:
         return out
     p, interpret, dtype = t * k, _interpret(hidden), _dtype_name(hidden)
-    cfg = gemm_config(block_m or choose_block_m(p, e), dtype, interpret=interpret)
+    cfg = config(block_m or choose_block_m(p, e), interpret)
     scratch = _scratch(workspace, hidden, scratch_layout(p, h, f, e, dtype, cfg.block_m))
-    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
     weights, ids = weights.contiguous().view(-1), ids.contiguous().view(-1)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(
+    index = moe_align_block_size(
         ids, e, cfg.block_m, out=(scratch["sorted_ids"], scratch["expert_ids"], scratch["num_post"]))
     upcast = interpret and dtype == "bfloat16"
     precision = "ieee" if dtype == "float32" or upcast else "tf32"
-    opts: dict[str, Any] = {"UPCAST": upcast, "PRECISION": precision,
-                            **cfg.constexprs()}
+    opts: dict[str, Any] = {"UPCAST": upcast, "PRECISION": precision, **cfg.constexprs()}
     if not interpret:
         opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    inter, partial = scratch["inter"], scratch["partial"]
-    grid_m = expert_ids.numel()
-    gg.gate_up_kernel.launch((grid_m, cdiv(f, cfg.block_n)), hidden, gate_up, inter, sorted_ids,
-                             expert_ids, num_post, p, h, f, TOP_K=k, **opts)
-    gg.down_kernel.launch((grid_m, cdiv(h, cfg.block_n)), inter, down, weights, partial,
-                          sorted_ids, expert_ids, num_post, p, h, f, **opts)
-    gg.reduce_kernel.launch((t, cdiv(h, REDUCE_BLOCK_H)), partial, ids, out, h, e, TOP_K=k,
+    gemms(index[1].numel(), index, scratch["inter"], scratch["partial"], weights, opts)
+    gg.reduce_kernel.launch((t, cdiv(h, REDUCE_BLOCK_H)), scratch["partial"], ids, out, h, e, TOP_K=k,
                             BLOCK_H=REDUCE_BLOCK_H)
     return out
 

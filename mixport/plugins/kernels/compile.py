@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every kernel to PTX + cubin for sm_80 / sm_90, no GPU needed.
 
     python -m mixport.plugins.kernels.compile OUT_DIR [--arch 80 --arch 90] [-E 8] [-k 2]
+        [--block-size 32 ...] [--no-quantized]
 
 Writes ``<kernel>__<variant>__sm<arch>.ptx`` / ``.cubin`` and ``manifest.json``
 listing, per file: kernel, entry symbol, arch, dtype, constexprs, runtime
@@ -26,7 +27,8 @@ from typing import Any
 
 from mixport.ops import ORDERS
 from mixport.plugins.kernels._runtime import Kernel, interpret_mode, require
-from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, gemm_config
+from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, gemm_config, quant_gemm_config
+from mixport.quant import DEFAULT_BLOCK_SIZE
 
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 DTYPES = tuple(TRITON_TYPES)
@@ -38,7 +40,10 @@ GRIDS = {
     "gate_up_kernel": [MAX_BLOCKS, "cdiv(F, BLOCK_N)", "1"],
     "down_kernel": [MAX_BLOCKS, "cdiv(H, BLOCK_N)", "1"],
     "reduce_kernel": ["T", "cdiv(H, BLOCK_H)", "1"],
+    "qgate_up_kernel": [MAX_BLOCKS, "cdiv(F, BLOCK_N)", "1"],
+    "qdown_kernel": [MAX_BLOCKS, "cdiv(H, BLOCK_N)", "1"],
 }
+QUANT_SCHEMES = {"int8": (8, False), "int4": (4, False), "int4-zp": (4, True)}  # name -> (BITS, HAS_ZERO)
 TRAILING_PARAMS = [{"name": "global_scratch", "type": "*i8", "value": "null"},
                    {"name": "profile_scratch", "type": "*i8", "value": "null"}]
 
@@ -97,8 +102,32 @@ def _gemms(dt: str, k: int, block_m: int) -> Iterator[Variant]:
                    "partial_ptr": "*fp32", **index}, common, **launch)
 
 
-def variants(num_experts: int = 8, top_k: int = 2) -> list[Variant]:
-    """Every kernel specialization compile_all builds (per arch)."""
+def _quant_gemms(dt: str, k: int, block_m: int, scheme: str, block_size: int) -> Iterator[Variant]:
+    """The quantized experts' GEMMs: weights int8 or packed int4 bytes (``qlayout``), scales in ``dt``."""
+    from mixport.plugins.kernels import quant_gemm as qg
+
+    ty, cfg = TRITON_TYPES[dt], quant_gemm_config(block_m, dt, block_size)
+    bits, zero = QUANT_SCHEMES[scheme]
+    common = {"UPCAST": False, "PRECISION": "ieee" if dt == "float32" else "tf32", **cfg.constexprs(),
+              "BITS": bits, "HAS_ZERO": zero, "QBLOCK": block_size}
+    qty = "*i8" if bits == 8 else "*u8"
+    weights = {"q_ptr": qty, "scale_ptr": f"*{ty}", "zero_ptr": qty}  # zero_ptr: unused without zeros
+    index = {"sorted_ptr": "*i32", "expert_ids_ptr": "*i32", "num_post_ptr": "*i32",
+             "P": "i32", "H": "i32", "F": "i32"}
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "divisible": ("H", "F")}
+    tag = f"{dt}_{scheme}_B{block_size}"
+    yield Variant(qg.qgate_up_kernel, f"{tag}_k{k}_bm{block_m}", dt,
+                  {"hidden_ptr": f"*{ty}", **weights, "inter_ptr": f"*{ty}", **index},
+                  {"TOP_K": k, **common}, **launch)
+    yield Variant(qg.qdown_kernel, f"{tag}_bm{block_m}", dt,
+                  {"inter_ptr": f"*{ty}", **weights, "weights_ptr": f"*{ty}", "partial_ptr": "*fp32", **index},
+                  common, **launch)
+
+
+def variants(num_experts: int = 8, top_k: int = 2,
+             block_sizes: Sequence[int] = (DEFAULT_BLOCK_SIZE,)) -> list[Variant]:
+    """Every kernel specialization compile_all builds (per arch); quantized GEMMs for each
+    scheme and each quantization block size in ``block_sizes`` (empty: none)."""
     from mixport.plugins.kernels.grouped_gemm import reduce_kernel
 
     out: list[Variant] = []
@@ -106,6 +135,9 @@ def variants(num_experts: int = 8, top_k: int = 2) -> list[Variant]:
         out += _routing(dt, num_experts, top_k)
         for block_m in BLOCK_MS:
             out += _gemms(dt, top_k, block_m)
+            for scheme in QUANT_SCHEMES:
+                for block_size in block_sizes:
+                    out += _quant_gemms(dt, top_k, block_m, scheme, block_size)
         out.append(Variant(reduce_kernel, f"{dt}_k{top_k}", dt,
                            {"partial_ptr": "*fp32", "ids_ptr": "*i64",
                             "out_ptr": f"*{TRITON_TYPES[dt]}", "H": "i32", "E": "i32"},
@@ -146,12 +178,13 @@ def _entry(v: Variant, arch: int, compiled: Any, files: dict[str, str]) -> dict[
     }
 
 
-def _compile_here(out_dir: Path, archs: Sequence[int], num_experts: int, top_k: int) -> list[Path]:
+def _compile_here(out_dir: Path, archs: Sequence[int], num_experts: int, top_k: int,
+                  block_sizes: Sequence[int]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     manifest: list[dict[str, Any]] = []
     for arch in archs:
-        for v in variants(num_experts, top_k):
+        for v in variants(num_experts, top_k, block_sizes):
             compiled = _compile_one(v, arch)
             stem = f"{v.kernel.name}__{v.tag}__sm{arch}"
             files = {"ptx": f"{stem}.ptx"}
@@ -170,6 +203,9 @@ def _compile_here(out_dir: Path, archs: Sequence[int], num_experts: int, top_k: 
 PIPELINE = {
     "order": ["topk_routing_kernel", "moe_align_kernel", "gate_up_kernel", "down_kernel",
               "reduce_kernel"],
+    "quantized": "qgate_up_kernel and qdown_kernel replace gate_up_kernel and down_kernel for MoE "
+                 "plugin_version 2 (weights in the qlayout kernel layout; zero_ptr: any pointer "
+                 "without zero points)",
     "workspace": {
         "sorted_token_ids": "int32[T*k + E*(BLOCK_M-1)]",
         "expert_ids": "int32[cdiv(T*k + E*(BLOCK_M-1), BLOCK_M)]",
@@ -182,19 +218,21 @@ PIPELINE = {
 
 
 def compile_all(out_dir: Path | str, archs: Sequence[int] = (80, 90), *, num_experts: int = 8,
-                top_k: int = 2) -> list[Path]:
+                top_k: int = 2, block_sizes: Sequence[int] = (DEFAULT_BLOCK_SIZE,)) -> list[Path]:
     """Compile every kernel variant for each arch into ``out_dir``; return the files written.
+    ``block_sizes``: the quantization blocks to build quantized GEMMs for (empty: none).
 
     In a TRITON_INTERPRET=1 process the work runs in a clean subprocess.
     """
     out_dir = Path(out_dir)
     if not interpret_mode():
-        return _compile_here(out_dir, archs, num_experts, top_k)
+        return _compile_here(out_dir, archs, num_experts, top_k, block_sizes)
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "mixport.plugins.kernels.compile", str(out_dir),
-           "-E", str(num_experts), "-k", str(top_k), *[f"--arch={a}" for a in archs]]
+           "-E", str(num_experts), "-k", str(top_k), *[f"--arch={a}" for a in archs],
+           *([f"--block-size={b}" for b in block_sizes] if block_sizes else ["--no-quantized"])]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"kernel compile subprocess failed:\n{done.stderr[-4000:]}")
@@ -210,9 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="SM arch (repeatable)")
     parser.add_argument("-E", "--num-experts", type=int, default=8)
     parser.add_argument("-k", "--top-k", type=int, default=2)
+    parser.add_argument("--block-size", type=int, action="append",
+                        help=f"quantization block of the quantized GEMMs (repeatable; default {DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--no-quantized", action="store_true", help="skip the quantized GEMMs")
     args = parser.parse_args(argv)
+    blocks = () if args.no_quantized else tuple(args.block_size or (DEFAULT_BLOCK_SIZE,))
     for path in compile_all(args.out_dir, tuple(args.arch or (80, 90)),
-                            num_experts=args.num_experts, top_k=args.top_k):
+                            num_experts=args.num_experts, top_k=args.top_k, block_sizes=blocks):
         print(path)
     return 0
 

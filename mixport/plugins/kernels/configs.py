@@ -11,7 +11,7 @@ The CPU interpreter uses one fixed, small configuration.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,15 @@ def gemm_config(block_m: int, dtype: str, *, interpret: bool = False) -> GemmCon
     if block_m <= 16:
         return GemmConfig(block_m, 64, 128 if wide else 64, num_warps=4, num_stages=4)
     return GemmConfig(block_m, 64 if wide else 32, 64 if wide else 32, num_warps=4, num_stages=3)
+
+
+def quant_gemm_config(block_m: int, dtype: str, block_size: int, *, interpret: bool = False) -> GemmConfig:
+    """``gemm_config`` for quantized experts of quantization block ``block_size``: BLOCK_K is cut
+    to at most the block (both powers of two), so each K tile needs one row of scales."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    cfg = gemm_config(block_m, dtype, interpret=interpret)
+    return replace(cfg, block_k=min(cfg.block_k, block_size))
 
 
 REDUCE_BLOCK_H = 256

@@ -70,6 +70,41 @@ def reference_moe(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any) 
     return out
 
 
+def as_array(x: Any) -> np.ndarray:
+    """A NumPy array of an array or torch tensor, its dtype kept (torch bf16 -> ml_dtypes bfloat16)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            import torch
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def reference_moe_quantized(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any,
+                            gate_up_scale: Any, down_scale: Any, gate_up_zero: Any = None,
+                            down_zero: Any = None, *, block_size: int) -> F64:
+    """The quantized ``MoE`` contract (``ops.py``, plugin_version "2"), float64 [T, H].
+
+    gate_up [E, H, 2F] / down [E, F, H] hold the quantized values one per element (int8, or
+    ml_dtypes int4 / uint4, as ``quant.quantize`` returns them), scales [E, ceil(in/B), out] in
+    the float type, zero points (uint4 weights only) shaped like the scales. Each expert's
+    weights are ONNX's blocked DequantizeLinear along the input axis (``quant.dequantize``:
+    fp32 arithmetic, rounded to the scale's type), then ``reference_moe`` runs on them: by
+    construction equal to the float reference on the dequantized weights.
+    """
+    from mixport.quant import dequantize
+
+    def weight(q: Any, scale: Any, zero: Any) -> np.ndarray:
+        z = None if zero is None else as_array(zero)
+        return dequantize(as_array(q), as_array(scale), z, axis=1, block_size=block_size)
+
+    return reference_moe(hidden, weights, ids, weight(gate_up, gate_up_scale, gate_up_zero),
+                         weight(down, down_scale, down_zero))
+
+
 def reference_align(ids: Any, num_experts: int, block_m: int) -> tuple[I64, I64, int]:
     """NumPy model of ``moe_align_block_size``: (sorted_token_ids, expert_ids, num_post).
 

@@ -18,7 +18,8 @@ installed, a failed conversion) prints why, and the table says so. The table end
 and issue 12's targets, each met / not met / n/a.
 
 Usage: PYTHONPATH=. python tools/bench_quant.py [--work DIR] [--threads 2] [--rounds 5]
-       [--prompt-len 64] [--new-tokens 128] [--error-len 128] [--block-size B]
+       [--prompt-len 64] [--new-tokens 128] [--error-len 128] [--block-size B] [--zero-points]
+       [--quantize-lm-head]
        [--variants mixport-fp32,llama-q8_0,...] [--llama-src DIR] [--ortgenai-option KEY=VALUE ...]
        [--json] [--tiny]
 (--work keeps the source folder, exports, GGUFs and logs, reused on the next run;
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--error-len", type=int, default=128, help="Teacher-forced ids the errors are taken over.")
     ap.add_argument("--block-size", type=int, default=None, help="mixport export --block-size (default: its own).")
+    ap.add_argument("--zero-points", action="store_true", help="mixport int4 with mixport export --zero-points.")
+    ap.add_argument("--quantize-lm-head", action="store_true", help="mixport int8/int4 with --quantize-lm-head.")
     ap.add_argument("--variants", type=variant_list, default=list(VARIANTS), help="Comma-separated; default all.")
     ap.add_argument("--llama-src", type=Path, default=None,
                     help="llama.cpp tree with convert_hf_to_gguf.py (default: llama-cpp-python's sdist, fetched).")
@@ -87,6 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def export_flags(args: argparse.Namespace, quantize: str | None) -> list[str]:
+    """The `mixport export` options besides --quantize for one precision (none for fp32)."""
+    if quantize is None:
+        return []
+    flags = ["--block-size", str(args.block_size)] if args.block_size else []
+    flags += ["--zero-points"] if args.zero_points and quantize == "int4" else []
+    return flags + (["--quantize-lm-head"] if args.quantize_lm_head else [])
+
+
 def source_folder(work: Path, tiny: bool):  # -> (Path, MoEConfig)
     """The seeded HF folder every variant is made from (written once into WORK)."""
     from mixport.exporter.tiny import MINI_MIXTRAL, write_tiny
@@ -104,7 +116,7 @@ def runners(args: argparse.Namespace, src: Path, work: Path, plan: Plan, ref) ->
     import quant_peers as peers
 
     def mix(name: str, quantize: str | None) -> Callable:
-        return lambda: mx.mixport_variant(name, src, work, plan, ref, quantize, args.block_size)
+        return lambda: mx.mixport_variant(name, src, work, plan, ref, quantize, export_flags(args, quantize))
 
     def llama(name: str) -> Callable:
         return lambda: peers.llama_variant(name, src, work, plan, ref, args.llama_src)

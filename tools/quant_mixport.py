@@ -30,20 +30,20 @@ def reference_logits(src: Path, plan: Plan) -> np.ndarray:
     return out
 
 
-def export(src: Path, out: Path, quantize: str | None, block_size: int | None) -> tuple[str, float | None]:
-    """`mixport export` in a child (reused when OUT already holds one): ("" or why not, export peak
-    RSS MB or None when reused)."""
+def export(src: Path, out: Path, quantize: str | None, flags: list[str]) -> tuple[str, float | None]:
+    """`mixport export [--quantize Q FLAGS]` in a child (reused when OUT already holds one):
+    ("" or why not, export peak RSS MB or None when reused)."""
     if (out / "manifest.json").is_file():
         return "", None
     cmd = [*CLI, "export", str(src), "-o", str(out), "--force", "--no-check"]
     if quantize:
-        cmd += ["--quantize", quantize] + (["--block-size", str(block_size)] if block_size else [])
+        cmd += ["--quantize", quantize, *flags]
     log = out.parent / f"{out.name}.export.log"
     code, peak = run_child(cmd, log)
     if code == 0:
         return "", peak
     text = log.read_text(errors="replace")
-    if quantize and code == 2 and ("--quantize" in text or "--block-size" in text):
+    if quantize and code == 2 and "No such option: --quantize" in text:
         return NO_QUANTIZE, None
     return f"mixport export exited {code}: {tail(log)}", None
 
@@ -69,14 +69,16 @@ def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, 
     from mixport.runtime.ort_graph import FILE as FAST_FILE
     from mixport.tools.bench import graph_reason, time_once
 
-    pipe = load(folder, threads=plan.threads, graph="auto", backend="onnxruntime")
+    said: list[str] = []  # load's progress lines: why the fast graph was not used, when it was not
+    pipe = load(folder, threads=plan.threads, graph="auto", backend="onnxruntime", progress=said.append)
     fast_mb = sum(size_mb(f) for f in folder.iterdir() if f.name.startswith(FAST_FILE))
     row = Row(name, size_mb=size_mb(folder) - fast_mb)  # what `mixport export` wrote
     onnx_mb = sum(size_mb(f) for f in folder.glob("model.onnx*"))
     row.notes.append(f"ran: {pipe.graph} graph; export {row.size_mb:.1f} MB (model.onnx* {onnx_mb:.1f} MB)"
                      + (f", + {fast_mb:.1f} MB fast graph built into the folder" if fast_mb else ""))
     if pipe.graph != "fast":
-        row.notes.append(graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, pipe.graph, "auto"))
+        row.notes += [ln for ln in said if "fast graph" in ln][-1:] or [
+            graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, pipe.graph, "auto")]
     logits = _teacher_forced(pipe.session, plan.error_tokens)
     row.set_errors(logit_errors(ref, logits))
     row.peak_rss_mb, why = run_peak_rss(folder, plan)
@@ -87,10 +89,12 @@ def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, 
 
 
 def mixport_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarray, quantize: str | None,
-                    block_size: int | None) -> tuple[Row, Prepared | None]:
-    """Export (or reuse) and open one mixport variant; a variant that cannot run says why."""
-    out = work / (name.replace(" ", "-") + (f"-b{block_size}" if quantize and block_size else ""))
-    why, peak = export(src, out, quantize, block_size)
+                    flags: list[str]) -> tuple[Row, Prepared | None]:
+    """Export (or reuse) and open one mixport variant (FLAGS: more `mixport export` options with
+    --quantize, e.g. --block-size 64); a variant that cannot run says why."""
+    flags = flags if quantize else []
+    out = work / "-".join([name.replace(" ", "-"), *(f.lstrip("-") for f in flags)])
+    why, peak = export(src, out, quantize, flags)
     if why:
         print(f"# {name}: {why}", file=sys.stderr)
         return Row(name, why=why), None
@@ -101,4 +105,6 @@ def mixport_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarra
         return Row(name, why=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"), None
     if peak is not None:
         row.notes.append(f"export peak RSS {peak:.0f} MB")
+    if flags:
+        row.notes.append(f"exported with --quantize {quantize} {' '.join(flags)}")
     return row, prepared

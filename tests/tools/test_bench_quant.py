@@ -115,6 +115,10 @@ def test_arguments() -> None:
     assert bench_quant.variant_list("all") == list(bench_quant.VARIANTS)
     args = bench_quant.parse_args(["--variants", "mixport-fp32", "--block-size", "64"])
     assert args.variants == ["mixport-fp32"] and args.block_size == 64 and args.new_tokens == 128
+    args = bench_quant.parse_args(["--block-size", "64", "--zero-points", "--quantize-lm-head"])
+    assert bench_quant.export_flags(args, None) == []
+    assert bench_quant.export_flags(args, "int8") == ["--block-size", "64", "--quantize-lm-head"]
+    assert bench_quant.export_flags(args, "int4") == ["--block-size", "64", "--zero-points", "--quantize-lm-head"]
     for bad in (["--variants", "llama-q5"], ["--new-tokens", "1"], ["--rounds", "0"], ["--block-size", "0"],
                 ["--ortgenai-option", "accuracy_level"]):
         with pytest.raises(SystemExit) as exc:
@@ -127,19 +131,20 @@ def test_export_without_quantize_option_says_it_has_not_landed(tmp_path: Path, m
     failure is reported with its exit code and log tail."""
     cli = "import sys; print(\"Error: No such option: --quantize\"); sys.exit(2)"
     monkeypatch.setattr(quant_mixport, "CLI", [sys.executable, "-c", cli])
-    assert quant_mixport.export(tmp_path, tmp_path / "int8", "int8", 64) == (quant_mixport.NO_QUANTIZE, None)
+    assert quant_mixport.export(tmp_path, tmp_path / "int8", "int8", []) == (quant_mixport.NO_QUANTIZE, None)
     monkeypatch.setattr(quant_mixport, "CLI", [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"])
-    why, peak = quant_mixport.export(tmp_path, tmp_path / "fp32", None, None)
+    why, peak = quant_mixport.export(tmp_path, tmp_path / "fp32", None, [])
     assert why == "mixport export exited 1: boom" and peak is None
     (tmp_path / "int4").mkdir()
     (tmp_path / "int4" / "manifest.json").write_text("{}")
-    assert quant_mixport.export(tmp_path, tmp_path / "int4", "int4", None) == ("", None)  # reused
+    assert quant_mixport.export(tmp_path, tmp_path / "int4", "int4", ["--zero-points"]) == ("", None)  # reused
 
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
-    """--tiny with the mixport fp32 row: exported, opened on the fast graph, timed, errors ~0 vs
-    transformers, run RSS measured; the int8 row (pending or measured) and the targets printed."""
+    """--tiny with the mixport fp32 and int8 rows: exported, opened as `mixport run` opens them, timed,
+    fp32 ~0 error vs transformers, int8 smaller with a larger (nonzero) error, run RSS measured, the
+    targets printed (n/a: no peer asked for)."""
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_quant.py"), "--tiny", "--rounds", "1",
                           "--prompt-len", "4", "--new-tokens", "3", "--error-len", "6", "--work", str(tmp_path),
                           "--variants", "mixport-fp32,mixport-int8", "--json"],
@@ -151,5 +156,7 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert fp32["max_err"] < 1e-3 and fp32["top1"] == 1.0
     assert any(n.startswith("ran: fast graph") for n in fp32["notes"])
     int8 = data["rows"][qt.MIXPORT_INT8]
-    assert int8["why"] in ("", quant_mixport.NO_QUANTIZE)
+    assert int8["why"] == "" and int8["decode_tok_s"] > 0 and int8["size_mb"] < fp32["size_mb"]
+    assert fp32["max_err"] < int8["max_err"] < 1.0 and int8["peak_rss_mb"] > 0
+    assert {v["status"] for v in data["targets"][:-1]} == {"n/a"}
     assert len(data["targets"]) == len(qt.TARGETS) and "issue 12 targets:" in res.stdout

@@ -19,7 +19,7 @@ and issue 12's targets, each met / not met / n/a.
 
 Usage: PYTHONPATH=. python tools/bench_quant.py [--work DIR] [--threads 2] [--rounds 5]
        [--prompt-len 64] [--new-tokens 128] [--error-len 128] [--block-size B] [--zero-points]
-       [--quantize-lm-head]
+       [--quantize-lm-head] [--time-portable]
        [--variants mixport-fp32,llama-q8_0,...] [--llama-src DIR] [--ortgenai-option KEY=VALUE ...]
        [--json] [--tiny]
 (--work keeps the source folder, exports, GGUFs and logs, reused on the next run;
@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--zero-points", action="store_true", help="mixport int4 with mixport export --zero-points.")
     ap.add_argument("--quantize-lm-head", action="store_true", help="mixport int8/int4 with --quantize-lm-head.")
     ap.add_argument("--variants", type=variant_list, default=list(VARIANTS), help="Comma-separated; default all.")
+    ap.add_argument("--time-portable", action="store_true",
+                    help="Time a mixport variant on model.onnx too when the fast graph cannot be built (slow).")
     ap.add_argument("--llama-src", type=Path, default=None,
                     help="llama.cpp tree with convert_hf_to_gguf.py (default: llama-cpp-python's sdist, fetched).")
     ap.add_argument("--ortgenai-option", action="append", default=[], metavar="KEY=VALUE",
@@ -116,7 +118,8 @@ def runners(args: argparse.Namespace, src: Path, work: Path, plan: Plan, ref) ->
     import quant_peers as peers
 
     def mix(name: str, quantize: str | None) -> Callable:
-        return lambda: mx.mixport_variant(name, src, work, plan, ref, quantize, export_flags(args, quantize))
+        return lambda: mx.mixport_variant(name, src, work, plan, ref, quantize, export_flags(args, quantize),
+                                          args.time_portable)
 
     def llama(name: str) -> Callable:
         return lambda: peers.llama_variant(name, src, work, plan, ref, args.llama_src)
@@ -157,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = reference_logits(src, plan)
     rows, ready = prepare_all(runners(args, src, work, plan, ref))
-    print(f"# timing {len(ready)} variants, {args.rounds} rounds", file=sys.stderr, flush=True)
-    for name, times in interleaved({n: p.timer for n, p in ready.items()}, args.rounds).items():
+    timers = {n: p.timer for n, p in ready.items() if p.timer is not None}
+    print(f"# timing {len(timers)} variants, {args.rounds} rounds", file=sys.stderr, flush=True)
+    for name, times in interleaved(timers, args.rounds).items():
         got = speeds(times, plan)
         rows[name].decode_tok_s, rows[name].prefill_tok_s = got["decode_tok_s"], got["prefill_tok_s"]
     header = (f"mini-Mixtral{' [--tiny]' if args.tiny else ''} ({src}), prompt {plan.prompt_len}, "

@@ -46,9 +46,10 @@ def warm_up(plan: Plan) -> Plan:
 
 @dataclass
 class Prepared:
-    """A variant ready to time: its timer and its logits over ``Plan.error_tokens`` ([L, V])."""
+    """A variant ready to time: its timer (None: measured but not timed) and its logits over
+    ``Plan.error_tokens`` ([L, V])."""
 
-    timer: Timer
+    timer: Timer | None
     logits: np.ndarray
     close: Callable[[], None] = field(default=lambda: None)
 

@@ -13,6 +13,7 @@ from quant_table import Row
 
 CLI = [sys.executable, "-c", "import sys; from mixport.cli import main; sys.exit(main())"]
 RUN_PROMPT = "The ship sailed north, the wind was cold, and the sailors sang"
+PORTABLE_RUN_TOKENS = 8
 NO_QUANTIZE = ("mixport export has no --quantize option yet (issue 12: the lead's quantized export); "
                "this row runs once it lands")
 
@@ -48,11 +49,11 @@ def export(src: Path, out: Path, quantize: str | None, flags: list[str]) -> tupl
     return f"mixport export exited {code}: {tail(log)}", None
 
 
-def run_peak_rss(folder: Path, plan: Plan) -> tuple[float | None, str]:
-    """Peak RSS (MB) of `mixport run FOLDER` generating ``plan.new_tokens`` tokens, in a child."""
+def run_peak_rss(folder: Path, plan: Plan, tokens: int) -> tuple[float | None, str]:
+    """Peak RSS (MB) of `mixport run FOLDER` generating TOKENS tokens, in a child."""
     log = folder.parent / f"{folder.name}.run.log"
     code, peak = run_child([*CLI, "run", str(folder), "--prompt", RUN_PROMPT, "--max-new-tokens",
-                            str(plan.new_tokens), "--threads", str(plan.threads), "--no-stream"], log)
+                            str(tokens), "--threads", str(plan.threads), "--no-stream"], log)
     return (peak, "") if code == 0 else (None, f"mixport run exited {code}: {tail(log)}")
 
 
@@ -63,8 +64,10 @@ def _teacher_forced(session: object, tokens: list[int]) -> np.ndarray:
     return np.asarray(logits[0], dtype=np.float32)
 
 
-def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, Prepared | None]:
-    """Open FOLDER as `mixport run` does; its row (errors, size, run RSS) and its timer."""
+def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray, time_portable: bool) -> tuple[Row, Prepared]:
+    """Open FOLDER as `mixport run` does; its row (errors, size, run RSS) and its timer. On the portable
+    model.onnx (the fast graph could not be built) it is not timed unless TIME_PORTABLE: the benchmark
+    is of the fast graph, and a quantized portable graph dequantizes every weight at every step."""
     from mixport.runtime import load
     from mixport.runtime.ort_graph import FILE as FAST_FILE
     from mixport.tools.bench import graph_reason, time_once
@@ -81,15 +84,18 @@ def prepare(name: str, folder: Path, plan: Plan, ref: np.ndarray) -> tuple[Row, 
             graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, pipe.graph, "auto")]
     logits = _teacher_forced(pipe.session, plan.error_tokens)
     row.set_errors(logit_errors(ref, logits))
-    row.peak_rss_mb, why = run_peak_rss(folder, plan)
-    if why:
-        row.notes.append(why)
+    timed = pipe.graph == "fast" or time_portable
+    row.peak_rss_mb, why = run_peak_rss(folder, plan, plan.new_tokens if timed else PORTABLE_RUN_TOKENS)
+    row.notes += [why] if why else [] if timed else [
+        f"not timed: portable graph (--time-portable times it); run RSS over {PORTABLE_RUN_TOKENS} tokens"]
+    if not timed:
+        return row, Prepared(None, logits, pipe.close)
     time_once(pipe.session, [plan.prompt], min(plan.new_tokens, 4))  # warm-up
     return row, Prepared(lambda: time_once(pipe.session, [plan.prompt], plan.new_tokens), logits, pipe.close)
 
 
 def mixport_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarray, quantize: str | None,
-                    flags: list[str]) -> tuple[Row, Prepared | None]:
+                    flags: list[str], time_portable: bool = False) -> tuple[Row, Prepared | None]:
     """Export (or reuse) and open one mixport variant (FLAGS: more `mixport export` options with
     --quantize, e.g. --block-size 64); a variant that cannot run says why."""
     flags = flags if quantize else []
@@ -99,7 +105,7 @@ def mixport_variant(name: str, src: Path, work: Path, plan: Plan, ref: np.ndarra
         print(f"# {name}: {why}", file=sys.stderr)
         return Row(name, why=why), None
     try:
-        row, prepared = prepare(name, out, plan, ref)
+        row, prepared = prepare(name, out, plan, ref, time_portable)
     except Exception as exc:  # noqa: BLE001 - a variant that fails to run is reported, not fatal
         print(f"# {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return Row(name, why=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"), None

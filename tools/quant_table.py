@@ -95,7 +95,7 @@ def _value(rows: dict[str, Row], name: str, metric: str) -> tuple[float | None, 
         return None, f"{name} not run (see its row)"
     got = getattr(row, metric)
     if got is None or (isinstance(got, float) and math.isnan(got)):
-        return None, f"{name}: no {metric}"
+        return None, f"{name} has no {metric.replace('_', ' ')} (see its row)"
     return float(got), ""
 
 

@@ -130,7 +130,8 @@ def judge_all(rows: dict[str, Row], targets: tuple[Target, ...] = TARGETS) -> li
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """VALUE formatted by SPEC (e.g. "12.1f"), or "-" right-aligned to the same width."""
+    return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
 
 
 def format_rows(rows: dict[str, Row]) -> list[str]:

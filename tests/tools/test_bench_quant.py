@@ -85,6 +85,9 @@ def test_report_shows_rows_ratios_and_targets() -> None:
     assert sum(ln.startswith("  [") for ln in lines) == len(qt.TARGETS)
     row = next(ln for ln in lines if ln.lstrip().startswith(qt.LLAMA_Q8))
     assert row.split()[2:5] == ["255.0", "1000", "131.0"]
+    rows[qt.LLAMA_Q8].decode_tok_s = rows[qt.LLAMA_Q8].prefill_tok_s = None  # not timed: columns stay aligned
+    untimed = next(ln for ln in qt.format_rows(rows) if ln.lstrip().startswith(qt.LLAMA_Q8))
+    assert len(untimed) == len(row) and untimed.split()[2:5] == ["-", "-", "131.0"]
 
 
 def test_logit_errors() -> None:

@@ -45,6 +45,7 @@ from quant_common import Plan, Prepared, interleaved, speeds  # noqa: E402
 VARIANTS = {"mixport-fp32": qt.MIXPORT_FP32, "mixport-int8": qt.MIXPORT_INT8, "mixport-int4": qt.MIXPORT_INT4,
             "llama-f32": qt.LLAMA_F32, "llama-q8_0": qt.LLAMA_Q8, "llama-q4_0": qt.LLAMA_Q4,
             "ortgenai-int4": qt.ORTGENAI_INT4}
+LOADED = 0.5  # 1-minute load average at the start above which the run is flagged as shared
 TINY_SIZES = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "intermediate_size": 32,
               "num_local_experts": 4, "num_experts_per_tok": 2}
 
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{plan.new_tokens} new tokens, errors over {plan.error_len} teacher-forced ids vs transformers fp32, "
               f"{plan.threads} threads, median of {args.rounds} alternating rounds "
               f"(load avg {load0:.1f} -> {os.getloadavg()[0]:.1f})")
+    if load0 > LOADED:
+        header += (f"\nWARNING: load avg {load0:.1f} at the start: other jobs share these cores. llama.cpp's threads "
+                   "spin at every op's barrier, so its decode collapses under such load (seen on 2 cores: q8_0 "
+                   "400 -> 5-23 tok/s) while ONNX Runtime's degrades gently: compare on a quiet machine.")
     print(qt.format_report(rows, header))
     if args.json:
         print(json.dumps({"rows": {n: r.to_dict() for n, r in rows.items()},

@@ -72,15 +72,13 @@ def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[int, float]:
-    """Run ``cmd`` with stdout+stderr to ``log``; (exit code, peak RSS MB of that child: wait4's
-    ru_maxrss, the child's own high-water mark)."""
+def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    """Run ``cmd`` with stdout+stderr to ``log`` and ENV added; its exit code. (Its peak RSS cannot be
+    read from here: wait4's ru_maxrss starts from this process's RSS; quant_mixport.run_cli has the
+    child report its own VmHWM.)"""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env={**os.environ, **(env or {})}).returncode
 
 
 def tail(log: Path, lines: int = 3) -> str:

@@ -11,11 +11,30 @@ import numpy as np
 from quant_common import Plan, Prepared, logit_errors, run_child, size_mb, tail
 from quant_table import Row
 
-CLI = [sys.executable, "-c", "import sys; from mixport.cli import main; sys.exit(main())"]
+# The mixport CLI in a child that writes its own peak RSS (VmHWM, kB) to $MIXPORT_BENCH_HWM at exit: wait4's
+# ru_maxrss would count the parent's RSS (a vfork'd child's high-water mark starts from the parent's memory).
+CLI = [sys.executable, "-c", """
+import atexit, os, sys
+def _hwm():
+    hwm = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+    open(os.environ["MIXPORT_BENCH_HWM"], "w").write(hwm[0] if hwm else "")
+atexit.register(_hwm)
+from mixport.cli import main
+sys.exit(main())
+"""]
 RUN_PROMPT = "The ship sailed north, the wind was cold, and the sailors sang"
 PORTABLE_RUN_TOKENS = 8
 NO_QUANTIZE = ("mixport export has no --quantize option yet (issue 12: the lead's quantized export); "
                "this row runs once it lands")
+
+
+def run_cli(args: list[str], log: Path) -> tuple[int, float | None]:
+    """`mixport ARGS` in a child, output to LOG: (exit code, its own peak RSS MB or None)."""
+    hwm = log.with_suffix(".hwm")
+    hwm.unlink(missing_ok=True)
+    code = run_child([*CLI, *args], log, env={"MIXPORT_BENCH_HWM": str(hwm)})
+    text = hwm.read_text().strip() if hwm.is_file() else ""
+    return code, (int(text) / 1024 if text.isdigit() else None)
 
 
 def reference_logits(src: Path, plan: Plan) -> np.ndarray:
@@ -36,11 +55,11 @@ def export(src: Path, out: Path, quantize: str | None, flags: list[str]) -> tupl
     ("" or why not, export peak RSS MB or None when reused)."""
     if (out / "manifest.json").is_file():
         return "", None
-    cmd = [*CLI, "export", str(src), "-o", str(out), "--force", "--no-check"]
+    cmd = ["export", str(src), "-o", str(out), "--force", "--no-check"]
     if quantize:
         cmd += ["--quantize", quantize, *flags]
     log = out.parent / f"{out.name}.export.log"
-    code, peak = run_child(cmd, log)
+    code, peak = run_cli(cmd, log)
     if code == 0:
         return "", peak
     text = log.read_text(errors="replace")
@@ -52,8 +71,8 @@ def export(src: Path, out: Path, quantize: str | None, flags: list[str]) -> tupl
 def run_peak_rss(folder: Path, plan: Plan, tokens: int) -> tuple[float | None, str]:
     """Peak RSS (MB) of `mixport run FOLDER` generating TOKENS tokens, in a child."""
     log = folder.parent / f"{folder.name}.run.log"
-    code, peak = run_child([*CLI, "run", str(folder), "--prompt", RUN_PROMPT, "--max-new-tokens",
-                            str(tokens), "--threads", str(plan.threads), "--no-stream"], log)
+    code, peak = run_cli(["run", str(folder), "--prompt", RUN_PROMPT, "--max-new-tokens", str(tokens),
+                          "--threads", str(plan.threads), "--no-stream"], log)
     return (peak, "") if code == 0 else (None, f"mixport run exited {code}: {tail(log)}")
 
 

@@ -55,7 +55,7 @@ def llama_source(work: Path, given: Path | None) -> tuple[Path | None, str]:
         return tree, ""
     sdist = work / f"llama_cpp_python-{llama_cpp.__version__}.tar.gz"
     if not sdist.is_file():
-        code, _ = run_child([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={llama_cpp.__version__}",
+        code = run_child([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={llama_cpp.__version__}",
                              "--no-binary", ":all:", "--no-deps", "-d", str(work)], work / "pip-download.log")
         if code != 0 or not sdist.is_file():
             return None, f"pip download of the sdist failed: {tail(work / 'pip-download.log')}"
@@ -75,7 +75,7 @@ def make_gguf(src: Path, work: Path, name: str, f32: Path, llama_src: Path | Non
         tree, why = llama_source(work, llama_src)
         if tree is None:
             return None, why
-        code, _ = run_child([sys.executable, "-c", CONVERT, str(tree), str(src), str(f32)], work / "convert.log")
+        code = run_child([sys.executable, "-c", CONVERT, str(tree), str(src), str(f32)], work / "convert.log")
         return (f32, "") if code == 0 else (None, f"convert_hf_to_gguf.py exited {code}: {tail(work / 'convert.log')}")
     out = work / f"mini-{name.split()[-1]}.gguf"
     if out.is_file():
@@ -156,7 +156,7 @@ def build_ortgenai(src: Path, out: Path, options: list[str]) -> str:
     if (out / "genai_config.json").is_file():
         return ""
     log = out.parent / f"{out.name}.build.log"
-    code, _ = run_child([sys.executable, str(HERE / "ortgenai_mixtral.py"), str(src), str(out),
+    code = run_child([sys.executable, str(HERE / "ortgenai_mixtral.py"), str(src), str(out),
                          "--precision", "int4", "--ep", "cpu", "--extra", *options], log)
     return "" if code == 0 else f"the model builder exited {code}: {tail(log)}"
 

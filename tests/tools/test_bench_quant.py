@@ -146,6 +146,16 @@ def test_export_without_quantize_option_says_it_has_not_landed(tmp_path: Path, m
     assert quant_mixport.export(tmp_path, tmp_path / "int4", "int4", ["--zero-points"]) == ("", None)  # reused
 
 
+def test_run_cli_reports_the_childs_own_peak_rss(tmp_path: Path) -> None:
+    """The peak RSS is the child's VmHWM, not this (larger) process's memory at fork time."""
+    ballast = bytearray(400 * 2**20)  # this process: +400 MB resident
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code, peak = quant_mixport.run_cli(["--help"], tmp_path / "help.log")
+    assert code == 0 and "Usage" in (tmp_path / "help.log").read_text()
+    assert peak is not None and 5 < peak < 400
+    del ballast
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     """--tiny with the mixport fp32 and int8 rows: exported, opened as `mixport run` opens them, timed,

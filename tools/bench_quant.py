@@ -12,10 +12,14 @@ hidden 512, 4 layers, 8 experts of 1792, top-2, ~490 MB fp32) and gets the same 
 * size of what is deployed (mixport: the export folder, with the fast graph built in; llama.cpp: the
   GGUF; ORT-GenAI: its folder), and for mixport the peak RSS of `mixport run` (a child process).
 
-mixport int8 / int4 are `mixport export SRC -o OUT --quantize int8|int4 [--block-size B]`: until that
-lands, their rows say so and the targets that need them read n/a. A peer that cannot run (not
-installed, a failed conversion) prints why, and the table says so. The table ends with the ratios
-and issue 12's targets, each met / not met / n/a.
+mixport int8 / int4 are `mixport export SRC -o OUT --quantize int8|int4 [--block-size B] [--zero-points]
+[--quantize-lm-head]` (a CLI without --quantize: their rows say so). A mixport variant that `mixport run`
+opens on the portable model.onnx (no fast graph for it) is measured but not timed (--time-portable).
+A peer that cannot run (not installed, a failed conversion) prints why, and the table says so. The
+table ends with the ratios and issue 12's targets, each met / not met / n/a, or "unsure" for a speed
+target on a loaded machine (llama.cpp's spinning threads collapse when other jobs share the cores).
+
+Peers: pip install onnxruntime-genai; llama-cpp-python built from its sdist (see quant_peers.py).
 
 Usage: PYTHONPATH=. python tools/bench_quant.py [--work DIR] [--threads 2] [--rounds 5]
        [--prompt-len 64] [--new-tokens 128] [--error-len 128] [--block-size B] [--zero-points]
@@ -148,6 +152,21 @@ def prepare_all(makers: dict[str, Callable]) -> tuple[dict[str, qt.Row], dict[st
     return rows, ready
 
 
+def run_header(args: argparse.Namespace, src: Path, plan: Plan, load0: float, load1: float) -> tuple[str, bool]:
+    """The table's first line(s), and whether other jobs shared the cores (load avg at the start, or at
+    the end beyond this run's own threads, above LOADED)."""
+    header = (f"mini-Mixtral{' [--tiny]' if args.tiny else ''} ({src}), prompt {plan.prompt_len}, "
+              f"{plan.new_tokens} new tokens, errors over {plan.error_len} teacher-forced ids vs transformers fp32, "
+              f"{plan.threads} threads, median of {args.rounds} alternating rounds "
+              f"(load avg {load0:.1f} -> {load1:.1f})")
+    loaded = max(load0, load1 - plan.threads) > LOADED
+    if loaded:
+        header += ("\nWARNING: other jobs shared these cores (load avg above). llama.cpp's threads spin at every op's "
+                   "barrier, so its decode collapses under such load (seen on 2 cores: q8_0 400 -> 4-23 tok/s) "
+                   "while ONNX Runtime's degrades gently: the speed targets read 'unsure'; compare on a quiet machine.")
+    return header, loaded
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="mixport-bench-quant-"))
@@ -166,18 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, times in interleaved(timers, args.rounds).items():
         got = speeds(times, plan)
         rows[name].decode_tok_s, rows[name].prefill_tok_s = got["decode_tok_s"], got["prefill_tok_s"]
-    header = (f"mini-Mixtral{' [--tiny]' if args.tiny else ''} ({src}), prompt {plan.prompt_len}, "
-              f"{plan.new_tokens} new tokens, errors over {plan.error_len} teacher-forced ids vs transformers fp32, "
-              f"{plan.threads} threads, median of {args.rounds} alternating rounds "
-              f"(load avg {load0:.1f} -> {os.getloadavg()[0]:.1f})")
-    if load0 > LOADED:
-        header += (f"\nWARNING: load avg {load0:.1f} at the start: other jobs share these cores. llama.cpp's threads "
-                   "spin at every op's barrier, so its decode collapses under such load (seen on 2 cores: q8_0 "
-                   "400 -> 5-23 tok/s) while ONNX Runtime's degrades gently: compare on a quiet machine.")
-    print(qt.format_report(rows, header))
+    header, loaded = run_header(args, src, plan, load0, os.getloadavg()[0])
+    print(qt.format_report(rows, header, loaded))
     if args.json:
         print(json.dumps({"rows": {n: r.to_dict() for n, r in rows.items()},
-                          "targets": [v.__dict__ for v in qt.judge_all(rows)]}, indent=2))
+                          "loaded": loaded,
+                          "targets": [v.__dict__ for v in qt.judge_all(rows, loaded=loaded)]}, indent=2))
     for prepared in ready.values():
         prepared.close()
     return 0

@@ -58,6 +58,26 @@ def test_one_miss_fails_exactly_its_target(name: str, field: str, value: float, 
     assert set(got.values()) == {"met"}
 
 
+def test_a_loaded_machine_makes_speed_verdicts_unsure() -> None:
+    verdicts = qt.judge_all(_rows(**{qt.MIXPORT_INT8: {"max_err": 1.0}}), loaded=True)
+    speed = [v for t, v in zip(qt.TARGETS, verdicts, strict=True) if t.metric == "decode_tok_s"]
+    assert len(speed) == 3 and {v.status for v in speed} == {"unsure"}
+    assert all(v.detail.endswith("met on a loaded machine: rerun quiet") for v in speed)
+    others = {v.label: v.status for v in verdicts if v not in speed}
+    assert others.pop("int8 max logit error <= q8_0's") == "not met" and set(others.values()) == {"met"}
+    assert "[unsure ]" in qt.format_report(_rows(), "H", loaded=True)
+
+
+def test_load_flags_the_run() -> None:
+    args = bench_quant.parse_args([])
+    plan = quant_common.Plan(vocab=100, threads=2)
+    quiet, loaded = bench_quant.run_header(args, Path("src"), plan, 0.2, 2.4)  # the end counts our own 2 threads
+    assert not loaded and "(load avg 0.2 -> 2.4)" in quiet and "WARNING" not in quiet
+    for start, end in ((0.9, 1.0), (0.1, 3.0)):
+        text, loaded = bench_quant.run_header(args, Path("src"), plan, start, end)
+        assert loaded and "\nWARNING: other jobs shared these cores" in text
+
+
 def test_a_peer_that_did_not_run_makes_its_targets_na_with_the_reason() -> None:
     rows = _rows(**{qt.LLAMA_Q4: {"why": "llama-cpp-python is not installed"}})
     verdicts = {v.label: v for v in qt.judge_all(rows)}

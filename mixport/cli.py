@@ -174,15 +174,13 @@ def _quant_request(precision: str | None, block_size: str, zero_points: bool, lm
     """QuantOptions from the CLI's words; None without --quantize (then the other three must be unset)."""
     from mixport import quant
     from mixport.errors import ConfigError
-    from mixport.passes import QuantOptions
-
     if precision is None:
         if zero_points or lm_head:
             raise ConfigError("quantization options without --quantize",
                               given="--zero-points" if zero_points else "--quantize-lm-head",
                               expected="--quantize int8|int4 with them", hint="add --quantize int4")
         return None
-    return QuantOptions(quant.Scheme.parse(precision, int(block_size), zero_points), lm_head)
+    return quant.QuantOptions(quant.Scheme.parse(precision, int(block_size), zero_points), lm_head)
 
 
 @main.command()

@@ -84,6 +84,18 @@ class Scheme:
         return cls(int(precision[3:]), block_size, symmetric=not zero_points)
 
 
+@dataclass(frozen=True)
+class QuantOptions:
+    scheme: Scheme
+    lm_head: bool = False  # quantize the lm_head too (--quantize-lm-head)
+
+    def record(self) -> dict[str, object]:
+        """The manifest's ``quantization`` section."""
+        s = self.scheme
+        return dict(bits=s.bits, block_size=s.block_size, symmetric=s.symmetric, lm_head=self.lm_head,
+                    scheme=s.name)
+
+
 @dataclass
 class Quantized:
     """q (scheme.qdtype, W's shape), scale (W's float dtype, blocked shape), zero (UINT4 or None)."""

@@ -19,7 +19,7 @@ from mixport.exporter.config import load_config
 if TYPE_CHECKING:
     import onnx
 
-    from mixport.passes import QuantOptions
+    from mixport.quant import QuantOptions
 
 BUILTIN_MODELS = ("tiny",)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from mixport import artifact, onnx_io, ops, staging
+from mixport import artifact, onnx_io, ops, quant, staging
 from mixport.errors import PassError
 from mixport.onnx_io import WeightFiles
 from mixport.passes import fold_constants, fuse_moe_experts, lower_ort_moe, moe_bodies, quantize_weights, remove_dead
 from mixport.passes import graph_utils as gu
 
 TARGETS = ("portable", "trt-noplugin", "ort")
-QuantOptions = quantize_weights.QuantOptions
+QuantOptions = quant.QuantOptions
 BODY_FOR_TARGET = {"portable": "sorted", "trt-noplugin": "dense", "ort": "sorted"}
 
 

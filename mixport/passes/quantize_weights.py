@@ -20,13 +20,12 @@ suffixes ``_quantized``, ``_scale``, ``_zero_point`` (ONNX Runtime's quantizatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
 from mixport import ops, quant
+from mixport.quant import QuantOptions
 from mixport.errors import NoMatch
 from mixport.onnx_io import WeightFiles
 from mixport.passes import graph_utils as gu
@@ -34,18 +33,6 @@ from mixport.passes import graph_utils as gu
 NAME = "quantize_weights"
 LOGITS = "logits"  # the exporter's output name: its producing MatMul is the lm_head
 _PASS_THROUGH = ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Div", "Mul", "Add")
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    scheme: quant.Scheme
-    lm_head: bool = False  # quantize the lm_head too (--quantize-lm-head)
-
-    def record(self) -> dict[str, object]:
-        """The manifest's ``quantization`` section."""
-        s = self.scheme
-        return dict(bits=s.bits, block_size=s.block_size, symmetric=s.symmetric, lm_head=self.lm_head,
-                    scheme=s.name)
 
 
 def apply(graph: gs.Graph, reasons: list[str], files: WeightFiles | None, options: QuantOptions) -> int:

@@ -47,6 +47,7 @@ class MoEPlugin(PluginCore):
     op_name: ClassVar[str] = MOE
     field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS
     n_outputs: ClassVar[int] = 1
+    SHAPED_2F: ClassVar[int] = GATE_UP  # the input whose dims are [E, *, 2F] in elements (not packed bytes)
 
     def get_output_data_types(self, input_types: Sequence[Any]) -> list[Any]:
         return [input_types[HIDDEN]]
@@ -77,7 +78,7 @@ class MoEPlugin(PluginCore):
     def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
         """fused_moe's scratch for any token count up to the profile's maximum (``kernels.workspace``)."""
         tokens, hidden = (max(int(d), 0) for d in inputs[HIDDEN].max)
-        experts, _, two_ffn = (max(int(d), 0) for d in inputs[GATE_UP].max)
+        experts, _, two_ffn = (max(int(d), 0) for d in inputs[self.SHAPED_2F].max)
         return moe_workspace_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
                                    KERNEL_DTYPES[type_name(inputs[HIDDEN])])
 
@@ -114,6 +115,7 @@ class MoEPluginV2(MoEPlugin):
 
     version: ClassVar[str] = QUANT_PLUGIN_VERSION
     field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS_V2
+    SHAPED_2F: ClassVar[int] = GATE_UP_SCALE  # int4 weights arrive packed: the scales keep 2F
 
     @property
     def bits(self) -> int:
@@ -160,12 +162,6 @@ class MoEPluginV2(MoEPlugin):
                        ("down_zero blocks (dim 1)", dims[DOWN_ZERO][1], nb_f),
                        ("down_zero columns (dim 2)", dims[DOWN_ZERO][2], dn_n)]
         return checks
-
-    def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
-        tokens, hidden = (max(int(d), 0) for d in inputs[HIDDEN].max)
-        experts, _, two_ffn = (max(int(d), 0) for d in inputs[GATE_UP_SCALE].max)
-        return moe_workspace_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
-                                   KERNEL_DTYPES[type_name(inputs[HIDDEN])])
 
     def launch(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
                inputs: Sequence[int], outputs: Sequence[int], workspace: int,

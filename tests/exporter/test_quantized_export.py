@@ -156,3 +156,13 @@ def test_a_quantized_export_retargets_and_is_not_quantized_twice(quantized_expor
     again = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "again.onnx"), "--quantize", "int8"])
     assert again.exit_code == 1 and "nothing to quantize" in again.output and "already quantized" in again.output
     assert not (tmp_path / "again.onnx").exists()
+
+
+def test_export_prints_the_error_table(tmp_path: Path) -> None:
+    """`mixport export --quantize` ends with the quantization error table (and its verdict)."""
+    result = CliRunner().invoke(main, ["export", "--model", "tiny", "-o", str(tmp_path / "out"),
+                                       "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    for line in ("quantization error: int8 (block 32, symmetric)", "err vs dequantized ref", "experts, layer 1",
+                 "quantization error: PASSED (limits for int8)"):
+        assert line in result.output, result.output

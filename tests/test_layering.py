@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mixport"
 
 # Lowest first: a module may import its own stage and the stages before it, never one after.
 STAGES = ("core", "models", "passes", "exporter", "plugins", "engine", "runtime", "tools", "cli")
-CORE = ("__init__", "errors", "ops", "quant", "artifact", "onnx_io", "progress", "staging", "typed_json", "config_fields",
-        "folder_check")
+CORE = ("__init__", "errors", "ops", "quant", "artifact", "onnx_io", "progress", "staging", "typed_json",
+        "config_fields", "folder_check")
 
 
 def stage_of(module: str) -> str:

@@ -25,10 +25,10 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from mixport import ops, quant
-from mixport.quant import QuantOptions
 from mixport.errors import NoMatch
 from mixport.onnx_io import WeightFiles
 from mixport.passes import graph_utils as gu
+from mixport.quant import QuantOptions
 
 NAME = "quantize_weights"
 LOGITS = "logits"  # the exporter's output name: its producing MatMul is the lm_head

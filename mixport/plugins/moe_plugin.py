@@ -87,16 +87,23 @@ class MoEPlugin(PluginCore):
                stream: int) -> None:
         if not device.all_nonempty(output_desc):
             return
-        from mixport.plugins import kernels
-
-        args = [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
+        args = self.tensors(inputs, input_desc)
         out = device.as_tensor(outputs[0], output_desc[0])
-        (tokens, hidden), (experts, _, two_ffn) = args[HIDDEN].shape, args[GATE_UP].shape
+        (tokens, hidden), (experts, _, two_ffn) = args[HIDDEN].shape, args[self.SHAPED_2F].shape
         need = moe_scratch_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
                                  KERNEL_DTYPES[type_name(input_desc[HIDDEN])])
         scratch = device.as_bytes(workspace, need)
         with device.on_stream(stream):  # every intermediate lives in TensorRT's workspace
-            kernels.fused_moe(*args, workspace=scratch, out=out)
+            self.dispatch(args, scratch, out)
+
+    def tensors(self, inputs: Sequence[int], input_desc: Sequence[Any]) -> list[Any]:
+        """The inputs as torch tensors on the device (views of TensorRT's buffers)."""
+        return [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
+
+    def dispatch(self, args: list[Any], scratch: Any, out: Any) -> None:
+        from mixport.plugins import kernels
+
+        kernels.fused_moe(*args, workspace=scratch, out=out)
 
 
 class MoECreator(CreatorCore):
@@ -163,27 +170,19 @@ class MoEPluginV2(MoEPlugin):
                        ("down_zero columns (dim 2)", dims[DOWN_ZERO][2], dn_n)]
         return checks
 
-    def launch(self, input_desc: Sequence[Any], output_desc: Sequence[Any],
-               inputs: Sequence[int], outputs: Sequence[int], workspace: int,
-               stream: int) -> None:
-        if not device.all_nonempty(output_desc):
-            return
+    def tensors(self, inputs: Sequence[int], input_desc: Sequence[Any]) -> list[Any]:
         import torch
 
-        from mixport.plugins import kernels
-
-        args = [device.as_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
+        args = super().tensors(inputs, input_desc)
         if self.bits == 4:  # packed bytes travel as INT8; the kernels read them as uint8
             args = [a.view(torch.uint8) if i in (GATE_UP, DOWN, GATE_UP_ZERO, DOWN_ZERO) else a
                     for i, a in enumerate(args)]
-        out = device.as_tensor(outputs[0], output_desc[0])
-        (tokens, hidden), (experts, _, two_ffn) = args[HIDDEN].shape, args[GATE_UP_SCALE].shape
-        need = moe_scratch_bytes(tokens, hidden, two_ffn // 2, experts, int(self.values["k"]),
-                                 KERNEL_DTYPES[type_name(input_desc[HIDDEN])])
-        scratch = device.as_bytes(workspace, need)
-        with device.on_stream(stream):
-            kernels.fused_moe_quantized(*args, bits=self.bits, block_size=self.block_size,
-                                        workspace=scratch, out=out)
+        return args
+
+    def dispatch(self, args: list[Any], scratch: Any, out: Any) -> None:
+        from mixport.plugins import kernels
+
+        kernels.fused_moe_quantized(*args, bits=self.bits, block_size=self.block_size, workspace=scratch, out=out)
 
 
 class MoEV2Creator(CreatorCore):

@@ -199,8 +199,6 @@ def unpack_int4(packed: np.ndarray, count: int, signed: bool = True) -> np.ndarr
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
     nibbles = np.empty(packed.size * 2, np.uint8)
     nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
-    values = nibbles[:count].astype(np.int16)
-    if signed:
-        values = np.where(values > 7, values - 16, values)
-        return values.astype(INT4)
-    return values.astype(UINT4)
+    # ml_dtypes keeps a 4-bit value in the low nibble of its byte (-1 is 0x0F): the nibbles are the
+    # values as they are, no arithmetic or wider copy (a 940M-value expert stack: 1.9 GB, not 5.6)
+    return nibbles[:count].view(INT4 if signed else UINT4)

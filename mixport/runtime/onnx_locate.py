@@ -13,15 +13,19 @@ records' headers are read (a memory map); payloads are skipped by their lengths.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper
+from onnx import TensorProto, external_data_helper, helper
 
+from mixport.folder_check import _varint
 from mixport.folder_check import wire_fields as _fields
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW = 7, 5, 8, 9  # onnx.proto's field numbers
+INLINE_BELOW = 4096  # skeleton(): raw_data shorter than this stays in the graph
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,14 @@ class Where:
         start on bytes)."""
         size = self.length // count
         return Where(self.location, self.offset + index * size, size)
+
+    def array(self, folder: Path, data_type: int, dims: list[int]) -> np.ndarray:
+        """These bytes as a read-only array mapped from the file (nothing read until used; int4 /
+        uint4 as packed uint8 bytes, the caller unpacks)."""
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+        if dtype.itemsize == 1 and data_type in (TensorProto.INT4, TensorProto.UINT4):
+            return np.memmap(Path(folder) / self.location, np.uint8, "r", self.offset, (self.length,))
+        return np.memmap(Path(folder) / self.location, dtype, "r", self.offset, tuple(dims))
 
     def pointer(self, name: str, data_type: int, dims: list[int]) -> TensorProto:
         """An initializer ``name`` that reads these bytes as external data."""
@@ -67,7 +79,7 @@ def locate(model_path: Path) -> dict[str, Where]:
     """{initializer name: Where} for every initializer of ``model_path`` whose bytes are raw data
     (inline ``raw_data`` or external data); locations are relative to the model's folder."""
     model_path = Path(model_path)
-    proto = onnx.load(str(model_path), load_external_data=False)
+    proto = skeleton(model_path)
     where: dict[str, Where] = {}
     for tensor in proto.graph.initializer:
         if external_data_helper.uses_external_data(tensor):
@@ -77,3 +89,58 @@ def locate(model_path: Path) -> dict[str, Where]:
     for name, (offset, length) in _inline(model_path).items():
         where.setdefault(name, Where(model_path.name, offset, length))
     return where
+
+
+def skeleton(model_path: Path) -> onnx.ModelProto:
+    """``model_path``'s model without its weight bytes: each initializer stored inline (raw_data of
+    ``INLINE_BELOW`` bytes or more) becomes an external-data pointer to where its bytes lie in the file,
+    so a 2 GB inline model.onnx is read as a few MB of graph (``onnx.load`` would read all of it);
+    initializers that are external data already stay as they are."""
+    model_path = Path(model_path)
+    model = onnx.ModelProto()
+    with model_path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field, t0, p0, p1 in _records(buf, 0, len(buf)):
+            if field != _MODEL_GRAPH:
+                model.MergeFromString(buf[t0:p1])
+                continue
+            graph = onnx.GraphProto()
+            for gfield, g0, q0, q1 in _records(buf, p0, p1):
+                if gfield == _GRAPH_INITIALIZER:
+                    graph.initializer.append(_pointer_tensor(buf, q0, q1, model_path.name))
+                else:
+                    graph.MergeFromString(buf[g0:q1])
+            model.graph.MergeFrom(graph)
+    return model
+
+
+def _pointer_tensor(buf: mmap.mmap, start: int, end: int, location: str) -> TensorProto:
+    tensor, raw = TensorProto(), None
+    for field, t0, r0, r1 in _records(buf, start, end):
+        if field == _TENSOR_RAW and r1 - r0 >= INLINE_BELOW:
+            raw = (r0, r1)
+        else:
+            tensor.MergeFromString(buf[t0:r1])
+    if raw is None:
+        return tensor
+    return Where(location, raw[0], raw[1] - raw[0]).pointer(tensor.name, tensor.data_type, list(tensor.dims))
+
+
+def _records(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, record start, payload start, record end) of each field of buf[pos:end] (any wire
+    type; for a length-delimited field the payload is [payload start, record end))."""
+    while pos < end:
+        start = pos
+        key, pos = _varint(buf, pos, end)
+        kind = key & 7
+        if kind == 0:
+            body, pos = pos, _varint(buf, pos, end)[1]
+        elif kind in (1, 5):
+            body, pos = pos, pos + (8 if kind == 1 else 4)
+        elif kind == 2:
+            size, body = _varint(buf, pos, end)
+            pos = body + size
+        else:
+            raise ValueError(f"wire type {kind} at byte {pos}")
+        if pos > end:
+            raise ValueError(f"field {key >> 3} runs {pos - end} bytes past its message")
+        yield key >> 3, start, body, pos

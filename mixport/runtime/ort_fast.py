@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
-from mixport.runtime import ort_qmoe
+from mixport.runtime import onnx_locate, ort_qmoe
 from mixport.runtime.ort_session import open_session, quant_config, run_failure
 
 # B batch, S new tokens, C capacity, G kv heads, D head dim, V vocab
@@ -39,7 +38,7 @@ class OrtFastSession:
 
         self._ort = ort
         supplied = ort_qmoe.materialize(Path(model_path).parent, ort_qmoe.placeholders(
-            onnx.load(str(model_path), load_external_data=False)))
+            onnx_locate.skeleton(model_path)))
         self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level), supplied)
         cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],

@@ -21,16 +21,15 @@ computes with int8 activations anyway) keep the sparse body, whose weights point
 from __future__ import annotations
 
 import json
-import mmap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from mixport.passes import lower_ort_moe, nbits
-from mixport.runtime import onnx_locate
+from mixport.runtime import onnx_locate, ort_weights
 from mixport.runtime.ort_emit import MS, Builder
 from mixport.runtime.ort_weights import QUANTIZED, SCALE, ZERO
 
@@ -80,21 +79,26 @@ def _placeholder(g: Builder, stack: str, fc: str, part: str, suffix: str, block:
     source = stack + suffix
     if source not in g.where:
         return ""
-    value = _made(_stacked(g, stack, suffix), fc, part, block)
+    dtype, shape = _made_shape(g, stack, suffix, part)
     name = f"{stack}.qmoe_{part}"
-    g.inits.append(onnx_locate.Where(MARKER, 0, value.nbytes).pointer(
-        name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    g.inits.append(onnx_locate.Where(MARKER, 0, nbytes).pointer(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
     g.qmoe[name] = dict(source=source, fc=fc, part=part, block=block)
     return name
 
 
-def _stacked(g: Builder, stack: str, suffix: str) -> np.ndarray:
-    """The stacked [E, K, N] tensor again, from the per-expert views export_weights made of it."""
+def _made_shape(g: Builder, stack: str, suffix: str, part: str) -> tuple[np.dtype, list[int]]:
+    """The type and shape ``_made`` / ``expert_rows`` give QMoE's ``part`` of ``stack`` (worked out
+    from expert 0's views: nothing is converted while the graph is built)."""
     roles = {"gate_up": ("gate", "up"), "down": ("down",)}[stack.rsplit(".", 1)[1]]
     layer = int(stack.split(".")[1])
-    experts = range(g.cfg.num_local_experts)
-    return np.stack([np.concatenate([g.w[g.names.expert_weight(layer, e, r) + suffix] for r in roles], axis=1)
-                     for e in experts])
+    views = [g.w[g.names.expert_weight(layer, 0, r) + suffix] for r in roles]
+    count, rows, cols = g.cfg.num_local_experts, views[0].shape[0], sum(v.shape[1] for v in views)
+    if part == "scales":
+        return views[0].dtype, [count, cols, rows]
+    if part == "zero_points":
+        return np.dtype(np.uint8), [count, cols, (rows + 1) // 2]
+    return np.dtype(np.uint8), [count, cols, rows * nbits.bits_of(views[0]) // 8]
 
 
 def _made(stacked: np.ndarray, fc: str, part: str, block: int) -> np.ndarray:
@@ -123,21 +127,45 @@ def placeholders(proto: onnx.ModelProto) -> dict[str, dict[str, Any]]:
 
 
 def materialize(folder: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The placeholders' values, made from FOLDER/model.onnx's stacked tensors."""
+    """The placeholders' values, made from FOLDER/model.onnx's stacked tensors (read through memory
+    maps; the weights one expert at a time, as bytes)."""
     if not recipes:
         return {}
-    model = Path(folder) / "model.onnx"
-    where = onnx_locate.locate(model)
-    proto = onnx.load(str(model), load_external_data=False)
-    kinds = {t.name: (t.data_type, list(t.dims)) for t in proto.graph.initializer}
+    proto = onnx_locate.skeleton(Path(folder) / "model.onnx")
+    tensors = {t.name: t for t in proto.graph.initializer}
     out = {}
     for name, r in recipes.items():
-        stacked = _read(Path(folder), where[r["source"]], *kinds[r["source"]])
-        out[name] = _made(stacked, r["fc"], r["part"], int(r["block"]))
+        tensor = tensors[r["source"]]
+        if r["part"] == "weights":
+            out[name] = expert_rows(ort_weights.tensor_bytes(Path(folder), tensor), tensor.data_type,
+                                    list(tensor.dims), r["fc"] == "fc1")
+        else:
+            out[name] = _made(ort_weights.tensor_array(Path(folder), tensor), r["fc"], r["part"], int(r["block"]))
     return out
 
 
-def _read(folder: Path, where: onnx_locate.Where, data_type: int, dims: list[int]) -> np.ndarray:
-    with (folder / where.location).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        raw = bytes(buf[where.offset:where.offset + where.length])
-    return numpy_helper.to_array(TensorProto(data_type=data_type, dims=dims, raw_data=raw))
+def expert_rows(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> np.ndarray:
+    """QMoE's weights [E, N, K * bits / 8] (``nbits.expert_rows``' layout: each output column's K
+    unsigned codes, packed two per byte for 4 bits; gate/up columns interleaved for fc1) from the
+    stacked q [E, K, N]'s bytes ``raw`` (int8 [E, K, N], or int4 / uint4 packed flat), one expert at a
+    time in uint8: the same bytes as unpacking it all (exact; tests/runtime/test_ort_qmoe.py), without
+    its int16 / ml_dtypes copies of every stack (1-layer Mixtral-8x7B int4: 35 s and 8 GB peak before)."""
+    count, k, n = dims
+    bits = 8 if data_type == onnx.TensorProto.INT8 else 4
+    out = np.empty((count, n, k * bits // 8), np.uint8)
+    order = np.arange(n).reshape(2, n // 2).T.reshape(-1) if interleave else None  # g0, u0, g1, u1, ...
+    per = k * n * bits // 8
+    flat = raw.reshape(-1).view(np.uint8)
+    for e in range(count):
+        part = np.asarray(flat[e * per:(e + 1) * per])
+        if bits == 8:
+            codes = (part ^ 0x80).reshape(k, n)  # int8 + 128
+        else:
+            pairs = part.reshape(k, n // 2)
+            codes = np.empty((k, n), np.uint8)
+            codes[:, 0::2], codes[:, 1::2] = pairs & 0x0F, pairs >> 4
+            if data_type == onnx.TensorProto.INT4:
+                codes ^= 0x08  # int4 + 8
+        rows = (codes if order is None else codes[:, order]).T  # [N, K]
+        out[e] = rows if bits == 8 else rows[:, 0::2] | (rows[:, 1::2] << 4)
+    return out

@@ -5,13 +5,16 @@ from __future__ import annotations
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
 from mixport.passes import nbits
+
+if TYPE_CHECKING:
+    import onnx
 
 ACCURACY_CONFIG = "session.qdq_matmulnbits_accuracy_level"
 DISABLE_QDQ = "session.disable_quant_qdq"  # also lets constant folding fold DequantizeLinear of constants
@@ -106,27 +109,32 @@ def session_options(threads: int | None, config: dict[str, str] | None = None) -
 
 
 def open_session(model_path: Path, device: str, threads: int | None, config: dict[str, str] | None = None,
-                 supplied: dict[str, np.ndarray] | None = None) -> Any:
+                 supplied: dict[str, np.ndarray] | None = None, graph: onnx.ModelProto | None = None) -> Any:
     """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line. ``supplied``:
-    initializers given to ONNX Runtime from memory (placeholders in the file, ``ort_qmoe``)."""
-    import onnx
+    initializers given to ONNX Runtime from memory (placeholders in the file, ``ort_qmoe``); ``graph``:
+    the graph to run instead of the file's (its external data relative to the file's folder,
+    ``ort_mapped``)."""
     import onnxruntime as ort
 
     from mixport import onnx_io
+    from mixport.runtime import onnx_locate, ort_mapped
 
-    proto = None
+    proto = graph
     if supplied:  # the placeholders' location is never a file: check the others
-        proto = onnx.load(str(model_path), load_external_data=False)
+        proto = onnx_locate.skeleton(model_path)
         kept = [t for t in proto.graph.initializer if t.name not in supplied]
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
     onnx_io.check_external_locations(model_path, proto)  # before ONNX Runtime reads any external data
+    if graph is not None:
+        config = {**(config or {}), ort_mapped.FOLDER_CONFIG: str(Path(model_path).parent.resolve())}
     providers, options = providers_for(device), session_options(threads, config)  # their own one-line errors
     if supplied:
         options.add_external_initializers(list(supplied), [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
                                                            for v in supplied.values()])
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers)
+        source = str(model_path) if graph is None else graph.SerializeToString()
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types; one line for the user
         raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
                              f"{str(exc).splitlines()[0][:300]}", expected=f"a valid {model_path.name}") from None
@@ -150,7 +158,12 @@ class OrtSession:
             raise RuntimeFailure("ONNX Runtime's CPU provider cannot run bf16 graphs", given=str(model_path),
                                  expected="an fp32 or fp16 export for CPU",
                                  hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
-        self.sess = open_session(model_path, device, threads, portable_config(manifest, accuracy_level))
+        from mixport.runtime import ort_mapped
+
+        mapped = ort_mapped.mapped(model_path)  # expert slabs read in place, not folded into copies
+        self.slabs_mapped = mapped.slabs if mapped else 0
+        self.sess = open_session(model_path, device, threads, portable_config(manifest, accuracy_level),
+                                 graph=mapped.proto if mapped else None)
         cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])

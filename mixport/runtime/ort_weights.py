@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
-from mixport import onnx_io
+from mixport import onnx_io, quant
 from mixport.runtime import onnx_locate
 from mixport.runtime.onnx_locate import Where
 
@@ -80,8 +80,8 @@ def export_weights(model_path: Path, names: Any) -> Exported:
     """The initializers of an export's model.onnx by state-dict name (external data resolved), the
     stacked experts viewed per expert (module docstring); ``names``: the family's adapter."""
     onnx_io.check_external_locations(model_path)  # before onnx reads any external data
-    proto = onnx.load(str(model_path))
-    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    proto = onnx_locate.skeleton(model_path)
+    weights = {t.name: tensor_array(Path(model_path).parent, t) for t in proto.graph.initializer}
     del proto
     origins: dict[str, Origin] = {}
     for i in range(_layer_count(weights)):
@@ -92,6 +92,33 @@ def export_weights(model_path: Path, names: Any) -> Exported:
         if f"{base}.gate_up{QUANTIZED}" in weights:
             _quantized_slabs(weights, origins, base, slab)
     return Exported(weights, origins, onnx_locate.locate(model_path))
+
+
+def tensor_bytes(folder: Path, tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's raw bytes as stored (int4 / uint4 packed two per byte), memory-mapped when
+    they are external data."""
+    if not external_data_helper.uses_external_data(tensor):
+        return np.frombuffer(tensor.raw_data, np.uint8) if tensor.raw_data else \
+            np.ascontiguousarray(numpy_helper.to_array(tensor)).reshape(-1).view(np.uint8)
+    info = {e.key: e.value for e in tensor.external_data}
+    where = Where(info["location"], int(info.get("offset", 0)), int(info["length"]))
+    return np.memmap(folder / where.location, np.uint8, "r", where.offset, (where.length,))
+
+
+def tensor_array(folder: Path, tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value: a read-only memory map of its bytes in the file (read when used, never
+    all at once; a transposed view is free), unpacked for int4 / uint4, read for small ones."""
+    if not external_data_helper.uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    if "length" not in info:  # a pointer without its length: let onnx read it the usual way
+        return numpy_helper.to_array(tensor, base_dir=str(folder))
+    where = Where(info["location"], int(info.get("offset", 0)), int(info["length"]))
+    mapped = where.array(folder, tensor.data_type, list(tensor.dims))
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        return quant.unpack_int4(mapped, count, tensor.data_type == onnx.TensorProto.INT4).reshape(tensor.dims)
+    return mapped
 
 
 def _layer_count(weights: dict[str, np.ndarray]) -> int:

@@ -1,0 +1,81 @@
+"""Loading without copies: the fast graph's QMoE weights made one expert at a time from the stacked
+bytes (equal to the whole-stack conversion), the graph read without its weight bytes
+(``onnx_locate.skeleton``), and the portable session's expert slabs read in place (``ort_mapped``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mixport import quant
+from mixport.runtime import onnx_locate, ort_mapped, ort_qmoe
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "uint4"])
+@pytest.mark.parametrize("fc", ["fc1", "fc2"])
+def test_expert_rows_equal_the_whole_stack_conversion(kind: str, fc: str) -> None:
+    rng = np.random.default_rng(3)
+    e, k, n = 3, 64, 10
+    if kind == "int8":
+        q = rng.integers(-128, 128, (e, k, n)).astype(np.int8)
+        raw, data_type = q.reshape(-1).view(np.uint8), TensorProto.INT8
+    else:
+        lo, hi = (-8, 8) if kind == "int4" else (0, 16)
+        values = rng.integers(lo, hi, (e, k, n))
+        q = values.astype(quant.INT4 if kind == "int4" else quant.UINT4)
+        raw, data_type = quant.pack_int4(q), TensorProto.INT4 if kind == "int4" else TensorProto.UINT4
+    whole = ort_qmoe._made(q, fc, "weights", 32)
+    assert np.array_equal(ort_qmoe.expert_rows(raw, data_type, [e, k, n], fc == "fc1"), whole)
+
+
+def _model(tmp: Path, external: bool) -> Path:
+    """A graph: out = x @ Gather(stack, 1) + Gather(DequantizeLinear(q, scale), 0) columns summed."""
+    rng = np.random.default_rng(0)
+    stack = rng.standard_normal((3, 64, 128)).astype(np.float32)  # 96 KB
+    q = rng.integers(-8, 8, (2, 64, 128)).astype(quant.INT4)  # 8 KB packed
+    scale = rng.random((2, 2, 128)).astype(np.float32) + 0.5  # 2 KB: small, stays in the graph
+    inits = [numpy_helper.from_array(stack, "stack"), helper.make_tensor("q", TensorProto.INT4, q.shape,
+             quant.pack_int4(q).tobytes(), raw=True), numpy_helper.from_array(scale, "scale")]
+    nodes = [helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1, np.int64))),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.int64))),
+             helper.make_node("Gather", ["stack", "one"], ["w1"], axis=0),
+             helper.make_node("DequantizeLinear", ["q", "scale"], ["dq"], axis=1, block_size=32),
+             helper.make_node("Gather", ["dq", "zero"], ["w2"], axis=0),
+             helper.make_node("MatMul", ["x", "w1"], ["y1"]), helper.make_node("MatMul", ["x", "w2"], ["y2"]),
+             helper.make_node("Add", ["y1", "y2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 128])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    path = tmp / "model.onnx"
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    else:
+        onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_mapped_graph_computes_the_same_without_the_stacks(tmp_path: Path, external: bool) -> None:
+    import onnxruntime as ort
+
+    path = _model(tmp_path, external)
+    skeleton = onnx_locate.skeleton(path)
+    assert skeleton.ByteSize() < 4000  # the 2 KB scale, not the 96 KB stack or the 8 KB of int4
+    plain = onnx.load(str(path))
+    assert [t.name for t in skeleton.graph.initializer] == [t.name for t in plain.graph.initializer]
+
+    mapped = ort_mapped.mapped(path)
+    assert mapped is not None and mapped.slabs == 2
+    names = {t.name for t in mapped.proto.graph.initializer}
+    assert not names & {"stack", "q", "scale"}  # the whole stacks are gone: only the experts' parts
+    assert not [n for n in mapped.proto.graph.node if n.op_type == "Gather"]
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry(ort_mapped.FOLDER_CONFIG, str(tmp_path))
+    got = ort.InferenceSession(mapped.proto.SerializeToString(), opts).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)

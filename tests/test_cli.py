@@ -123,13 +123,27 @@ def test_run_without_tokenizer_prints_token_ids(export_copy: Path) -> None:
 def test_check_refuses_up_front_without_enough_memory(export_copy: Path, monkeypatch) -> None:  # noqa: ANN001
     """A check that would exhaust memory is refused with one line before loading anything;
     after an export it is skipped with a note (the export itself is complete)."""
-    from mixport.tools import check
+    from mixport.runtime import memory
 
-    monkeypatch.setattr(check, "available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 100 << 20)
     one_line_error(invoke("check", export_copy), "not enough memory for the parity check", "GB available")
     res = invoke("export", "--model", "tiny", "-o", export_copy, "--force")
     assert res.exit_code == 0, res.output
     assert "parity check skipped: not enough memory" in res.output
+
+
+@pytest.mark.parametrize("graph", ["auto", "portable"])
+def test_run_refuses_weights_that_do_not_fit(export_copy: Path, monkeypatch, graph: str) -> None:  # noqa: ANN001
+    """A load whose weights exceed the memory available is one line before anything is loaded (the
+    fp16 rule, twice the file on the CPU, is tests/runtime/test_ort_memory.py's)."""
+    from mixport.runtime import memory
+
+    size = memory.weight_bytes(export_copy / "model.onnx")
+    monkeypatch.setattr(memory, "available_memory", lambda: size - 1)
+    one_line_error(invoke("run", export_copy, "--prompt", "hello", "--graph", graph),
+                   "the weights do not fit in the memory available", "GB available")
+    monkeypatch.setattr(memory, "available_memory", lambda: size + (64 << 20))
+    assert invoke("run", export_copy, "--prompt", "hello", "--graph", graph, "--max-new-tokens", "2").exit_code == 0
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

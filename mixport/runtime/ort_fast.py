@@ -17,7 +17,7 @@ import numpy as np
 
 from mixport.artifact import Manifest
 from mixport.errors import RuntimeFailure
-from mixport.runtime import onnx_locate, ort_qmoe
+from mixport.runtime import memory, onnx_locate, ort_qmoe
 from mixport.runtime.ort_session import open_session, quant_config, run_failure
 
 # B batch, S new tokens, C capacity, G kv heads, D head dim, V vocab
@@ -37,6 +37,7 @@ class OrtFastSession:
         import onnxruntime as ort
 
         self._ort = ort
+        memory.require(Path(model_path).with_name("model.onnx"), manifest.dtype, device)  # the bytes it points at
         supplied = ort_qmoe.materialize(Path(model_path).parent, ort_qmoe.placeholders(
             onnx_locate.skeleton(model_path)))
         self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level), supplied)

@@ -158,8 +158,9 @@ class OrtSession:
             raise RuntimeFailure("ONNX Runtime's CPU provider cannot run bf16 graphs", given=str(model_path),
                                  expected="an fp32 or fp16 export for CPU",
                                  hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
-        from mixport.runtime import ort_mapped
+        from mixport.runtime import memory, ort_mapped
 
+        memory.require(model_path, manifest.dtype, device)  # one line, before anything is loaded
         mapped = ort_mapped.mapped(model_path)  # expert slabs read in place, not folded into copies
         self.slabs_mapped = mapped.slabs if mapped else 0
         self.sess = open_session(model_path, device, threads, portable_config(manifest, accuracy_level),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mixport.errors import RuntimeFailure
+from mixport.runtime import memory
 from mixport.runtime.generate import last_logits, left_pad
 from mixport.runtime.session import Session
 
@@ -84,14 +85,9 @@ def bench_session(session: Session, vocab: int, context: int, prompt_len: int, n
 
 
 def available_mb() -> float | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """MemAvailable (Linux), in MiB, or None where unknown."""
+    free = memory.available_memory()
+    return None if free is None else free / 2**20
 
 
 def check_sizes(config: dict[str, object], dtype: str, prompt_len: int, new_tokens: int,

@@ -32,6 +32,7 @@ from mixport.artifact import Manifest
 from mixport.errors import CheckUnavailable
 from mixport.models import registry
 from mixport.models.config import DEFAULT_MODEL_TYPE
+from mixport.runtime import memory
 from mixport.tools import check_target
 from mixport.tools.check_fast import FastGraphStat, check_fast_graph, greedy_tokens
 
@@ -377,22 +378,11 @@ MEMORY_FACTOR = 3
 LIBRARIES = 700 << 20
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _require_memory(model_path: Path, dtype: str) -> None:
     """Refuse up front, with one line, a check that would exhaust memory halfway (or be killed)."""
     files = [model_path, model_path.with_name(model_path.name + ".data")]
     fp32 = sum(f.stat().st_size for f in files if f.is_file()) * (1 if dtype == "fp32" else 2)  # fp16/bf16
-    need, free = MEMORY_FACTOR * fp32 + LIBRARIES, available_memory()
+    need, free = MEMORY_FACTOR * fp32 + LIBRARIES, memory.available_memory()
     if free is not None and need > free:
         raise CheckUnavailable("not enough memory for the parity check here",
                                given=f"{fp32 / 1e9:.1f} GB of fp32 weights, {free / 1e9:.1f} GB available",

@@ -23,6 +23,7 @@ import numpy as np
 from mixport.artifact import Manifest, QuantRecord
 from mixport.errors import MixportError
 from mixport.models import registry
+from mixport.runtime import memory
 from mixport.tools import check, check_target
 from mixport.tools import quant_metrics as qe
 
@@ -223,7 +224,7 @@ def _require_memory(model_path: Path, record: QuantRecord) -> None:
     """The reference holds fp32 weights: about the quantized file's bytes x 32 / bits."""
     files = [model_path, model_path.with_name(model_path.name + ".data")]
     fp32 = sum(f.stat().st_size for f in files if f.is_file()) * 32 // record.bits
-    need, free = 2 * fp32 + check.LIBRARIES, check.available_memory()
+    need, free = 2 * fp32 + check.LIBRARIES, memory.available_memory()
     if free is not None and need > free:
         from mixport.errors import CheckUnavailable
 

@@ -79,3 +79,22 @@ def test_mapped_graph_computes_the_same_without_the_stacks(tmp_path: Path, exter
     opts.add_session_config_entry(ort_mapped.FOLDER_CONFIG, str(tmp_path))
     got = ort.InferenceSession(mapped.proto.SerializeToString(), opts).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_fp16_on_cpu_counts_twice_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixport.errors import RuntimeFailure
+    from mixport.runtime import memory
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x" * 1000)
+    (tmp_path / "model.onnx.data").write_bytes(b"x" * 3000)
+    assert memory.weight_bytes(model) == 4000
+    assert memory.resident_bytes(model, "fp16", "cpu") == 8000
+    assert memory.resident_bytes(model, "fp16", "cuda") == memory.resident_bytes(model, "fp32", "cpu") == 4000
+    monkeypatch.setattr(memory, "available_memory", lambda: 6000)
+    memory.require(model, "fp32", "cpu")  # fits
+    with pytest.raises(RuntimeFailure) as err:
+        memory.require(model, "fp16", "cpu")
+    assert "computes fp16 weights in fp32" in str(err.value) and "--quantize int8" in str(err.value)
+    monkeypatch.setattr(memory, "available_memory", lambda: None)  # unknown: allowed
+    memory.require(model, "fp16", "cpu")

@@ -1,0 +1,55 @@
+"""What a session's weights take in memory, and whether this machine has it.
+
+ONNX Runtime's CPU provider has no fp16 matrix kernels on x86: a session over fp16 weights inserts
+casts, and constant folding turns every fp16 weight into an fp32 copy when the session starts (the
+fp16 bytes are then dropped). On the CPU an fp16 export therefore runs in fp32 and holds twice its
+file size (tools/bench_real_size.py: 1-layer Mixtral-8x7B fp16, 3.2 GB of weights, resident 6.1 GB
+after load). ``require`` refuses, with one line and before anything is loaded, a load whose weights
+would not fit in the memory available.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixport.errors import RuntimeFailure
+
+GB = 1 << 30
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def weight_bytes(model_path: Path) -> int:
+    """The bytes of model.onnx and its model.onnx.data (the export's weights, give or take the graph)."""
+    files = [Path(model_path), Path(model_path).with_name(Path(model_path).name + ".data")]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def resident_bytes(model_path: Path, dtype: str, device: str) -> int:
+    """What the weights of ``model_path`` take once ONNX Runtime has loaded them on ``device``."""
+    size = weight_bytes(model_path)
+    return 2 * size if dtype == "fp16" and device == "cpu" else size
+
+
+def require(model_path: Path, dtype: str, device: str) -> None:
+    """Refuse a load whose weights would not fit in the memory available (unknown: allowed)."""
+    need, free = resident_bytes(model_path, dtype, device), available_memory()
+    if free is None or need <= free:
+        return
+    why = " (ONNX Runtime's CPU provider computes fp16 weights in fp32: twice the file)" \
+        if dtype == "fp16" and device == "cpu" else ""
+    raise RuntimeFailure(f"the weights do not fit in the memory available{why}",
+                         given=f"{Path(model_path).parent}: {need / GB:.1f} GB to load, {free / GB:.1f} GB available",
+                         expected="weights that fit in memory",
+                         hint="export with --quantize int8 / int4 (or fp32, which loads at its file size) for CPU, "
+                              "or run fp16 on a GPU" if dtype == "fp16" else
+                         "export with --quantize int8 / int4, or use a machine with more memory")

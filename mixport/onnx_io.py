@@ -189,6 +189,19 @@ class WeightFiles:
         lives as long as the array."""
         return self.source(tensor).numpy()
 
+    def slabs(self, tensor: TensorProto) -> Iterator[np.ndarray]:
+        """The sub-tensors ``tensor[i]`` along its first axis (the experts of a stacked weight), one
+        at a time, each a read-only memory map of just its bytes: pages read for one are unmapped
+        when it is dropped, not kept until the whole tensor is."""
+        whole = self.source(tensor)  # the location checked
+        count, inner = int(tensor.dims[0]), ir.Shape(tensor.dims[1:])
+        if whole.dtype.bitwidth % 8:
+            raise ValueError(f"{tensor.name}: {whole.dtype.name} sub-tensors do not start on a byte")
+        step = math.prod(tensor.dims[1:]) * whole.dtype.bitwidth // 8
+        for i in range(count):
+            yield ir.ExternalTensor(whole.path, (whole.offset or 0) + i * step, step, whole.dtype, shape=inner,
+                                    name=f"{tensor.name}[{i}]").numpy()
+
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         """Append ``array`` to the work file; a TensorProto pointing there (relative to base_dir)."""
         array = np.asarray(array)

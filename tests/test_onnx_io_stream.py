@@ -173,3 +173,17 @@ def test_fusing_and_quantizing_hold_one_expert_not_the_stack(precision: str | No
     peak = _peak_of_passes(model, tmp_path, options)
     assert peak < 2 * expert_gate_up, \
         f"peak {peak / 2**20:.1f} MB; one expert's gate|up is {expert_gate_up / 2**20:.1f} MB"
+
+
+def test_slabs_map_one_sub_tensor_each(tmp_path: Path) -> None:
+    files = onnx_io.WeightFiles(tmp_path, tmp_path / ".w.data")
+    files.add("pad", np.ones(5, np.float16))  # the stack does not start the file
+    stack = _values(np.float16, (3, 40, 24))
+    pointer = files.add("stack", stack)
+    slabs = list(files.slabs(pointer))
+    assert len(slabs) == 3
+    for got, want in zip(slabs, stack, strict=True):
+        assert got.shape == want.shape and not got.flags.writeable  # a map, not a copy
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="do not start on a byte"):
+        next(files.slabs(files.add("q", _values(quant.INT4, (3, 40, 24)))))

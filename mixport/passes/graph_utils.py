@@ -77,6 +77,17 @@ def const_array(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def slabs(tensor: gs.Tensor) -> Iterator[np.ndarray]:
+    """The [in, out] slabs of a constant [E, in, out] tensor (stacked experts), one at a time. File
+    backed: each a memory map of its own bytes, unmapped when dropped, so the pages read never
+    add up to the whole stack in the process (``WeightFiles.slabs``)."""
+    lazy = getattr(tensor, "_values", None)
+    if isinstance(lazy, FileValues):
+        yield from lazy.files.slabs(lazy.tensor)
+        return
+    yield from const_array(tensor)  # type: ignore[misc]
+
+
 def const_int(tensor: gs.Tensor) -> int | None:
     """A scalar (or one-element) integer constant, else None."""
     arr = const_array(tensor)

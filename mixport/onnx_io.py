@@ -12,8 +12,9 @@ one folder (``WeightFiles.base_dir``).
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +149,11 @@ def _onnx_refuses(folder: Path, location: str, name: str) -> str | None:
 class WeightFiles:
     """The files holding a graph's external-data weights while it is worked on.
 
-    Locations in the graph are relative to ``base_dir``. New tensors (``add``) are appended to
-    the work file ``work`` (created on first use; ``on_write(name)`` hears of each). A location
+    Locations in the graph are relative to ``base_dir``. New tensors are appended to the work file
+    ``work`` (created on first use; ``on_write(name)`` hears of each): whole (``add``), a part at
+    a time as an iterable yields them (``add_stacked``: stacked experts, one expert in memory), or
+    into a reserved region filled piecewise (``reserve``: quantized values beside their scales,
+    a few rows at a time). A location
     is a relative path to a file inside ``base_dir`` (no ``..``, no absolute path, no symlink
     resolving outside: ``location_error``), or exactly the work file.
     """
@@ -160,6 +164,7 @@ class WeightFiles:
         self.work = None if work is None else Path(work)
         self.on_write = on_write
         self._work_end = 0
+        self._started = False  # this run has written the work file
 
     def source(self, tensor: TensorProto) -> ir.ExternalTensor:
         """``tensor``'s data as an onnx_ir ExternalTensor (a memory map when read)."""
@@ -184,22 +189,111 @@ class WeightFiles:
         lives as long as the array."""
         return self.source(tensor).numpy()
 
+    def slabs(self, tensor: TensorProto) -> Iterator[np.ndarray]:
+        """The sub-tensors ``tensor[i]`` along its first axis (the experts of a stacked weight), one
+        at a time, each a read-only memory map of just its bytes: pages read for one are unmapped
+        when it is dropped, not kept until the whole tensor is."""
+        whole = self.source(tensor)  # the location checked
+        count, inner = int(tensor.dims[0]), ir.Shape(tensor.dims[1:])
+        if whole.dtype.bitwidth % 8:
+            raise ValueError(f"{tensor.name}: {whole.dtype.name} sub-tensors do not start on a byte")
+        step = math.prod(tensor.dims[1:]) * whole.dtype.bitwidth // 8
+        for i in range(count):
+            yield ir.ExternalTensor(whole.path, (whole.offset or 0) + i * step, step, whole.dtype, shape=inner,
+                                    name=f"{tensor.name}[{i}]").numpy()
+
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         """Append ``array`` to the work file; a TensorProto pointing there (relative to base_dir)."""
+        array = np.asarray(array)
+        slot = self.reserve(name, array.dtype, array.shape)
+        slot.write(array)
+        return slot.close()
+
+    def add_stacked(self, name: str, parts: Iterable[np.ndarray], count: int) -> TensorProto:
+        """Append ``np.stack(parts)`` (``count`` parts of one shape and dtype) to the work file,
+        written a part at a time as the iterable yields it (same bytes, same TensorProto): memory
+        holds one part, never the stack."""
+        slot, shape = None, None
+        for part in parts:
+            part = np.asarray(part)
+            if slot is None:
+                shape = part.shape
+                slot = self.reserve(name, part.dtype, (count, *shape))
+            if part.shape != shape:
+                raise ValueError(f"{name}: a part of shape {part.shape} in a stack of {shape}")
+            slot.write(part)
+            del part  # before the next one is made: one part in memory
+        if slot is None:
+            raise ValueError(f"{name}: no parts to stack")
+        return slot.close()
+
+    def reserve(self, name: str, dtype: np.dtype, shape: Sequence[int]) -> TensorSlot:
+        """Reserve the work file's next aligned region for a tensor ``name`` of ``dtype`` and
+        ``shape``: a ``TensorSlot`` written in order, a part at a time. Regions of several
+        tensors may be filled side by side (quantized values and their scales)."""
         if self.work is None:
             raise ValueError("these weight files have no work file for new tensors")
-        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-        offset = -(-self._work_end // ALIGN) * ALIGN
-        with self.work.open("r+b" if self._work_end else "wb") as fh:
-            fh.seek(offset)
-            tensor.tofile(fh)
-            self._work_end = fh.tell()
+        slot = TensorSlot(self, name, ir.DataType.from_numpy(np.dtype(dtype)), tuple(int(d) for d in shape),
+                          -(-self._work_end // ALIGN) * ALIGN)
+        with self.work.open("r+b" if self._started else "wb") as fh:  # a fresh run starts the file anew
+            fh.truncate(slot.offset + slot.nbytes)  # a sparse region, filled by the slot's writes
+        self._started = True
+        self._work_end = slot.offset + slot.nbytes
+        return slot
+
+    def _written(self, slot: TensorSlot) -> TensorProto:
         pointer = ir.serde.serialize_tensor(ir.ExternalTensor(
-            os.path.relpath(self.work, self.base_dir), offset, tensor.nbytes, tensor.dtype,
-            shape=tensor.shape, name=name))
+            os.path.relpath(self.work, self.base_dir), slot.offset, slot.nbytes, slot.dtype,  # type: ignore[arg-type]
+            shape=ir.Shape(slot.shape), name=slot.name))
         if self.on_write is not None:
-            self.on_write(name)
+            self.on_write(slot.name)
         return pointer
+
+
+class TensorSlot:
+    """One tensor's region of a work file (``WeightFiles.reserve``), filled front to back by
+    ``write(part)``: each part is the next ``part.size`` elements of the tensor in C order (an
+    expert's slab, a few rows of it), of the tensor's dtype. 4-bit values are packed two per byte
+    as ONNX stores them (a part of odd size leaves its last value for the next part's byte).
+    ``close()`` checks that every element came and returns the TensorProto pointing there."""
+
+    def __init__(self, files: WeightFiles, name: str, dtype: ir.DataType, shape: tuple[int, ...],
+                 offset: int) -> None:
+        self.files, self.name, self.dtype, self.shape, self.offset = files, name, dtype, shape, offset
+        self.size = math.prod(shape)
+        self.nbytes = -(-self.size * dtype.bitwidth // 8)
+        self.done = 0  # elements written
+        self._carry: np.ndarray | None = None  # a 4-bit value waiting for its byte's high nibble
+
+    def write(self, part: np.ndarray) -> None:
+        part = np.asarray(part)
+        if ir.DataType.from_numpy(part.dtype) != self.dtype or self.done + part.size > self.size:
+            raise ValueError(f"{self.name}: a part of {part.dtype} x {part.size} does not fit "
+                             f"({self.dtype.name}, {self.done} of {self.size} elements written)")
+        start = self.done
+        self.done += part.size
+        if self.dtype.bitwidth == 4:
+            part, start = self._whole_bytes(part.reshape(-1), start)
+        if not part.size:
+            return
+        data = ir.tensor(np.ascontiguousarray(part))
+        with self.files.work.open("r+b") as fh:  # type: ignore[union-attr]
+            fh.seek(self.offset + start * self.dtype.bitwidth // 8)
+            data.tofile(fh)
+
+    def _whole_bytes(self, flat: np.ndarray, start: int) -> tuple[np.ndarray, int]:
+        """The 4-bit values that fill whole bytes now (the carried one first) and the element index
+        they start at; an odd one out waits in ``_carry`` (the tensor's very last is padded)."""
+        if self._carry is not None:
+            flat, start = np.concatenate([self._carry, flat]), start - 1
+        keep = flat.size % 2 if self.done < self.size else 0
+        self._carry = flat[flat.size - 1:].copy() if keep else None
+        return flat[:flat.size - keep], start
+
+    def close(self) -> TensorProto:
+        if self.done != self.size or self._carry is not None:
+            raise ValueError(f"{self.name}: {self.done} of {self.size} elements written")
+        return self.files._written(self)
 
 
 def write_model(proto: onnx.ModelProto, path: Path, files: WeightFiles | None, two_gb: int,

@@ -21,11 +21,13 @@ Schemes (``Scheme``):
 In memory, quantized values are numpy arrays of ml_dtypes' ``int4`` / ``uint4`` / numpy ``int8``
 (one value per byte); files hold int4 packed two per byte, the element with the lower index in
 the low nibble (ONNX's order: ``pack_int4``, checked against ``onnx.reference`` in the tests).
-Quantizing reads one expert slab at a time: memory stays near one expert's weights.
+Quantizing reads one expert slab at a time: memory stays near one expert's weights; the export
+quantizes a few blocks of rows at a time (``quantize_rows``) and writes each part as it comes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -36,6 +38,7 @@ from mixport.errors import ConfigError
 BITS = (8, 4)
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
+CHUNK_VALUES = 1 << 22  # values quantized at once by quantize_rows (16 MB in fp32, a few such temporaries)
 PRECISIONS = ("int8", "int4")
 INT4 = np.dtype(ml_dtypes.int4)
 UINT4 = np.dtype(ml_dtypes.uint4)
@@ -165,6 +168,18 @@ def quantize(w: np.ndarray, scheme: Scheme, axis: int = -2) -> Quantized:
     q, scale, zero = _quantize_f32(np.asarray(w, dtype=np.float32), axis, scheme)
     return Quantized(q.astype(scheme.qdtype), scale.astype(w.dtype),
                      None if zero is None else zero.astype(UINT4), axis, scheme.block_size)
+
+
+def quantize_rows(w: np.ndarray, scheme: Scheme, chunk_values: int | None = None) -> Iterator[Quantized]:
+    """``quantize(w, scheme, axis=0)`` of a 2-D [in, out] W, a few whole blocks of rows at a time
+    (about ``chunk_values`` values, default CHUNK_VALUES): blocks are quantized independently, so
+    each part's q, scale and zero are exactly the next rows of quantize's (the next elements in C
+    order), and memory holds one part's temporaries, not W's in fp32."""
+    n, out = w.shape
+    chunk_values = CHUNK_VALUES if chunk_values is None else chunk_values
+    rows = max(1, chunk_values // max(1, scheme.block_size * out)) * scheme.block_size
+    for start in range(0, n, rows):
+        yield quantize(w[start:start + rows], scheme, axis=0)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block_size: int

@@ -84,10 +84,10 @@ def test_disk_full_during_export_is_one_line(tiny_dir: Path, tmp_path: Path, mon
 
     from mixport import onnx_io
 
-    def full(self: object, name: str, array: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.work))  # type: ignore[attr-defined]
+    def full(self: object, part: object) -> None:  # every write of a new tensor's bytes goes here
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.files.work))  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(onnx_io.WeightFiles, "add", full)
+    monkeypatch.setattr(onnx_io.TensorSlot, "write", full)
     line = one_line_error(invoke("export", tiny_dir, "-o", tmp_path / "out", "--no-check"),
                           "out of disk space", ".fused.data", "three times")
     assert line.startswith("error: out of disk space")

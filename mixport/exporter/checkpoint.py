@@ -25,6 +25,9 @@ INDEX = "model.safetensors.index.json"
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# values read, converted and summed at once: 64 MB in fp32, past glibc's 32 MB mmap threshold, so each
+# chunk goes back to the system when freed (smaller ones stay in the heap, fragmented)
+READ_CHUNK = 1 << 24
 
 
 def _bad_index(index: Path, why: str, given: object) -> CheckpointError:
@@ -175,32 +178,69 @@ class LazyWeight:
     dtype: torch.dtype | None = None  # converted to on read
 
     def read(self) -> torch.Tensor:
+        """The weight (in ``dtype``), checked for NaN / Inf. Read and converted READ_CHUNK values
+        at a time into the result: memory holds the result and a chunk, not the stored tensor as
+        well (a 32000 x 4096 bf16 embedding read as fp16 would take 250 MB more)."""
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as fh:
-            tensor = fh.get_slice(self.hf_name)[self.index] if self.index else fh.get_tensor(self.hf_name)
-        _require_finite(tensor, self.hf_name, self.path)
-        return tensor if self.dtype is None else tensor.to(self.dtype)
+            stored = fh.get_slice(self.hf_name)
+            if self.dtype is None or not self.shape or self.shape[0] == 0:
+                tensor = stored[self.index] if self.index else fh.get_tensor(self.hf_name)
+                _require_finite(tensor, self.hf_name, self.path, tensor.numel())
+                return tensor if self.dtype is None else tensor.to(self.dtype)
+            out = torch.empty(self.shape, dtype=self.dtype)
+            rows = max(1, READ_CHUNK // max(1, math.prod(self.shape[1:])))
+            bad = 0
+            for start in range(0, self.shape[0], rows):
+                chunk = stored[_rows(self.index, start, min(start + rows, self.shape[0]))]
+                bad += _nonfinite(chunk)
+                out[start:start + rows] = chunk  # converted as copied
+        _require_finite(out, self.hf_name, self.path, out.numel(), bad)
+        return out
 
 
-def _require_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
-    """CheckpointError naming the weight when it holds NaN or Inf. Cheap: one sum (NaN and Inf
-    propagate; float32 accumulation cannot overflow on real weights), an exact count only when
-    the sum is not finite (isfinite().all() costs ~20x more: a bool tensor per weight)."""
-    if not tensor.is_floating_point():
-        return
-    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    try:
-        total = float(tensor.sum(dtype=wide))
-    except (RuntimeError, TypeError):  # a dtype without a sum kernel (float8): widen first
-        total = float(tensor.to(wide).sum())
-    if math.isfinite(total):
-        return
-    bad = int((~torch.isfinite(tensor.to(wide))).sum())
+def _rows(index: tuple, start: int, stop: int) -> tuple:
+    """The stored tensor's index of rows ``start:stop`` of the weight ``index`` selects (leading
+    ints pick a sub-tensor; a slice after them bounds the weight's first dimension)."""
+    picks = tuple(i for i in index if isinstance(i, int))
+    rest = index[len(picks):]
+    if not rest:
+        return (*picks, slice(start, stop))
+    first = rest[0]
+    assert isinstance(first, slice) and first.step in (None, 1), index  # the adapters' forms
+    base = first.start or 0
+    return (*picks, slice(base + start, base + stop), *rest[1:])
+
+
+def _require_finite(tensor: torch.Tensor, name: str, path: Path, numel: int, bad: int | None = None) -> None:
+    """CheckpointError naming the weight when it holds NaN or Inf (``bad`` values, counted here
+    when not given)."""
+    bad = _nonfinite(tensor) if bad is None else bad
     if bad:
         raise CheckpointError(f"weight '{name}' holds NaN or Inf values",
-                              given=f"{path.name}: {bad} of {tensor.numel()} values not finite",
+                              given=f"{path.name}: {bad} of {numel} values not finite",
                               expected="finite weights", hint="the checkpoint is damaged; download it again")
+
+
+def _nonfinite(tensor: torch.Tensor) -> int:
+    """How many values are NaN or Inf. Cheap: one sum (NaN and Inf propagate; float32
+    accumulation cannot overflow on real weights), an exact count only when the sum is not
+    finite (isfinite().all() costs ~20x more: a bool tensor per weight). The sum runs over
+    READ_CHUNK values at a time: torch widens its whole input first."""
+    if not tensor.is_floating_point():
+        return 0
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if math.isfinite(sum(_wide_sum(part, wide) for part in tensor.reshape(-1).split(READ_CHUNK))):
+        return 0
+    return sum(int((~torch.isfinite(part.to(wide))).sum()) for part in tensor.reshape(-1).split(READ_CHUNK))
+
+
+def _wide_sum(part: torch.Tensor, wide: torch.dtype) -> float:
+    try:
+        return float(part.sum(dtype=wide))
+    except (RuntimeError, TypeError):  # a dtype without a sum kernel (float8): widen first
+        return float(part.to(wide).sum())
 
 
 def iter_weights(model_dir: Path, adapter: Adapter) -> Iterator[tuple[str, LazyWeight]]:

@@ -28,13 +28,29 @@ from mixport.passes import graph_utils as gu
 NAME = "fuse_moe_experts"
 
 
+@dataclass(frozen=True)
+class Weight:
+    """A linear layer's constant weight as [in, out], read only when ``load()`` is called (a memory
+    map of the file when the graph's weights are in files): the layer's experts are matched
+    without reading them, then stacked one expert at a time."""
+
+    tensor: gs.Tensor
+    transposed: bool
+    shape: tuple[int, ...]  # [in, out]
+
+    def load(self) -> np.ndarray:
+        arr = gu.const_array(self.tensor)
+        assert arr is not None  # matched as a constant
+        return arr.T if self.transposed else arr
+
+
 @dataclass
 class ExpertFFN:
     index: int
     x: gs.Tensor
-    w1: np.ndarray  # [H, F]  (gate, row-major [in, out])
-    w3: np.ndarray  # [H, F]  (up)
-    w2: np.ndarray  # [F, H]  (down)
+    w1: Weight  # [H, F]  (gate, row-major [in, out])
+    w3: Weight  # [H, F]  (up)
+    w2: Weight  # [F, H]  (down)
     scaled: gs.Tensor  # y_e * w_e, the Add chain's operand
     hint: str  # a weight's initializer name, for naming the stacked ones
 
@@ -156,7 +172,7 @@ def _swiglu(act: gs.Tensor, e: int) -> tuple[gs.Tensor, gs.Tensor]:
     raise NoMatch(f"expert {e}: no silu(gate) = gate * Sigmoid(gate) found before the down projection")
 
 
-def _linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, np.ndarray, str]:
+def _linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, Weight, str]:
     """y = x @ W (Gemm with transB or not, MatMul, MatMul of a Transpose): (x, W as [in, out], name)."""
     node = gu.producer_op(y, "Gemm", "MatMul")
     if node is None:
@@ -173,10 +189,10 @@ def _linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, np.ndarray, str]:
         tr = gu.producer_op(w, "Transpose")
         if tr is not None and list(tr.attrs.get("perm", [1, 0])) == [1, 0]:
             w, transposed = tr.inputs[0], True
-    arr = gu.const_array(w)
+    arr = gu.const_array(w)  # a memory map of file-backed weights: nothing read
     if arr is None or arr.ndim != 2:
         raise NoMatch(f"{what}: the weight of '{node.name}' is not a constant 2-D tensor")
-    return x, (arr.T if transposed else arr), w.name
+    return x, Weight(w, transposed, arr.shape[::-1] if transposed else arr.shape), w.name
 
 
 def _add_chain(scaled: list[gs.Tensor]) -> tuple[gs.Tensor | None, gs.Node]:
@@ -208,10 +224,20 @@ def _add_chain(scaled: list[gs.Tensor]) -> tuple[gs.Tensor | None, gs.Node]:
 
 def _stacked(graph: gs.Graph, experts: list[ExpertFFN], files: WeightFiles | None
              ) -> tuple[gs.Constant, gs.Constant]:
-    """[E, H, 2F] (gate | up) and [E, F, H] (down), named after the experts' common prefix."""
-    gate_up = np.stack([np.concatenate([e.w1, e.w3], axis=1) for e in experts])
-    down = np.stack([e.w2 for e in experts])
+    """[E, H, 2F] (gate | up) and [E, F, H] (down), named after the experts' common prefix. With
+    ``files`` each is written an expert at a time: memory holds one expert's slab, not the layer."""
     prefix = os.path.commonprefix([e.hint for e in experts]).rstrip(".0123456789")
     base = prefix if len(prefix) >= 3 else "moe"
-    return (gu.make_constant(gu.unique_name(graph, f"{base}.gate_up"), gate_up, files),
-            gu.make_constant(gu.unique_name(graph, f"{base}.down"), down, files))
+    gate_up = (_gate_up(e) for e in experts)  # [H, 2F] each
+    down = (np.ascontiguousarray(e.w2.load()) for e in experts)  # [F, H] each
+    return (gu.stacked_constant(gu.unique_name(graph, f"{base}.gate_up"), gate_up, len(experts), files),
+            gu.stacked_constant(gu.unique_name(graph, f"{base}.down"), down, len(experts), files))
+
+
+def _gate_up(expert: ExpertFFN) -> np.ndarray:
+    """[H, 2F] = gate | up, row-major (np.concatenate of transposed weights would come out
+    column-major: one more copy to write it)."""
+    w1, w3 = expert.w1.load(), expert.w3.load()
+    out = np.empty((w1.shape[0], w1.shape[1] + w3.shape[1]), np.result_type(w1, w3))
+    out[:, :w1.shape[1]], out[:, w1.shape[1]:] = w1, w3
+    return out

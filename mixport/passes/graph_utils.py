@@ -7,6 +7,9 @@ the ``onnx_io.WeightFiles`` the graph was imported with (``import_graph``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -74,6 +77,17 @@ def const_array(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def slabs(tensor: gs.Tensor) -> Iterator[np.ndarray]:
+    """The [in, out] slabs of a constant [E, in, out] tensor (stacked experts), one at a time. File
+    backed: each a memory map of its own bytes, unmapped when dropped, so the pages read never
+    add up to the whole stack in the process (``WeightFiles.slabs``)."""
+    lazy = getattr(tensor, "_values", None)
+    if isinstance(lazy, FileValues):
+        yield from lazy.files.slabs(lazy.tensor)
+        return
+    yield from const_array(tensor)  # type: ignore[misc]
+
+
 def const_int(tensor: gs.Tensor) -> int | None:
     """A scalar (or one-element) integer constant, else None."""
     arr = const_array(tensor)
@@ -105,6 +119,51 @@ def make_constant(name: str, array: np.ndarray, files: WeightFiles | None = None
         return gs.Constant(name, values=FileValues(files.add(name, array), files))
     proto = numpy_helper.from_array(np.ascontiguousarray(array), name)
     return gs.Constant(name, values=gs.ir.tensor.LazyValues(proto))
+
+
+def stacked_constant(name: str, parts: Iterable[np.ndarray], count: int, files: WeightFiles | None = None
+                     ) -> gs.Constant:
+    """``make_constant(name, np.stack(parts), files)`` with ``count`` parts of one shape and dtype,
+    the stack never in memory when it goes to the work file: each part is written as the iterable
+    yields it (``WeightFiles.add_stacked``)."""
+    it = iter(parts)
+    first = np.asarray(next(it))
+    if files is None or count * first.nbytes < SMALL:
+        return make_constant(name, np.stack([first, *it]), files)
+    parts = _prepend(first, it)
+    del first  # the generator holds it until it is written, then drops it
+    return gs.Constant(name, values=FileValues(files.add_stacked(name, parts, count), files))
+
+
+def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    del first
+    yield from rest
+
+
+class ConstantWriter:
+    """A constant of known ``dtype`` and ``shape`` made a part at a time: ``write(part)`` gives the
+    next ``part.size`` elements in C order; ``close()`` returns what ``make_constant`` of the whole
+    would. With ``files`` and SMALL bytes or more, each part goes to the work file at once (a
+    reserved region, ``WeightFiles.reserve``); else the parts are joined in memory at the end."""
+
+    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...], files: WeightFiles | None) -> None:
+        self.name, self.dtype, self.shape, self.files = name, np.dtype(dtype), shape, files
+        big = files is not None and math.prod(shape) * self.dtype.itemsize >= SMALL  # make_constant's rule
+        self.slot = files.reserve(name, self.dtype, shape) if big else None  # type: ignore[union-attr]
+        self.parts: list[np.ndarray] = []
+
+    def write(self, part: np.ndarray) -> None:
+        if self.slot is not None:
+            self.slot.write(part)
+        else:
+            self.parts.append(np.asarray(part, dtype=self.dtype).reshape(-1))
+
+    def close(self) -> gs.Constant:
+        if self.slot is not None:
+            return gs.Constant(self.name, values=FileValues(self.slot.close(), self.files))  # type: ignore[arg-type]
+        whole = np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
+        return make_constant(self.name, whole.reshape(self.shape), self.files)
 
 
 def set_opset(model: onnx.ModelProto, version: int) -> None:

@@ -87,8 +87,11 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
     if gate_up is None or down is None:
         return f"MoE '{moe.name}': expert weights are not constants"
-    fc1 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[3].name}.ort_fc1"), interleaved_fc1(gate_up), files)
-    fc2 = gu.make_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"), contrib_fc2(down), files)
+    experts = len(gate_up)  # each expert's layout made and written in turn: one in memory, not the stack
+    fc1 = gu.stacked_constant(gu.unique_name(graph, f"{moe.inputs[3].name}.ort_fc1"),
+                              (interleaved_fc1(w[None])[0] for w in gu.slabs(moe.inputs[3])), experts, files)
+    fc2 = gu.stacked_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"),
+                              (contrib_fc2(w[None])[0] for w in gu.slabs(moe.inputs[4])), experts, files)
     empty = gs.Variable.empty()
     node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize),
                    [moe.inputs[0], router.inputs[0], fc1, empty, fc2], list(moe.outputs), domain=MS_DOMAIN)

@@ -20,6 +20,8 @@ suffixes ``_quantized``, ``_scale``, ``_zero_point`` (ONNX Runtime's quantizatio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -52,13 +54,25 @@ def apply(graph: gs.Graph, reasons: list[str], files: WeightFiles | None, option
     return count
 
 
-def _constants(graph: gs.Graph, base: str, qz: quant.Quantized, files: WeightFiles | None) -> list[gs.Constant]:
-    """q, scale (and zero) as constants named after ``base``."""
-    out = [gu.make_constant(gu.unique_name(graph, f"{base}_quantized"), qz.q, files),
-           gu.make_constant(gu.unique_name(graph, f"{base}_scale"), qz.scale, files)]
-    if qz.zero is not None:
-        out.append(gu.make_constant(gu.unique_name(graph, f"{base}_zero_point"), qz.zero, files))
-    return out
+def _constants(graph: gs.Graph, base: str, w: np.ndarray, slabs: Iterable[np.ndarray], scheme: quant.Scheme,
+               files: WeightFiles | None) -> list[gs.Constant]:
+    """q, scale (and zero) of W ([in, out], or stacked experts [E, in, out]; only its shape and dtype
+    are used here) as constants named after ``base``: ``slabs`` gives W's [in, out] slabs in order,
+    each quantized a few rows at a time and every part written to the work file as it comes
+    (``quant.quantize_rows``), never all of W in memory."""
+    *lead, n_in, n_out = w.shape
+    nb = quant.blocks(n_in, scheme.block_size)
+    specs = [("_quantized", scheme.qdtype, (*lead, n_in, n_out)), ("_scale", w.dtype, (*lead, nb, n_out))]
+    if not scheme.symmetric:
+        specs.append(("_zero_point", quant.UINT4, (*lead, nb, n_out)))
+    writers = [gu.ConstantWriter(gu.unique_name(graph, f"{base}{suffix}"), dtype, tuple(shape), files)
+               for suffix, dtype, shape in specs]
+    for slab in slabs:
+        for part in quant.quantize_rows(slab, scheme):
+            for writer, values in zip(writers, (part.q, part.scale, part.zero), strict=False):
+                writer.write(values)
+        del slab  # unmapped before the next one is read
+    return [writer.close() for writer in writers]
 
 
 def _moe(graph: gs.Graph, node: gs.Node, files: WeightFiles | None, scheme: quant.Scheme) -> int:
@@ -67,7 +81,7 @@ def _moe(graph: gs.Graph, node: gs.Node, files: WeightFiles | None, scheme: quan
     stacks = [gu.const_array(t) for t in node.inputs[3:5]]
     if any(a is None or a.ndim != 3 for a in stacks):
         raise NoMatch("its gate_up / down inputs are not constant [E, in, out] weights")
-    parts = [_constants(graph, t.name, quant.quantize(a, scheme, axis=1), files)
+    parts = [_constants(graph, t.name, a, gu.slabs(t), scheme, files)  # one expert's slab at a time
              for t, a in zip(node.inputs[3:5], stacks, strict=True)]
     (gq, gs_, *gz), (dq, ds, *dz) = parts
     node.inputs[3] = gq
@@ -127,7 +141,7 @@ def _dense(graph: gs.Graph, node: gs.Node, files: WeightFiles | None, options: Q
         return 0
     key = (w.name, transposed)
     if key not in made:
-        made[key] = _constants(graph, w.name, quant.quantize(arr, options.scheme, axis=0), files)
+        made[key] = _constants(graph, w.name, arr, [arr], options.scheme, files)
     dq_out = gs.Variable(gu.unique_name(graph, f"{w.name}_dequantized"),
                          dtype=helper.np_dtype_to_tensor_dtype(arr.dtype), shape=list(arr.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", gu.unique_name(graph, f"{node.name}/DequantizeLinear"),

@@ -18,7 +18,17 @@ GB = 1 << 30
 
 
 def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    """Bytes this process may still use: MemAvailable from /proc/meminfo, or less when its memory
+    cgroup's limit leaves less (v2 ``memory.max``, v1 ``memory.limit_in_bytes``; the cgroup's page
+    cache counts as free, as the kernel reclaims it first). None where neither is known."""
+    free = _meminfo()
+    room = _cgroup_room()
+    if free is None or room is None:
+        return free if room is None else room
+    return min(free, room)
+
+
+def _meminfo() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -26,6 +36,38 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """limit - (usage - page cache) of this process's memory cgroup, or None (no limit, not Linux)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            found = _room(root / path.lstrip("/"), "memory.max", "memory.current", "file")
+        elif "memory" in controllers.split(","):  # v1
+            found = _room(root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes",
+                          "total_cache")
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    try:
+        raw = (folder / limit_file).read_text().strip()
+        if raw == "max" or int(raw) >= 1 << 60:  # unlimited
+            return None
+        usage = int((folder / usage_file).read_text())
+        stat = dict(ln.split() for ln in (folder / "memory.stat").read_text().splitlines() if ln.count(" ") == 1)
+        return max(0, int(raw) - (usage - int(stat.get(cache_key, 0))))
+    except (OSError, ValueError):
+        return None
 
 
 def weight_bytes(model_path: Path) -> int:

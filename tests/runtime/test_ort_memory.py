@@ -98,3 +98,17 @@ def test_fp16_on_cpu_counts_twice_its_file(tmp_path: Path, monkeypatch: pytest.M
     assert "computes fp16 weights in fp32" in str(err.value) and "--quantize int8" in str(err.value)
     monkeypatch.setattr(memory, "available_memory", lambda: None)  # unknown: allowed
     memory.require(model, "fp16", "cpu")
+
+
+@pytest.mark.parametrize(("limit_file", "usage_file", "cache_key"), [
+    ("memory.max", "memory.current", "file"), ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")])
+def test_cgroup_room_counts_page_cache_as_free(tmp_path: Path, limit_file: str, usage_file: str,
+                                               cache_key: str) -> None:
+    from mixport.runtime import memory
+
+    (tmp_path / limit_file).write_text(str(3 << 30))
+    (tmp_path / usage_file).write_text(str(2 << 30))
+    (tmp_path / "memory.stat").write_text(f"anon 1\n{cache_key} {1 << 30}\n")
+    assert memory._room(tmp_path, limit_file, usage_file, cache_key) == 2 << 30
+    (tmp_path / limit_file).write_text("max\n" if limit_file == "memory.max" else str(1 << 62))
+    assert memory._room(tmp_path, limit_file, usage_file, cache_key) is None  # no limit

@@ -116,9 +116,48 @@ def tensor_array(folder: Path, tensor: onnx.TensorProto) -> np.ndarray:
     where = Where(info["location"], int(info.get("offset", 0)), int(info["length"]))
     mapped = where.array(folder, tensor.data_type, list(tensor.dims))
     if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        return quant.unpack_int4(mapped, count, tensor.data_type == onnx.TensorProto.INT4).reshape(tensor.dims)
+        return Packed4(mapped, tuple(tensor.dims), tensor.data_type == onnx.TensorProto.INT4)
     return mapped
+
+
+class Packed4:
+    """An int4 / uint4 tensor left packed in its file: its shape and type without reading it, its
+    values (``np.asarray``) unpacked only when something computes with them; ``[e]`` and
+    ``[e, :, a:b]`` cut one expert (and columns) of a stacked one, unpacking just that expert. The
+    fast graph's builder reads QMoE experts' shapes only, so an int4 export is never unpacked whole
+    (at 32 layers of Mixtral-8x7B that would be 45 GB of int8 values)."""
+
+    def __init__(self, raw: np.ndarray, shape: tuple[int, ...], signed: bool,
+                 cut: tuple[int, slice] | None = None) -> None:
+        self.raw, self.signed, self.cut = raw, signed, cut
+        self.full = shape
+        self.shape = shape if cut is None else (shape[1], len(range(*cut[1].indices(shape[2]))))
+        self.dtype = quant.INT4 if signed else quant.UINT4
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    nbytes = size  # as ml_dtypes holds it: a byte per value
+
+    def __getitem__(self, key: Any) -> Packed4:
+        index, rows, cols = (key, slice(None), slice(None)) if not isinstance(key, tuple) else \
+            (key + (slice(None), slice(None)))[:3]
+        if self.cut is not None or len(self.full) != 3 or not isinstance(index, (int, np.integer)) \
+                or rows != slice(None):
+            raise TypeError(f"Packed4 cuts one expert and its columns, not {key!r}")
+        return Packed4(self.raw, self.full, self.signed, (int(index), cols))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if self.cut is None:
+            values = quant.unpack_int4(self.raw, self.size, self.signed).reshape(self.full)
+        else:
+            e, cols = self.cut
+            per = self.full[1] * self.full[2]
+            if per % 2:  # the expert starts inside a byte: unpack up to its end
+                values = quant.unpack_int4(self.raw, (e + 1) * per, self.signed)[e * per:]
+            else:
+                values = quant.unpack_int4(self.raw[e * per // 2:(e + 1) * per // 2], per, self.signed)
+            values = values.reshape(self.full[1:])[:, cols]
+        return values if dtype is None else values.astype(dtype)
 
 
 def _layer_count(weights: dict[str, np.ndarray]) -> int:

@@ -112,3 +112,24 @@ def test_cgroup_room_counts_page_cache_as_free(tmp_path: Path, limit_file: str, 
     assert memory._room(tmp_path, limit_file, usage_file, cache_key) == 2 << 30
     (tmp_path / limit_file).write_text("max\n" if limit_file == "memory.max" else str(1 << 62))
     assert memory._room(tmp_path, limit_file, usage_file, cache_key) is None  # no limit
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 4, 6)])  # odd experts start inside a byte
+@pytest.mark.parametrize("signed", [True, False])
+def test_packed4_cuts_and_unpacks_like_the_unpacked_stack(shape: tuple[int, int, int], signed: bool) -> None:
+    from mixport.runtime.ort_weights import Packed4
+
+    rng = np.random.default_rng(0)
+    v = rng.integers(-8 if signed else 0, 8 if signed else 16, shape).astype(quant.INT4 if signed else quant.UINT4)
+    packed = Packed4(quant.pack_int4(v), shape, signed)
+    assert packed.shape == shape and packed.dtype == v.dtype and packed.size == v.size
+    assert np.array_equal(np.asarray(packed).astype(np.int8), v.astype(np.int8))
+    for e in range(shape[0]):
+        for cols in (slice(None), slice(0, 3), slice(3, None)):
+            cut = packed[e, :, cols]
+            assert cut.shape == v[e, :, cols].shape and cut.dtype == v.dtype
+            assert np.array_equal(np.asarray(cut).astype(np.int8), v[e, :, cols].astype(np.int8))
+    joined = np.concatenate([packed[1, :, :3], packed[1, :, 3:]], axis=1)
+    assert np.array_equal(joined.astype(np.int8), v[1].astype(np.int8))
+    with pytest.raises(TypeError):
+        packed[0, 1:]  # only whole experts are cut

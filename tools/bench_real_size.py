@@ -9,7 +9,9 @@ One run, one report:
 2. export, per --formats: `mixport export CKPT -o OUT --no-check` with --dtype fp32|fp16, or --quantize
    int8|int4 (the export's default dtype, fp32, for what stays float: embedding, norms, routers, lm_head,
    scales; int8-fp16 / int4-fp16 add --dtype fp16). --no-check skips the export-time parity check, which
-   would run a PyTorch reference of the whole model. Under --export-limit (default 2G: issue 15's target).
+   would run a PyTorch reference of the whole model. Under --export-limit (default 2G: issue 15's target);
+   an export that limit kills is an "OOM" row, and is exported again under --retry-limit (default: none)
+   so that the steps below still run (--no-retry: they are skipped).
 3. fast graph: model.ort.onnx built as `mixport run` builds it on first use (its own step, so the runs
    below measure loading, not building).
 4. run, per --graphs: `mixport.runtime.load(OUT, graph=auto|portable)` in a fresh process (auto is what
@@ -20,13 +22,14 @@ One run, one report:
    GPU): time, peak memory, engine size, plugin layers.
 
 Each step runs in a child process in a memory cgroup of its own (tools/real_size_measure.py says what is
-measured, and what is used where no cgroup can be made); a step killed at its limit is an "OOM" row, and
-the other steps of that format are skipped. An export is deleted after its steps unless --keep. Disk per
-step: what it left (out GB) and the filesystem's peak use while it ran (disk GB). Exit 0 when every step
-succeeded or was stopped by a memory limit (a measurement), 1 when one failed otherwise.
+measured, and what is used where no cgroup can be made); a step killed at its limit is an "OOM" row.
+An export is deleted after its steps unless --keep. Disk per step: what it left (out) and the
+filesystem's peak use while it ran (disk). Exit 0 when every step succeeded or was stopped by a memory
+limit (a measurement), 1 when one failed otherwise.
 
 Usage: PYTHONPATH=. python tools/bench_real_size.py [--layers 2] [--seed 0] [--work DIR | --checkpoint DIR]
-       [--formats fp16,int8,int4] [--graphs auto,portable] [--export-limit 2G] [--run-limit none]
+       [--formats fp16,int8,int4] [--graphs auto,portable] [--export-limit 2G] [--retry-limit none]
+       [--no-retry] [--run-limit none]
        [--build-limit none] [--build-formats fp16] [--skip-build] [--keep] [--threads N] [--new-tokens 8]
        [--bench-tokens 16] [--timeout 3600] [--lock FILE] [--json FILE] [--tiny]
 Needs, at 2 layers: ~6.3 GB checkpoint + ~3x the largest export while it is written (fp16: ~19 GB);
@@ -94,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--graphs", type=names(GRAPHS), default=list(GRAPHS))
     ap.add_argument("--export-limit", type=size, default=size("2G"),
                     help="Memory limit of each export (none: no limit).")
+    ap.add_argument("--retry-limit", type=size, default=None,
+                    help="An export the export limit killed is exported again under this one (default: none), "
+                         "so the later steps still run; the table keeps both rows.")
+    ap.add_argument("--no-retry", action="store_true", help="Stop a format at an export the limit killed.")
     ap.add_argument("--run-limit", type=size, default=None, help="Memory limit of the fast-graph build and each run.")
     ap.add_argument("--build-limit", type=size, default=None, help="Memory limit of each engine build.")
     ap.add_argument("--build-formats", type=names(FORMATS), default=["fp16"])
@@ -194,17 +201,30 @@ def manifest(out: Path) -> dict[str, Any]:
 
 
 def export(b: Bench, src: Path, fmt: str, out: Path) -> bool:
-    """`mixport export` of one format under --export-limit (or a kept export reused); True when OUT is ready."""
+    """`mixport export` of one format under --export-limit, retried under --retry-limit when the limit
+    killed it (unless --no-retry), or a kept export reused; True when OUT is ready."""
     if (out / "manifest.json").is_file():
         b.add(Row(f"export {fmt}", "export", fmt, status="reused", out_bytes=du(out),
                   notes=f"{manifest(out)['dtype']}; kept by --keep (delete it to measure the export)"))
         return True
     argv = ["export", str(src), "-o", str(out), "--no-check", *FORMATS[fmt]]
-    m = b.step("cli", {"argv": argv}, f"export-{fmt}", b.args.export_limit)
-    ok = m.status == "ok"
-    notes = f"dtype {manifest(out)['dtype']}; {' '.join(argv[4:])}" if ok else ""
-    b.add(Row(f"export {fmt}", "export", fmt, m=m, out_bytes=du(out) if ok else None, notes=notes))
-    return ok
+    tries = [(f"export {fmt}", b.args.export_limit)]
+    if not b.args.no_retry and b.args.export_limit is not None:
+        tries.append((f"export {fmt} retry", b.args.retry_limit))
+    for step, limit in tries:
+        m = b.step("cli", {"argv": argv}, step.replace(" ", "-"), limit)
+        ok = m.status == "ok"
+        notes = f"dtype {manifest(out)['dtype']}; {' '.join(argv[4:])}" if ok else ""
+        if m.status == "OOM" and step == tries[0][0] and len(tries) > 1:
+            notes = f"{last_line(Path(m.log))} -> retried under {limit_words(b.args.retry_limit)}"
+        b.add(Row(step, "export", fmt, m=m, out_bytes=du(out) if ok else None, notes=notes))
+        if m.status != "OOM":
+            break
+    return m.status == "ok"
+
+
+def limit_words(limit: int | None) -> str:
+    return f"{limit / GB:.1f} GiB" if limit else "no limit"
 
 
 def fast_graph(b: Bench, fmt: str, out: Path) -> None:
@@ -251,6 +271,8 @@ def one_format(b: Bench, src: Path, fmt: str) -> None:
             build(b, fmt, out)
     if not b.args.keep and out.exists():
         shutil.rmtree(out)
+    for left in b.work.glob(f".{out.name}.tmp-*"):  # the staging folder of an export killed at its limit
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def header(b: Bench, src: Path | None, free0: int) -> list[str]:
@@ -264,8 +286,7 @@ def header(b: Bench, src: Path | None, free0: int) -> list[str]:
             f"{dims['num_experts_per_tok']}, vocab {dims['vocab_size']}), bf16 checkpoint {src}",
             f"machine: {os.cpu_count()} CPUs, {int(mem) / (1 << 20):.1f} GB RAM, load avg {os.getloadavg()[0]:.1f}, "
             f"{free0 / GB:.1f} GB free in {b.work} at the start; threads {args.threads or 'default'}",
-            f"memory measure: {'; '.join(measures) or '-'}; export limit "
-            f"{f'{args.export_limit / GB:.1f} GB' if args.export_limit else 'none'}"]
+            f"memory measure: {'; '.join(measures) or '-'}; export limit {limit_words(args.export_limit)}"]
 
 
 def main(argv: list[str] | None = None) -> int:

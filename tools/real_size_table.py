@@ -59,8 +59,8 @@ def _mb(value: float) -> str:
 
 
 def steps_table(rows: list[Row]) -> list[str]:
-    head = (f"{'step':<24} {'status':<12} {'wall s':>7} {'limit':>6} {'peak MB':>8} {'anon MB':>8} "
-            f"{'VmHWM MB':>9} {'out GB':>7} {'disk GB':>8}  notes")
+    head = (f"{'step':<24} {'status':<12} {'wall s':>7} {'limit':>6} {'peak MiB':>8} {'anon MiB':>8} "
+            f"{'VmHWM MiB':>9} {'out GiB':>7} {'disk GiB':>8}  notes")
     lines = [head]
     for r in rows:
         m = r.m or Measured()
@@ -73,8 +73,8 @@ def steps_table(rows: list[Row]) -> list[str]:
 
 
 def runs_table(rows: list[Row]) -> list[str]:
-    head = (f"{'export':<9} {'asked':<8} {'ran':<8} {'load s':>7} {'base MB':>8} {'RSS MB':>8} {'anon MB':>8} "
-            f"{'file MB':>8} {'weights MB':>10} {'RSS/w':>6} {'(RSS-base)/w':>12} {'gen RSS':>8} {'VmHWM':>8} "
+    head = (f"{'export':<9} {'asked':<8} {'ran':<8} {'load s':>7} {'base MiB':>8} {'RSS MiB':>8} {'anon MiB':>8} "
+            f"{'file MiB':>8} {'weights MiB':>11} {'RSS/w':>6} {'(RSS-base)/w':>12} {'gen RSS':>8} {'VmHWM':>8} "
             f"{'tokens':>6} {'tok/s':>7}")
     lines = [head]
     for r in rows:
@@ -85,23 +85,26 @@ def runs_table(rows: list[Row]) -> list[str]:
             lines.append(f"{r.fmt:<9} {r.step.rsplit(' ', 1)[-1]:<8} {r.state}")
             continue
         lines.append(f"{r.fmt:<9} {n['asked']:<8} {n['ran']:<8} {n['load_s']:>7.1f} {n['base_mb']:>8.0f} "
-                     f"{n['rss_mb']:>8.0f} {n['anon_mb']:>8.0f} {n['file_mb']:>8.0f} {_mb(n['weights_mb']):>10} "
+                     f"{n['rss_mb']:>8.0f} {n['anon_mb']:>8.0f} {n['file_mb']:>8.0f} {_mb(n['weights_mb']):>11} "
                      f"{n['rss_per_weight']:>6.2f} {n['net_per_weight']:>12.2f} {n['gen_rss_mb']:>8.0f} "
                      f"{n['hwm_mb']:>8.0f} {n['tokens']:>6} {n['decode_tok_s']:>7.2f}")
     return lines
 
 
 LEGEND = """\
-peak MB: the step's cgroup peak (memory.max_usage_in_bytes: the pages first charged to it, anonymous
-  AND page cache, e.g. files it wrote or first read; shared libraries already cached elsewhere are not)
-  when it ran in a cgroup, else its VmHWM; its limit applies to the same count; anon MB: the cgroup's anonymous memory,
-  sampled every 0.2 s; VmHWM: the process's own peak RSS (for a killed child: ru_maxrss, which includes
-  the parent's RSS at fork). OOM = killed by the cgroup's limit. out GB: what the step left on disk;
-  disk GB: the filesystem's peak use during the step (statvfs; other jobs' writes count too).
-runs: base = RSS after importing everything, before load; RSS = VmRSS after load (anon + file-backed);
-  weights = bytes of the initializers of the graph the session loads (model.onnx(+.data), or
-  model.ort.onnx and what it points at, plus what it makes at load); gen RSS: after generating;
-  VmHWM: the run's peak; tokens: greedy tokens generated; tok/s: decode after a short prompt."""
+Memory in MiB (2^20 bytes), disk in GiB.
+peak: the step's cgroup peak when it ran in one (memory.max_usage_in_bytes: the pages first charged to
+  it, anonymous AND page cache, e.g. files it wrote or first read; shared libraries already cached by
+  others are not; its limit counts the same), else its VmHWM. OOM: killed by that limit.
+anon: the cgroup's anonymous memory, sampled every 0.2 s. VmHWM: the process's own peak RSS (for a
+  killed child: ru_maxrss, which includes the parent's RSS at fork).
+out: what the step left on disk; disk: the filesystem's peak use during the step (statvfs: other
+  jobs' writes count too).
+runs: base = RSS after importing everything, before load (the fixed overhead); RSS = VmRSS after
+  load (anon + file-backed); weights = bytes of the initializers of the graph the session loads
+  (model.onnx(+.data), or model.ort.onnx and the bytes it points at, plus what it makes at load);
+  gen RSS: after generating; VmHWM: the run's peak; tokens: greedy tokens generated; tok/s: decode
+  after a short prompt."""
 
 
 def format_report(header: list[str], rows: list[Row]) -> str:

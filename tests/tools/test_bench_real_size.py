@@ -146,25 +146,29 @@ def fp16_weights(layers: int) -> int:
 
 @pytest.mark.slow
 def test_real_size_one_layer_smoke(tmp_path: Path) -> None:
-    """`--layers 1` at Mixtral-8x7B's real dimensions, fp16: the export under 2 GB succeeded or is reported
-    as OOM at the limit; when it succeeded, both runs generated 8 tokens over ~3.4 GB of fp16 weights."""
+    """`--layers 1` at Mixtral-8x7B's real dimensions, fp16: the export under 2 GiB succeeded, or is an
+    OOM row at that limit followed by a retry without one; both runs generated 8 tokens over the ~3.4 GB
+    of fp16 weights, with their memory measured."""
     work = Path(os.environ.get("MIXPORT_REAL_SIZE_WORK", tmp_path))
     lock = os.environ.get("MIXPORT_REAL_SIZE_LOCK")
     out = tmp_path / "r.json"
     args = ["--layers", "1", "--formats", "fp16", "--skip-build", "--work", str(work), "--json", str(out)]
     res, data = bench(args + (["--lock", lock] if lock else []), 3600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = {r["step"]: r for r in data["rows"]}
-    assert rows["checkpoint"]["state"] in ("ok", "reused") and rows["checkpoint"]["out_bytes"] > 3.4e9
+    weights = fp16_weights(1)
+    assert rows["checkpoint"]["state"] in ("ok", "reused") and rows["checkpoint"]["out_bytes"] > weights
     export = rows["export fp16"]
-    if export["state"] == "OOM":
-        assert res.returncode == 0 and export["m"]["limit_bytes"] == 2 << 30
-        assert export["m"]["cgroup_peak_bytes"] >= 0.9 * (2 << 30) and "OOM" in res.stdout
-        assert list(rows) == ["checkpoint", "export fp16"]
-        return
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert export["state"] == "ok" and export["out_bytes"] == pytest.approx(fp16_weights(1), rel=0.01)
-    assert export["m"]["vmhwm_bytes"] > 0 and export["m"]["wall_s"] > 0
-    auto = check_run(rows["run fp16 auto"], 8, fp16_weights(1))
-    portable = check_run(rows["run fp16 portable"], 8, fp16_weights(1))
-    assert portable["ran"] == "portable" and auto["ran"] == "fast"
-    assert portable["rss_mb"] > 0.5 * fp16_weights(1) / MB  # the weights are resident, not just mapped lazily
+    assert export["state"] in ("ok", "OOM") and export["m"]["limit_bytes"] == 2 << 30
+    if export["state"] == "OOM":  # the 2 GiB target not met yet: measured, then exported without a limit
+        assert export["m"]["cgroup_peak_bytes"] >= 0.9 * (2 << 30) and "retried under no limit" in export["notes"]
+        assert any(ln.split()[:3] == ["export", "fp16", "OOM"] for ln in res.stdout.splitlines())
+        export = rows["export fp16 retry"]
+    assert export["state"] == "ok" and export["out_bytes"] == pytest.approx(weights, rel=0.01)
+    assert export["m"]["vmhwm_bytes"] > 0 and export["m"]["wall_s"] > 0 and export["m"]["disk_peak_bytes"] > 0
+    assert rows["fast graph fp16"]["state"] == "ok"
+    auto = check_run(rows["run fp16 auto"], 8, weights)
+    portable = check_run(rows["run fp16 portable"], 8, weights)
+    assert auto["ran"] == "fast" and portable["ran"] == "portable"
+    assert min(auto["rss_mb"], portable["rss_mb"]) > 0.5 * weights / MB  # the weights are resident, not merely mapped
+    assert not list(work.glob("export-*")) and not list(work.glob(".export-*"))  # deleted after their steps

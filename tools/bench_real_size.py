@@ -123,7 +123,8 @@ class Bench:
     """The state of one run: arguments, work folder, rows so far."""
 
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
-        self.args, self.work, self.rows = args, work, []  # type: list[Row]
+        self.args, self.work = args, work
+        self.rows: list[Row] = []
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -149,7 +150,8 @@ class Bench:
 
     def add(self, row: Row) -> Row:
         if row.m and row.m.status != "ok" and not row.notes:
-            row.notes = last_line(Path(row.m.log))
+            killed = f"killed at its {row.m.limit_bytes / GB:.1f} GiB limit" if row.m.status == "OOM" else ""
+            row.notes = "; ".join(filter(None, (killed, last_line(Path(row.m.log)))))
         self.rows.append(row)
         return row
 
@@ -229,8 +231,11 @@ def limit_words(limit: int | None) -> str:
 
 def fast_graph(b: Bench, fmt: str, out: Path) -> None:
     m = b.step("fastgraph", {"folder": str(out)}, f"fastgraph-{fmt}", b.args.run_limit)
-    notes = f"{', '.join(m.result['files'])}" if m.status == "ok" else ""
-    b.add(Row(f"fast graph {fmt}", "fastgraph", fmt, m=m, out_bytes=m.result.get("bytes"), notes=notes))
+    row = b.add(Row(f"fast graph {fmt}", "fastgraph", fmt, m=m, out_bytes=m.result.get("bytes")))
+    if m.status == "ok":
+        row.notes = ", ".join(m.result["files"])
+    else:
+        row.notes += " (the auto run tries again: its load time includes the build)"
 
 
 def runs(b: Bench, fmt: str, out: Path) -> None:
@@ -248,7 +253,7 @@ def runs(b: Bench, fmt: str, out: Path) -> None:
             ran_auto = row.run["ran"] if asked == "auto" else ran_auto
             made = row.run["made_at_load_mb"]
             row.notes = (f"ran {row.run['ran']}; weights in {', '.join(row.run['weights_files'])}"
-                         + (f" + {made:.0f} MB made at load" if made else ""))
+                         + (f" + {made:.0f} MiB made at load" if made else ""))
 
 
 def build(b: Bench, fmt: str, out: Path) -> None:
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if temp and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     head = header(b, src, free0)
-    print(format_report(head, b.rows))
+    print(format_report(head, b.rows, args.export_limit))
     if args.json:
         args.json.write_text(json.dumps({"header": head, "work": str(work), "layers": args.layers,
                                          "formats": args.formats, "rows": [r.to_dict() for r in b.rows]}, indent=2))

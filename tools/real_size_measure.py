@@ -171,7 +171,8 @@ def run_child(step: str, spec: dict[str, Any], log: Path, name: str, limit: int 
                  measure=f"cgroup {group.version} peak (RSS + page cache)" if group else f"VmHWM only ({why})")
     result = log.with_suffix(".result.json")
     result.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHILD.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    path = [str(CHILD.parent.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # mixport from this tool's tree
     free0 = least = _free(disk)
     anon = 0
     t0 = time.perf_counter()

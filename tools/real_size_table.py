@@ -82,7 +82,7 @@ def runs_table(rows: list[Row]) -> list[str]:
             continue
         n = r.run
         if not n:
-            lines.append(f"{r.fmt:<9} {r.step.rsplit(' ', 1)[-1]:<8} {r.state}")
+            lines.append(f"{r.fmt:<9} {r.step.rsplit(' ', 1)[-1]:<8} {r.state}  ({r.notes})")
             continue
         lines.append(f"{r.fmt:<9} {n['asked']:<8} {n['ran']:<8} {n['load_s']:>7.1f} {n['base_mb']:>8.0f} "
                      f"{n['rss_mb']:>8.0f} {n['anon_mb']:>8.0f} {n['file_mb']:>8.0f} {_mb(n['weights_mb']):>11} "
@@ -107,8 +107,33 @@ runs: base = RSS after importing everything, before load (the fixed overhead); R
   after a short prompt."""
 
 
-def format_report(header: list[str], rows: list[Row]) -> str:
+NET_TARGET = 1.15  # issue 15: a session's RSS <= ~1.15 x its weights + the fixed overhead
+
+
+def targets(rows: list[Row], export_limit: int | None) -> list[str]:
+    """Issue 15's two memory targets, per format / run: met, not met (with the number), or why unknown."""
+    exports = [r for r in rows if r.kind == "export" and not r.step.endswith("retry")]
+    words = []
+    for r in exports:
+        if export_limit is None or not r.m:
+            words.append(f"{r.fmt} n/a ({r.state}, no limit)")
+        else:
+            words.append(f"{r.fmt} {'yes' if r.state == 'ok' else 'no'} ({r.state})")
+    runs = []
+    for r in rows:
+        if r.kind == "run" and r.run:
+            ok = r.run["net_per_weight"] <= NET_TARGET
+            runs.append(f"{r.fmt} {r.run['asked']}->{r.run['ran']} {'yes' if ok else 'no'} "
+                        f"({r.run['net_per_weight']:.2f})")
+        elif r.kind == "run":
+            runs.append(f"{r.fmt} {r.step.rsplit(' ', 1)[-1]} {'no' if r.state == 'OOM' else '?'} ({r.state})")
+    limit = f"{export_limit / GB:.1f} GiB" if export_limit else "a limit"
+    return [f"issue 15 targets: export inside {limit}: {', '.join(words) or '-'}",
+            f"  (RSS - base) <= {NET_TARGET} x weights after load: {', '.join(runs) or '-'}"]
+
+
+def format_report(header: list[str], rows: list[Row], export_limit: int | None = None) -> str:
     lines = [*header, "", *steps_table(rows)]
     if any(r.kind == "run" for r in rows):
         lines += ["", *runs_table(rows)]
-    return "\n".join([*lines, "", LEGEND])
+    return "\n".join([*lines, "", *targets(rows, export_limit), "", LEGEND])

@@ -76,22 +76,51 @@ def weight_bytes(model_path: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def resident_bytes(model_path: Path, dtype: str, device: str) -> int:
-    """What the weights of ``model_path`` take once ONNX Runtime has loaded them on ``device``."""
+def resident_bytes(model_path: Path, dtype: str, device: str, dequantized: bool = False) -> int:
+    """What the weights of ``model_path`` take once ONNX Runtime has loaded them on ``device``;
+    ``dequantized``: its quantized weights are folded to fp32 at load (the portable session of a
+    quantized folder), which peaks at ``FOLD_PEAK`` times their fp32 bytes."""
     size = weight_bytes(model_path)
+    if dequantized:
+        return int(FOLD_PEAK * _dequantized_bytes(model_path))
     return 2 * size if dtype == "fp16" and device == "cpu" else size
 
 
-def require(model_path: Path, dtype: str, device: str) -> None:
+# the portable session of a quantized folder: ONNX Runtime's constant folding of the per-expert
+# DequantizeLinear peaks at ~1.7x the fp32 weights it leaves (1-layer Mixtral-8x7B int4: 6.1 GB after
+# load, 10.4 GB VmHWM; tools/bench_real_size.py)
+FOLD_PEAK = 1.7
+
+
+def _dequantized_bytes(model_path: Path) -> int:
+    """The bytes of ``model_path``'s weights with every int8 / int4 tensor as fp32."""
+    from onnx import TensorProto, helper
+
+    from mixport.runtime import onnx_locate
+
+    total = 0
+    for t in onnx_locate.skeleton(Path(model_path)).graph.initializer:
+        count = 1
+        for d in t.dims:
+            count *= d
+        quantized = t.data_type in (TensorProto.INT8, TensorProto.INT4, TensorProto.UINT4)
+        total += count * (4 if quantized else helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    return total
+
+
+def require(model_path: Path, dtype: str, device: str, dequantized: bool = False) -> None:
     """Refuse a load whose weights would not fit in the memory available (unknown: allowed)."""
-    need, free = resident_bytes(model_path, dtype, device), available_memory()
+    need, free = resident_bytes(model_path, dtype, device, dequantized), available_memory()
     if free is None or need <= free:
         return
     why = " (ONNX Runtime's CPU provider computes fp16 weights in fp32: twice the file)" \
         if dtype == "fp16" and device == "cpu" else ""
+    if dequantized:
+        why = " (the portable graph dequantizes the quantized weights to fp32 when it loads)"
     raise RuntimeFailure(f"the weights do not fit in the memory available{why}",
                          given=f"{Path(model_path).parent}: {need / GB:.1f} GB to load, {free / GB:.1f} GB available",
                          expected="weights that fit in memory",
-                         hint="export with --quantize int8 / int4 (or fp32, which loads at its file size) for CPU, "
+                         hint="run the default graph (not --graph portable): it keeps them quantized" if dequantized
+                         else "export with --quantize int8 / int4 (or fp32, which loads at its file size) for CPU, "
                               "or run fp16 on a GPU" if dtype == "fp16" else
                          "export with --quantize int8 / int4, or use a machine with more memory")

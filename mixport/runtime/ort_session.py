@@ -160,7 +160,8 @@ class OrtSession:
                                  hint="export with --dtype fp32/fp16, or run bf16 with TensorRT / --device cuda")
         from mixport.runtime import memory, ort_mapped
 
-        memory.require(model_path, manifest.dtype, device)  # one line, before anything is loaded
+        folds = DISABLE_QDQ in portable_config(manifest, accuracy_level)  # dequantizes to fp32 at load
+        memory.require(model_path, manifest.dtype, device, dequantized=folds)  # one line, before loading
         mapped = ort_mapped.mapped(model_path)  # expert slabs read in place, not folded into copies
         self.slabs_mapped = mapped.slabs if mapped else 0
         self.sess = open_session(model_path, device, threads, portable_config(manifest, accuracy_level),

@@ -133,3 +133,18 @@ def test_packed4_cuts_and_unpacks_like_the_unpacked_stack(shape: tuple[int, int,
     assert np.array_equal(joined.astype(np.int8), v[1].astype(np.int8))
     with pytest.raises(TypeError):
         packed[0, 1:]  # only whole experts are cut
+
+
+def test_dequantized_portable_load_counts_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixport.errors import RuntimeFailure
+    from mixport.runtime import memory
+
+    path = _model(tmp_path, external=True)  # 96 KB fp32 stack + 8192 int4 values + 2 KB scale
+    fp32 = 3 * 64 * 128 * 4 + 2 * 64 * 128 * 4 + 2 * 2 * 128 * 4
+    assert memory._dequantized_bytes(path) == fp32
+    assert memory.resident_bytes(path, "fp32", "cpu", dequantized=True) == int(memory.FOLD_PEAK * fp32)
+    monkeypatch.setattr(memory, "available_memory", lambda: fp32)
+    memory.require(path, "fp32", "cpu")  # the file fits
+    with pytest.raises(RuntimeFailure) as err:
+        memory.require(path, "fp32", "cpu", dequantized=True)
+    assert "dequantizes the quantized weights to fp32" in str(err.value) and "default graph" in str(err.value)

@@ -146,29 +146,25 @@ def fp16_weights(layers: int) -> int:
 
 @pytest.mark.slow
 def test_real_size_one_layer_smoke(tmp_path: Path) -> None:
-    """`--layers 1` at Mixtral-8x7B's real dimensions, fp16: the export under 2 GiB succeeded, or is an
-    OOM row at that limit followed by a retry without one; both runs generated 8 tokens over the ~3.4 GB
-    of fp16 weights, with their memory measured."""
+    """`--layers 1` at Mixtral-8x7B's real dimensions, int4 experts over fp16: the export ran inside the
+    issue's 2 GiB limit, and `mixport run`'s default path generated 8 tokens holding at most 1.15x the
+    weights it uses above the process's fixed size (the issue's targets, measured; ~2-3 min)."""
     work = Path(os.environ.get("MIXPORT_REAL_SIZE_WORK", tmp_path))
     lock = os.environ.get("MIXPORT_REAL_SIZE_LOCK")
     out = tmp_path / "r.json"
-    args = ["--layers", "1", "--formats", "fp16", "--skip-build", "--work", str(work), "--json", str(out)]
+    args = ["--layers", "1", "--formats", "int4-fp16", "--graphs", "auto", "--skip-build", "--no-retry",
+            "--work", str(work), "--json", str(out)]
     res, data = bench(args + (["--lock", lock] if lock else []), 3600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = {r["step"]: r for r in data["rows"]}
-    weights = fp16_weights(1)
-    assert rows["checkpoint"]["state"] in ("ok", "reused") and rows["checkpoint"]["out_bytes"] > weights
-    export = rows["export fp16"]
-    assert export["state"] in ("ok", "OOM") and export["m"]["limit_bytes"] == 2 << 30
-    if export["state"] == "OOM":  # the 2 GiB target not met yet: measured, then exported without a limit
-        assert export["m"]["cgroup_peak_bytes"] >= 0.9 * (2 << 30) and "retried under no limit" in export["notes"]
-        assert any(ln.split()[:3] == ["export", "fp16", "OOM"] for ln in res.stdout.splitlines())
-        export = rows["export fp16 retry"]
-    assert export["state"] == "ok" and export["out_bytes"] == pytest.approx(weights, rel=0.01)
+    fp16 = fp16_weights(1)
+    assert rows["checkpoint"]["state"] in ("ok", "reused") and rows["checkpoint"]["out_bytes"] > fp16
+    export = rows["export int4-fp16"]
+    assert export["state"] == "ok" and export["m"]["limit_bytes"] == 2 << 30, export  # inside 2 GiB
+    assert 0.25 * fp16 < export["out_bytes"] < 0.4 * fp16  # int4 experts and attention, fp16 embeddings
     assert export["m"]["vmhwm_bytes"] > 0 and export["m"]["wall_s"] > 0 and export["m"]["disk_peak_bytes"] > 0
-    assert rows["fast graph fp16"]["state"] == "ok"
-    auto = check_run(rows["run fp16 auto"], 8, weights)
-    portable = check_run(rows["run fp16 portable"], 8, weights)
-    assert auto["ran"] == "fast" and portable["ran"] == "portable"
-    assert min(auto["rss_mb"], portable["rss_mb"]) > 0.5 * weights / MB  # the weights are resident, not merely mapped
+    assert rows["fast graph int4-fp16"]["state"] == "ok"
+    run = check_run(rows["run int4-fp16 auto"], 8)
+    assert run["ran"] == "fast" and run["weights_mb"] * MB == pytest.approx(export["out_bytes"], rel=0.05)
+    assert 0.5 < run["net_per_weight"] <= 1.15, run  # resident, not merely mapped; no second copy
     assert not list(work.glob("export-*")) and not list(work.glob(".export-*"))  # deleted after their steps

@@ -103,6 +103,11 @@ FIELDS: dict[str, Field] = {
     "clip_qkv": Field("float", nullable=True),
     "attention_scale": Field("float", nullable=True),
     "sliding_layers": Field("layers", nullable=True),
+    "kv_lora_rank": Field("int", low=0, high=MAX_HIDDEN),
+    "q_lora_rank": Field("int", low=0, high=MAX_HIDDEN),
+    "qk_nope_head_dim": Field("int", low=0, high=MAX_HEAD_DIM),
+    "v_head_dim": Field("int", low=0, high=MAX_HEAD_DIM),
+    "rope_layout": Field("str", choices=("half", "pairs", "pairs_to_half")),
     "shared_expert_intermediate_size": Field("int", low=0, high=MAX_INTERMEDIATE),
     "shared_expert_gate": Field("bool"),
     "dense_layers": Field("layers"),
@@ -116,6 +121,18 @@ MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim",  # no default
                   "rms_norm_eps", "rope_theta", "max_position_embeddings")  # read by the runtimes as they are
 #   a manifest's config must hold these; the others may be absent (added later, with a neutral default)
+
+
+def cache_dims(config: Mapping[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, width) of each layer's cached key and value tensors ``[batch, heads, past, width]`` for a
+    config (a MoEConfig's fields or a manifest's config). Standard attention caches its kv heads:
+    (num_key_value_heads, head_dim) twice. MLA (kv_lora_rank > 0) caches what transformers' DeepSeek
+    models cache: the RMS-normed compressed kv as the key, (1, kv_lora_rank), and the roped key part
+    every head shares as the value, (1, head_dim)."""
+    if config.get("kv_lora_rank"):
+        return (1, int(config["kv_lora_rank"])), (1, int(config["head_dim"]))
+    kv = (int(config["num_key_value_heads"]), int(config["head_dim"]))
+    return kv, kv
 
 
 def held(name: str, value: Any) -> Any:
@@ -182,6 +199,7 @@ def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem
     if v.get("dense_layers") and v.get("dense_intermediate_size") == 0:
         yield Problem(key("dense_intermediate_size"), "must be > 0 when some layers are dense MLPs", "0",
                       "the dense MLP's intermediate size")
+    yield from _mla(v, key)
     vocab = v.get("vocab_size")
     for name in TOKEN_IDS:
         ids = v.get(name)
@@ -189,3 +207,21 @@ def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem
             if _is_int(vocab) and _is_int(i) and i >= vocab:
                 yield Problem(key(name), "is outside the vocabulary", f"{i} (vocab_size {vocab})",
                               f"a token id in [0, {vocab})")
+
+
+def _mla(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
+    """MLA's fields go together: a value width, one kv head per query head, and no other attention's switches."""
+    if not (_is_int(v.get("kv_lora_rank")) and v["kv_lora_rank"] > 0):
+        for name in ("q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if _is_int(v.get(name)) and v[name]:
+                yield Problem(key(name), "is set without MLA", str(v[name]),
+                              f"0 unless '{key('kv_lora_rank')}' > 0 (multi-head latent attention)")
+        if v.get("rope_layout", "half") != "half":
+            yield Problem(key("rope_layout"), "is set without MLA", shown(v["rope_layout"]), '"half"')
+        return
+    if v.get("v_head_dim") == 0:
+        yield Problem(key("v_head_dim"), "must be > 0 with MLA", "0", "each value head's width")
+    heads, kv = v.get("num_attention_heads"), v.get("num_key_value_heads")
+    if _is_int(heads) and _is_int(kv) and heads != kv:
+        yield Problem(key("num_key_value_heads"), "must equal the attention heads with MLA", f"{kv} (heads {heads})",
+                      "num_key_value_heads = num_attention_heads (each head expands its own k and v)")

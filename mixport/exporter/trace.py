@@ -56,8 +56,9 @@ def _example(model: DecoderModel) -> tuple[tuple, dict]:
     ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0)).to(dev)
     mask = torch.ones(b, p + s, dtype=torch.int64, device=dev)
     pos = torch.arange(p, p + s, device=dev)[None].expand(b, s).contiguous()
-    past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype, device=dev)
-            for _ in range(2 * cfg.num_hidden_layers)]
+    (kh, kw), (vh, vw) = cfg.cache_dims()  # MLA: k and v differ
+    past = [torch.zeros(b, *((kh, p, kw) if j == 0 else (vh, p, vw)), dtype=dtype, device=dev)
+            for _ in range(cfg.num_hidden_layers) for j in (0, 1)]
     B, S, P, T = (torch.export.Dim(n, max=1 << 20) for n in ("batch", "seq", "past", "total"))
     dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: T},
            "position_ids": {0: B, 1: S}, "past": [{0: B, 2: P}] * len(past)}

@@ -295,5 +295,6 @@ class DecoderModel(nn.Module):
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         cfg = self.cfg
         dtype = dtype or self.lm_head.weight.dtype
-        shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
-        return [torch.zeros(shape, dtype=dtype) for _ in range(2 * cfg.num_hidden_layers)]
+        (kh, kw), (vh, vw) = cfg.cache_dims()  # MLA: k and v differ
+        return [torch.zeros((batch, kh, 0, kw) if j == 0 else (batch, vh, 0, vw), dtype=dtype)
+                for _ in range(cfg.num_hidden_layers) for j in (0, 1)]

@@ -47,6 +47,14 @@ class MoEConfig:
     clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] after the norms (OLMoE)
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
     sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all (when it is set)
+    # MLA, multi-head latent attention (DeepSeek-V2/V3; models/mla.py): on when kv_lora_rank > 0. head_dim is
+    # then the RoPE part of each q/k head (qk_rope_head_dim), as transformers' DeepSeek configs set it
+    kv_lora_rank: int = 0  # the compressed kv width (cached, RMS-normed); 0: standard attention
+    q_lora_rank: int = 0  # the compressed q width (q_a_proj -> norm -> q_b_proj); 0: a plain q_proj
+    qk_nope_head_dim: int = 0  # each q/k head's width without RoPE
+    v_head_dim: int = 0  # each value head's width
+    rope_layout: str = "half"  # rotated dims: "half" (rotate_half) | "pairs" (interleaved pairs, kept so:
+    #                            DeepSeek-V2) | "pairs_to_half" (pairs in, halves out: DeepSeek-V3 rope_interleave)
     # -- feed-forward ---------------------------------------------------------------------------
     shared_expert_intermediate_size: int = 0  # one shared SwiGLU expert on every token; 0: none
     shared_expert_gate: bool = False  # the shared expert is scaled by sigmoid(x @ gate) (Qwen2-MoE)
@@ -65,6 +73,18 @@ class MoEConfig:
     def scale(self) -> float:
         """The attention softmax scale."""
         return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek) instead of grouped-query attention."""
+        return self.kv_lora_rank > 0
+
+    def cache_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of each layer's cached key and value tensors (``config_fields.cache_dims``)."""
+        from mixport.config_fields import cache_dims
+
+        return cache_dims({"num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+                           "kv_lora_rank": self.kv_lora_rank})
 
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` routes to experts (else it has a dense MLP)."""

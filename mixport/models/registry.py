@@ -8,6 +8,8 @@ from typing import Any
 from mixport.errors import ConfigError
 from mixport.models.adapter import Adapter
 from mixport.models.config import DEFAULT_MODEL_TYPE
+from mixport.models.deepseek_v2 import DeepseekV2
+from mixport.models.deepseek_v3 import DeepseekV3
 from mixport.models.granitemoe import GraniteMoe, GraniteMoeShared
 from mixport.models.mixtral import Mixtral
 from mixport.models.olmoe import Olmoe
@@ -22,6 +24,8 @@ ADAPTERS: tuple[Adapter, ...] = (
     Olmoe(),
     GraniteMoe(),
     GraniteMoeShared(),
+    DeepseekV2(),
+    DeepseekV3(),
 )
 
 

@@ -1,0 +1,138 @@
+"""DeepSeek-V2 and V2-Lite (DeepseekV2ForCausalLM), as transformers' deepseek_v2 modeling file computes it.
+
+Attention is MLA (``models/mla.py``): ``kv_lora_rank``, ``q_lora_rank`` (null in V2-Lite: a plain q_proj),
+``qk_nope_head_dim`` + ``qk_rope_head_dim`` (mixport's head_dim, as transformers sets it), ``v_head_dim``;
+RoPE turns interleaved pairs and keeps them interleaved (its complex product). ``attention_bias``: biases
+on q_a_proj, kv_a_proj_with_mqa and o_proj. The KV cache holds the normed latent and the roped key.
+Feed-forward: the first ``first_k_dense_replace`` layers are dense SwiGLU MLPs (``intermediate_size``);
+the others route to ``n_routed_experts`` experts (``moe_intermediate_size``) and add ``n_shared_experts``
+ungated shared experts as one MLP ``mlp.shared_experts`` of width moe_intermediate_size * n_shared_experts.
+Routing: softmax over fp32 logits, ``topk_method`` greedy (top-k) or group_limited_greedy (experts of the
+``topk_group`` best of ``n_group`` groups, a group scored by its best expert), no renormalisation
+(transformers' V2 ignores ``norm_topk_prob``), weights x ``routed_scaling_factor``.
+Names: ``mlp.gate`` (router), ``mlp.experts.{e}.gate_proj`` ... (hub) or stacked ``mlp.experts.gate_up_proj``
+/ ``down_proj`` (transformers 5), ``mlp.shared_experts.*``, a dense layer's ``mlp.gate_proj`` ....
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from mixport.config_fields import FIELDS, Field
+from mixport.errors import ConfigError
+from mixport.models.adapter import Adapter, read, refuse_window, rope_theta
+from mixport.models.config import MoEConfig
+from mixport.typed_json import shown
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_V5_EXPERTS = r"^layers\.(\d+)\.mlp\.experts\."
+_FLAG = Field("bool")
+_COUNT = Field("int", low=0, high=2**12)
+_RANK = Field("int", high=2**18, nullable=True)
+
+
+class DeepseekV2(Adapter):
+    model_type = "deepseek_v2"
+    architectures = ("DeepseekV2ForCausalLM",)
+    hf_class = "DeepseekV2ForCausalLM"
+
+    hf_fields = {"intermediate_size": "moe_intermediate_size", "num_local_experts": "n_routed_experts",
+                 "dense_intermediate_size": "intermediate_size", "head_dim": "qk_rope_head_dim",
+                 "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim", "v_head_dim": "v_head_dim",
+                 "qkv_bias": "attention_bias", "o_bias": "attention_bias", "normalization": None,
+                 "sliding_window": None}  # DeepseekV2Config has none (refuse_window)
+    aliases = {"num_local_experts": ("num_experts",)}  # DeepseekV2Config's attribute_map
+    derives = ("q_lora_rank", "shared_expert_intermediate_size", "dense_layers", "rope_layout", "normalization")
+    defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1,
+                "eos_token_id": 2, "dense_intermediate_size": 11008, "intermediate_size": 1407,
+                "num_local_experts": 64, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "v_head_dim": 128,
+                "head_dim": 64, "normalization": "none"}
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
+    rope_layout = "pairs"  # V2 rotates interleaved pairs and keeps them so (apply_rotary_emb's complex product)
+    shared_default = 2  # n_shared_experts when config.json omits it
+    dense_default = 0  # first_k_dense_replace when config.json omits it
+
+    router_path = "mlp.gate"
+    experts_path = "mlp.experts"
+    expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    shared_path = "shared_experts"
+    stacked_experts = ((_V5_EXPERTS + r"gate_up_proj$", "gate_up"), (_V5_EXPERTS + r"down_proj$", "down"))
+
+    # config ------------------------------------------------------------------------------
+    def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        refuse_window(raw, self.name)
+        self.check_variant(raw)
+        heads, layers = raw["num_attention_heads"], raw["num_hidden_layers"]
+        kv = raw.get("num_key_value_heads")
+        q_rank = read(raw, "q_lora_rank", _RANK, 1536)
+        first_dense = read(raw, "first_k_dense_replace", _COUNT, self.dense_default)
+        shared = read(raw, "n_shared_experts", _COUNT, self.shared_default)
+        moe_width = raw.get("moe_intermediate_size", self.defaults["intermediate_size"])
+        if not FIELDS["intermediate_size"].accepts(moe_width):  # before it multiplies
+            raise ConfigError("config.json field 'moe_intermediate_size' must be "
+                              f"{FIELDS['intermediate_size'].expected()}", given=shown(moe_width))
+        return {"model_type": self.model_type, "num_key_value_heads": heads if kv is None else kv,
+                "head_dim": raw.get("qk_rope_head_dim", self.defaults["head_dim"]),
+                "rope_theta": rope_theta(raw, float(self.defaults["rope_theta"])),
+                "q_lora_rank": q_rank or 0, "shared_expert_intermediate_size": moe_width * shared,
+                "dense_layers": tuple(range(min(first_dense, layers))), "rope_layout": self.rope_layout,
+                **self.routing(raw)}
+
+    def check_variant(self, raw: Mapping[str, Any]) -> None:
+        """What transformers' DeepseekV2 builds and mixport does not: refused by the config.json key."""
+        if read(raw, "mlp_bias", _FLAG, False):
+            raise ConfigError("config.json field 'mlp_bias' is true: MLP biases are not implemented",
+                              given="true", expected="false (DeepSeek's released configs)")
+        freq = read(raw, "moe_layer_freq", Field("int"), 1)
+        if freq != 1:
+            raise ConfigError("config.json field 'moe_layer_freq' is not 1", given=shown(freq),
+                              expected="1 (transformers' DeepSeek ignores it: every layer from first_k_dense_replace "
+                                       "on is sparse)")
+        if raw["hidden_size"] % raw["num_attention_heads"]:  # DeepseekV2Config.validate_architecture
+            raise ConfigError("config.json field 'hidden_size' is not a multiple of 'num_attention_heads'",
+                              given=f"{raw['hidden_size']} / {raw['num_attention_heads']}",
+                              expected="an integer ratio (transformers refuses it too)")
+        if raw.get("v_head_dim", 1) is None:
+            raise ConfigError("config.json field 'v_head_dim' must be a positive integer", given="null",
+                              expected="each value head's width")
+
+    def routing(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The TopKRouting fields of DeepseekV2TopkRouter."""
+        method = read(raw, "topk_method", Field("str", nullable=True), "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError("config.json field 'topk_method' names a selection DeepseekV2 does not have",
+                              given=shown(method), expected='"greedy" | "group_limited_greedy"')
+        scale = read(raw, "routed_scaling_factor", Field("float"), 1.0)
+        if method != "greedy" or scale != 1.0:  # TODO(routing): grouped selection + scaling from phimoe's contract
+            raise ConfigError("DeepSeek-V2 grouped routing is not implemented yet",
+                              given=f"topk_method {shown(method)}, routed_scaling_factor {scale}",
+                              expected='topk_method "greedy" and routed_scaling_factor 1.0')
+        return {"normalization": "none"}
+
+    def validate(self, cfg: MoEConfig) -> None:
+        if cfg.dense_layers and not cfg.dense_intermediate_size:
+            raise ConfigError("config.json field 'intermediate_size' must be > 0 when first_k_dense_replace > 0",
+                              given="0", expected="the dense MLP's width")
+
+    def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
+        shared, rest = divmod(cfg.shared_expert_intermediate_size, cfg.intermediate_size)
+        if rest or cfg.dense_layers != tuple(range(len(cfg.dense_layers))):
+            raise ConfigError("this config has no DeepSeek config.json", given=f"shared width "
+                              f"{cfg.shared_expert_intermediate_size}, dense layers {cfg.dense_layers}",
+                              expected="a multiple of intermediate_size; dense layers 0..k-1")
+        return {**super().to_hf_dict(cfg), "hidden_act": "silu", "qk_rope_head_dim": cfg.head_dim,
+                "q_lora_rank": cfg.q_lora_rank or None, "n_shared_experts": shared,
+                "first_k_dense_replace": len(cfg.dense_layers), "topk_method": "greedy",
+                "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}
+
+    # reference model ---------------------------------------------------------------------
+    def decoder_layer(self, cfg: MoEConfig, index: int) -> nn.Module:
+        """The family's layer with MLA in place of grouped-query attention."""
+        from mixport.models.mla import MLAttention
+
+        layer = super().decoder_layer(cfg, index)
+        layer.self_attn = MLAttention(cfg)
+        return layer

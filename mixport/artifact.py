@@ -28,7 +28,7 @@ from typing import Any
 import onnx
 
 import mixport
-from mixport import folder_check, staging, typed_json
+from mixport import config_fields, folder_check, staging, typed_json
 from mixport.errors import MixportError, OutputExistsError, RuntimeFailure, TokenizerError
 from mixport.staging import atomic_write
 
@@ -264,8 +264,13 @@ def _check_graph(folder: Path, manifest: Manifest, deep: bool) -> None:
     path = folder / MODEL_FILE
     proto = folder_check.read_graph(path) if deep else folder_check.read_signature(path)
     recorded = {"inputs": manifest.inputs, "outputs": manifest.outputs}
+    signature = io_signature(proto)
     folder_check.check_graph(proto, manifest.config, manifest.dtype, str(folder / MANIFEST),
-                             {part: (recorded[part], sig) for part, sig in io_signature(proto).items()})
+                             {part: (recorded[part], sig) for part, sig in signature.items()})
+    if manifest.cache and manifest.cache != cache_record(proto):
+        raise RuntimeFailure("manifest.json disagrees with model.onnx on cache", given=f"{folder / MANIFEST}: cache "
+                             f"{typed_json.shown(manifest.cache)}", expected="model.onnx's past_key_values.* dims",
+                             hint="export the folder again (mixport export ... --force)")
 
 
 # ---- manifest.json ----------------------------------------------------------------------------
@@ -377,6 +382,9 @@ class Manifest:
     engine: EngineRecord | None = None
     ort_graph: OrtGraphRecord | None = None
     quantization: QuantRecord | None = None  # None: float weights
+    cache: dict[str, list[int | str]] = field(default_factory=dict)  # each past_key_values.* input -> its dims
+    #   ["batch", heads, "past_seq", width] (present.* alike, with total_seq); {}: written before the record,
+    #   every tensor [batch, num_key_value_heads, past, head_dim] (``cache_shapes``)
     version: int = MANIFEST_VERSION  # as read (0: before versions); always written as MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # fields this mixport does not know (kept)
 
@@ -398,6 +406,22 @@ class Manifest:
                 raise _malformed(where, f"{name}.file", typed_json.shown(record.file),
                                  "a plain file name inside the export folder (no '/', no '..')")
         return manifest
+
+    def cache_shapes(self) -> list[tuple[int, int]]:
+        """(heads, width) of each cache tensor, in input order past_key_values.0.key, .0.value, .1.key ...:
+        from the ``cache`` record, else (a manifest written before it) from the config."""
+        layers = int(self.config["num_hidden_layers"])
+        if not self.cache:
+            key, value = config_fields.cache_dims(self.config)
+            return [key, value] * layers
+        shapes = []
+        for name in cache_names(layers):
+            dims = self.cache.get(name)
+            if dims is None or len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
+                raise RuntimeFailure("manifest.json is malformed", given=f"cache.{name} is {typed_json.shown(dims)}",
+                                     expected='["batch", heads, "past_seq", width]', hint="export the folder again")
+            shapes.append((int(dims[1]), int(dims[3])))
+        return shapes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; fields that are None are left out (read back as None)."""
@@ -439,6 +463,16 @@ def io_signature(proto: onnx.ModelProto) -> dict[str, list[TensorSig]]:
                          [d.dim_param or d.dim_value for d in t.shape.dim])
     return {"inputs": [describe(v) for v in proto.graph.input],
             "outputs": [describe(v) for v in proto.graph.output]}
+
+
+def cache_names(layers: int) -> list[str]:
+    """The past_key_values.* inputs of a model with ``layers`` decoder layers, in the graph's order."""
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def cache_record(proto: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """The manifest's ``cache`` record: each past_key_values.* input of PROTO -> its dims."""
+    return {sig.name: sig.shape for sig in io_signature(proto)["inputs"] if sig.name.startswith("past_key_values.")}
 
 
 def is_plain_name(name: str) -> bool:

@@ -434,6 +434,11 @@ def _run(folder: Path, texts: list[str], max_new_tokens: int, sampling: Any, sto
     with Interrupt() as interrupt:  # from here Ctrl-C stops generation at a token boundary
         where = "cuda" if pipe.backend == "tensorrt" else f"{device}, {pipe.graph} graph"
         click.echo(f"[mixport] backend: {pipe.backend} ({where}); {pipe.backend_reason}", err=True)
+        if (graph, device, pipe.backend, pipe.graph) == ("auto", "cpu", "onnxruntime", "portable"):  # why not fast
+            from mixport.tools.bench import graph_reason
+
+            click.echo(f"[mixport] {graph_reason(pipe.config, pipe.manifest.dtype, pipe.backend, 'portable', graph)}",
+                       err=True)
         ids = [prompt_ids(pipe, p, chat) for p in texts]
         pipe.check(ids, max_new_tokens)
         if stream and len(texts) == 1:

@@ -155,10 +155,15 @@ def check_graph(proto: onnx.ModelProto, config: Mapping[str, Any], dtype: str, w
         raise _disagrees(where, "config.num_hidden_layers", f"{config['num_hidden_layers']}, model.onnx has "
                          f"{len(layers)} layers of cache (past_key_values.*)", "the graph's layer count")
     _dim(values["logits"], -1, config["vocab_size"], "config.vocab_size", where)
+    dims = dict(zip(("key", "value"), config_fields.cache_dims(config), strict=True))
+    mla = bool(config.get("kv_lora_rank"))  # MLA: [batch, 1, seq, kv_lora_rank] and [batch, 1, seq, head_dim]
     for name, value in values.items():
-        if _CACHE.match(name):  # [batch, kv heads, seq, head_dim]
-            _dim(value, 1, config["num_key_value_heads"], "config.num_key_value_heads", where)
-            _dim(value, 3, config["head_dim"], "config.head_dim", where)
+        found = _CACHE.match(name)
+        if found:  # [batch, kv heads, seq, head_dim]
+            heads, width = dims[found.group(3)]
+            _dim(value, 1, heads, "config.num_key_value_heads" if not mla else "config.kv_lora_rank", where)
+            _dim(value, 3, width, "config.kv_lora_rank" if mla and found.group(3) == "key" else "config.head_dim",
+                 where)
             if value.type.tensor_type.elem_type != GRAPH_DTYPES[dtype]:
                 graph_type = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
                 raise _disagrees(where, "dtype", f"{dtype}, model.onnx's cache {name} is {graph_type}",

@@ -125,7 +125,7 @@ def export(model_dir: Path | None, out_dir: Path, *, builtin: str | None = None,
                                                                   if o.domain in ("", "ai.onnx")),
                 onnx_sha256=stamps[artifact.MODEL_FILE].sha256, data_sha256=data and data.sha256, stamps=stamps,
                 fused=bool(counts), passes=counts, target="portable" if fuse else None, files=files,
-                config=asdict(cfg), **artifact.io_signature(proto),
+                config=asdict(cfg), **artifact.io_signature(proto), cache=artifact.cache_record(proto),
                 quantization=None if quantize is None else artifact.QuantRecord(**quantize.record()))
             manifest.write(tmp)
     return ExportResult(Path(out_dir), files, counts, reasons, manifest)

@@ -121,6 +121,9 @@ def supported(cfg: dict[str, Any], dtype: str) -> str | None:
     not. ``build`` also refuses an export with weights it would not use."""
     if dtype not in ("fp32", "fp16"):
         return f"dtype {dtype} (ONNX Runtime CPU runs fp32 / fp16)"
+    if cfg.get("kv_lora_rank"):
+        return ("MLA attention (kv_lora_rank set): ONNX Runtime's GroupQueryAttention has no multi-head latent "
+                "attention (its cache holds the compressed kv, keys and values of other widths)")
     adapter = registry.lookup(cfg.get("model_type"))
     if adapter is None:
         return f"model_type {cfg.get('model_type')!r} (this mixport knows {registry.supported()})"

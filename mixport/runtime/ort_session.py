@@ -167,8 +167,8 @@ class OrtSession:
         self.sess = open_session(model_path, device, threads, portable_config(manifest, accuracy_level),
                                  graph=mapped.proto if mapped else None)
         cfg = manifest.config
-        self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
-                                                     cfg["head_dim"])
+        self.layers = cfg["num_hidden_layers"]
+        self.cache_shapes = manifest.cache_shapes()  # (heads, width) per past tensor: MLA's k and v differ
         past = next(i for i in self.sess.get_inputs() if i.name.startswith("past_key_values"))
         self.dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(past.type)
         if self.dtype is None:
@@ -180,8 +180,7 @@ class OrtSession:
         self.past_len = 0
 
     def reset(self, batch: int) -> None:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        self.past = [np.zeros(shape, self.dtype) for _ in range(2 * self.layers)]
+        self.past = [np.zeros((batch, heads, 0, width), self.dtype) for heads, width in self.cache_shapes]
         self.past_len = 0
 
     def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -44,13 +44,15 @@ class BindingPlan:
     kv_heads: int
     head_dim: int
     profiles: dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max), as built
+    cache: tuple[tuple[int, int], ...] = ()  # (heads, width) per past tensor; (): all (kv_heads, head_dim)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> BindingPlan:
         cfg, record = manifest.config, manifest.engine
         profiles = {name: tuple(tuple(int(d) for d in s) for s in shapes)
                     for name, shapes in (record.profiles if record else {}).items()}
-        return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"], profiles)
+        return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"], profiles,
+                   tuple(manifest.cache_shapes()))
 
     @property
     def past_names(self) -> list[str]:
@@ -64,8 +66,9 @@ class BindingPlan:
         """Every input's shape for a step of ``seq`` new tokens after ``past`` cached ones."""
         shapes: dict[str, Shape] = {"input_ids": (batch, seq), "attention_mask": (batch, past + seq),
                                     "position_ids": (batch, seq)}
-        for name in self.past_names:
-            shapes[name] = (batch, self.kv_heads, past, self.head_dim)
+        dims = self.cache or ((self.kv_heads, self.head_dim),) * len(self.past_names)
+        for name, (heads, width) in zip(self.past_names, dims, strict=True):
+            shapes[name] = (batch, heads, past, width)
         return shapes
 
     def max_tokens(self) -> int | None:

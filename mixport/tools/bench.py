@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixport import config_fields
 from mixport.errors import RuntimeFailure
 from mixport.runtime import memory
 from mixport.runtime.generate import last_logits, left_pad
@@ -103,7 +104,8 @@ def check_sizes(config: dict[str, object], dtype: str, prompt_len: int, new_toke
                              given=f"--prompt-len {prompt_len} + --new-tokens {new_tokens}", expected=f"<= {context}")
     item = 2 if dtype in ("fp16", "bf16") else 4
     batch, tokens = max(batches), min(max(prompt_len + new_tokens, 256), context)  # the fast graph's capacity
-    cache = batch * 2 * n["num_hidden_layers"] * n["num_key_value_heads"] * n["head_dim"] * tokens * item  # type: ignore[operator]
+    per_token = sum(h * w for h, w in config_fields.cache_dims(config))  # one layer's k + v (MLA: latent + rope)
+    cache = batch * n["num_hidden_layers"] * per_token * tokens * item  # type: ignore[operator]
     logits = batch * prompt_len * n["vocab_size"] * 4  # type: ignore[operator]  # the portable graph's prefill logits [B, L, V]
     need, free = (cache + logits) / 2**20, available_mb()
     if free is not None and need > free:

@@ -173,10 +173,8 @@ def exact_greedy(model_path: Path, manifest: Manifest, prompt: list[int], count:
     """``count`` free-running greedy tokens from ``exact_session`` (each step reruns the whole sequence)."""
     session = exact_session(model_path)
     infer = _named(session)
-    cfg = manifest.config
     dtype = np.float16 if manifest.dtype == "fp16" else np.float32
-    past = [np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), dtype)
-            for _ in range(2 * cfg["num_hidden_layers"])]
+    past = [np.zeros((1, heads, 0, width), dtype) for heads, width in manifest.cache_shapes()]
     tokens: list[int] = []
     for _ in range(count):
         out = _whole(infer, prompt + tokens, past)

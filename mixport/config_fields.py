@@ -213,7 +213,10 @@ def _mla(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
     """MLA's fields go together: a value width, one kv head per query head, and no other attention's switches."""
     if not (_is_int(v.get("kv_lora_rank")) and v["kv_lora_rank"] > 0):
         for name in ("q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-            if _is_int(v.get(name)) and v[name]:
+            if _is_int(v.get(name)) and v[name] and v.get("kv_lora_rank") == 0:
+                yield Problem(key("kv_lora_rank"), f"must be > 0 with '{key(name)}' set", "0",
+                              "the compressed kv width of multi-head latent attention (MLA)")
+            elif _is_int(v.get(name)) and v[name]:
                 yield Problem(key(name), "is set without MLA", str(v[name]),
                               f"0 unless '{key('kv_lora_rank')}' > 0 (multi-head latent attention)")
         if v.get("rope_layout", "half") != "half":

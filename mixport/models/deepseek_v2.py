@@ -39,12 +39,13 @@ class DeepseekV2(Adapter):
     architectures = ("DeepseekV2ForCausalLM",)
     hf_class = "DeepseekV2ForCausalLM"
 
-    hf_fields = {"intermediate_size": "moe_intermediate_size", "num_local_experts": "n_routed_experts",
+    hf_fields = {"intermediate_size": "moe_intermediate_size", "num_local_experts": "num_experts",
                  "dense_intermediate_size": "intermediate_size", "head_dim": "qk_rope_head_dim",
                  "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim", "v_head_dim": "v_head_dim",
                  "qkv_bias": "attention_bias", "o_bias": "attention_bias", "normalization": None,
                  "sliding_window": None}  # DeepseekV2Config has none (refuse_window)
-    aliases = {"num_local_experts": ("num_experts",)}  # DeepseekV2Config's attribute_map
+    aliases = {"num_local_experts": ("n_routed_experts",)}  # num_experts (attribute_map) wins over it, as in
+    #                                                           transformers; the hub's configs give n_routed_experts
     derives = ("q_lora_rank", "shared_expert_intermediate_size", "dense_layers", "rope_layout", "normalization")
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1,
                 "eos_token_id": 2, "dense_intermediate_size": 11008, "intermediate_size": 1407,
@@ -95,9 +96,7 @@ class DeepseekV2(Adapter):
             raise ConfigError("config.json field 'hidden_size' is not a multiple of 'num_attention_heads'",
                               given=f"{raw['hidden_size']} / {raw['num_attention_heads']}",
                               expected="an integer ratio (transformers refuses it too)")
-        if raw.get("v_head_dim", 1) is None:
-            raise ConfigError("config.json field 'v_head_dim' must be a positive integer", given="null",
-                              expected="each value head's width")
+        check_mla(raw)
 
     def routing(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """The TopKRouting fields of DeepseekV2TopkRouter."""
@@ -136,3 +135,11 @@ class DeepseekV2(Adapter):
         layer = super().decoder_layer(cfg, index)
         layer.self_attn = MLAttention(cfg)
         return layer
+
+
+def check_mla(raw: Mapping[str, Any]) -> None:
+    """MLA's keys where transformers' DeepSeek would build no working attention."""
+    read(raw, "kv_lora_rank", Field("int", high=2**18), 512)  # 0: no latent to cache
+    if raw.get("v_head_dim", 1) is None:
+        raise ConfigError("config.json field 'v_head_dim' must be a positive integer", given="null",
+                          expected="each value head's width")

@@ -21,7 +21,7 @@ from mixport.config_fields import Field
 from mixport.errors import ConfigError
 from mixport.models.adapter import read
 from mixport.models.config import MoEConfig
-from mixport.models.deepseek_v2 import DeepseekV2
+from mixport.models.deepseek_v2 import DeepseekV2, check_mla
 from mixport.typed_json import shown
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
@@ -32,7 +32,8 @@ class DeepseekV3(DeepseekV2):
     architectures = ("DeepseekV3ForCausalLM",)
     hf_class = "DeepseekV3ForCausalLM"
 
-    aliases = {"num_local_experts": ("num_local_experts",)}  # DeepseekV3Config's attribute_map
+    hf_fields = {**DeepseekV2.hf_fields, "num_local_experts": "num_local_experts"}  # its attribute_map's key
+    aliases = {"num_local_experts": ("n_routed_experts",)}
     defaults = {**DeepseekV2.defaults, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1,
                 "dense_intermediate_size": 18432, "intermediate_size": 2048, "num_local_experts": 256}
     shared_default = 1
@@ -46,9 +47,7 @@ class DeepseekV3(DeepseekV2):
                               "read", given=f"quant_method {shown(method)}",
                               expected="a bf16/fp16/fp32 checkpoint",
                               hint="dequantize the checkpoint to bf16 first (DeepSeek's fp8_cast_bf16.py)")
-        if raw.get("v_head_dim", 1) is None:
-            raise ConfigError("config.json field 'v_head_dim' must be a positive integer", given="null",
-                              expected="each value head's width")
+        check_mla(raw)
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         interleave = read(raw, "rope_interleave", Field("bool", nullable=True), True)

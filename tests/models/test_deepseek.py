@@ -1,0 +1,169 @@
+"""DeepSeek-V2 / V3 config.json reading against transformers' own config and model classes.
+
+For a minimal config.json (the keys mixport requires; transformers' defaults for the rest: 64 / 256
+experts, LoRA ranks, 2 / 1 shared experts, first_k_dense_replace 0 / 3) and for each family's
+switches, mixport's ``MoEConfig`` must describe the model transformers builds from the same file (both
+on the meta device): every weight's name and shape through the adapter's renaming, the norms' epsilons
+(q_a/kv_a layernorms at transformers' 1e-6), the softmax scale, the RoPE width and layout, which layers
+are dense, the shared experts' width, the cache transformers' model keeps (past/present shapes). Routing
+against transformers' router modules is in tests/models/test_deepseek_routing.py. Unsupported variants
+are refused with one line naming the config.json key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from mixport.errors import ConfigError
+from mixport.exporter.loader import expected_shapes
+from mixport.models import registry
+from mixport.models.config import MoEConfig
+from tests.helpers import require_module
+
+transformers = require_module("transformers")
+
+SIZES = {"vocab_size": 1000, "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_experts_per_tok": 3}
+MINIMAL = {"deepseek_v2": SIZES, "deepseek_v3": SIZES}
+SMALL = {"kv_lora_rank": 24, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
+         "moe_intermediate_size": 20, "intermediate_size": 40}
+SWITCHES: dict[str, list[dict[str, Any]]] = {
+    "deepseek_v2": [
+        {**SMALL, "q_lora_rank": None, "n_routed_experts": 8, "n_shared_experts": 3, "first_k_dense_replace": 1},
+        {**SMALL, "q_lora_rank": 16, "attention_bias": True, "n_shared_experts": 0, "rms_norm_eps": 1e-3,
+         "num_experts": 6, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    ],
+    "deepseek_v3": [
+        {**SMALL, "q_lora_rank": 16, "rope_interleave": True, "first_k_dense_replace": 2, "n_routed_experts": 8,
+         "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2},
+        {**SMALL, "q_lora_rank": None, "rope_interleave": False, "first_k_dense_replace": 0,
+         "num_local_experts": 6, "n_group": 1, "topk_group": 1, "tie_word_embeddings": True},
+    ],
+}
+LAYOUTS = {"deepseek_v2": lambda hc: "pairs",
+           "deepseek_v3": lambda hc: "pairs_to_half" if hc.rope_interleave else "half"}
+
+
+def _raw(model_type: str, **changes: Any) -> dict[str, Any]:
+    raw = {**MINIMAL[model_type], "architectures": [registry.get(model_type).name], "model_type": model_type}
+    raw.update(changes)
+    return raw
+
+
+def _transformers(model_type: str, raw: dict[str, Any]) -> tuple[Any, Any]:
+    cls = registry.get(model_type).transformers_class()
+    hc = cls.config_class(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        return hc, cls(hc)
+
+
+def _theirs(model_type: str, raw: dict[str, Any]) -> dict[str, Any]:
+    adapter = registry.get(model_type)
+    hc, model = _transformers(model_type, raw)
+    weights = {name: shape for hf_name, t in model.state_dict().items()
+               for name, shape, _ in adapter.checkpoint_names(hf_name, tuple(t.shape))
+               if 0 not in shape}  # n_shared_experts 0: transformers' shared MLP of width 0 adds 0
+    if hc.tie_word_embeddings:  # the reference keeps an lm_head of its own (loaded from the embeddings)
+        weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
+    layers = model.model.layers
+    kinds = ["moe" if hasattr(layer.mlp, "experts") else "dense" for layer in layers]
+    shared = {layer.mlp.shared_experts.intermediate_size for layer in layers if hasattr(layer.mlp, "experts")}
+    return {"weights": weights, "eps": sorted(m.variance_epsilon for m in model.modules()
+                                              if hasattr(m, "variance_epsilon")),
+            "scale": {layer.self_attn.scaling for layer in layers}, "rope": (hc.head_dim, LAYOUTS[model_type](hc)),
+            "theta": float(hc.rope_parameters["rope_theta"]), "kinds": kinds, "shared": shared,
+            "tokens": (hc.bos_token_id, hc.eos_token_id, hc.pad_token_id), "positions": hc.max_position_embeddings,
+            "experts": hc.n_routed_experts, "k": hc.num_experts_per_tok, "tie": hc.tie_word_embeddings}
+
+
+def _ours(model_type: str, cfg: MoEConfig) -> dict[str, Any]:
+    adapter = registry.get(model_type)
+    with torch.device("meta"):
+        ref = adapter.reference_model(cfg)
+    kinds = ["moe" if cfg.is_sparse(i) else "dense" for i in range(cfg.num_hidden_layers)]
+    return {"weights": {n: tuple(s) for n, s in expected_shapes(cfg).items()},
+            "eps": sorted(m.eps for m in ref.modules() if type(m).__name__ == "RMSNorm"),
+            "scale": {layer.self_attn.scale for layer in ref.layers}, "rope": (cfg.head_dim, cfg.rope_layout),
+            "theta": cfg.rope_theta, "kinds": kinds,
+            "shared": {cfg.shared_expert_intermediate_size} if adapter.moe_layers(cfg) else set(),
+            "tokens": (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id),
+            "positions": cfg.max_position_embeddings, "experts": cfg.num_local_experts, "k": cfg.num_experts_per_tok,
+            "tie": cfg.tie_word_embeddings}
+
+
+def _cases() -> list[Any]:
+    out = [pytest.param(mt, {}, id=f"{mt}-minimal") for mt in MINIMAL]
+    return out + [pytest.param(mt, sw, id=f"{mt}-switches{i}") for mt, sws in SWITCHES.items()
+                  for i, sw in enumerate(sws)]
+
+
+@pytest.mark.parametrize(("model_type", "changes"), _cases())
+def test_config_describes_the_model_transformers_builds(model_type: str, changes: dict[str, Any]) -> None:
+    raw = _raw(model_type, **changes)
+    cfg = registry.get(model_type).config_from_hf(raw)
+    assert cfg.mla and cfg.model_type == model_type
+    theirs, ours = _theirs(model_type, raw), _ours(model_type, cfg)
+    assert theirs.pop("weights") == ours.pop("weights")
+    assert theirs == ours
+
+
+def test_the_cache_is_what_transformers_caches() -> None:
+    """past/present per layer: transformers' DynamicCache keys (the normed latent) and values (the roped
+    key), so the export's cache is transformers' own (models/test_mla.py compares their contents)."""
+    raw = _raw("deepseek_v2", **SWITCHES["deepseek_v2"][0])
+    cfg = registry.get("deepseek_v2").config_from_hf(raw)
+    hc, _ = _transformers("deepseek_v2", raw)
+    hc.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = registry.get("deepseek_v2").transformers_class()(hc).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    layer = (getattr(out, "cache", None) or out.past_key_values).layers[0]
+    (kh, kw), (vh, vw) = cfg.cache_dims()
+    assert tuple(layer.keys.shape) == (1, kh, 3, kw) == (1, 1, 3, cfg.kv_lora_rank)
+    assert tuple(layer.values.shape) == (1, vh, 3, vw) == (1, 1, 3, cfg.head_dim)
+
+
+def test_multi_token_prediction_layers_are_not_read() -> None:
+    adapter = registry.get("deepseek_v3")
+    cfg = adapter.config_from_hf(_raw("deepseek_v3", **SWITCHES["deepseek_v3"][0]))
+    assert adapter.ignorable("layers.4.mlp.experts.0.gate_proj.weight", (20, 96), cfg)  # layer 4 of 4: MTP
+    assert adapter.ignorable("layers.4.eh_proj.weight", (96, 192), cfg)
+    assert not adapter.ignorable("layers.3.mlp.experts.0.gate_proj.weight", (20, 96), cfg)
+    assert not registry.get("deepseek_v2").ignorable("layers.4.eh_proj.weight", (96, 192), cfg)
+
+
+REFUSED = [  # (model_type, changes, fragments of the one line)
+    ("deepseek_v2", {"mlp_bias": True}, ["'mlp_bias'"]),
+    ("deepseek_v2", {"moe_layer_freq": 2}, ["'moe_layer_freq'", "given: 2"]),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, ["'topk_method'", '"noaux_tc"', "group_limited_greedy"]),
+    ("deepseek_v2", {"hidden_size": 90}, ["'hidden_size'", "'num_attention_heads'"]),
+    ("deepseek_v2", {"num_key_value_heads": 2}, ["'num_key_value_heads'", "must equal"]),
+    ("deepseek_v2", {"kv_lora_rank": 0}, ["'kv_lora_rank'", "given: 0"]),
+    ("deepseek_v2", {"q_lora_rank": 0}, ["'q_lora_rank'", "given: 0"]),
+    ("deepseek_v2", {"v_head_dim": None}, ["'v_head_dim'", "null"]),
+    ("deepseek_v2", {"qk_rope_head_dim": 7}, ["'qk_rope_head_dim'", "even"]),
+    ("deepseek_v2", {"n_shared_experts": -1}, ["'n_shared_experts'"]),
+    ("deepseek_v2", {"first_k_dense_replace": 4}, ["no layer with experts"]),
+    ("deepseek_v2", {"sliding_window": 64}, ["'sliding_window'"]),
+    ("deepseek_v2", {"hidden_act": "gelu"}, ["'hidden_act'"]),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, ["'quantization_config'", '"fp8"', "bf16"]),
+    ("deepseek_v3", {"rope_interleave": "yes"}, ["'rope_interleave'", "true or false"]),
+    ("deepseek_v3", {"moe_intermediate_size": 0}, ["'moe_intermediate_size'"]),
+]
+
+
+@pytest.mark.parametrize(("model_type", "changes", "fragments"), REFUSED,
+                         ids=[f"{m}-{'-'.join(c)}" for m, c, _ in REFUSED])
+def test_unsupported_variants_are_one_line_naming_the_field(model_type: str, changes: dict[str, Any],
+                                                           fragments: list[str]) -> None:
+    raw = _raw(model_type, **changes)
+    with pytest.raises(ConfigError) as info:
+        registry.find(raw).config_from_hf(raw)
+    text = str(info.value)
+    assert "\n" not in text
+    for fragment in fragments:
+        assert fragment in text, text

@@ -46,7 +46,7 @@ class DeepseekV2(Adapter):
                  "sliding_window": None}  # DeepseekV2Config has none (refuse_window)
     aliases = {"num_local_experts": ("n_routed_experts",)}  # num_experts (attribute_map) wins over it, as in
     #                                                           transformers; the hub's configs give n_routed_experts
-    derives = ("q_lora_rank", "shared_expert_intermediate_size", "dense_layers", "rope_layout", "normalization")
+    derives = ("q_lora_rank", "shared_expert_intermediate_size", "dense_layers", "rope_layout")
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1,
                 "eos_token_id": 2, "dense_intermediate_size": 11008, "intermediate_size": 1407,
                 "num_local_experts": 64, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "v_head_dim": 128,
@@ -115,6 +115,23 @@ class DeepseekV2(Adapter):
         if cfg.dense_layers and not cfg.dense_intermediate_size:
             raise ConfigError("config.json field 'intermediate_size' must be > 0 when first_k_dense_replace > 0",
                               given="0", expected="the dense MLP's width")
+
+    def conform(self, cfg: MoEConfig) -> MoEConfig:
+        """As ``Adapter.conform``, and MLA as this family has it: one kv head per head, the MLA widths (when
+        unset: kv_lora_rank 2 x head_dim, q/k and v heads of head_dim), its RoPE layout, a shared width that is
+        a whole number of experts' and dense layers that come first."""
+        from dataclasses import replace
+
+        cfg = super().conform(cfg)
+        d, width = cfg.head_dim, cfg.intermediate_size
+        return replace(cfg, num_key_value_heads=cfg.num_attention_heads, kv_lora_rank=cfg.kv_lora_rank or 2 * d,
+                       qk_nope_head_dim=cfg.qk_nope_head_dim or d, v_head_dim=cfg.v_head_dim or d,
+                       rope_layout=self.layout_of(cfg.rope_layout), dense_layers=tuple(range(len(cfg.dense_layers))),
+                       shared_expert_intermediate_size=-(-cfg.shared_expert_intermediate_size // width) * width)
+
+    def layout_of(self, layout: str) -> str:
+        """The RoPE layout this family has closest to ``layout`` (V2: only interleaved pairs)."""
+        return self.rope_layout
 
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         shared, rest = divmod(cfg.shared_expert_intermediate_size, cfg.intermediate_size)

@@ -53,6 +53,9 @@ class DeepseekV3(DeepseekV2):
         interleave = read(raw, "rope_interleave", Field("bool", nullable=True), True)
         return {**super().derived(raw), "rope_layout": "pairs_to_half" if interleave else "half"}
 
+    def layout_of(self, layout: str) -> str:
+        return "half" if layout == "half" else "pairs_to_half"
+
     def routing(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """The TopKRouting fields of DeepseekV3TopkRouter."""
         raise ConfigError("DeepSeek-V3 routing (sigmoid scores, e_score_correction_bias, grouped top-k) is not "

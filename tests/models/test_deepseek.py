@@ -167,3 +167,22 @@ def test_unsupported_variants_are_one_line_naming_the_field(model_type: str, cha
     assert "\n" not in text
     for fragment in fragments:
         assert fragment in text, text
+
+
+def _own_keys() -> list[Any]:
+    from tests.models.test_families import own_keys
+
+    keys = own_keys([registry.get(mt) for mt in MINIMAL])
+    return [pytest.param(m, f, k, id=f"{m}-{k}") for m, f, k in keys]
+
+
+@pytest.mark.parametrize(("model_type", "field", "key"), _own_keys())
+def test_a_familys_own_key_of_the_wrong_type_is_one_line_naming_it(model_type: str, field: str, key: str) -> None:
+    from mixport.config_fields import FIELDS
+
+    for value in ("1", -1, [1]):  # a string, out of range (or a wrong sign), a list
+        if FIELDS[field].accepts(value):
+            continue
+        with pytest.raises(ConfigError) as info:
+            registry.get(model_type).config_from_hf(_raw(model_type, **{key: value}))
+        assert "\n" not in str(info.value) and f"'{key}'" in str(info.value), str(info.value)

@@ -243,7 +243,7 @@ OWN_KEYS = own_keys([a for a in registry.ADAPTERS if a.model_type in MINIMAL])  
 
 
 def test_every_field_is_read_by_some_family() -> None:
-    read = {field for _, field, _ in own_keys(list(registry.ADAPTERS))} | set(COMMON)  # + the keys Mixtral's config.json names
+    read = {field for _, field, _ in own_keys(list(registry.ADAPTERS))} | set(COMMON)  # + Mixtral's keys
     derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate",
                "q_lora_rank", "rope_layout"}  # DeepSeek: from a nullable q_lora_rank, rope_interleave
     assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family

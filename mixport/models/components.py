@@ -123,23 +123,38 @@ class GatedMLP(nn.Module):
 
 
 class Router(nn.Module):
-    """gate -> softmax -> top-k -> (renormalize), or top-k of the logits -> softmax over the k:
+    """gate -> softmax -> top-k -> (renormalize), or top-k of the logits -> softmax over the k, or the
+    config's other routing (``cfg.routing()``: sigmoid, selection bias, groups, sparsemixer, scaling):
     the mixport TopKRouting node."""
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.k, self.normalization, self.order = cfg.num_experts_per_tok, cfg.normalization, cfg.routing_order
+        self.spec = cfg.routing()
         self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+        if cfg.selection_bias:  # DeepSeek-V3's name; fp32 whatever the model's dtype
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_local_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = Fn.linear(x, self.weight)  # [T, E]
-        return topk_routing(logits, self.k, self.normalization, self.order)  # [T, k] x2
+        return self.route(Fn.linear(x, self.weight))  # [T, k] x2
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> weights [T, k], ids [T, k] (the TopKRouting op)."""
+        s = self.spec
+        if s.plain:
+            return topk_routing(logits, self.k, self.normalization, self.order)
+        return topk_routing(logits, s.k, s.normalization, s.order, getattr(self, "e_score_correction_bias", None),
+                            s.scoring, s.n_group, s.topk_group, s.group_score, s.scaling, s.eps)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> the router logits [T, E] fp32 (the tools' routing hooks: the experts picked
-        are the top-k of these, whatever the order)."""
+        """x [T, H] -> the router logits [T, E] fp32 (the tools' routing hooks; ``selected`` turns
+        them into the experts picked)."""
         return Fn.linear(x, self.weight).float()
 
+    def selected(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] (this router's, or transformers' for it) -> the experts picked [T, k]:
+        the top-k of the logits only without a selection bias or groups."""
+        return self.route(logits.float())[1]
 
 
 class Experts(nn.ModuleList):

@@ -135,6 +135,8 @@ FIELDS: dict[str, Field] = {
     "rope_long_factor": Field("floats", nullable=True),
     "rope_short_mscale": Field("float", nullable=True),
     "rope_long_mscale": Field("float", nullable=True),
+    "norm_type": Field("str", choices=("rms", "layer")),
+    "lm_head_bias": Field("bool"),
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -31,6 +31,14 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def make_norm(cfg: MoEConfig, dim: int) -> nn.Module:
+    """The decoder's norm: RMSNorm, or LayerNorm with weight and bias (``cfg.norm_type`` "layer",
+    PhiMoE), eps ``cfg.rms_norm_eps`` either way."""
+    if cfg.norm_type == "layer":
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, S, D]; cos/sin [B, 1, S, D] -> rotated x (half-split convention)."""
     half = x.shape[-1] // 2
@@ -216,9 +224,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, index: int = 0, layout: Layout = Layout()) -> None:
         super().__init__()
         self.residual_multiplier = cfg.residual_multiplier
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         if cfg.is_sparse(index):
             self.ffn_name = layout.moe
             self.add_module(layout.moe, SparseMoeBlock(cfg, layout))
@@ -301,8 +309,8 @@ class DecoderModel(nn.Module):
         make = make_layer or (lambda c, i: DecoderLayer(c, i))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(make(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         for name, value in rope_buffers(cfg).items():
             self.register_buffer(name, value, persistent=False)
 

@@ -79,6 +79,9 @@ class MoEConfig:
     rope_long_factor: tuple[float, ...] | None = None  # longrope, past rope_original_max
     rope_short_mscale: float | None = None  # longrope (Phi-3.5-MoE's own cos/sin scale, short / long)
     rope_long_mscale: float | None = None
+    # -- norms and the head (PhiMoE) -------------------------------------------------------------
+    norm_type: str = "rms"  # "rms" (RMSNorm) | "layer" (LayerNorm with bias, eps rms_norm_eps: PhiMoE)
+    lm_head_bias: bool = False  # lm_head carries a bias (PhiMoE's lm_head_bias)
 
     def routing(self) -> RoutingSpec:
         """What each TopKRouting node computes (``ops.py``)."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from mixport.models import rope
 from mixport.models.config import MoEConfig
-from mixport.models.routing import topk_routing
+from mixport.models.routing import group_mask, group_scores, topk_routing
 
 
 class RMSNorm(nn.Module):
@@ -164,6 +164,21 @@ class Router(nn.Module):
         """Router logits [T, E] (this router's, or transformers' for it) -> the experts picked [T, k]:
         the top-k of the logits only without a selection bias or groups."""
         return self.route(logits.float())[1]
+
+    def choice(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the experts are picked by, for the tools' tie counts: (scores [T, E] whose top-k are the
+        picks, the group scores [T, G] whose top topk_group are kept, or None). The logits themselves
+        for softmax / sparsemixer routing without bias or groups (picks = top-k of the logits)."""
+        s, x = self.spec, logits.float()
+        if s.scoring == "sparsemixer" or (s.scoring == "softmax" and not s.bias and s.n_group == 1):
+            return x, None
+        scores = torch.sigmoid(x) if s.scoring == "sigmoid" else torch.softmax(x, dim=-1)
+        if s.bias:
+            scores = scores + self.e_score_correction_bias.float()
+        if s.n_group == 1:
+            return scores, None
+        return group_mask(scores, s.n_group, s.topk_group, s.group_score), group_scores(scores, s.n_group,
+                                                                                      s.group_score)
 
 
 class Experts(nn.ModuleList):

@@ -62,14 +62,18 @@ def group_mask(choice: torch.Tensor, n_group: int, topk_group: int, group_score:
     groups set to -inf; a group's score is its best expert's ("max", DeepSeek-V2's
     group_limited_greedy) or its two best summed ("top2_sum", DeepSeek-V3)."""
     t, e = choice.shape
-    grouped = choice.view(t, n_group, e // n_group)  # [T, G, E/G]
-    if group_score == "top2_sum":
-        scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
-    else:
-        scores = grouped.max(dim=-1).values
+    scores = group_scores(choice, n_group, group_score)  # [T, G]
     keep = torch.zeros_like(scores).scatter_(1, torch.topk(scores, topk_group, dim=-1)[1], 1)  # [T, G]
     keep = keep.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(t, e)
     return choice.masked_fill(~keep.bool(), float("-inf"))
+
+
+def group_scores(choice: torch.Tensor, n_group: int, group_score: str) -> torch.Tensor:
+    """choice [T, E] -> each group's score [T, G] (its best choice, or its two best summed)."""
+    grouped = choice.view(choice.shape[0], n_group, -1)  # [T, G, E/G]
+    if group_score == "top2_sum":
+        return grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    return grouped.max(dim=-1).values
 
 
 def sparsemixer(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,9 @@ fastest, and a config at its neutral values (Mixtral's) emits exactly the nodes 
   norms, as in the reference); ``scale`` is ``cfg.scale``; a layer's sliding window
   (``cfg.window(i)``) is GQA's ``local_window_size`` (measured on ONNX Runtime 1.32 CPU: a query at
   position p sees keys p-w+1..p, the reference's ``components.attention_bias``); o_proj (+ bias);
-* feed-forward: a sparse layer routes (``routing_onnx.routing_nodes``, order and normalization from
-  the config) into ``moe_bodies.sparse_moe`` (variant ``ORT_CPU``) and adds its shared expert (one
+* feed-forward: a sparse layer routes (``routing_onnx.routing_nodes``, the config's routing spec:
+  order, normalization, sigmoid / sparsemixer, selection bias, groups, scaling) into
+  ``moe_bodies.sparse_moe`` (variant ``ORT_CPU``) and adds its shared expert (one
   gate|up MatMul, optionally scaled by sigmoid(x @ gate)) beside it; a dense layer (``dense_layers``)
   is one SwiGLU MLP;
 * muP scalars: embeddings x ``embedding_multiplier``; each block's output x ``residual_multiplier``
@@ -95,8 +96,12 @@ def _routes(g: Builder, i: int, flat: str) -> tuple[str, str]:
     """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
     gate = g.names.router_weight(i)
     logits = g.matmul(flat, g.proj(gate, [gate]))  # [T, E]
-    return routing_onnx.routing_nodes(g, logits, g.cfg.num_experts_per_tok, g.cfg.normalization, g.elem,
-                                      order=g.cfg.routing_order)
+    spec, bias = g.cfg.routing(), None
+    if spec.bias:  # the selection-only bias, kept fp32 whatever the graph's type (as the export holds it)
+        key = gate.removesuffix("weight") + "e_score_correction_bias"
+        bias = g.const(key, np.asarray(g.w[key], dtype=np.float32))
+    return routing_onnx.routing_nodes(g, logits, spec.k, spec.normalization, g.elem, spec=spec, bias=bias,
+                                      num_experts=g.cfg.num_local_experts)
 
 
 def _mlp(g: Builder, x: str, names: dict[str, str], prefix: str) -> str:

@@ -239,7 +239,6 @@ def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem
                               f"a token id in [0, {vocab})")
 
 
-<<<<<<< HEAD
 def _mla(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
     """MLA's fields go together: a value width, one kv head per query head, and no other attention's switches."""
     if not (_is_int(v.get("kv_lora_rank")) and v["kv_lora_rank"] > 0):
@@ -259,7 +258,8 @@ def _mla(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
     if _is_int(heads) and _is_int(kv) and heads != kv:
         yield Problem(key("num_key_value_heads"), "must equal the attention heads with MLA", f"{kv} (heads {heads})",
                       "num_key_value_heads = num_attention_heads (each head expands its own k and v)")
-=======
+
+
 def _routing(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
     """Grouped top-k and sparsemixer against the expert count and k (``ops.RoutingSpec.problem``)."""
     experts, k = v.get("num_local_experts"), v.get("num_experts_per_tok")
@@ -279,4 +279,3 @@ def _routing(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Proble
                       f"{k} > {kept} x {experts // groups}", "top-k <= topk_group x experts per group")
     if v.get("scoring") == "sparsemixer" and k != 2:
         yield Problem(key("num_experts_per_tok"), "must be 2 with sparsemixer routing", str(k), "2")
->>>>>>> phimoe

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from mixport.config_fields import FIELDS, Field
 from mixport.errors import ConfigError
-from mixport.models.adapter import Adapter, read, refuse_window, rope_theta
+from mixport.models import rope
+from mixport.models.adapter import Adapter, read, refuse_window
 from mixport.models.config import MoEConfig
 from mixport.typed_json import shown
 
@@ -46,13 +47,15 @@ class DeepseekV2(Adapter):
                  "sliding_window": None}  # DeepseekV2Config has none (refuse_window)
     aliases = {"num_local_experts": ("n_routed_experts",)}  # num_experts (attribute_map) wins over it, as in
     #                                                           transformers; the hub's configs give n_routed_experts
-    derives = ("q_lora_rank", "shared_expert_intermediate_size", "dense_layers", "rope_layout")
+    derives = ("q_lora_rank", "shared_expert_intermediate_size", "dense_layers", "rope_layout", "n_group",
+               "topk_group", "routed_scaling_factor")
     defaults = {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1,
                 "eos_token_id": 2, "dense_intermediate_size": 11008, "intermediate_size": 1407,
                 "num_local_experts": 64, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "v_head_dim": 128,
                 "head_dim": 64, "normalization": "none"}
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
     rope_layout = "pairs"  # V2 rotates interleaved pairs and keeps them so (apply_rotary_emb's complex product)
+    rope_types = ("default", "yarn")  # DeepSeek's configs use YaRN (mscale / mscale_all_dim: models/mla.py)
     shared_default = 2  # n_shared_experts when config.json omits it
     dense_default = 0  # first_k_dense_replace when config.json omits it
 
@@ -77,7 +80,7 @@ class DeepseekV2(Adapter):
                               f"{FIELDS['intermediate_size'].expected()}", given=shown(moe_width))
         return {"model_type": self.model_type, "num_key_value_heads": heads if kv is None else kv,
                 "head_dim": raw.get("qk_rope_head_dim", self.defaults["head_dim"]),
-                "rope_theta": rope_theta(raw, float(self.defaults["rope_theta"])),
+                **rope.from_hf(raw, float(self.defaults["rope_theta"]), types=self.rope_types),
                 "q_lora_rank": q_rank or 0, "shared_expert_intermediate_size": moe_width * shared,
                 "dense_layers": tuple(range(min(first_dense, layers))), "rope_layout": self.rope_layout,
                 **self.routing(raw)}
@@ -99,19 +102,24 @@ class DeepseekV2(Adapter):
         check_mla(raw)
 
     def routing(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """The TopKRouting fields of DeepseekV2TopkRouter."""
+        """The TopKRouting fields of DeepseekV2TopkRouter: softmax, greedy or group_limited_greedy (groups
+        scored by their best expert), no renormalisation, x routed_scaling_factor."""
         method = read(raw, "topk_method", Field("str", nullable=True), "greedy")
         if method not in ("greedy", "group_limited_greedy"):
             raise ConfigError("config.json field 'topk_method' names a selection DeepseekV2 does not have",
                               given=shown(method), expected='"greedy" | "group_limited_greedy"')
-        scale = read(raw, "routed_scaling_factor", Field("float"), 1.0)
-        if method != "greedy" or scale != 1.0:  # TODO(routing): grouped selection + scaling from phimoe's contract
-            raise ConfigError("DeepSeek-V2 grouped routing is not implemented yet",
-                              given=f"topk_method {shown(method)}, routed_scaling_factor {scale}",
-                              expected='topk_method "greedy" and routed_scaling_factor 1.0')
-        return {"normalization": "none"}
+        groups = {"n_group": 1, "topk_group": 1}
+        if method == "group_limited_greedy":  # transformers reads both as given (null: it fails)
+            groups = {k: read(raw, k, Field("int", high=2**16), None) for k in groups}
+            for key, value in groups.items():
+                if value is None:
+                    raise ConfigError(f"config.json field '{key}' is needed by topk_method group_limited_greedy",
+                                      given="null or missing", expected="an integer >= 1")
+        return {"scoring": "softmax", "normalization": "none", **groups, "group_score": "max",
+                "routed_scaling_factor": read(raw, "routed_scaling_factor", Field("float"), 1.0)}
 
     def validate(self, cfg: MoEConfig) -> None:
+        super().validate(cfg)
         if cfg.dense_layers and not cfg.dense_intermediate_size:
             raise ConfigError("config.json field 'intermediate_size' must be > 0 when first_k_dense_replace > 0",
                               given="0", expected="the dense MLP's width")
@@ -124,10 +132,15 @@ class DeepseekV2(Adapter):
 
         cfg = super().conform(cfg)
         d, width = cfg.head_dim, cfg.intermediate_size
-        return replace(cfg, num_key_value_heads=cfg.num_attention_heads, kv_lora_rank=cfg.kv_lora_rank or 2 * d,
+        return replace(cfg, **self.routing_of(cfg), num_key_value_heads=cfg.num_attention_heads,
+                       kv_lora_rank=cfg.kv_lora_rank or 2 * d,
                        qk_nope_head_dim=cfg.qk_nope_head_dim or d, v_head_dim=cfg.v_head_dim or d,
                        rope_layout=self.layout_of(cfg.rope_layout), dense_layers=tuple(range(len(cfg.dense_layers))),
                        shared_expert_intermediate_size=-(-cfg.shared_expert_intermediate_size // width) * width)
+
+    def routing_of(self, cfg: MoEConfig) -> dict[str, Any]:
+        """The routing fields this family computes, for ``conform`` (V2: softmax, groups by their max)."""
+        return {"scoring": "softmax", "normalization": "none", "group_score": "max", "selection_bias": False}
 
     def layout_of(self, layout: str) -> str:
         """The RoPE layout this family has closest to ``layout`` (V2: only interleaved pairs)."""
@@ -141,8 +154,9 @@ class DeepseekV2(Adapter):
                               expected="a multiple of intermediate_size; dense layers 0..k-1")
         return {**super().to_hf_dict(cfg), "hidden_act": "silu", "qk_rope_head_dim": cfg.head_dim,
                 "q_lora_rank": cfg.q_lora_rank or None, "n_shared_experts": shared,
-                "first_k_dense_replace": len(cfg.dense_layers), "topk_method": "greedy",
-                "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}
+                "first_k_dense_replace": len(cfg.dense_layers), "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+                "topk_method": "group_limited_greedy" if cfg.n_group > 1 else "greedy",
+                "routed_scaling_factor": cfg.routed_scaling_factor}
 
     # reference model ---------------------------------------------------------------------
     def decoder_layer(self, cfg: MoEConfig, index: int) -> nn.Module:

@@ -36,6 +36,7 @@ class DeepseekV3(DeepseekV2):
     aliases = {"num_local_experts": ("n_routed_experts",)}
     defaults = {**DeepseekV2.defaults, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1,
                 "dense_intermediate_size": 18432, "intermediate_size": 2048, "num_local_experts": 256}
+    derives = (*DeepseekV2.derives, "normalization")
     shared_default = 1
     dense_default = 3
 
@@ -57,15 +58,20 @@ class DeepseekV3(DeepseekV2):
         return "half" if layout == "half" else "pairs_to_half"
 
     def routing(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """The TopKRouting fields of DeepseekV3TopkRouter."""
-        raise ConfigError("DeepSeek-V3 routing (sigmoid scores, e_score_correction_bias, grouped top-k) is not "
-                          "implemented yet", given=shown(raw.get("n_group")), expected="a later mixport")
+        """The TopKRouting fields of DeepseekV3TopkRouter: sigmoid, the selection bias, groups scored by their
+        two best, renormalised with norm_topk_prob, x routed_scaling_factor."""
+        groups = {k: read(raw, k, Field("int", high=2**16), d) for k, d in (("n_group", 8), ("topk_group", 4))}
+        return {"scoring": "sigmoid", "selection_bias": True, **groups, "group_score": "top2_sum",
+                "normalization": "renormalize" if read(raw, "norm_topk_prob", Field("bool"), True) else "none",
+                "routed_scaling_factor": read(raw, "routed_scaling_factor", Field("float"), 2.5)}
+
+    def routing_of(self, cfg: MoEConfig) -> dict[str, Any]:
+        return {"scoring": "sigmoid", "selection_bias": True, "group_score": "top2_sum"}
 
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         d = super().to_hf_dict(cfg)
-        for key in ("topk_method", "mlp_bias"):
-            d.pop(key, None)
-        return {**d, "rope_interleave": cfg.rope_layout != "half", "norm_topk_prob": True, "num_mtp_layers": 0}
+        d.pop("topk_method")
+        return {**d, "rope_interleave": cfg.rope_layout != "half", "norm_topk_prob": cfg.normalization == "renormalize"}
 
     def ignorable(self, name: str, shape: tuple[int, ...], cfg: MoEConfig) -> bool:
         """A multi-token-prediction layer (the checkpoint's layers past num_hidden_layers): not read."""

@@ -20,17 +20,9 @@ from torch import nn
 
 from mixport.models.components import RMSNorm, rotary
 from mixport.models.config import MoEConfig
+from mixport.models.rope import mscale_scale
 
 LORA_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with its RMSNorm's default eps
-
-
-def mscale_scale(cfg: MoEConfig) -> float:
-    """YaRN's extra softmax-scale factor (mixport.models.rope's, when that module exists; else 1.0)."""
-    try:
-        from mixport.models import rope
-    except ImportError:  # plain RoPE only
-        return 1.0
-    return float(rope.mscale_scale(cfg))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
@@ -67,7 +59,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(rank, LORA_EPS)
         self.kv_b_proj = nn.Linear(rank, heads * (nope + v), bias=False)
         self.o_proj = nn.Linear(heads * v, h, bias=cfg.o_bias)
-        self.scale = (nope + rope) ** -0.5 * mscale_scale(cfg)
+        self.scale = (nope + rope) ** -0.5 * mscale_scale(cfg)  # YaRN: x mscale ** 2
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H] -> q [B, N, S, n + r]."""

@@ -20,9 +20,20 @@ from torch import nn
 
 from mixport.models.components import RMSNorm, rotary
 from mixport.models.config import MoEConfig
-from mixport.models.rope import mscale_scale
+from mixport.models.rope import yarn_mscale
 
 LORA_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with its RMSNorm's default eps
+
+
+def softmax_scale(cfg: MoEConfig) -> float:
+    """(n + r) ** -0.5, times mscale(factor, mscale_all_dim) twice under YaRN with mscale_all_dim (transformers'
+    yarn_apply_mscale, in its order of operations; rope.mscale_scale is the same factor)."""
+    scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
+    if cfg.rope_type != "default" and cfg.rope_mscale_all_dim:
+        factor = cfg.rope_factor or cfg.max_position_embeddings / float(cfg.rope_original_max or 1)
+        m = yarn_mscale(float(factor), cfg.rope_mscale_all_dim)
+        scale = scale * m * m
+    return scale
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
@@ -59,7 +70,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(rank, LORA_EPS)
         self.kv_b_proj = nn.Linear(rank, heads * (nope + v), bias=False)
         self.o_proj = nn.Linear(heads * v, h, bias=cfg.o_bias)
-        self.scale = (nope + rope) ** -0.5 * mscale_scale(cfg)  # YaRN: x mscale ** 2
+        self.scale = softmax_scale(cfg)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H] -> q [B, N, S, n + r]."""

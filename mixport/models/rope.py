@@ -102,6 +102,8 @@ def from_hf(raw: Mapping[str, Any], default_theta: float, *, types: tuple[str, .
             where = f"{key}.{name}"
         if name in _FALSY_IS_UNSET and value == 0:
             value = None
+        if name == "truncate" and value is None:  # absent: transformers truncates (MoEConfig's default)
+            continue
         field = _KEYS[name]
         if value is not None and not FIELDS[field].accepts(value):
             raise ConfigError(f"config.json field '{where}' must be {FIELDS[field].expected()}", given=shown(value))

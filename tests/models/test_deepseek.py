@@ -19,7 +19,7 @@ import torch
 
 from mixport.errors import ConfigError
 from mixport.exporter.loader import expected_shapes
-from mixport.models import registry
+from mixport.models import registry, rope
 from mixport.models.config import MoEConfig
 from tests.helpers import require_module
 
@@ -35,12 +35,20 @@ SWITCHES: dict[str, list[dict[str, Any]]] = {
         {**SMALL, "q_lora_rank": None, "n_routed_experts": 8, "n_shared_experts": 3, "first_k_dense_replace": 1},
         {**SMALL, "q_lora_rank": 16, "attention_bias": True, "n_shared_experts": 0, "rms_norm_eps": 1e-3,
          "num_experts": 6, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+        {**SMALL, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "n_routed_experts": 8,
+         "routed_scaling_factor": 1.5, "norm_topk_prob": True,  # which transformers' V2 ignores
+         "rope_scaling": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512, "mscale": 0.9,
+                          "mscale_all_dim": 1.1, "beta_fast": 16, "beta_slow": 2}, "max_position_embeddings": 4096},
     ],
     "deepseek_v3": [
         {**SMALL, "q_lora_rank": 16, "rope_interleave": True, "first_k_dense_replace": 2, "n_routed_experts": 8,
          "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2},
         {**SMALL, "q_lora_rank": None, "rope_interleave": False, "first_k_dense_replace": 0,
          "num_local_experts": 6, "n_group": 1, "topk_group": 1, "tie_word_embeddings": True},
+        {**SMALL, "n_routed_experts": 12, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 4,
+         "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+         "rope_parameters": {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                             "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1e4}},
     ],
 }
 LAYOUTS = {"deepseek_v2": lambda hc: "pairs",
@@ -94,6 +102,37 @@ def _ours(model_type: str, cfg: MoEConfig) -> dict[str, Any]:
             "tie": cfg.tie_word_embeddings}
 
 
+def _rope(model_type: str, hc: Any, model: Any) -> tuple[list[float], float]:
+    """transformers' rotary frequencies and cos/sin factor (its rotary class rebuilt off the meta device)."""
+    rotary = type(model.model.rotary_emb)(hc)
+    return rotary.inv_freq.tolist(), float(rotary.attention_scaling)
+
+
+def _routing(model_type: str, hc: Any, model: Any, cfg: MoEConfig) -> None:
+    """transformers' router module (a CPU copy; random weight and correction bias) and mixport's Router
+    built from ``cfg`` pick the same experts with the same weights."""
+    from mixport.models.components import Router
+
+    router = next(m for m in model.modules() if "TopkRouter" in type(m).__name__)
+    gen = torch.Generator().manual_seed(0)
+    with torch.device("cpu"):
+        theirs, ours = type(router)(hc), Router(cfg)
+    x = torch.randn(256, cfg.hidden_size, generator=gen)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(theirs.weight.shape, generator=gen))
+        ours.weight.copy_(theirs.weight)
+        if cfg.selection_bias:
+            theirs.e_score_correction_bias.copy_(torch.randn(cfg.num_local_experts, generator=gen))
+            ours.e_score_correction_bias.copy_(theirs.e_score_correction_bias)
+        _, want_w, want_ids = theirs(x)
+        got_w, got_ids = ours(x)
+    order = want_ids.argsort(dim=-1)  # transformers' topk is unsorted
+    want_ids, want_w = want_ids.gather(1, order), want_w.gather(1, order)
+    order = got_ids.argsort(dim=-1)
+    assert torch.equal(want_ids, got_ids.gather(1, order)), "routing picks other experts"
+    assert (want_w - got_w.gather(1, order)).abs().max() <= 1e-6, "routing weighs the experts otherwise"
+
+
 def _cases() -> list[Any]:
     out = [pytest.param(mt, {}, id=f"{mt}-minimal") for mt in MINIMAL]
     return out + [pytest.param(mt, sw, id=f"{mt}-switches{i}") for mt, sws in SWITCHES.items()
@@ -108,6 +147,10 @@ def test_config_describes_the_model_transformers_builds(model_type: str, changes
     theirs, ours = _theirs(model_type, raw), _ours(model_type, cfg)
     assert theirs.pop("weights") == ours.pop("weights")
     assert theirs == ours
+    hc, model = _transformers(model_type, raw)
+    freqs, factor = _rope(model_type, hc, model)
+    assert rope.inv_freq(cfg).tolist() == pytest.approx(freqs, rel=1e-6) and rope.attention_factor(cfg) == factor
+    _routing(model_type, hc, model, cfg)
 
 
 def test_the_cache_is_what_transformers_caches() -> None:

@@ -1,0 +1,187 @@
+"""DeepSeek-V2 and DeepSeek-V3 through `mixport export` (issue 13's "done when", export side).
+
+One tiny Hugging Face folder per family, written by transformers' own classes and exported once per
+session through the CLI. Each config exercises what the family adds: MLA (V2: a plain q_proj, RoPE in
+interleaved pairs, YaRN with mscale != mscale_all_dim so both the cos/sin factor and the softmax scale
+move; V3: q LoRA, rope_interleave), a dense first layer (first_k_dense_replace 1), ungated shared experts
+(V2: two, V3: one), grouped routing with topk_group < n_group (V2: softmax, groups by their best,
+x routed_scaling_factor, no renormalisation; V3: sigmoid, random non-zero e_score_correction_bias, groups
+by their two best, renormalised, x 2.5). The written model.onnx runs in a plain
+``onnxruntime.InferenceSession`` against transformers' model (prefill + 32 greedy steps, batch 2, left
+padding), each MoE layer is one TopKRouting + one MoE node, the manifest records the cache tensors'
+shapes (k and v differ), routing the trace never saw is right, and `mixport check` / `mixport run` work.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixport import artifact, ops
+from mixport.exporter.config import load_config
+from mixport.exporter.tiny import write_tiny
+from mixport.models import MoEConfig, registry
+from tests.conftest import tiny_config
+from tests.exporter import parity
+from tests.helpers import invoke, require_module
+
+require_module("transformers")
+
+MLA = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=8, kv_lora_rank=24,
+           qk_nope_head_dim=12, v_head_dim=10, num_hidden_layers=3, intermediate_size=24, num_local_experts=8,
+           dense_layers=(0,), dense_intermediate_size=56, rope_theta=1e4, max_position_embeddings=256)
+YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max=64, rope_mscale=1.0, rope_mscale_all_dim=0.8)
+CONFIGS = {
+    "deepseek_v2": dict(**MLA, **YARN, rope_layout="pairs", num_experts_per_tok=2, shared_expert_intermediate_size=48,
+                        normalization="none", n_group=4, topk_group=2, group_score="max", routed_scaling_factor=1.5),
+    "deepseek_v3": dict(**MLA, q_lora_rank=16, rope_layout="pairs_to_half", num_experts_per_tok=3,
+                        shared_expert_intermediate_size=24, normalization="renormalize", scoring="sigmoid",
+                        selection_bias=True, n_group=4, topk_group=2, group_score="top2_sum",
+                        routed_scaling_factor=2.5),
+}
+STEPS = 32
+
+
+@dataclass(frozen=True)
+class Exported:
+    src: Path
+    out: Path
+    cfg: MoEConfig  # as mixport reads src
+
+
+def family_config(family: str) -> MoEConfig:
+    return replace(tiny_config(**CONFIGS[family]), model_type=family)
+
+
+def with_router_changes(src: Path, cfg: MoEConfig, seed: int) -> None:
+    """Random non-zero correction biases (transformers initialises them to 0) and, for sigmoid scoring,
+    routers scaled down so that no two experts' sigmoids round to the same 1.0 (an honest tie)."""
+    path = src / "model.safetensors"
+    state = load_file(path)
+    gen = torch.Generator().manual_seed(seed)
+    adapter = registry.for_config(cfg)
+    for i in adapter.moe_layers(cfg):
+        name = adapter.hub_name(adapter.router_weight(i))
+        if cfg.selection_bias:
+            state[name] = state[name] * 0.15
+            state[name.replace(".weight", ".e_score_correction_bias")] = 0.1 * torch.randn(
+                cfg.num_local_experts, generator=gen)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def deepseek_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Exported]:
+    made: dict[str, Exported] = {}
+
+    def get(family: str) -> Exported:
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            cfg = family_config(family)
+            src = write_tiny(root / "src", cfg, seed=3)
+            with_router_changes(src, cfg, seed=5)
+            result = invoke("export", src, "-o", root / "out", "--no-check")
+            assert result.exit_code == 0, result.output
+            made[family] = Exported(src, root / "out", load_config(src)[0])
+        return made[family]
+
+    return get
+
+
+def hf_model(folder: Path, family: str):  # -> transformers' *ForCausalLM, fp32, eval
+    return registry.get(family).transformers_class().from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def mixport_nodes(proto: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in proto.graph.node if (n.domain, n.op_type) == (ops.DOMAIN, op)]
+
+
+FAMILIES = list(CONFIGS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_reads_the_family_and_fuses_one_moe_node_per_moe_layer(deepseek_export: Callable[[str], Exported],
+                                                                      family: str) -> None:
+    ex = deepseek_export(family)
+    asked = CONFIGS[family]
+    assert {k: getattr(ex.cfg, k) for k in asked} == asked  # the folder really exercises each feature
+    proto = onnx.load(str(ex.out / artifact.MODEL_FILE))
+    moe_layers = registry.for_config(ex.cfg).moe_layers(ex.cfg)
+    routers, moes = mixport_nodes(proto, ops.TOPK_ROUTING), mixport_nodes(proto, ops.MOE)
+    assert moe_layers == [1, 2] and len(routers) == len(moes) == 2
+    assert {(f.domain, f.name) for f in proto.functions} >= {(ops.DOMAIN, ops.TOPK_ROUTING), (ops.DOMAIN, ops.MOE)}
+    spec = ex.cfg.routing()
+    for node in routers:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert ops.RoutingSpec.from_attributes(attrs, has_bias=len(node.input) > 1) == spec
+        assert attrs["plugin_version"] == ops.ROUTING_PLUGIN_VERSION.encode()
+    assert not [t.name for t in proto.graph.initializer if ".experts." in t.name and t.name.endswith(".weight")]
+    manifest = artifact.Manifest.read(ex.out)
+    kv = {"key": ["batch", 1, "past_seq", ex.cfg.kv_lora_rank], "value": ["batch", 1, "past_seq", ex.cfg.head_dim]}
+    assert manifest.cache == {f"past_key_values.{i}.{n}": kv[n] for i in range(3) for n in ("key", "value")}
+    assert manifest.cache_shapes() == [(1, ex.cfg.kv_lora_rank), (1, ex.cfg.head_dim)] * 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_onnxruntime_matches_transformers(deepseek_export: Callable[[str], Exported], family: str) -> None:
+    """model.onnx in a bare InferenceSession vs transformers' own model: prefill + 32 greedy steps,
+    batch 2 with left padding, the same tokens, logits within 1e-4."""
+    ex = deepseek_export(family)
+    ids, mask = parity.left_padded_prompt(ex.cfg.vocab_size)
+    ours = parity.greedy(parity.OrtStepper(parity.plain_session(ex.out / artifact.MODEL_FILE)), ids, mask, STEPS)
+    theirs = parity.greedy(parity.HfStepper(hf_model(ex.src, family)), ids, mask, STEPS)
+    np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+    assert ours.tokens.shape == (2, STEPS + 1) and len(set(ours.tokens[0].tolist())) > 4  # not stuck on one token
+    assert parity.max_logit_error(ours, theirs, mask) <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routing_the_trace_never_saw(deepseek_export: Callable[[str], Exported], family: str) -> None:
+    from mixport.exporter.loader import load_reference
+
+    ex = deepseek_export(family)
+    ref, _, _ = load_reference(ex.src)
+    parity.assert_unseen_routing(ex.out / artifact.MODEL_FILE, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixport_check_passes(deepseek_export: Callable[[str], Exported], family: str, tmp_path: Path) -> None:
+    """`mixport check`: transformers vs ONNX Runtime, the cache tensors (transformers' own), the experts
+    each MoE layer selected."""
+    ex = deepseek_export(family)
+    folder = shutil.copytree(ex.out, tmp_path / "out")
+    result = invoke("check", folder, "--steps", 4)
+    assert result.exit_code == 0, result.output
+    assert "parity: PASSED" in result.output and "present.2.value" in result.output
+    routing = [ln.split() for ln in result.output.splitlines() if ln.strip().startswith("layer ")]
+    assert len(routing) == 2 and all(r[-1] == "ok" for r in routing), result.output
+
+
+def test_mixport_run_generates_on_the_portable_graph_saying_why(deepseek_export: Callable[[str], Exported],
+                                                                tmp_path: Path) -> None:
+    """The fast graph (GroupQueryAttention) has no MLA: `mixport run` runs model.onnx and says why; its
+    tokens are transformers' greedy tokens (the runtime allocates the cache from the manifest)."""
+    ex = deepseek_export("deepseek_v3")
+    folder = shutil.copytree(ex.out, tmp_path / "out")
+    result = invoke("run", folder, "--prompt", "The ship sailed", "--max-new-tokens", 6, "--no-stream")
+    assert result.exit_code == 0, result.output
+    assert "portable graph, not the fast graph: MLA attention" in result.output
+    assert not (folder / "model.ort.onnx").exists()
+    from mixport.runtime import load
+
+    pipe = load(folder)
+    prompt = pipe.encode("The ship sailed")
+    ours = pipe.generate_ids([prompt], 6)[0]
+    hf = hf_model(ex.src, "deepseek_v3")
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    assert ours == want[:len(ours)] and len(ours) >= 1
+    assert json.loads((folder / artifact.MANIFEST).read_text())["cache"]

@@ -128,3 +128,12 @@ def test_mixport_check_passes(phimoe, tmp_path: Path) -> None:
     assert "parity: PASSED" in result.output and "pytorch-transformers vs onnxruntime" in result.output
     routing = [ln.split() for ln in result.output.splitlines() if ln.strip().startswith("layer ")]
     assert len(routing) == cfg.num_hidden_layers and all(r[-1] == "ok" for r in routing), result.output
+
+
+def test_mixport_run_generates_on_the_portable_graph_saying_why(phimoe) -> None:
+    """The fast ONNX Runtime graph has no LayerNorm / LongRoPE-mscale / lm_head-bias path: `mixport run`
+    generates with model.onnx and says why."""
+    _, out, _ = phimoe
+    result = invoke("run", out, "--prompt", "The ship sailed", "--max-new-tokens", "6")
+    assert result.exit_code == 0, result.output
+    assert "fast graph unavailable" in result.output and "PhimoeForCausalLM" in result.output, result.output

@@ -252,7 +252,7 @@ def test_every_field_is_read_by_some_family() -> None:
     read = {field for _, field, _ in OWN_KEYS} | set(COMMON)  # + the keys Mixtral's config.json names
     derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate",
                *rope.FIELD_NAMES, "scoring", "norm_type",  # PhiMoE's sparsemixer and LayerNorm: the family's
-               "n_group", "topk_group", "group_score", "routed_scaling_factor", "selection_bias"}  # DeepSeek's; rope_*: rope.py
+               "n_group", "topk_group", "group_score", "routed_scaling_factor", "selection_bias"}  # DeepSeek
     assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family
 
 

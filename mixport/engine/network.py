@@ -119,7 +119,8 @@ def check_plugin_version(node: Any) -> None:
     if node.op_type == TOPK_ROUTING and version in ("1", "2") and _described(node) == ROUTING_PLUGIN_VERSION:
         raise BuildError(f"mixport::TopKRouting node '{node.name}' has plugin_version '{version}', which has no "
                          "selection bias, sigmoid / sparsemixer scoring, groups or scaling", given=version,
-                         expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'", hint="re-export the model with this mixport")
+                         expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'",
+                         hint="re-export the model with this mixport")
     quantized = any(a.name == "bits" for a in node.attribute) or len(node.input) > 5
     if node.op_type == MOE and quantized != (version == QUANT_PLUGIN_VERSION):
         raise BuildError(f"mixport::MoE node '{node.name}' has plugin_version '{version}'",

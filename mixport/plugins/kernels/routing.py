@@ -96,7 +96,7 @@ def topk_routing_kernel(
                 gscore = tl.where(gcols[None, :] == g, score[:, None], gscore)
             glive = tl.broadcast_to(gcols[None, :] < N_GROUP, [BLOCK_T, BLOCK_G])
             keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
-            for r in tl.static_range(TOPK_GROUP):
+            for _r in tl.static_range(TOPK_GROUP):
                 gbest = tl.max(tl.where(glive, gscore, float("-inf")), axis=1)
                 gi = tl.min(tl.where(glive & (gscore == gbest[:, None]), gcols[None, :], BLOCK_G), axis=1)
                 keep = tl.where(gid[None, :] == gi[:, None], 1, keep)

@@ -128,3 +128,48 @@ def test_mixport_check_passes(phimoe, tmp_path: Path) -> None:
     assert "parity: PASSED" in result.output and "pytorch-transformers vs onnxruntime" in result.output
     routing = [ln.split() for ln in result.output.splitlines() if ln.strip().startswith("layer ")]
     assert len(routing) == cfg.num_hidden_layers and all(r[-1] == "ok" for r in routing), result.output
+
+
+def test_mixport_run_generates_on_the_portable_graph_saying_why(phimoe) -> None:
+    """The fast ONNX Runtime graph has no LayerNorm / LongRoPE-mscale / lm_head-bias path: `mixport run`
+    generates with model.onnx and says why."""
+    _, out, _ = phimoe
+    result = invoke("run", out, "--prompt", "The ship sailed", "--max-new-tokens", "6")
+    assert result.exit_code == 0, result.output
+    assert "fast graph unavailable" in result.output and "PhimoeForCausalLM" in result.output, result.output
+
+
+def test_mixport_build_makes_sparsemixer_plugin_layers(phimoe, trt_module, tmp_path: Path) -> None:
+    """`mixport build` (TensorRT-RTX on the CPU): each TopKRouting becomes a version-3 plugin layer whose
+    fields carry the sparsemixer routing, each MoE a MoE plugin layer."""
+    _, out, cfg = phimoe
+    folder = shutil.copytree(out, tmp_path / "out")
+    result = invoke("build", folder)
+    assert result.exit_code == 0, result.output
+    engine = artifact.Manifest.read(folder).engine
+    plugins = sorted(layer["plugin"] for layer in engine.plugin_layers)
+    assert plugins == [f"mixport::{ops.MOE}"] * cfg.num_hidden_layers + [f"mixport::{ops.TOPK_ROUTING}"] * 2
+    import tempfile
+
+    from mixport.engine.network import parse_onnx
+    from mixport.engine.prepare import prepare_for_parser
+    from mixport.engine.trt_logger import make_logger
+
+    trt, logger = trt_module, make_logger(trt_module)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, _ = prepare_for_parser(folder / artifact.MODEL_FILE, Path(tmp))
+        network = parse_onnx(trt, trt.Builder(logger), logger, source, use_plugins=True).network
+        routing = []
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.PLUGIN_V3:
+                layer.__class__ = trt.IPluginV3Layer
+                core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+                if core.plugin_name == ops.TOPK_ROUTING:
+                    routing.append(core)
+    assert len(routing) == cfg.num_hidden_layers
+    for plugin in routing:
+        assert plugin.plugin_version == "3"
+        assert (plugin.values["scoring_func"], plugin.values["normalization"], plugin.values["k"]) == \
+            ("sparsemixer", "none", 2)
+        assert plugin.values["sparsemixer_eps"] == pytest.approx(0.05)

@@ -6,7 +6,11 @@ Keys and values come from one compressed kv per token: ``kv_a_proj_with_mqa`` ma
 ``q_proj``, or ``q_a_proj`` -> ``q_a_layernorm`` -> ``q_b_proj`` when ``q_lora_rank`` is set; RoPE turns
 only their last r dims. The KV cache holds what transformers' caches hold: the normed latent as the
 "key" [B, 1, P, kv_lora_rank] and the roped shared key as the "value" [B, 1, P, r], so k and v have
-different shapes (``MoEConfig.cache_dims``); every step expands the whole cache through kv_b_proj.
+different shapes (``MoEConfig.cache_dims``). Attention runs in the latent space ("absorbed" MLA): each
+head's q_nope goes through its rows of kv_b_proj's key part [n, R] and meets the cached latents directly,
+the probabilities weigh the latents, and the result goes through the head's value rows [v, R]. It is
+transformers' expand-then-attend reassociated (equal within fp32 rounding), and a decode step costs
+O(P * (R + r)) per head instead of expanding all P cached latents through kv_b_proj (O(P * R * N * (n + v))).
 Softmax scale: (n + r) ** -0.5, times YaRN's mscale(factor, mscale_all_dim) ** 2 when configured.
 
 Legend: B batch, S new tokens, P past tokens, L = P + S, H hidden, N heads, n q/k head width without
@@ -78,14 +82,11 @@ class MLAttention(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.cfg.q_lora_rank else self.q_proj(x)
         return q.view(b, s, self.cfg.num_attention_heads, -1).transpose(1, 2)
 
-    def _expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latent [B, 1, L, R], k_rot [B, 1, L, r] -> keys [B, N, L, n + r], values [B, N, L, v]."""
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's weight [N*(n+v), R] per head: its key rows [N, n, R] and value rows [N, v, R]."""
         cfg = self.cfg
-        b, _, length, _ = latent.shape
-        kv = self.kv_b_proj(latent[:, 0]).view(b, length, cfg.num_attention_heads, -1).transpose(1, 2)
-        k_nope, values = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-        keys = torch.cat((k_nope, k_rot.expand(-1, cfg.num_attention_heads, -1, -1)), dim=-1)
-        return keys, values
+        w = self.kv_b_proj.weight.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+        return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -100,9 +101,8 @@ class MLAttention(nn.Module):
         k_rot = compressed[..., cfg.kv_lora_rank:][:, None]  # [B, 1, S, r]
         q_rot, k_rot = rotate(q_rot, cos, sin, cfg.rope_layout), rotate(k_rot, cos, sin, cfg.rope_layout)
         latent, k_rot = torch.cat([past_k, latent], dim=2), torch.cat([past_v, k_rot], dim=2)  # [B, 1, L, .]
-        keys, values = self._expand(latent, k_rot)
-        query = torch.cat((q_nope, q_rot), dim=-1)
-        scores = (query @ keys.transpose(2, 3)).float() * self.scale + bias  # [B, N, S, L] fp32
-        probs = torch.softmax(scores, dim=-1).to(query.dtype)
-        out = (probs @ values).transpose(1, 2).reshape(b, s, -1)  # [B, S, N*v]
+        w_k, w_v = self._absorbed()  # [N, n, R], [N, v, R]
+        scores = (q_nope @ w_k) @ latent.transpose(2, 3) + q_rot @ k_rot.transpose(2, 3)  # [B, N, S, L]
+        probs = torch.softmax(scores.float() * self.scale + bias, dim=-1).to(q.dtype)  # fp32 softmax
+        out = ((probs @ latent) @ w_v.transpose(1, 2)).transpose(1, 2).reshape(b, s, -1)  # [B, S, N*v]
         return self.o_proj(out), latent, k_rot

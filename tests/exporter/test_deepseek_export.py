@@ -185,3 +185,43 @@ def test_mixport_run_generates_on_the_portable_graph_saying_why(deepseek_export:
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
     assert ours == want[:len(ours)] and len(ours) >= 1
     assert json.loads((folder / artifact.MANIFEST).read_text())["cache"]
+
+
+@pytest.mark.slow
+def test_mixport_build_makes_plugin_layers_with_the_routing_fields(deepseek_export: Callable[[str], Exported],
+                                                                  trt_module: object, tmp_path: Path) -> None:
+    """`mixport build` (TensorRT-RTX on the CPU): MLA builds as plain layers (its k and v of other widths,
+    the profile's cache shapes from the graph), each TopKRouting / MoE node a plugin layer, the routing
+    plugins carrying V3's sigmoid, groups and scaling (the correction bias is their second input)."""
+    from mixport.engine.network import parse_onnx
+    from mixport.engine.prepare import prepare_for_parser
+    from mixport.engine.trt_logger import make_logger
+
+    ex = deepseek_export("deepseek_v3")
+    folder = shutil.copytree(ex.out, tmp_path / "out")
+    result = invoke("build", folder)
+    assert result.exit_code == 0, result.output
+    engine = artifact.Manifest.read(folder).engine
+    assert engine is not None and engine.use_plugins
+    assert sorted(layer["plugin"] for layer in engine.plugin_layers) == [f"mixport::{ops.MOE}"] * 2 + [
+        f"mixport::{ops.TOPK_ROUTING}"] * 2
+    trt = trt_module
+    logger = make_logger(trt)
+    (tmp_path / "parse").mkdir()
+    source, _ = prepare_for_parser(folder / artifact.MODEL_FILE, tmp_path / "parse")
+    network = parse_onnx(trt, trt.Builder(logger), logger, source, use_plugins=True).network
+    routing = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.PLUGIN_V3:
+            layer.__class__ = trt.IPluginV3Layer
+            core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+            if core.plugin_name == ops.TOPK_ROUTING:
+                routing.append((core.values, layer.num_inputs))
+    spec = ex.cfg.routing()
+    assert len(routing) == 2
+    for values, inputs in routing:
+        assert inputs == 2  # logits + the selection bias
+        assert (values["scoring_func"], values["n_group"], values["topk_group"], values["group_score"]) == \
+            (spec.scoring, spec.n_group, spec.topk_group, spec.group_score)
+        assert values["routed_scaling_factor"] == pytest.approx(spec.scaling)

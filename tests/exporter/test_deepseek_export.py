@@ -225,3 +225,25 @@ def test_mixport_build_makes_plugin_layers_with_the_routing_fields(deepseek_expo
         assert (values["scoring_func"], values["n_group"], values["topk_group"], values["group_score"]) == \
             (spec.scoring, spec.n_group, spec.topk_group, spec.group_score)
         assert values["routed_scaling_factor"] == pytest.approx(spec.scaling)
+
+
+def test_the_cache_record_is_read_and_checked(deepseek_export: Callable[[str], Exported], tmp_path: Path) -> None:
+    """A manifest without ``cache`` (written before the record) reads its cache dims from the config; a
+    record that disagrees with model.onnx is refused by name when the folder is opened."""
+    from mixport.errors import RuntimeFailure
+    from mixport.runtime import load
+
+    ex = deepseek_export("deepseek_v2")
+    folder = shutil.copytree(ex.out, tmp_path / "out")
+    path = folder / artifact.MANIFEST
+    data = json.loads(path.read_text())
+    recorded = artifact.Manifest.read(folder).cache_shapes()
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "cache"}))
+    old = artifact.Manifest.read(folder)
+    assert old.cache == {} and old.cache_shapes() == recorded
+    with load(folder) as pipe:
+        assert len(pipe.generate_ids([[5, 6, 7]], 3)[0]) == 3
+    data["cache"]["past_key_values.1.key"] = ["batch", 1, "past_seq", ex.cfg.kv_lora_rank + 1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(RuntimeFailure, match="disagrees with model.onnx on cache"):
+        load(folder)

@@ -227,7 +227,8 @@ def _routing_stats(ref: list[Any], ort: list[Any], layers: list[int], k: int,
             logits = r[f"routing.{j}.logits"].reshape(-1, r[f"routing.{j}.logits"].shape[-1])
             a = np.sort(r[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
             b = np.sort(o[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
-            tie = routing_ties(r.get(f"routing.{j}.choice", logits), k)  # the scores the picks are made by
+            choice = f"routing.{j}.choice"  # the scores the picks are made by (a Polygraphy IterationResult)
+            tie = routing_ties(r[choice] if choice in r else logits, k)
             if f"routing.{j}.groups" in r:  # grouped top-k: groups tied at the kept / dropped boundary too
                 tie |= routing_ties(r[f"routing.{j}.groups"], topk_group)
             same = (a == b).all(axis=1)

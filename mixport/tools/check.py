@@ -227,7 +227,7 @@ def _routing_stats(ref: list[Any], ort: list[Any], layers: list[int], k: int,
             logits = r[f"routing.{j}.logits"].reshape(-1, r[f"routing.{j}.logits"].shape[-1])
             a = np.sort(r[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
             b = np.sort(o[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
-            choice = f"routing.{j}.choice"  # the scores the picks are made by (Polygraphy's results have no .get)
+            choice = f"routing.{j}.choice"  # the scores the picks are made by (a Polygraphy IterationResult)
             tie = routing_ties(r[choice] if choice in r else logits, k)
             if f"routing.{j}.groups" in r:  # grouped top-k: groups tied at the kept / dropped boundary too
                 tie |= routing_ties(r[f"routing.{j}.groups"], topk_group)

@@ -173,3 +173,23 @@ def test_mixport_build_makes_sparsemixer_plugin_layers(phimoe, trt_module, tmp_p
         assert (plugin.values["scoring_func"], plugin.values["normalization"], plugin.values["k"]) == \
             ("sparsemixer", "none", 2)
         assert plugin.values["sparsemixer_eps"] == pytest.approx(0.05)
+
+
+def test_sparsemixer_threshold_is_exercised(phimoe) -> None:
+    """On the parity prompt the threshold both masks every other expert (a first weight of exactly 1)
+    and keeps some (a first weight below 1): the export test covers both sides of sparsemixer's mask."""
+    from mixport.exporter.loader import load_reference
+
+    src, _, cfg = phimoe
+    ref, _, _ = load_reference(src)
+    firsts: list[torch.Tensor] = []
+    hooks = [layer.block_sparse_moe.gate.register_forward_hook(lambda _m, _a, out: firsts.append(out[0][:, 0]))
+             for layer in ref.layers]
+    ids, mask = parity.left_padded_prompt(cfg.vocab_size)
+    with torch.no_grad():
+        ref(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(parity.positions(mask)),
+            ref.empty_past(2))
+    for h in hooks:
+        h.remove()
+    first = torch.cat(firsts)
+    assert (first == 1.0).any() and (first < 0.99).any(), first

@@ -27,6 +27,9 @@ transformers = require_module("transformers")  # skips locally, fails under CI=t
 
 JSON = "config.json"  # in a case: keys rewritten in the written config.json (read by both sides)
 _H72 = {"hidden_size": 72, "intermediate_size": 40}  # hidden not a multiple of 64
+_MLA = {"num_key_value_heads": 4, "head_dim": 8, "kv_lora_rank": 24, "qk_nope_head_dim": 12, "v_head_dim": 10,
+        "intermediate_size": 24, "dense_layers": (0,), "dense_intermediate_size": 56, "num_hidden_layers": 3,
+        "shared_expert_intermediate_size": 48}  # DeepSeek: MLA, a dense first layer, two shared experts' width
 CASES = {  # model_type -> {case: changes to the tiny config}
     "mixtral": {
         "tiny": {},
@@ -102,6 +105,21 @@ CASES = {  # model_type -> {case: changes to the tiny config}
         "kv1-e12-window4": {
             **_H72, "head_dim": 18, "num_key_value_heads": 1, "num_local_experts": 12, "normalization": "none",
             "scoring": "sparsemixer", "sparsemixer_eps": 0.01, "norm_type": "layer", "sliding_window": 4},
+    },
+    "deepseek_v2": {  # MLA with a plain q_proj, V2's interleaved RoPE, YaRN; grouped softmax routing x 1.5
+        "yarn-groups-dense0": {
+            **_MLA, "rope_layout": "pairs", "normalization": "none", "n_group": 4, "topk_group": 2,
+            "routed_scaling_factor": 1.5, "rope_type": "yarn", "rope_factor": 4.0, "rope_original_max": 64,
+            "rope_mscale": 1.0, "rope_mscale_all_dim": 0.8},
+    },
+    "deepseek_v3": {  # MLA with q LoRA; sigmoid routing, groups by top-2 sum (biases: the export test's)
+        "interleave-qlora-groups": {
+            **_MLA, "q_lora_rank": 16, "rope_layout": "pairs_to_half", "normalization": "renormalize",
+            "scoring": "sigmoid", "selection_bias": True, "n_group": 4, "topk_group": 2, "group_score": "top2_sum",
+            "routed_scaling_factor": 2.5},
+        "rotate-half-bias": {
+            **_MLA, "rope_layout": "half", "qkv_bias": True, "o_bias": True, "normalization": "none",
+            "scoring": "sigmoid", "selection_bias": True, "group_score": "top2_sum", "num_experts_per_tok": 3},
     },
 }
 PARAMS = [pytest.param(model_type, changes, id=f"{model_type}-{name}")

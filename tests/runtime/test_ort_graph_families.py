@@ -200,7 +200,10 @@ def test_mixport_run_uses_the_fast_graph(family: Path) -> None:
 
 
 # Families the fast graph does not build, and the words of the reason `mixport run` prints for them.
-PORTABLE = {"phimoe": "PhimoeForCausalLM (the fast graph does not build this family's modules)"}  # LayerNorm,
+PORTABLE = {"phimoe": "PhimoeForCausalLM (the fast graph does not build this family's modules)",  # LayerNorm,
+            # DeepSeek: MLA (an export's config says so first: tests/exporter/test_deepseek_export.py)
+            **{m: f"{n} (the fast graph does not build this family's modules)" for m, n in
+               (("deepseek_v2", "DeepseekV2ForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"))}}
 # its LongRoPE mscale switch (one choice per call: a prefill crossing original_max_position_embeddings scales
 # every position alike, GroupQueryAttention's cache one per position) and the lm_head bias
 

@@ -254,11 +254,14 @@ def dequantize_reference(model: DecoderModel, record: QuantRecord) -> list[str]:
 
 
 def _kept_float(model: DecoderModel, record: QuantRecord) -> set[int]:
-    """The Linear modules a quantized export keeps in float: shared experts' gates (lm_head unless quantized)."""
+    """The Linear modules a quantized export keeps in float: shared experts' gates, MLA's kv_b_proj (its
+    weight is split per head, not multiplied as one 2-D MatMul weight), lm_head unless quantized."""
     from mixport.models.components import SparseMoeBlock
+    from mixport.models.mla import MLAttention
 
     kept = {id(getattr(m, m.layout.shared_gate)) for m in model.modules()
             if isinstance(m, SparseMoeBlock) and hasattr(m, m.layout.shared_gate)}
+    kept |= {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLAttention)}
     if not record.lm_head:
         kept.add(id(model.lm_head))
     return kept

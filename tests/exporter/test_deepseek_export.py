@@ -247,3 +247,20 @@ def test_the_cache_record_is_read_and_checked(deepseek_export: Callable[[str], E
     path.write_text(json.dumps(data))
     with pytest.raises(RuntimeFailure, match="disagrees with model.onnx on cache"):
         load(folder)
+
+
+@pytest.mark.slow
+def test_int4_export_is_exact_to_its_dequantized_weights(deepseek_export: Callable[[str], Exported],
+                                                         tmp_path: Path) -> None:
+    """`mixport export --quantize int4` of V3: MLA's projections and the experts quantized, kv_b_proj kept
+    float (its weight is split per head in the latent-space attention); the export's own quantization check
+    passes, its model.onnx within 1e-3 of the reference on the same dequantized weights."""
+    ex = deepseek_export("deepseek_v3")
+    result = invoke("export", ex.src, "-o", tmp_path / "q4", "--quantize", "int4")
+    assert result.exit_code == 0, result.output
+    assert "quantization error: PASSED" in result.output
+    row = next(ln for ln in result.output.splitlines() if "err vs dequantized ref" in ln)
+    assert row.split()[-1] == "ok", row
+    names = {t.name for t in onnx.load(str(tmp_path / "q4" / artifact.MODEL_FILE), load_external_data=False)
+             .graph.initializer}
+    assert "layers.1.self_attn.q_b_proj.weight_quantized" in names and "layers.1.self_attn.kv_b_proj.weight" in names

@@ -264,3 +264,18 @@ def test_int4_export_is_exact_to_its_dequantized_weights(deepseek_export: Callab
     names = {t.name for t in onnx.load(str(tmp_path / "q4" / artifact.MODEL_FILE), load_external_data=False)
              .graph.initializer}
     assert "layers.1.self_attn.q_b_proj.weight_quantized" in names and "layers.1.self_attn.kv_b_proj.weight" in names
+
+
+def test_runtimes_allocate_the_cache_from_the_record(deepseek_export: Callable[[str], Exported]) -> None:
+    """ONNX Runtime's portable session and the TensorRT binding plan (its CPU half) size each cache tensor
+    from the manifest: MLA's key [B, 1, P, kv_lora_rank], value [B, 1, P, qk_rope_head_dim]."""
+    from mixport.runtime.ort_session import OrtSession
+    from mixport.runtime.trt_session import BindingPlan
+
+    ex = deepseek_export("deepseek_v2")
+    manifest = artifact.Manifest.read(ex.out)
+    session = OrtSession(ex.out / artifact.MODEL_FILE, manifest)
+    session.reset(3)
+    assert [p.shape for p in session.past] == [(3, 1, 0, 24), (3, 1, 0, 8)] * 3
+    shapes = BindingPlan.from_manifest(manifest).input_shapes(batch=2, seq=1, past=5)
+    assert shapes["past_key_values.0.key"] == (2, 1, 5, 24) and shapes["past_key_values.2.value"] == (2, 1, 5, 8)

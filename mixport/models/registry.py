@@ -8,6 +8,7 @@ from typing import Any
 from mixport.errors import ConfigError
 from mixport.models.adapter import Adapter
 from mixport.models.config import DEFAULT_MODEL_TYPE
+from mixport.models.gpt_oss import GptOss
 from mixport.models.granitemoe import GraniteMoe, GraniteMoeShared
 from mixport.models.mixtral import Mixtral
 from mixport.models.olmoe import Olmoe
@@ -22,6 +23,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Olmoe(),
     GraniteMoe(),
     GraniteMoeShared(),
+    GptOss(),
 )
 
 

@@ -5,7 +5,9 @@ Per family: one tiny Hugging Face folder written by transformers' own classes
 family adds (Qwen2-MoE: gated shared expert, a dense mlp_only layer, q/k/v bias; Qwen3-MoE:
 head_dim != hidden/heads, per-head q/k norm, 12 experts, top-4, norm_topk_prob; OLMoE: clip_qkv,
 q/k norm over the projection; Granite: muP scalars far from 1, top-k then softmax;
-GraniteMoeShared: its shared MLP). The written model.onnx runs in a plain
+GraniteMoeShared: its shared MLP; GPT-OSS: attention sinks, q/k/v/o bias, sliding window 5 on layers 0
+and 2 (shorter than the 11-token prompt), a biased router, biased experts with the clamped SwiGLU
+stored interleaved, all biases and sinks random non-zero). The written model.onnx runs in a plain
 ``onnxruntime.InferenceSession`` against transformers' model (prefill + 32 greedy steps, batch
 2, left padding), equals the same trace before the fusion passes, computes routing the trace
 never saw, and passes `mixport check`. Layouts big checkpoints come in ride on those exports:
@@ -52,6 +54,7 @@ class Family:
     ops: dict[str, int] | None = None  # op_type -> count per layer the family's graph must hold
     sharded: bool = False  # the folder holds transformers' shards + index, not one model.safetensors
     external_data: bool = False  # exported past the 2 GB limit (lowered): weights in model.onnx.data
+    activation: str = "swiglu"  # the MoE node's activation (GPT-OSS: swiglu_clamped, plugin_version "3")
 
 
 FAMILIES = {
@@ -65,6 +68,9 @@ FAMILIES = {
     "granitemoe": Family(dict(**MUP, num_experts_per_tok=1), "topk_softmax", "none", sharded=True),
     "granitemoeshared": Family(dict(**MUP, num_local_experts=6, shared_expert_intermediate_size=56),
                                "topk_softmax", "none"),
+    "gpt_oss": Family(dict(num_hidden_layers=3, sliding_window=5, sliding_layers=(0, 2), qkv_bias=True, o_bias=True,
+                           num_local_experts=6, swiglu_limit=1.5, normalization="none"),
+                      "topk_softmax", "none", ops={"Clip": 0, "Sigmoid": 0}, activation="swiglu_clamped"),
 }
 STEPS = 32  # greedy decode steps after the prefill (the issue's bar)
 
@@ -171,7 +177,8 @@ def expected_linears(cfg: MoEConfig) -> int:
     return 6 * cfg.num_hidden_layers + moe * (1 + shared) + 3 * len(cfg.dense_layers) + 1
 
 
-def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, normalization: str) -> None:
+def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, normalization: str,
+                       activation: str = "swiglu") -> None:
     """One MoE and one TopKRouting node per MoE layer with the family's routing, their function
     bodies attached, no per-expert MatMul left."""
     moe_layers = len(registry.for_config(cfg).moe_layers(cfg))
@@ -185,7 +192,10 @@ def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, norma
                                     b"mixport", "plugin_version": ops.ROUTING_PLUGIN_VERSION.encode()}
     for node in moes:
         assert {n: attributes(node)[n] for n in ("num_experts", "k", "activation")} == \
-            {"num_experts": e, "k": k, "activation": b"swiglu"}
+            {"num_experts": e, "k": k, "activation": activation.encode()}
+        extended = activation != "swiglu" or cfg.expert_bias
+        assert attributes(node)["plugin_version"] == (ops.BIAS_PLUGIN_VERSION if extended else ops.PLUGIN_VERSION).encode()
+        assert len(node.input) == len(ops.MOE_INPUTS) + (len(ops.BIAS_INPUTS) if extended else 0)
     assert linears(proto) == expected_linears(cfg)
     assert not [t.name for t in proto.graph.initializer if ".experts." in t.name and t.name.endswith(".weight")]
 
@@ -199,7 +209,7 @@ def test_export_fuses_one_moe_node_per_moe_layer(family_export: Callable[[str], 
     assert ex.cfg.model_type == family and {k: getattr(ex.cfg, k) for k in asked} == asked
     assert (ex.cfg.routing_order, ex.cfg.normalization) == (fam.order, fam.normalization)
     fused = onnx.load(str(ex.out / artifact.MODEL_FILE))
-    assert_fused_graph(fused, ex.cfg, fam.order, fam.normalization)
+    assert_fused_graph(fused, ex.cfg, fam.order, fam.normalization, fam.activation)
     unfused = onnx.load(str(ex.unfused / artifact.MODEL_FILE), load_external_data=False)
     moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
     assert linears(unfused) - linears(fused) == 3 * ex.cfg.num_local_experts * moe_layers  # every expert's

@@ -49,6 +49,7 @@ class Field:
             "id": "a token id (an integer >= 0)",
             "ids": "a token id or a list of token ids (integers >= 0)",
             "layers": f"a list of distinct layer indices (integers in [0, {MAX_LAYERS}))",
+            "floats": f"a list of finite numbers > 0 (at most {MAX_HEAD_DIM})",
         }[self.kind]
         return f"{text}, or null" if self.nullable else text
 
@@ -58,6 +59,9 @@ class Field:
         if self.kind == "layers":
             return isinstance(value, (list, tuple)) and len(value) <= MAX_LAYERS \
                 and all(_is_int(v) and 0 <= v < MAX_LAYERS for v in value) and len(set(value)) == len(value)
+        if self.kind == "floats":
+            return isinstance(value, (list, tuple)) and 0 < len(value) <= MAX_HEAD_DIM and all(
+                (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and 0 < v <= self.high for v in value)
         if self.kind == "ids" and isinstance(value, list):
             return all(_is_int(v) and v >= 0 for v in value)
         if self.kind in ("id", "ids"):
@@ -116,6 +120,19 @@ FIELDS: dict[str, Field] = {
     "embedding_multiplier": Field("float"),
     "residual_multiplier": Field("float"),
     "logits_scaling": Field("float"),
+    "rope_type": Field("str", choices=("default", "yarn", "longrope")),
+    "rope_factor": Field("float", nullable=True),
+    "rope_original_max": Field("int", high=MAX_CONTEXT, nullable=True),
+    "rope_attention_factor": Field("float", nullable=True),
+    "rope_beta_fast": Field("float", nullable=True),
+    "rope_beta_slow": Field("float", nullable=True),
+    "rope_mscale": Field("float", nullable=True),
+    "rope_mscale_all_dim": Field("float", nullable=True),
+    "rope_truncate": Field("bool"),
+    "rope_short_factor": Field("floats", nullable=True),
+    "rope_long_factor": Field("floats", nullable=True),
+    "rope_short_mscale": Field("float", nullable=True),
+    "rope_long_mscale": Field("float", nullable=True),
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -130,6 +147,8 @@ def held(name: str, value: Any) -> Any:
     kind = FIELDS[name].kind if name in FIELDS else None
     if value is not None and kind == "float":
         return float(value)
+    if value is not None and kind == "floats":
+        return tuple(float(v) for v in value)
     if value is not None and kind == "layers":
         return tuple(value)
     return value

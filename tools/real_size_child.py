@@ -114,7 +114,7 @@ def graph_weights(model: Path) -> dict[str, Any]:
     from mixport.folder_check import wire_fields
     from mixport.runtime.ort_qmoe import MARKER
 
-    inline, made, external, files = 0, 0, set(), {model.name}
+    inline, made, fp16, external, files = 0, 0, 0, set(), {model.name}
     with model.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         graphs = [(a, b) for field, a, b in wire_fields(buf, 0, len(buf)) if field == 7]  # ModelProto.graph
         for g0, g1 in graphs:
@@ -124,10 +124,13 @@ def graph_weights(model: Path) -> dict[str, Any]:
                 raw = [b - a for fld, a, b in wire_fields(buf, t0, t1) if fld == 9]  # TensorProto.raw_data
                 if raw:
                     inline += raw[0]
+                    fp16 += raw[0] if _data_type(buf, t0, t1) == TensorProto.FLOAT16 else 0
                     continue
                 tensor = TensorProto.FromString(buf[t0:t1])
                 if not external_data_helper.uses_external_data(tensor):
-                    inline += numpy_helper.to_array(tensor).nbytes
+                    size = numpy_helper.to_array(tensor).nbytes
+                    inline += size
+                    fp16 += size if tensor.data_type == TensorProto.FLOAT16 else 0
                     continue
                 info = {e.key: e.value for e in tensor.external_data}
                 length = int(info["length"]) if "length" in info else _nbytes(tensor)
@@ -135,10 +138,31 @@ def graph_weights(model: Path) -> dict[str, Any]:
                     made += length  # a placeholder the session supplies
                     continue
                 files.add(info["location"])
-                external.add((info["location"], int(info.get("offset", 0)), length))
+                key = (info["location"], int(info.get("offset", 0)), length)
+                fp16 += length if tensor.data_type == TensorProto.FLOAT16 and key not in external else 0
+                external.add(key)
     ext = sum(length for _, _, length in external)
-    return {"bytes": inline + ext + made, "inline": inline, "external": ext, "made_at_load": made,
+    return {"bytes": inline + ext + made, "inline": inline, "external": ext, "made_at_load": made, "fp16": fp16,
             "files": sorted(files), "file_bytes": sum((model.parent / f).stat().st_size for f in files)}
+
+
+def _data_type(buf: Any, pos: int, end: int) -> int:
+    """TensorProto.data_type (field 2, a varint) of the record in buf[pos:end], without reading its data."""
+    from mixport.folder_check import _varint
+
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        kind = key & 7
+        if kind == 0:
+            value, pos = _varint(buf, pos, end)
+            if key >> 3 == 2:
+                return value
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        else:
+            size, pos = _varint(buf, pos, end)
+            pos += size
+    return 0
 
 
 def _nbytes(tensor: Any) -> int:

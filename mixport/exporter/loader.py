@@ -11,7 +11,7 @@ from mixport.errors import ConfigError
 from mixport.exporter.checkpoint import LazyWeight, load_state_dict
 from mixport.exporter.config import load_config
 from mixport.models import MoEConfig, registry
-from mixport.models.components import DecoderModel, rope_inv_freq
+from mixport.models.components import DecoderModel, rope_buffers
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,7 +32,8 @@ def build_model(cfg: MoEConfig, state: dict[str, torch.Tensor]) -> DecoderModel:
     with torch.device("meta"):
         model = reference_model(cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = rope_inv_freq(cfg)  # not in the checkpoint: computed off the meta device
+    for name, value in rope_buffers(cfg).items():  # not in the checkpoint: computed off the meta device
+        setattr(model, name, value)
     return model.eval()
 
 
@@ -60,5 +61,6 @@ def load_for_export(model_dir: Path, dtype: str = "fp32"
     cfg, config_hash, state = _load(model_dir, dtype, lazy=True)
     with torch.device("meta"):
         model = reference_model(cfg).to(torch_dtype(dtype))
-        model.inv_freq = rope_inv_freq(cfg)  # fp32 even when the weights are not
+        for name, value in rope_buffers(cfg).items():  # fp32 even when the weights are not
+            setattr(model, name, value)
     return model.eval(), state, cfg, config_hash

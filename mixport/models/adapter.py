@@ -23,8 +23,8 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mixport import config_fields
-from mixport.config_fields import FIELDS
 from mixport.errors import ConfigError
+from mixport.models import rope
 from mixport.models.config import MoEConfig, field_names
 from mixport.models.config import defaults as model_defaults
 from mixport.typed_json import shown
@@ -39,7 +39,7 @@ Renamed = tuple[str, Shape, tuple]  # (mixport name, its shape, index into the s
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_local_experts", "num_experts_per_tok")
-DERIVED = ("model_type", "num_key_value_heads", "head_dim", "rope_theta")  # see derived()
+DERIVED = ("model_type", "num_key_value_heads", "head_dim", "rope_theta", *rope.FIELD_NAMES)  # see derived()
 # The fields every family's config.json names alike (Mixtral's); any other MoEConfig field is read only where
 # the family's ``hf_fields`` maps it to a config.json key, so that a key another family uses cannot change this one.
 COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -82,6 +82,11 @@ class Adapter:
     dense_path: ClassVar[str] = "mlp"  # a dense layer's MLP, in the decoder layer
     mlp_projections: ClassVar[Mapping[str, str]] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     #                                              the shared expert's and the dense MLP's SwiGLU roles
+
+    # -- rotary embeddings (mixport/models/rope.py) ---------------------------------------
+    rope_types: ClassVar[tuple[str, ...]] = rope.TYPES  # the rope scalings this family's transformers class
+    #                                                    computes as rope.py does (others: refused by name)
+    rope_default: ClassVar[Mapping[str, Any] | None] = None  # the rope section when config.json has none
 
     # -- runtimes -------------------------------------------------------------------------
     fast_graph: ClassVar[bool] = False  # runtime/ort_graph builds every module this family composes
@@ -131,11 +136,17 @@ class Adapter:
                               expected="hidden_size = num_attention_heads * head_dim, or an explicit head_dim")
         return {"model_type": self.model_type, "num_key_value_heads": heads if kv is None else kv,
                 "head_dim": hidden // heads if head_dim is None else head_dim,
-                "rope_theta": rope_theta(raw, float(self.defaults.get("rope_theta", 1e6)))}
+                **rope.from_hf(raw, float(self.defaults.get("rope_theta", 1e6)), types=self.rope_types,
+                               family_default=self.rope_default)}
 
     def validate(self, cfg: MoEConfig) -> None:
         """Checks across fields beyond ``config_fields`` (which ``config_from_hf`` has run); a family
         adds its own (calling this one)."""
+        rope.check_dims(cfg, self.rope_dim(cfg))
+
+    def rope_dim(self, cfg: MoEConfig) -> int:
+        """The width RoPE rotates in each head (head_dim; a family with a rope part says its own)."""
+        return cfg.head_dim
 
     def _present_key(self, raw: Mapping[str, Any], field: str) -> str | None:
         """The config.json key ``field`` is read from in ``raw`` (its main key, else an alias), or None."""
@@ -184,9 +195,7 @@ class Adapter:
                 d[key] = value
         d.update(architectures=[self.name], model_type=self.model_type,
                  num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                 rope_theta=cfg.rope_theta,
-                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                 torch_dtype="float32")
+                 rope_theta=cfg.rope_theta, rope_parameters=rope.to_hf(cfg), torch_dtype="float32")
         return d
 
     # checkpoint names --------------------------------------------------------------------
@@ -313,40 +322,6 @@ def check_activation(raw: Mapping[str, Any], key: str = "hidden_act") -> None:
     if act not in ("silu", "swish"):
         raise ConfigError(f"config.json field '{key}' names an activation mixport does not implement",
                           given=shown(act), expected='"silu" (SwiGLU experts)')
-
-
-def rope_theta(raw: Mapping[str, Any], default: float) -> float:
-    """The plain-RoPE theta; ConfigError for any rope scaling (not implemented) or a malformed entry."""
-    params, scaling = (_object(raw, key) for key in ("rope_parameters", "rope_scaling"))
-    kinds = [(f"{key}.{name}", section.get(name)) for key, section in
-             (("rope_parameters", params), ("rope_scaling", scaling)) for name in ("rope_type", "type")]
-    for key, value in kinds:
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"config.json field '{key}' must be a string", given=shown(value),
-                              expected="a rope type such as \"default\"")
-    key, rope_type = next(((k, v) for k, v in kinds if v and v != "default"), ("", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"unsupported rotary embedding scaling in config.json field '{key}'", given=rope_type,
-                          expected="default (no rope scaling)",
-                          hint="mixport implements plain RoPE with the config's rope_theta")
-    given = [(k, v) for k, v in (("rope_parameters.rope_theta", params.get("rope_theta")),
-                                 ("rope_theta", raw.get("rope_theta"))) if v is not None]
-    for key, theta in given:  # both checked, though rope_parameters wins (as in transformers 5)
-        if not FIELDS["rope_theta"].accepts(theta):
-            raise ConfigError(f"config.json field '{key}' must be {FIELDS['rope_theta'].expected()}",
-                              given=shown(theta))
-    return float(given[0][1]) if given else float(default)
-
-
-def _object(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    """config.json's ``key`` section (an object, or absent / null: empty)."""
-    value = raw.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"config.json field '{key}' must be an object", given=shown(value),
-                          expected='an object such as {"rope_type": "default", "rope_theta": 10000.0}, or null')
-    return value
 
 
 def _asdict(cfg: MoEConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from mixport.models import rope
 from mixport.models.config import MoEConfig
 from mixport.models.routing import topk_routing
 
@@ -240,10 +241,36 @@ def attention_bias(attention_mask: torch.Tensor, past_len: int, new_len: int,
     return torch.where(allowed, zero, torch.full_like(zero, NEG))
 
 
-def rope_inv_freq(cfg: MoEConfig) -> torch.Tensor:
-    """[D/2] fp32 rotary frequencies for the config's theta (on the current default device)."""
-    d = cfg.head_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+def rope_inv_freq(cfg: MoEConfig, dim: int | None = None) -> torch.Tensor:
+    """[dim/2] fp32 rotary frequencies of the config's rope (plain, YaRN, LongRoPE's short factors;
+    mixport.models.rope), on the current default device."""
+    return torch.from_numpy(rope.inv_freq(cfg, dim)).to(torch.get_default_device())
+
+
+def rope_buffers(cfg: MoEConfig, dim: int | None = None) -> dict[str, torch.Tensor]:
+    """The rotary buffers a model computes rather than loads (on the current default device):
+    ``inv_freq``, and LongRoPE's ``long_inv_freq``."""
+    out = {"inv_freq": rope_inv_freq(cfg, dim)}
+    long = rope.long_inv_freq(cfg, dim)
+    if long is not None:
+        out["long_inv_freq"] = torch.from_numpy(long).to(torch.get_default_device())
+    return out
+
+
+def rope_tables(cfg: MoEConfig, inv_freq: torch.Tensor, position_ids: torch.Tensor,
+                long_inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [B, S] -> fp32 cos, sin [B, S, dim] (half-split layout), times the rope's attention
+    factor; LongRoPE takes ``long_inv_freq`` for the whole call when max(position_ids) + 1 exceeds the
+    original context (transformers' dynamic_rope_update)."""
+    freq = inv_freq
+    if long_inv_freq is not None:
+        beyond = position_ids.max() + 1 > cfg.rope_original_max
+        freq = torch.where(beyond, long_inv_freq, inv_freq)
+    freqs = position_ids[..., None].float() * freq  # [B, S, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    factor = rope.attention_factor(cfg)
+    cos, sin = emb.cos(), emb.sin()
+    return (cos, sin) if factor == 1.0 else (cos * factor, sin * factor)
 
 
 LayerFactory = Callable[[MoEConfig, int], nn.Module]  # (config, layer index) -> decoder layer
@@ -261,12 +288,13 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(make(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        for name, value in rope_buffers(cfg).items():
+            self.register_buffer(name, value, persistent=False)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # [B, S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """position_ids [B, S] -> cos, sin [B, 1, S, D] in ``dtype`` (mixport.models.rope)."""
+        cos, sin = rope_tables(self.cfg, self.inv_freq, position_ids, getattr(self, "long_inv_freq", None))
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past: list[torch.Tensor]
@@ -290,7 +318,7 @@ class DecoderModel(nn.Module):
     def computed_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers the checkpoint does not hold, computed on the CPU (also for a meta model)."""
         with torch.device("cpu"):
-            return {"inv_freq": rope_inv_freq(self.cfg)}
+            return rope_buffers(self.cfg)
 
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         cfg = self.cfg

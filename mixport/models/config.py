@@ -62,6 +62,20 @@ class MoEConfig:
     embedding_multiplier: float = 1.0  # embeddings x this
     residual_multiplier: float = 1.0  # each block's output x this before the residual add
     logits_scaling: float = 1.0  # logits / this
+    # -- rope scaling (mixport/models/rope.py; rope_parameters / rope_scaling in config.json) ------------
+    rope_type: str = "default"  # "default" | "yarn" | "longrope"
+    rope_factor: float | None = None  # yarn / longrope scale; None: max_position_embeddings / rope_original_max
+    rope_original_max: int | None = None  # original_max_position_embeddings (pretraining context)
+    rope_attention_factor: float | None = None  # cos/sin x this; None: the type's formula
+    rope_beta_fast: float | None = None  # yarn ramp (None: 32)
+    rope_beta_slow: float | None = None  # yarn ramp (None: 1)
+    rope_mscale: float | None = None  # yarn (DeepSeek)
+    rope_mscale_all_dim: float | None = None  # yarn (DeepSeek): also scales the softmax (rope.mscale_scale)
+    rope_truncate: bool = True  # yarn: floor/ceil the correction range (GPT-OSS: false)
+    rope_short_factor: tuple[float, ...] | None = None  # longrope, [rope_dim / 2]
+    rope_long_factor: tuple[float, ...] | None = None  # longrope, past rope_original_max
+    rope_short_mscale: float | None = None  # longrope (Phi-3.5-MoE's own cos/sin scale, short / long)
+    rope_long_mscale: float | None = None
 
     @property
     def kv_groups(self) -> int:

@@ -88,7 +88,9 @@ FIELDS = frozenset({
     "bos_token_id", "eos_token_id", "pad_token_id", "model_type",
     "routing_order", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "attention_scale", "sliding_layers",
     "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
-    "embedding_multiplier", "residual_multiplier", "logits_scaling"})
+    "embedding_multiplier", "residual_multiplier", "logits_scaling",
+    "rope_type", "rope_factor", "rope_original_max", "rope_attention_factor", "rope_beta_fast", "rope_beta_slow",
+    "rope_mscale", "rope_mscale_all_dim", "rope_truncate"})  # yarn; longrope: see supported()
 # GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
 # head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
 HEAD_DIM_MULTIPLE = 16
@@ -126,6 +128,9 @@ def supported(cfg: dict[str, Any], dtype: str) -> str | None:
         return f"model_type {cfg.get('model_type')!r} (this mixport knows {registry.supported()})"
     if not adapter.fast_graph:
         return f"{adapter.name} (the fast graph does not build this family's modules)"
+    if cfg.get("rope_type") == "longrope":
+        return ("rope_type longrope (its frequencies switch with the sequence length for the whole call; "
+                "GroupQueryAttention's cos/sin cache holds one value per position)")
     defaults = model_config.defaults()
     odd = [f"{k}={v!r}" for k, v in cfg.items()
            if k not in FIELDS and (k not in defaults or config_fields.held(k, v) != defaults[k])]

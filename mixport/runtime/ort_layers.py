@@ -27,6 +27,7 @@ import numpy as np
 
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
+from mixport.models import rope
 from mixport.passes import moe_bodies
 from mixport.runtime import ort_qmoe
 from mixport.runtime.ort_emit import MS, Builder
@@ -160,17 +161,19 @@ def feed_forward(g: Builder, i: int, h: str, shape: str) -> str:
 
 
 def rope_cache(g: Builder, exported: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [P, D/2] of plain RoPE; ``exported``: the export's inv_freq, which must agree."""
-    cfg, d = g.cfg, g.cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    """cos/sin [P, D/2] of the config's rope (plain or YaRN, times its attention factor;
+    mixport.models.rope); ``exported``: the export's inv_freq, which must agree."""
+    cfg = g.cfg
+    inv_freq = rope.inv_freq(cfg)
     if exported is not None and (exported.shape != inv_freq.shape
                                  or not np.allclose(exported, inv_freq, rtol=1e-6, atol=0)):
-        raise RuntimeFailure("the export's rotary frequencies (inv_freq) are not plain RoPE of the config",
+        raise RuntimeFailure("the export's rotary frequencies (inv_freq) are not those of the config's rope",
                              given=f"inv_freq {exported.ravel()[:3]}...",
-                             expected=f"rope_theta {cfg.rope_theta}: {inv_freq[:3]}...",
+                             expected=f"rope {cfg.rope_type}, rope_theta {cfg.rope_theta}: {inv_freq[:3]}...",
                              hint="run with --graph portable")
     freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq  # [P, D/2]
-    return np.cos(freqs).astype(g.dtype), np.sin(freqs).astype(g.dtype)
+    factor = np.float32(rope.attention_factor(cfg))
+    return (np.cos(freqs) * factor).astype(g.dtype), (np.sin(freqs) * factor).astype(g.dtype)
 
 
 def decoder(g: Builder) -> None:

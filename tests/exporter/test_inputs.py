@@ -50,7 +50,7 @@ def test_unsupported_architecture(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_rope_scaling_refused(tiny_dir: Path, tmp_path: Path) -> None:
     d = _copy(tiny_dir, tmp_path / "m")
-    _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    _edit_config(d, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0})
     with pytest.raises(ConfigError, match="rope"):
         load_config(d)
 

@@ -33,6 +33,13 @@ CASES = {  # model_type -> {case: changes to the tiny config}
         "sliding-window": {"sliding_window": 4},
         "mha-top1-e4": {"num_key_value_heads": 4, "num_experts_per_tok": 1, "num_local_experts": 4},
         "gqa4-h72": {"hidden_size": 72, "head_dim": 18, "num_key_value_heads": 1, "intermediate_size": 40},
+        # YaRN with DeepSeek's mscale pair (attention factor mscale / mscale_all_dim) and truncate off
+        "yarn-mscale": {"rope_type": "yarn", "rope_factor": 8.0, "rope_original_max": 32, "rope_beta_fast": 16.0,
+                        "rope_mscale": 1.0, "rope_mscale_all_dim": 0.5, "rope_truncate": False},
+        # LongRoPE: prefill's 9 positions take the short factors, the decode step (10 > 9) the long ones
+        "longrope": {"rope_type": "longrope", "rope_original_max": 9,
+                     "rope_short_factor": (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0),
+                     "rope_long_factor": (2.0, 3.0, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0)},
     },
     "qwen2_moe": {  # head_dim 24 != 72 / 4 (Qwen2MoeAttention reads an explicit head_dim)
         "hd24-e10-top3-gated-shared-mlp-only-sliding3": {
@@ -49,6 +56,8 @@ CASES = {  # model_type -> {case: changes to the tiny config}
         "hd24-e10-top4-renorm-sliding3-all": {
             **_H72, "head_dim": 24, "num_local_experts": 10, "num_experts_per_tok": 4, "qk_norm": "head",
             "sliding_window": 3},
+        "yarn": {**_H72, "head_dim": 24, "qk_norm": "head", "rope_type": "yarn", "rope_factor": 4.0,
+                 "rope_original_max": 64},
         "hd20-h6-e12-top2-bias-mlp-only": {
             **_H72, "head_dim": 20, "num_attention_heads": 6, "num_key_value_heads": 3, "num_local_experts": 12,
             "normalization": "none", "qk_norm": "head", "qkv_bias": True, "o_bias": True, "dense_layers": (0,),

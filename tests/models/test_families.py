@@ -23,7 +23,7 @@ from mixport.config_fields import FIELDS
 from mixport.errors import ConfigError
 from mixport.exporter.loader import expected_shapes
 from mixport.exporter.tiny import write_tiny
-from mixport.models import registry
+from mixport.models import registry, rope
 from mixport.models.adapter import COMMON, Adapter
 from mixport.models.config import MoEConfig, field_names
 from mixport.models.routing import topk_routing
@@ -240,7 +240,8 @@ OWN_KEYS = list({(a.model_type, a.hf_key(field)): (a.model_type, field, a.hf_key
 
 def test_every_field_is_read_by_some_family() -> None:
     read = {field for _, field, _ in OWN_KEYS} | set(COMMON)  # + the keys Mixtral's config.json names
-    derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate"}
+    derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate",
+               *rope.FIELD_NAMES}  # the rope_* fields: from rope_parameters / rope_scaling (models/rope.py)
     assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family
 
 
@@ -256,9 +257,18 @@ def test_a_familys_own_key_of_the_wrong_type_is_one_line_naming_it(model_type: s
 
 
 REFUSED = [  # (model_type, changes, fragments of the one line)
-    ("qwen2_moe", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, ["'rope_scaling.type'", "yarn"]),
-    ("qwen3_moe", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
-     ["'rope_parameters.rope_type'", "yarn"]),
+    ("qwen2_moe", {"rope_scaling": {"type": "dynamic", "factor": 4.0}}, ["'rope_scaling.type'", "dynamic"]),
+    ("qwen3_moe", {"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "rope_theta": 1e6}},
+     ["'rope_parameters.rope_type'", "llama3"]),
+    ("mixtral", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6, "short_factor": [1.0] * 8}},
+     ["'rope_parameters.long_factor' is missing"]),
+    ("qwen3_moe", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3}},
+     ["'rope_scaling.short_factor' has the wrong length", "given: 3 numbers"]),
+    ("qwen3_moe", {"rope_scaling": {"rope_type": "yarn", "factor": -4.0}}, ["'rope_scaling.factor' must be"]),
+    ("olmoe", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": "no"}},
+     ["'rope_scaling.truncate' must be true or false"]),
+    ("mixtral", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "partial_rotary_factor": 0.5},
+     ["'partial_rotary_factor'"]),
     ("olmoe", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["'rope_scaling.rope_type'", "linear"]),
     ("granitemoe", {"hidden_act": "gelu"}, ["'hidden_act'", '"gelu"', "silu"]),
     # transformers' OLMoE / Granite masks ignore a window, but their KV caches are cropped to it
@@ -307,7 +317,7 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("changes", "fragment"), [
-    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "'rope_scaling.type'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "'rope_scaling.type'"),
     ({"hidden_act": "gelu"}, "'hidden_act'"),
     ({"layer_types": ["full_attention", "full_attention"]}, "'layer_types'"),
     ({"mlp_only_layers": [7]}, "'mlp_only_layers'"),

@@ -134,3 +134,5 @@ def test_supported_asks_the_adapter_and_the_config(rt_export: Path, monkeypatch:
     assert ort_graph.supported({**cfg, "sliding_window": 4}, "fp32") is None  # GQA's local_window_size
     assert "head_dim 24" in ort_graph.supported({**cfg, "head_dim": 24}, "fp32")  # see test_gqa_contract.py
     assert "bf16" in ort_graph.supported(cfg, "bf16")
+    assert ort_graph.supported({**cfg, "rope_type": "yarn", "rope_factor": 4.0}, "fp32") is None  # scaled cos/sin
+    assert "rope_type longrope" in ort_graph.supported({**cfg, "rope_type": "longrope"}, "fp32")

@@ -2,7 +2,7 @@
 
 One tiny export per family (session-scoped, unfused, written by transformers' own class) carries
 the family's features at odd sizes: q/k/v and o biases, q/k RMSNorm per head and over the
-projection, clipping, an explicit head_dim, the softmax scale, sliding windows shorter than the
+projection, clipping, an explicit head_dim, the softmax scale, YaRN rope (Qwen3-MoE), sliding windows shorter than the
 prompts (on some layers or all), dense MLP layers, gated and ungated shared experts, both routing
 orders with and without renormalization, muP scalars, tied embeddings, top-k 1..4. Mixtral's export
 (tests/runtime/conftest.py) runs through the same parity test.
@@ -37,7 +37,8 @@ FAMILIES = {  # model_type -> changes to the tiny config (each family's features
                       dense_intermediate_size=112, normalization="none", sliding_window=4, sliding_layers=(0, 2)),
     "qwen3_moe": dict(hidden_size=72, head_dim=32, num_hidden_layers=3, num_local_experts=12, num_experts_per_tok=3,
                       intermediate_size=40, qk_norm="head", sliding_window=5, dense_layers=(0,),
-                      dense_intermediate_size=80),
+                      dense_intermediate_size=80, rope_type="yarn", rope_factor=4.0, rope_original_max=64,
+                      rope_truncate=False),
     "olmoe": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6, num_local_experts=9,
                   qk_norm="projection", clip_qkv=1.5, qkv_bias=True, o_bias=True, normalization="none"),
     "granitemoe": dict(qkv_bias=True, o_bias=True, attention_scale=0.15, embedding_multiplier=12.0,
@@ -51,7 +52,7 @@ FAMILIES = {  # model_type -> changes to the tiny config (each family's features
 # still builds, and its logits must move away from model.onnx's (each feature is exercised).
 NEUTRAL = {
     "qwen2_moe": {"sliding_window": None, "normalization": "renormalize"},
-    "qwen3_moe": {"sliding_window": None, "normalization": "none"},
+    "qwen3_moe": {"sliding_window": None, "normalization": "none", "rope_attention_factor": 1.0},
     "olmoe": {"clip_qkv": None, "normalization": "renormalize"},
     "granitemoe": {"attention_scale": None, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                    "logits_scaling": 1.0, "routing_order": "softmax_topk"},

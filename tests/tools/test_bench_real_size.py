@@ -166,5 +166,7 @@ def test_real_size_one_layer_smoke(tmp_path: Path) -> None:
     assert rows["fast graph int4-fp16"]["state"] == "ok"
     run = check_run(rows["run int4-fp16 auto"], 8)
     assert run["ran"] == "fast" and run["weights_mb"] * MB == pytest.approx(export["out_bytes"], rel=0.05)
-    assert 0.5 < run["net_per_weight"] <= 1.15, run  # resident, not merely mapped; no second copy
+    # fp16 embeddings / lm_head are converted to fp32 by the CPU provider: they count twice in "held"
+    assert run["held_mb"] > run["weights_mb"] * 1.3 and run["net_per_weight"] > run["net_per_held"], run
+    assert 0.5 < run["net_per_held"] <= 1.15, run  # resident, not merely mapped; no second copy
     assert not list(work.glob("export-*")) and not list(work.glob(".export-*"))  # deleted after their steps

@@ -48,6 +48,8 @@ class GptOss(Adapter):
                 "expert_activation": "swiglu_clamped", "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
                 "bos_token_id": None, "eos_token_id": None}
     kv_heads_default = 8  # GptOssConfig's num_key_value_heads
+    rope_default = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                    "original_max_position_embeddings": 4096}  # GptOssConfig's when config.json names no rope
     derives = ("sliding_window", "sliding_layers")
 
     router_path = "mlp.router"
@@ -61,6 +63,7 @@ class GptOss(Adapter):
         return {**out, **self.window(raw, raw["num_hidden_layers"])}
 
     def validate(self, cfg: MoEConfig) -> None:
+        super().validate(cfg)
         if cfg.qkv_bias != cfg.o_bias:
             raise ConfigError("GPT-OSS puts attention_bias on q/k/v and o alike", given=f"{cfg.qkv_bias}",
                               expected="one attention_bias")

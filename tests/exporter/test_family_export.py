@@ -43,6 +43,8 @@ from tests.helpers import invoke, require_module
 require_module("transformers")  # the families' tiny folders are written by transformers' classes
 
 BASE = dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2, head_dim=18, intermediate_size=40)
+GPT_OSS_YARN = dict(rope_type="yarn", rope_factor=32.0, rope_beta_fast=32.0, rope_beta_slow=1.0, rope_original_max=4096,
+                    rope_truncate=False)  # the released GPT-OSS configs' rope_scaling
 MUP = dict(embedding_multiplier=12.0, attention_scale=0.0625, residual_multiplier=0.22, logits_scaling=6.0)
 
 
@@ -69,7 +71,7 @@ FAMILIES = {
     "granitemoeshared": Family(dict(**MUP, num_local_experts=6, shared_expert_intermediate_size=56),
                                "topk_softmax", "none"),
     "gpt_oss": Family(dict(num_hidden_layers=3, sliding_window=5, sliding_layers=(0, 2), qkv_bias=True, o_bias=True,
-                           num_local_experts=6, swiglu_limit=1.5, normalization="none"),
+                           num_local_experts=6, swiglu_limit=1.5, normalization="none", **GPT_OSS_YARN),
                       "topk_softmax", "none", ops={"Clip": 0, "Sigmoid": 0}, activation="swiglu_clamped"),
 }
 STEPS = 32  # greedy decode steps after the prefill (the issue's bar)

@@ -18,6 +18,7 @@ from mixport import artifact
 from mixport.errors import CheckpointError
 from mixport.exporter import mxfp4
 from mixport.models import Adapter, MoEConfig, registry
+from mixport.models.adapter import TRANSPOSE
 
 INDEX = "model.safetensors.index.json"
 
@@ -187,6 +188,11 @@ class LazyWeight:
 
         if self.packed is not None:
             tensor = self.packed.read(self.index)
+            _require_finite(tensor, self.hf_name, self.path, tensor.numel())
+            return tensor if self.dtype is None else tensor.to(self.dtype)
+        if self.index and self.index[-1] == TRANSPOSE:  # one expert's [in, out] slab, read whole, transposed
+            with safe_open(str(self.path), framework="pt") as fh:
+                tensor = fh.get_slice(self.hf_name)[self.index[:-1]].T.contiguous()
             _require_finite(tensor, self.hf_name, self.path, tensor.numel())
             return tensor if self.dtype is None else tensor.to(self.dtype)
         with safe_open(str(self.path), framework="pt") as fh:

@@ -45,7 +45,9 @@ class Pair:
             blocks = fh.get_slice(self.blocks)[index[0]]  # [R, G, 16]
         with safe_open(str(self.scales_path), framework="pt") as fh:
             scales = fh.get_slice(self.scales)[index[0]]  # [R, G]
-        return dequantize(blocks, scales).T[index[1:]].contiguous()
+        from mixport.models.adapter import take
+
+        return take(dequantize(blocks, scales).T, index[1:]).contiguous()  # [G * 32, R] = [in, out], indexed
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ columns INTERLEAVED (``[..., ::2]`` is the gate), ``gate_up_proj_bias`` [E, 2F] 
 same way), ``down_proj`` [E, F, H], ``down_proj_bias`` [E, H]; the FFN is
 (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit) (``swiglu_alpha``
 1.702, ``swiglu_limit`` 7.0). mixport splits each expert into gate / up / down [in, out] weights
-and biases (de-interleaved here, so the fused MoE node's gate_up is gate-first like every other
+(Linear weights [out, in], read transposed) and biases (de-interleaved here, so the fused MoE node's gate_up is gate-first like every other
 family's). Hub checkpoints store the expert weights as MXFP4 ``*_blocks`` / ``*_scales`` pairs:
 ``exporter/mxfp4.py`` dequantizes them on read, one expert at a time.
 """
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixport.config_fields import Field
 from mixport.errors import ConfigError
-from mixport.models.adapter import Adapter, Renamed, Shape, read
+from mixport.models.adapter import TRANSPOSE, Adapter, Renamed, Shape, read
 from mixport.models.config import MoEConfig
 from mixport.typed_json import shown
 
@@ -57,10 +57,8 @@ class GptOss(Adapter):
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        out = super().derived(raw)
-        if "head_dim" not in raw:  # GptOssConfig's default head_dim is 64, not hidden / heads
-            out["head_dim"] = 64
-        return {**out, **self.window(raw, raw["num_hidden_layers"])}
+        given = raw if "head_dim" in raw else {**raw, "head_dim": 64}  # GptOssConfig's default (null: hidden / heads)
+        return {**super().derived(given), **self.window(raw, raw["num_hidden_layers"])}
 
     def validate(self, cfg: MoEConfig) -> None:
         super().validate(cfg)
@@ -85,8 +83,8 @@ class GptOss(Adapter):
         return {"sliding_window": window if sliding else None, "sliding_layers": sliding if sliding else None}
 
     def checkpoint_names(self, hf_name: str, shape: Shape) -> Iterator[Renamed]:
-        """The stacked experts -> per expert gate / up / down [in, out] weights and biases, the
-        interleaved gate|up columns split (even: gate, odd: up)."""
+        """The stacked experts [in, out] -> per expert gate / up / down Linear weights [out, in] (read
+        transposed) and biases, the interleaved gate|up columns split (even: gate, odd: up)."""
         import re
 
         found = re.search(_EXPERTS, hf_name.removeprefix(self.hub_prefix))
@@ -97,14 +95,14 @@ class GptOss(Adapter):
         for e in range(shape[0]):
             if kind == "gate_up_proj":
                 f = shape[2] // 2
-                yield self.expert_weight(layer, e, "gate"), (shape[1], f), (e, slice(None), slice(0, None, 2))
-                yield self.expert_weight(layer, e, "up"), (shape[1], f), (e, slice(None), slice(1, None, 2))
+                yield self.expert_weight(layer, e, "gate"), (f, shape[1]), (e, slice(None), slice(0, None, 2), TRANSPOSE)
+                yield self.expert_weight(layer, e, "up"), (f, shape[1]), (e, slice(None), slice(1, None, 2), TRANSPOSE)
             elif kind == "gate_up_proj_bias":
                 f = shape[1] // 2
                 yield self.expert_bias(layer, e, "gate"), (f,), (e, slice(0, None, 2))
                 yield self.expert_bias(layer, e, "up"), (f,), (e, slice(1, None, 2))
             elif kind == "down_proj":
-                yield self.expert_weight(layer, e, "down"), tuple(shape[1:]), (e,)
+                yield self.expert_weight(layer, e, "down"), (shape[2], shape[1]), (e, TRANSPOSE)
             else:
                 yield self.expert_bias(layer, e, "down"), tuple(shape[1:]), (e,)
 
@@ -119,4 +117,5 @@ class GptOss(Adapter):
     def to_hf_dict(self, cfg: MoEConfig) -> dict[str, Any]:
         types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.num_hidden_layers)]
         return {**super().to_hf_dict(cfg), "hidden_act": "silu", "layer_types": types,
-                "sliding_window": cfg.sliding_window, "attention_bias": cfg.qkv_bias}
+                "sliding_window": cfg.sliding_window or 128,  # transformers builds the sliding mask even when no
+                "attention_bias": cfg.qkv_bias}               # layer uses it, and refuses a null window there

@@ -39,18 +39,6 @@ class SinkAttention(Attention):
         return self.o_proj(out), k, v
 
 
-class Projection(nn.Module):
-    """x @ weight + bias with ``weight`` stored [in, out] (GPT-OSS's expert layout, no transpose)."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
-
-
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
     gate = gate.clamp(max=limit)
@@ -65,7 +53,7 @@ class ClampedExpert(nn.Module):
         super().__init__()
         h, f = cfg.hidden_size, cfg.intermediate_size
         self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
-        self.gate_proj, self.up_proj, self.down_proj = Projection(h, f), Projection(h, f), Projection(f, h)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, f), nn.Linear(h, f), nn.Linear(f, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(clamped_swiglu(self.gate_proj(x), self.up_proj(x), self.alpha, self.limit))

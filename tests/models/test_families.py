@@ -45,7 +45,9 @@ MINIMAL: dict[str, dict[str, Any]] = {  # model_type -> the keys mixport require
     "olmoe": {**SIZES, "intermediate_size": 40, "num_experts": 10},
     "granitemoe": {**SIZES, "intermediate_size": 40, "num_local_experts": 10},
     "granitemoeshared": {**SIZES, "intermediate_size": 40, "num_local_experts": 10},
-}  # heads: Mixtral's, Qwen2's and Qwen3's configs default to 8, 16 and 4 kv heads when the key is absent
+    "gpt_oss": {**SIZES, "intermediate_size": 40, "num_local_experts": 10, "num_attention_heads": 16},
+}  # heads: Mixtral's, Qwen2's, Qwen3's and GPT-OSS's configs default to 8, 16, 4 and 8 kv heads when the key is
+#   absent (GPT-OSS: head_dim 64, alternating sliding / full layers with window 128, YaRN rope)
 # every family's switch, as another family's config.json names it (values far from the defaults)
 FOREIGN = {"qkv_bias": True, "attention_bias": True, "clip_qkv": 0.25, "qk_norm": "head", "q_norm": True,
            "attention_multiplier": 0.05, "embedding_multiplier": 12.0, "residual_multiplier": 0.3,
@@ -77,6 +79,14 @@ SWITCHES: dict[str, list[dict[str, Any]]] = {  # model_type -> config.json varia
                     "logits_scaling": 4, "attention_bias": True, "num_key_value_heads": 1, "head_dim": 24}],
     "granitemoeshared": [{"shared_intermediate_size": 24, "embedding_multiplier": 12, "logits_scaling": 4,
                           "attention_multiplier": 0.05, "residual_multiplier": 0.3}],
+    "gpt_oss": [
+        {"sliding_window": 3, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+         "attention_bias": False, "swiglu_limit": 5.0, "num_key_value_heads": 2, "head_dim": 24,
+         "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                          "original_max_position_embeddings": 1024, "truncate": True}},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "num_experts": 12, "num_local_experts": DROP,
+         "layer_types": ["full_attention"] * 3, "sliding_window": None, "num_key_value_heads": 16},
+    ],
 }
 
 
@@ -89,7 +99,7 @@ def _raw(model_type: str, **changes: Any) -> dict[str, Any]:
 
 def _hf_window(model_type: str, hc: Any, layer: int) -> int | None:
     """The window transformers' attention mask applies to ``layer`` (its modeling files, sdpa/eager)."""
-    if model_type == "qwen2_moe":  # create_sliding_window_causal_mask on layer_types' sliding layers
+    if model_type in ("qwen2_moe", "gpt_oss"):  # create_sliding_window_causal_mask on layer_types' sliding layers
         return hc.sliding_window if hc.layer_types[layer] == "sliding_attention" else None
     if model_type in ("qwen3_moe", "mixtral"):  # every layer, when config.sliding_window is set
         return hc.sliding_window
@@ -145,7 +155,7 @@ def _facts(adapter: Adapter, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[
     with torch.device("meta"):
         ref = adapter.reference_model(cfg)
     ours.update(
-        tie=cfg.tie_word_embeddings, rope=("default", cfg.rope_theta), max_positions=cfg.max_position_embeddings,
+        tie=cfg.tie_word_embeddings, rope=(cfg.rope_type, cfg.rope_theta), max_positions=cfg.max_position_embeddings,
         tokens=(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id),
         eps=sorted(m.eps for m in ref.modules() if type(m).__name__ == "RMSNorm"),
         scale=[cfg.scale] * cfg.num_hidden_layers, head_dim=[cfg.head_dim] * cfg.num_hidden_layers,
@@ -189,7 +199,9 @@ def test_minimal_configs_take_transformers_defaults() -> None:
                              "embedding_multiplier": "embedding_multiplier", "logits_scaling": "logits_scaling",
                              "residual_multiplier": "residual_multiplier"},
               "granitemoeshared": {"shared_expert_intermediate_size": "shared_intermediate_size",
-                                   "attention_scale": "attention_multiplier"}}
+                                   "attention_scale": "attention_multiplier"},
+              "gpt_oss": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "sliding_window": "sliding_window",
+                          "swiglu_alpha": "swiglu_alpha", "swiglu_limit": "swiglu_limit"}}
     norm = {"qwen2_moe": "norm_topk_prob", "qwen3_moe": "norm_topk_prob", "olmoe": "norm_topk_prob"}
     for model_type in MINIMAL:
         adapter = registry.get(model_type)
@@ -241,6 +253,7 @@ OWN_KEYS = list({(a.model_type, a.hf_key(field)): (a.model_type, field, a.hf_key
 def test_every_field_is_read_by_some_family() -> None:
     read = {field for _, field, _ in OWN_KEYS} | set(COMMON)  # + the keys Mixtral's config.json names
     derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate",
+               "attention_sinks", "router_bias", "expert_bias", "expert_activation",  # GPT-OSS's: by family
                *rope.FIELD_NAMES}  # the rope_* fields: from rope_parameters / rope_scaling (models/rope.py)
     assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family
 
@@ -294,6 +307,12 @@ REFUSED = [  # (model_type, changes, fragments of the one line)
     ("granitemoe", {"embedding_multiplier": 0}, ["'embedding_multiplier'"]),
     ("granitemoeshared", {"shared_intermediate_size": -2}, ["'shared_intermediate_size'"]),
     ("qwen2_moe", {"num_attention_heads": 4}, ["'num_key_value_heads' exceeds", "16 > 4"]),  # transformers' 16
+    ("gpt_oss", {"layer_types": ["full_attention"]}, ["'layer_types'", "3 entries"]),
+    ("gpt_oss", {"sliding_window": None}, ["sliding_attention", "'sliding_window' is null"]),
+    ("gpt_oss", {"swiglu_limit": 0}, ["'swiglu_limit'", "given: 0"]),
+    ("gpt_oss", {"swiglu_alpha": "fast"}, ["'swiglu_alpha'"]),
+    ("gpt_oss", {"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "truncate": 0}}, ["'rope_scaling.truncate'"]),
+    ("gpt_oss", {"num_attention_heads": 4}, ["'num_key_value_heads' exceeds", "8 > 4"]),  # GptOssConfig's 8
 ]
 
 

@@ -10,9 +10,10 @@ Experts, transformers 5 layout: ``mlp.experts.gate_up_proj`` [E, H, 2F] with the
 columns INTERLEAVED (``[..., ::2]`` is the gate), ``gate_up_proj_bias`` [E, 2F] (interleaved the
 same way), ``down_proj`` [E, F, H], ``down_proj_bias`` [E, H]; the FFN is
 (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit) (``swiglu_alpha``
-1.702, ``swiglu_limit`` 7.0). mixport splits each expert into gate / up / down [in, out] weights
-(Linear weights [out, in], read transposed) and biases (de-interleaved here, so the fused MoE node's gate_up is gate-first like every other
-family's). Hub checkpoints store the expert weights as MXFP4 ``*_blocks`` / ``*_scales`` pairs:
+1.702, ``swiglu_limit`` 7.0). mixport splits each expert into gate / up / down Linear weights
+([out, in]: the stored [in, out] slices read transposed) and biases, de-interleaved here, so the fused
+MoE node's gate_up is gate-first like every other family's. Hub checkpoints store the expert
+weights as MXFP4 ``*_blocks`` / ``*_scales`` pairs:
 ``exporter/mxfp4.py`` dequantizes them on read, one expert at a time.
 """
 
@@ -95,8 +96,9 @@ class GptOss(Adapter):
         for e in range(shape[0]):
             if kind == "gate_up_proj":
                 f = shape[2] // 2
-                yield self.expert_weight(layer, e, "gate"), (f, shape[1]), (e, slice(None), slice(0, None, 2), TRANSPOSE)
-                yield self.expert_weight(layer, e, "up"), (f, shape[1]), (e, slice(None), slice(1, None, 2), TRANSPOSE)
+                for role, first in (("gate", 0), ("up", 1)):  # interleaved columns: even gate, odd up
+                    yield self.expert_weight(layer, e, role), (f, shape[1]), \
+                        (e, slice(None), slice(first, None, 2), TRANSPOSE)
             elif kind == "gate_up_proj_bias":
                 f = shape[1] // 2
                 yield self.expert_bias(layer, e, "gate"), (f,), (e, slice(0, None, 2))

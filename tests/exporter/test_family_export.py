@@ -196,7 +196,8 @@ def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, norma
         assert {n: attributes(node)[n] for n in ("num_experts", "k", "activation")} == \
             {"num_experts": e, "k": k, "activation": activation.encode()}
         extended = activation != "swiglu" or cfg.expert_bias
-        assert attributes(node)["plugin_version"] == (ops.BIAS_PLUGIN_VERSION if extended else ops.PLUGIN_VERSION).encode()
+        version = ops.BIAS_PLUGIN_VERSION if extended else ops.PLUGIN_VERSION
+        assert attributes(node)["plugin_version"] == version.encode()
         assert len(node.input) == len(ops.MOE_INPUTS) + (len(ops.BIAS_INPUTS) if extended else 0)
     assert linears(proto) == expected_linears(cfg)
     assert not [t.name for t in proto.graph.initializer if ".experts." in t.name and t.name.endswith(".weight")]

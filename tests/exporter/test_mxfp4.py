@@ -65,9 +65,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             save_file(dense_state, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
     save_file(state, str(packed_dir / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((packed_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
-                                                                                         "model.layers.*.mlp.router",
-                                                                                         "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (packed_dir / "config.json").write_text(json.dumps(config))
     return packed_dir, dense_dir
 

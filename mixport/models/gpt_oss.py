@@ -57,6 +57,8 @@ class GptOss(Adapter):
     experts_path = "mlp.experts"
     expert_projections = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
+    fast_graph = True  # GroupQueryAttention's head_sink is the sinks; the experts' biases: ort_layers
+
     def derived(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         given = raw if "head_dim" in raw else {**raw, "head_dim": 64}  # GptOssConfig's default (null: hidden / heads)
         return {**super().derived(given), **self.window(raw, raw["num_hidden_layers"])}

@@ -63,14 +63,20 @@ def contrib_fc2(down: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(down.transpose(0, 2, 1))
 
 
-def contrib_attrs(k: int, normalize: int = 1, moe: gs.Node | None = None) -> dict[str, object]:
-    """The contrib op's attributes; ``moe``: a version-"3" node whose activation may be swiglu_clamped."""
+def contrib_attrs(k: int, normalize: int = 1, clamped: tuple[float, float] | None = None) -> dict[str, object]:
+    """The contrib op's attributes; ``clamped``: (alpha, limit) of the swiglu_clamped activation."""
     attrs: dict[str, object] = dict(k=k, activation_type="swiglu", swiglu_fusion=1,
                                     normalize_routing_weights=normalize, activation_alpha=1.0, activation_beta=0.0)
-    if moe is not None and moe.attrs.get("activation") == "swiglu_clamped":
-        attrs.update(activation_alpha=float(moe.attrs["alpha"]), activation_beta=1.0,
-                     swiglu_limit=float(moe.attrs["limit"]))
+    if clamped is not None:
+        attrs.update(activation_alpha=float(clamped[0]), activation_beta=1.0, swiglu_limit=float(clamped[1]))
     return attrs
+
+
+def clamped_of(moe: gs.Node) -> tuple[float, float] | None:
+    """(alpha, limit) of a version-"3" node with the swiglu_clamped activation, else None."""
+    if moe.attrs.get("activation") != "swiglu_clamped":
+        return None
+    return float(moe.attrs["alpha"]), float(moe.attrs["limit"])
 
 
 def _biases(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> tuple[gs.Tensor, gs.Tensor] | str:
@@ -121,7 +127,7 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
                               (interleaved_fc1(w[None])[0] for w in gu.slabs(moe.inputs[3])), experts, files)
     fc2 = gu.stacked_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"),
                               (contrib_fc2(w[None])[0] for w in gu.slabs(moe.inputs[4])), experts, files)
-    node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize, moe),
+    node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)),
                    [moe.inputs[0], router.inputs[0], fc1, biases[0], fc2, biases[1]], list(moe.outputs),
                    domain=MS_DOMAIN)
     moe.outputs.clear()
@@ -175,7 +181,7 @@ def _lower_quantized(graph: gs.Graph, moe: gs.Node, router: gs.Node, normalize: 
               made["fc2_weights"], made["fc2_scales"], biases[1]]
     if "fc1_zero_points" in made:
         inputs += [empty(), empty(), empty(), made["fc1_zero_points"], made["fc2_zero_points"]]
-    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize, moe), expert_weight_bits=bits, block_size=block,
+    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)), expert_weight_bits=bits, block_size=block,
                  accuracy_level=nbits.ACCURACY_LEVEL)
     node = gs.Node("QMoE", f"{moe.name}/ort", attrs, inputs, list(moe.outputs), domain=MS_DOMAIN)
     moe.outputs.clear()

@@ -181,8 +181,8 @@ def _lower_quantized(graph: gs.Graph, moe: gs.Node, router: gs.Node, normalize: 
               made["fc2_weights"], made["fc2_scales"], biases[1]]
     if "fc1_zero_points" in made:
         inputs += [empty(), empty(), empty(), made["fc1_zero_points"], made["fc2_zero_points"]]
-    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)), expert_weight_bits=bits, block_size=block,
-                 accuracy_level=nbits.ACCURACY_LEVEL)
+    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)), expert_weight_bits=bits,
+                 block_size=block, accuracy_level=nbits.ACCURACY_LEVEL)
     node = gs.Node("QMoE", f"{moe.name}/ort", attrs, inputs, list(moe.outputs), domain=MS_DOMAIN)
     moe.outputs.clear()
     graph.nodes.append(node)

@@ -90,8 +90,8 @@ FIELDS = frozenset({
     "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
     "embedding_multiplier", "residual_multiplier", "logits_scaling",
     "rope_type", "rope_factor", "rope_original_max", "rope_attention_factor", "rope_beta_fast", "rope_beta_slow",
-    "rope_mscale", "rope_mscale_all_dim", "rope_truncate",
-    "attention_sinks", "router_bias", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit"})  # yarn; longrope: see supported()
+    "rope_mscale", "rope_mscale_all_dim", "rope_truncate",  # yarn; longrope: see supported()
+    "attention_sinks", "router_bias", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit"})  # GPT-OSS
 # GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
 # head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
 HEAD_DIM_MULTIPLE = 16

@@ -87,8 +87,8 @@ def _moe(graph: gs.Graph, node: gs.Node, files: WeightFiles | None, scheme: quan
     (gq, gs_, *gz), (dq, ds, *dz) = parts
     node.inputs[3] = gq
     node.inputs[4] = dq
-    biases = node.inputs[len(ops.MOE_INPUTS):]  # a version-"3" node's, after the scales and zero points
-    del node.inputs[len(ops.MOE_INPUTS):]
+    biases = [node.inputs.pop() for _ in range(len(node.inputs) - len(ops.MOE_INPUTS))][::-1]  # version "3"'s:
+    #                                                                   they go after the scales and zero points
     node.inputs.extend([gs_, ds, *gz, *dz, *biases])
     node.attrs.update(bits=scheme.bits, block_size=scheme.block_size,
                       plugin_version=ops.BIAS_PLUGIN_VERSION if extended else ops.QUANT_PLUGIN_VERSION)

@@ -21,7 +21,7 @@ FieldValue = int | str
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One plugin field: its name, kind ("int" or "str"), default and allowed values."""
+    """One plugin field: its name, kind ("int", "float" or "str"), default and allowed values."""
 
     name: str
     kind: str
@@ -32,6 +32,9 @@ class FieldSpec:
         if self.kind == "int" and (not isinstance(value, int) or value <= 0):
             raise PluginError(f"{op}: field {self.name!r} must be a positive integer",
                               given=value, expected="an int > 0")
+        if self.kind == "float" and (not isinstance(value, (int, float)) or not 0 < value < float("inf")):
+            raise PluginError(f"{op}: field {self.name!r} must be a finite number > 0", given=value,
+                              expected="a float > 0")
         if self.choices and value not in self.choices:
             raise PluginError(f"{op}: unsupported {self.name}", given=value,
                               expected=" | ".join(map(str, self.choices)))
@@ -44,6 +47,8 @@ def _decode(field: Any, trt: ModuleType) -> FieldValue:
         return bytes(bytearray(int(b) & 0xFF for b in data)).split(b"\0")[0].decode()
     if len(data) != 1:
         raise PluginError(f"field {field.name!r} must hold one value", given=list(data))
+    if field.type in (trt.PluginFieldType.FLOAT32, trt.PluginFieldType.FLOAT64):
+        return float(data[0])
     return int(data[0])
 
 
@@ -73,6 +78,9 @@ def _encode(trt: ModuleType, spec: FieldSpec, value: FieldValue | None) -> Any:
     if spec.kind == "str":
         data = np.frombuffer(str(value or "").encode() + b"\0", dtype=np.int8)
         return trt.PluginField(spec.name, data, trt.PluginFieldType.CHAR)
+    if spec.kind == "float":
+        data = np.array([] if value is None else [value], dtype=np.float32)
+        return trt.PluginField(spec.name, data, trt.PluginFieldType.FLOAT32)
     data = np.array([] if value is None else [value], dtype=np.int32)
     return trt.PluginField(spec.name, data, trt.PluginFieldType.INT32)
 

@@ -345,3 +345,52 @@ def test_bf16_export(tmp_path: Path) -> None:
 def _bf16_in_out(weight: torch.Tensor) -> np.ndarray:
     """A Linear's weight [out, in] rounded to bf16, as fp32 [in, out] (the MoE op's layout)."""
     return weight.to(torch.bfloat16).float().T.numpy()
+
+
+# ---- GPT-OSS: what its export adds (version-3 MoE nodes) ----------------------------------------------
+
+def test_gpt_oss_builds_with_version_3_moe_plugins(family_export: Callable[[str], Exported], tmp_path: Path) -> None:
+    """`mixport build` (TensorRT-RTX, CPU): every TopKRouting and biased / clamped MoE node is a plugin layer,
+    the MoE ones of plugin version 3 with the node's alpha and limit."""
+    require_module("tensorrt_rtx_bindings")
+    ex = family_export("gpt_oss")
+    folder = shutil.copytree(ex.out, tmp_path / "out")
+    result = invoke("build", folder)
+    assert result.exit_code == 0, result.output
+    layers = artifact.Manifest.read(folder).engine.plugin_layers
+    moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
+    assert sorted(layer["plugin"] for layer in layers) == ["mixport::MoE"] * moe_layers + \
+        ["mixport::TopKRouting"] * moe_layers
+    moes = mixport_nodes(onnx.load(str(folder / artifact.MODEL_FILE), load_external_data=False), ops.MOE)
+    for node in moes:
+        assert (attributes(node)["alpha"], attributes(node)["limit"]) == \
+            pytest.approx((ex.cfg.swiglu_alpha, ex.cfg.swiglu_limit))
+
+
+def test_gpt_oss_fusion_refuses_experts_whose_clamps_disagree(family_export: Callable[[str], Exported],
+                                                               tmp_path: Path) -> None:
+    """The clamped SwiGLU is matched exactly: one expert whose up clamp differs from its gate clamp
+    leaves that layer unfused, with the reason (and the export's required pass would fail)."""
+    from mixport.passes import fuse_moe_experts
+    from mixport.passes import graph_utils as gu
+
+    from mixport.onnx_io import WeightFiles
+
+    ex = family_export("gpt_oss")
+    proto = onnx.load(str(ex.unfused / artifact.MODEL_FILE), load_external_data=False)
+    gu.tensorize_constants(proto)
+    graph = gu.import_graph(proto, WeightFiles(ex.unfused))  # read in place; nothing is written
+    clips = [n for n in graph.nodes if n.op == "Clip" and n.inputs[1].name]  # up's: both bounds
+    low = clips[0].inputs[1]  # -limit of the first layer's first expert, as the exporter wrote it
+    clips[0].inputs[1] = gs_constant(low.name + "_changed", -2.0 * ex.cfg.swiglu_limit)
+    reasons: list[str] = []
+    fused = fuse_moe_experts.apply(graph, reasons, WeightFiles(ex.unfused, tmp_path / "fused.data"))
+    moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
+    assert fused == moe_layers - 1
+    assert any("clamped SwiGLU" in r for r in reasons), reasons
+
+
+def gs_constant(name: str, value: float):  # -> onnx_graphsurgeon.Constant
+    import onnx_graphsurgeon as gs
+
+    return gs.Constant(name, np.array(value, dtype=np.float32))

@@ -371,10 +371,9 @@ def test_gpt_oss_fusion_refuses_experts_whose_clamps_disagree(family_export: Cal
                                                                tmp_path: Path) -> None:
     """The clamped SwiGLU is matched exactly: one expert whose up clamp differs from its gate clamp
     leaves that layer unfused, with the reason (and the export's required pass would fail)."""
+    from mixport.onnx_io import WeightFiles
     from mixport.passes import fuse_moe_experts
     from mixport.passes import graph_utils as gu
-
-    from mixport.onnx_io import WeightFiles
 
     ex = family_export("gpt_oss")
     proto = onnx.load(str(ex.unfused / artifact.MODEL_FILE), load_external_data=False)

@@ -296,7 +296,8 @@ def test_biased_moe_fields_formats_and_shapes(trt: ModuleType) -> None:
     """Version 3: alpha / limit as FLOAT32 fields (round trip), seven inputs of hidden's type (ids
     INT64), bias shapes checked; a quantized version-3 node (9+ inputs) finds no format."""
     fields = [field(trt, k, v) for k, v in MOE_FIELDS.items() if k != "activation"]
-    fields += [field(trt, "activation", "swiglu_clamped"), float_field(trt, "alpha", 1.5), float_field(trt, "limit", 2.5)]
+    fields += [field(trt, "activation", "swiglu_clamped"), float_field(trt, "alpha", 1.5),
+               float_field(trt, "limit", 2.5)]
     moe = creator(trt, MOE, "3").create_plugin("node", trt.PluginFieldCollection(fields), trt.TensorRTPhase.BUILD)
     assert moe.values == {**MOE_FIELDS_V3, "alpha": 1.5, "limit": 2.5} and moe.plugin_version == "3"
     again = creator(trt, MOE, "3").create_plugin("node", moe.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)

@@ -2,7 +2,8 @@
 the other tests'): every other registered family written by transformers' own class and exported
 once per session — a Qwen3-MoE with a dense layer, a GraniteMoeShared (top-k of the logits, then
 softmax; a shared MLP; muP scalars), a Qwen2-MoE (gated shared expert, q/k/v bias, a dense first
-layer), an OLMoE (q/k norm over the projection, clip, top-1) and a Granite-MoE.
+layer), an OLMoE (q/k norm over the projection, clip, top-1), a Granite-MoE and a GPT-OSS (sinks, a
+sliding window, biased router and experts, clamped SwiGLU).
 
 Routing agreement is reported for the layers with a router only, labelled by decoder layer; the
 PyTorch side is transformers' class or mixport's reference (hooked at the adapter's router
@@ -43,8 +44,14 @@ OLMOE = replace(TINY, model_type="olmoe", qk_norm="projection", clip_qkv=2.0, nu
                 num_experts_per_tok=1, normalization="none", bos_token_id=None, eos_token_id=7, pad_token_id=1)
 GRANITE_PLAIN = replace(TINY, model_type="granitemoe", num_local_experts=4, routing_order="topk_softmax",
                         normalization="none", attention_scale=0.2, logits_scaling=2.0)
+# GPT-OSS: attention sinks, a window of 4 on layer 0 (shorter than the prompt), biased router and experts,
+# the clamped SwiGLU at a limit the tiny model's values cross
+GPT_OSS = replace(TINY, model_type="gpt_oss", num_local_experts=4, qkv_bias=True, o_bias=True, sliding_window=4,
+                  sliding_layers=(0,), routing_order="topk_softmax", normalization="none", attention_sinks=True,
+                  router_bias=True, expert_bias=True, expert_activation="swiglu_clamped", swiglu_limit=1.5,
+                  bos_token_id=None, eos_token_id=None)
 CONFIGS = {"qwen3_moe": QWEN3, "granitemoeshared": GRANITE, "qwen2_moe": QWEN2, "olmoe": OLMOE,
-           "granitemoe": GRANITE_PLAIN}
+           "granitemoe": GRANITE_PLAIN, "gpt_oss": GPT_OSS}
 
 
 @pytest.fixture(scope="session")

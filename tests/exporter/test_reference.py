@@ -91,6 +91,16 @@ CASES = {  # model_type -> {case: changes to the tiny config}
             **_H72, "head_dim": 18, "num_local_experts": 12, "num_experts_per_tok": 4, "normalization": "none",
             "routing_order": "topk_softmax", "shared_expert_intermediate_size": 0, "attention_scale": 0.1},
     },
+    "gpt_oss": {  # sinks, biased router and experts, the clamped SwiGLU at a limit the values cross
+        "sinks-bias-sliding3-yarn-e6": {
+            **_H72, "head_dim": 18, "num_local_experts": 6, "normalization": "none", "routing_order": "topk_softmax",
+            "qkv_bias": True, "o_bias": True, "num_hidden_layers": 3, "sliding_window": 3, "sliding_layers": (0, 2),
+            "swiglu_limit": 1.0, "rope_type": "yarn", "rope_factor": 32.0, "rope_original_max": 4096,
+            "rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_truncate": False},
+        "no-attention-bias-full-kv1-top1": {
+            **_H72, "head_dim": 18, "num_key_value_heads": 1, "num_local_experts": 4, "num_experts_per_tok": 1,
+            "normalization": "none", "routing_order": "topk_softmax", "swiglu_alpha": 2.5, "swiglu_limit": 0.5},
+    },
 }
 PARAMS = [pytest.param(model_type, changes, id=f"{model_type}-{name}")
           for model_type, cases in CASES.items() for name, changes in cases.items()]

@@ -145,7 +145,7 @@ def test_fast_graph_equals_portable_over_prefill_and_decode(family: Path) -> Non
     assert len({int(t) for t in np.concatenate(tokens)}) > 1  # the decode steps did not stall on one token
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoeshared"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoeshared", "gpt_oss"])
 def test_fused_and_unfused_exports_build_the_same_fast_graph(exports: Callable[..., Path], model_type: str) -> None:
     """The fused export's stacked experts (one mixport::MoE per sparse layer; shared experts and
     dense layers stay MatMuls) are read back as the same weights: identical logits."""

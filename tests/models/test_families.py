@@ -357,3 +357,30 @@ def test_export_of_an_unsupported_variant_is_one_line_and_leaves_nothing(qwen2_d
     out.parent.mkdir()
     one_line_error(invoke("export", src, "-o", out), fragment)
     assert list(out.parent.iterdir()) == []
+
+
+def test_the_released_gpt_oss_config_reads_as_transformers_builds_it() -> None:
+    """gpt-oss-20b's config.json (hub keys, its MXFP4 quantization_config and YaRN rope_scaling): the
+    alternating windows, the biases, sinks and clamped SwiGLU, and the rope transformers computes."""
+    raw = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002,
+           "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+           "initial_context_length": 4096, "intermediate_size": 2880, "model_type": "gpt_oss",
+           "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+           "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+           "num_local_experts": 32, "pad_token_id": 199999, "rms_norm_eps": 1e-05, "rope_theta": 150000,
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
+           "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "rope_type": "yarn",
+                            "original_max_position_embeddings": 4096, "truncate": False},
+           "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False, "vocab_size": 201088}
+    adapter = registry.find(raw)
+    cfg = adapter.config_from_hf(raw)
+    assert cfg.sliding_layers == tuple(range(0, 24, 2)) and cfg.sliding_window == 128
+    assert (cfg.attention_sinks, cfg.router_bias, cfg.expert_bias, cfg.qkv_bias, cfg.o_bias) == (True,) * 5
+    assert (cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit) == ("swiglu_clamped", 1.702, 7.0)
+    assert (cfg.routing_order, cfg.normalization, cfg.rope_type, cfg.rope_truncate) == \
+        ("topk_softmax", "none", "yarn", False)
+    hc, model = _transformers_model(adapter, raw)
+    with torch.device("cpu"):
+        hf_rope = type(model.model.rotary_emb)(hc)
+    assert torch.allclose(hf_rope.inv_freq, torch.from_numpy(rope.inv_freq(cfg)), rtol=1e-6, atol=0)
+    assert hf_rope.attention_scaling == pytest.approx(rope.attention_factor(cfg))

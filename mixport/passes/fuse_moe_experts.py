@@ -8,7 +8,8 @@ The exported (dense) pattern per layer, for every expert e (see ``Experts._dense
 
 GPT-OSS's experts (``models/gpt_oss_layers.ClampedExpert``) add a bias after each projection
 (MatMul + Add of a constant, or Gemm with a bias) and replace silu(g) * u by the clamped SwiGLU
-(Clip(u, -L, L) + 1) * (c * Sigmoid(c * alpha)), c = Clip(g, max=L): the node then carries the
+(Clip(u, -L, L) + 1) * (c * Sigmoid(c * alpha)), c = Clip(g, max=L) (fp16 / bf16 exports: Min / Max and
+Cast-wrapped constants instead): the node then carries the
 stacked biases, activation "swiglu_clamped", alpha and limit (plugin_version "3", ops.py).
 
 Matched by structure from each TopKRouting node; initializer names are never needed.
@@ -232,23 +233,36 @@ def _clamped_swiglu(act: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, Activation] |
 
 
 def _clip(t: gs.Tensor) -> tuple[gs.Tensor, float | None, float | None] | None:
-    """t = Clip(x, lo, hi) with constant (or absent) bounds: (x, lo, hi), else None."""
-    node = gu.producer_op(t, "Clip")
+    """t = Clip(x, lo, hi) with constant (or absent) bounds, or the fp16/bf16 exports' Min(x, hi) and
+    Min(Max(x, lo), hi): (x, lo, hi), else None."""
+    node = gu.producer_op(t, "Clip", "Min", "Max")
     if node is None:
         return None
-    bounds = [_scalar(b) if b.name else None for b in node.inputs[1:3]] + [None] * (3 - len(node.inputs))
-    return node.inputs[0], bounds[0], bounds[1]
+    if node.op == "Clip":
+        bounds = [_scalar(b) if b.name else None for b in node.inputs[1:3]] + [None] * (3 - len(node.inputs))
+        return node.inputs[0], bounds[0], bounds[1]
+    if len(node.inputs) != 2:
+        return None
+    bound = [_scalar(i) for i in node.inputs]
+    if (bound[0] is None) == (bound[1] is None):
+        return None
+    x, value = (node.inputs[0], bound[1]) if bound[1] is not None else (node.inputs[1], bound[0])
+    inner = _clip(x) if gu.producer_op(x, "Min" if node.op == "Max" else "Max") else None
+    lo, hi = (value, None) if node.op == "Max" else (None, value)
+    if inner is None:
+        return x, lo, hi
+    return inner[0], lo if lo is not None else inner[1], hi if hi is not None else inner[2]
 
 
 def _scalar(t: gs.Tensor) -> float | None:
-    """A constant one-value tensor's value, through Cast / CastLike (the exporter's scalars)."""
+    """A constant one-value tensor's value, through Casts / CastLikes (the exporter's scalars)."""
     arr = gu.const_array(t)
     if arr is None:
         node = gu.producer(t)
         if node is None or node.op not in ("Cast", "CastLike"):
             return None
-        arr = gu.const_array(node.inputs[0])
-    return float(np.ravel(arr)[0]) if arr is not None and arr.size == 1 else None
+        return _scalar(node.inputs[0])
+    return float(np.ravel(arr)[0]) if arr.size == 1 else None
 
 
 def _biased_linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, Weight, str, gs.Tensor | None]:

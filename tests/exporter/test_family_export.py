@@ -319,6 +319,28 @@ def test_fp16_export(tmp_path: Path) -> None:
     np.testing.assert_allclose(ours.logits[0][valid], theirs.logits[0][valid], atol=5e-2, rtol=5e-2)
 
 
+def test_gpt_oss_fp16_export(tmp_path: Path) -> None:
+    """GPT-OSS in fp16: the exporter writes the clamps as Min / Max of Cast constants (fp32: Clip); fused
+    the same way (version-3 MoE nodes, no clamp left outside them) and within fp16 tolerance of
+    transformers, teacher-forced."""
+    family = "gpt_oss"
+    cfg = replace(family_config(family), num_hidden_layers=2, sliding_layers=(0,), num_local_experts=4)
+    src = write_tiny(tmp_path / "src", cfg, seed=4)
+    out = cli_export(src, tmp_path / "out", "--dtype", "fp16")
+    proto = onnx.load(str(out / artifact.MODEL_FILE))
+    cfg = load_config(src)[0]
+    assert_fused_graph(proto, cfg, FAMILIES[family].order, FAMILIES[family].normalization, "swiglu_clamped")
+    assert not [n.op_type for n in proto.graph.node if n.op_type in ("Min", "Max", "Clip", "Sigmoid")]
+    ids, mask = parity.left_padded_prompt(cfg.vocab_size, seed=2)
+    theirs = parity.greedy(parity.HfStepper(hf_model(src, family)), ids, mask, 4)
+    ours = parity.greedy(parity.OrtStepper(parity.plain_session(out / artifact.MODEL_FILE)), ids, mask, 4,
+                         forced=theirs.tokens)
+    for a, b in zip(ours.logits[1:], theirs.logits[1:], strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-2, rtol=5e-2)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours.logits[0][valid], theirs.logits[0][valid], atol=5e-2, rtol=5e-2)
+
+
 def test_bf16_export(tmp_path: Path) -> None:
     """bf16 (ONNX Runtime's CPU provider has no bf16 kernels): fused the same way, and each MoE
     node's stacked experts are exactly transformers' expert weights rounded to bf16."""

@@ -38,12 +38,13 @@ class Field:
     nullable: bool = False
     even: bool = False
     choices: tuple[str, ...] = ()
+    zero: bool = False  # a float may be 0
 
     def expected(self) -> str:
         text = {
             "int": (f"a positive integer (at most {int(self.high)})" if self.low == 1 else
                     f"an {'even ' if self.even else ''}integer in [{self.low}, {int(self.high)}]"),
-            "float": f"a finite number > 0 and <= {self.high:g}",
+            "float": f"a finite number {'>=' if self.zero else '>'} 0 and <= {self.high:g}",
             "bool": "true or false",
             "str": " | ".join(self.choices) if self.choices else "a string",
             "id": "a token id (an integer >= 0)",
@@ -70,7 +71,7 @@ class Field:
             return _is_int(value) and self.low <= value <= self.high and not (self.even and value % 2)  # type: ignore[operator]
         if self.kind == "float":
             return (_is_int(value) or isinstance(value, float)) and math.isfinite(value) \
-                and 0 < value <= self.high  # type: ignore[operator]
+                and (0 < value or (self.zero and value == 0)) and value <= self.high  # type: ignore[operator]
         if self.kind == "bool":
             return isinstance(value, bool)
         return isinstance(value, str) and (not self.choices or value in self.choices)
@@ -101,6 +102,13 @@ FIELDS: dict[str, Field] = {
     "pad_token_id": Field("id", nullable=True),
     "model_type": Field("str"),
     "routing_order": Field("str", choices=("softmax_topk", "topk_softmax")),
+    "scoring": Field("str", choices=("softmax", "sigmoid", "sparsemixer")),
+    "n_group": Field("int", high=MAX_EXPERTS),
+    "topk_group": Field("int", high=MAX_EXPERTS),
+    "group_score": Field("str", choices=("max", "top2_sum")),
+    "routed_scaling_factor": Field("float"),
+    "selection_bias": Field("bool"),
+    "sparsemixer_eps": Field("float", high=1.0, zero=True),
     "qkv_bias": Field("bool"),
     "o_bias": Field("bool"),
     "qk_norm": Field("str", choices=("none", "head", "projection")),
@@ -133,6 +141,8 @@ FIELDS: dict[str, Field] = {
     "rope_long_factor": Field("floats", nullable=True),
     "rope_short_mscale": Field("float", nullable=True),
     "rope_long_mscale": Field("float", nullable=True),
+    "norm_type": Field("str", choices=("rms", "layer")),
+    "lm_head_bias": Field("bool"),
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MANIFEST_NEEDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -195,6 +205,7 @@ def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem
     if _is_int(top_k) and _is_int(experts) and top_k > experts:
         yield Problem(key("num_experts_per_tok"), f"exceeds '{key('num_local_experts')}'",
                       f"{top_k} > {experts}", "top-k <= number of experts")
+    yield from _routing(v, key)
     layers = v.get("num_hidden_layers")
     for name in ("dense_layers", "sliding_layers"):
         given = v.get(name)
@@ -214,3 +225,24 @@ def _across(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem
             if _is_int(vocab) and _is_int(i) and i >= vocab:
                 yield Problem(key(name), "is outside the vocabulary", f"{i} (vocab_size {vocab})",
                               f"a token id in [0, {vocab})")
+
+
+def _routing(v: Mapping[str, Any], key: Callable[[str], str]) -> Iterator[Problem]:
+    """Grouped top-k and sparsemixer against the expert count and k (``ops.RoutingSpec.problem``)."""
+    experts, k = v.get("num_local_experts"), v.get("num_experts_per_tok")
+    groups, kept = v.get("n_group", 1), v.get("topk_group", 1)
+    if not all(_is_int(n) for n in (experts, k, groups, kept)):
+        return
+    if experts % groups:
+        yield Problem(key("n_group"), f"does not divide '{key('num_local_experts')}'", f"{groups} / {experts}",
+                      "a divisor of the expert count")
+    elif kept > groups:
+        yield Problem(key("topk_group"), f"exceeds '{key('n_group')}'", f"{kept} > {groups}", "groups kept <= groups")
+    elif groups > 1 and v.get("group_score") == "top2_sum" and experts // groups < 2:
+        yield Problem(key("n_group"), "leaves groups of one expert (their score sums the two best)",
+                      f"{groups} groups of {experts} experts", "groups of at least 2 experts")
+    elif groups > 1 and k > kept * (experts // groups):
+        yield Problem(key("num_experts_per_tok"), "exceeds the experts of the groups kept",
+                      f"{k} > {kept} x {experts // groups}", "top-k <= topk_group x experts per group")
+    if v.get("scoring") == "sparsemixer" and k != 2:
+        yield Problem(key("num_experts_per_tok"), "must be 2 with sparsemixer routing", str(k), "2")

@@ -89,8 +89,18 @@ def plugin_version_of(node: Any) -> str:
     attrs = _string_attrs(node)
     if "plugin_version" in attrs:
         return attrs["plugin_version"]
+    return _described(node)
+
+
+def _described(node: Any) -> str:
+    """The plugin version a mixport node's inputs and attributes need."""
+    attrs = _string_attrs(node)
     if node.op_type == TOPK_ROUTING:
-        return ROUTING_PLUGIN_VERSION if "order" in attrs else "1"
+        v3 = {"n_group", "topk_group", "group_score", "routed_scaling_factor", "sparsemixer_eps"}
+        if len(node.input) > 1 or any(a.name in v3 for a in node.attribute) or \
+                attrs.get("scoring_func", "softmax") != "softmax":
+            return ROUTING_PLUGIN_VERSION
+        return "2" if "order" in attrs else "1"
     return QUANT_PLUGIN_VERSION if any(a.name == "bits" for a in node.attribute) else PLUGIN_VERSION
 
 
@@ -106,6 +116,11 @@ def check_plugin_version(node: Any) -> None:
     if node.op_type == TOPK_ROUTING and version == "1" and attrs.get("order", ORDERS[0]) != ORDERS[0]:
         raise BuildError(f"mixport::TopKRouting node '{node.name}' has plugin_version '1', which has no order",
                          given=f"order={attrs['order']!r}", expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'",
+                         hint="re-export the model with this mixport")
+    if node.op_type == TOPK_ROUTING and version in ("1", "2") and _described(node) == ROUTING_PLUGIN_VERSION:
+        raise BuildError(f"mixport::TopKRouting node '{node.name}' has plugin_version '{version}', which has no "
+                         "selection bias, sigmoid / sparsemixer scoring, groups or scaling", given=version,
+                         expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'",
                          hint="re-export the model with this mixport")
     quantized = any(a.name == "bits" for a in node.attribute)
     if node.op_type == MOE and version == BIAS_PLUGIN_VERSION:

@@ -158,6 +158,7 @@ def finish(proto: onnx.ModelProto, model: DecoderModel) -> None:
     cfg = model.cfg
     elem = ONNX_FLOAT[model.lm_head.weight.dtype]
     proto.functions.append(routing_onnx.routing_function(cfg.num_experts_per_tok, cfg.normalization, elem,
-                                                          cfg.routing_order))
+                                                          cfg.routing_order, spec=cfg.routing(),
+                                                          num_experts=cfg.num_local_experts))
     if not any(o.domain == ops.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION))

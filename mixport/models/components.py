@@ -16,7 +16,7 @@ from torch import nn
 
 from mixport.models import rope
 from mixport.models.config import MoEConfig
-from mixport.models.routing import topk_routing
+from mixport.models.routing import group_mask, group_scores, topk_routing
 
 
 class RMSNorm(nn.Module):
@@ -29,6 +29,14 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: MoEConfig, dim: int) -> nn.Module:
+    """The decoder's norm: RMSNorm, or LayerNorm with weight and bias (``cfg.norm_type`` "layer",
+    PhiMoE), eps ``cfg.rms_norm_eps`` either way."""
+    if cfg.norm_type == "layer":
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -124,23 +132,53 @@ class GatedMLP(nn.Module):
 
 
 class Router(nn.Module):
-    """gate -> softmax -> top-k -> (renormalize), or top-k of the logits -> softmax over the k:
+    """gate -> softmax -> top-k -> (renormalize), or top-k of the logits -> softmax over the k, or the
+    config's other routing (``cfg.routing()``: sigmoid, selection bias, groups, sparsemixer, scaling):
     the mixport TopKRouting node."""
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.k, self.normalization, self.order = cfg.num_experts_per_tok, cfg.normalization, cfg.routing_order
+        self.spec = cfg.routing()
         self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+        if cfg.selection_bias:  # DeepSeek-V3's name; fp32 whatever the model's dtype
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_local_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = Fn.linear(x, self.weight)  # [T, E]
-        return topk_routing(logits, self.k, self.normalization, self.order)  # [T, k] x2
+        return self.route(Fn.linear(x, self.weight))  # [T, k] x2
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> weights [T, k], ids [T, k] (the TopKRouting op)."""
+        s = self.spec
+        if s.plain:
+            return topk_routing(logits, self.k, self.normalization, self.order)
+        return topk_routing(logits, s.k, s.normalization, s.order, getattr(self, "e_score_correction_bias", None),
+                            s.scoring, s.n_group, s.topk_group, s.group_score, s.scaling, s.eps)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> the router logits [T, E] fp32 (the tools' routing hooks: the experts picked
-        are the top-k of these, whatever the order)."""
+        """x [T, H] -> the router logits [T, E] fp32 (the tools' routing hooks; ``selected`` turns
+        them into the experts picked)."""
         return Fn.linear(x, self.weight).float()
 
+    def selected(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] (this router's, or transformers' for it) -> the experts picked [T, k]:
+        the top-k of the logits only without a selection bias or groups."""
+        return self.route(logits.float())[1]
+
+    def choice(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the experts are picked by, for the tools' tie counts: (scores [T, E] whose top-k are the
+        picks, the group scores [T, G] whose top topk_group are kept, or None). The logits themselves
+        for softmax / sparsemixer routing without bias or groups (picks = top-k of the logits)."""
+        s, x = self.spec, logits.float()
+        if s.scoring == "sparsemixer" or (s.scoring == "softmax" and not s.bias and s.n_group == 1):
+            return x, None
+        scores = torch.sigmoid(x) if s.scoring == "sigmoid" else torch.softmax(x, dim=-1)
+        if s.bias:
+            scores = scores + self.e_score_correction_bias.float()
+        if s.n_group == 1:
+            return scores, None
+        return group_mask(scores, s.n_group, s.topk_group, s.group_score), group_scores(scores, s.n_group,
+                                                                                      s.group_score)
 
 
 class Experts(nn.ModuleList):
@@ -201,9 +239,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, index: int = 0, layout: Layout = Layout()) -> None:
         super().__init__()
         self.residual_multiplier = cfg.residual_multiplier
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         if cfg.is_sparse(index):
             self.ffn_name = layout.moe
             self.add_module(layout.moe, SparseMoeBlock(cfg, layout))
@@ -286,8 +324,8 @@ class DecoderModel(nn.Module):
         make = make_layer or (lambda c, i: DecoderLayer(c, i))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(make(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         for name, value in rope_buffers(cfg).items():
             self.register_buffer(name, value, persistent=False)
 

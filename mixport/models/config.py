@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
+from mixport.ops import RoutingSpec
+
 DEFAULT_MODEL_TYPE = "mixtral"  # what a manifest without ``model_type`` (written before the adapters) holds
 
 
@@ -40,6 +42,13 @@ class MoEConfig:
     model_type: str = DEFAULT_MODEL_TYPE  # the family: its adapter's key in mixport.models.registry
     # -- routing (the TopKRouting node's attributes) ---------------------------------------
     routing_order: str = "softmax_topk"  # "softmax_topk" (Mixtral, Qwen, OLMoE) | "topk_softmax" (Granite)
+    scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3) | "sparsemixer" (PhiMoE, top-2)
+    n_group: int = 1  # expert groups for grouped top-k (DeepSeek); 1: plain top-k
+    topk_group: int = 1  # groups kept
+    group_score: str = "max"  # a group's score: "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3)
+    routed_scaling_factor: float = 1.0  # x the final routing weights
+    selection_bias: bool = False  # the router holds e_score_correction_bias [E] (selection only, DeepSeek-V3)
+    sparsemixer_eps: float = 0.0  # sparsemixer's threshold eps (PhiMoE's router_jitter_noise)
     # -- attention ----------------------------------------------------------------------------
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2-MoE; attention_bias elsewhere)
     o_bias: bool = False  # the output projection carries a bias (OLMoE / Granite attention_bias)
@@ -76,6 +85,16 @@ class MoEConfig:
     rope_long_factor: tuple[float, ...] | None = None  # longrope, past rope_original_max
     rope_short_mscale: float | None = None  # longrope (Phi-3.5-MoE's own cos/sin scale, short / long)
     rope_long_mscale: float | None = None
+    # -- norms and the head (PhiMoE) -------------------------------------------------------------
+    norm_type: str = "rms"  # "rms" (RMSNorm) | "layer" (LayerNorm with bias, eps rms_norm_eps: PhiMoE)
+    lm_head_bias: bool = False  # lm_head carries a bias (PhiMoE's lm_head_bias)
+
+    def routing(self) -> RoutingSpec:
+        """What each TopKRouting node computes (``ops.py``)."""
+        return RoutingSpec(k=self.num_experts_per_tok, normalization=self.normalization, order=self.routing_order,
+                           scoring=self.scoring, bias=self.selection_bias, n_group=self.n_group,
+                           topk_group=self.topk_group, group_score=self.group_score,
+                           scaling=self.routed_scaling_factor, eps=self.sparsemixer_eps)
 
     @property
     def kv_groups(self) -> int:

@@ -12,6 +12,7 @@ from mixport.models.gpt_oss import GptOss
 from mixport.models.granitemoe import GraniteMoe, GraniteMoeShared
 from mixport.models.mixtral import Mixtral
 from mixport.models.olmoe import Olmoe
+from mixport.models.phimoe import Phimoe
 from mixport.models.qwen2_moe import Qwen2Moe
 from mixport.models.qwen3_moe import Qwen3Moe
 from mixport.typed_json import shown
@@ -23,6 +24,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Olmoe(),
     GraniteMoe(),
     GraniteMoeShared(),
+    Phimoe(),
     GptOss(),
 )
 

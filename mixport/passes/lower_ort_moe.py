@@ -12,6 +12,11 @@ maps onto that (``contrib_normalize``):
   same k experts are picked), and renormalizing weights that already sum to 1 changes nothing.
   ORT's outputs match the function body's within the tests' tolerance (tests/passes/test_small_passes.py).
 
+TopKRouting version 3 (``contrib_routing``): a routed_scaling_factor with softmax routing folds into the
+down weights (float experts only); sigmoid scores, a selection-only bias and grouped top-k have no
+com.microsoft.MoE field and are refused with the reason; sparsemixer is refused too, since ONNX Runtime
+1.32's CPU MoE ignores ``use_sparse_mixer`` (measured: its output equals plain softmax -> top-k).
+
 It wants, on CPU, gate/up interleaved per row ([E, 2F, H]: g0, u0, g1, u1, ...) and
 the down weights as [E, H, F] (both [out, in]). The file then runs in ONNX Runtime only.
 
@@ -103,13 +108,34 @@ def contrib_normalize(order: str, normalization: str) -> int | str:
             f"normalization={normalization!r})")
 
 
+def contrib_routing(spec: ops.RoutingSpec, scaling_folds: bool = False) -> int | str:
+    """``normalize_routing_weights`` for a TopKRouting spec (version 3 included), or the one line saying
+    which field com.microsoft.MoE / QMoE cannot express. ``scaling_folds``: a routed_scaling_factor is
+    folded into the experts' down weights by the caller (the weights are linear in it)."""
+    if spec.scoring == "sparsemixer":
+        return ("TopKRouting scoring 'sparsemixer' (PhiMoE) cannot map: ONNX Runtime 1.32's CPU MoE ignores "
+                "use_sparse_mixer (measured: it routes softmax -> top-k)")
+    if spec.scoring != "softmax":
+        return f"TopKRouting scoring {spec.scoring!r} cannot map: com.microsoft.MoE scores with a softmax"
+    if spec.bias:
+        return "TopKRouting's selection bias (e_score_correction_bias) cannot map: com.microsoft.MoE has no such input"
+    if spec.n_group > 1:
+        return (f"TopKRouting grouped top-k (n_group={spec.n_group}, topk_group={spec.topk_group}) cannot map: "
+                "com.microsoft.MoE picks the top-k of all experts")
+    if spec.scaling != 1.0 and not scaling_folds:
+        return f"TopKRouting routed_scaling_factor={spec.scaling:g} cannot map: com.microsoft.QMoE has no scale"
+    return contrib_normalize(spec.order, spec.normalization)
+
+
 def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | None:
     """Replace one MoE node; a reason string when it cannot be lowered."""
     router = gu.producer(moe.inputs[1])
     if router is None or router.op != ops.TOPK_ROUTING or gu.producer(moe.inputs[2]) is not router:
         return f"MoE '{moe.name}': weights/ids do not come from one TopKRouting node"
-    normalize = contrib_normalize(str(router.attrs.get("order", ops.ORDERS[0])),
-                                  str(router.attrs.get("normalization")))
+    spec = ops.RoutingSpec.from_attributes(router.attrs, has_bias=len(router.inputs) > 1
+                                           and not router.inputs[1].is_empty())
+    quantized = "bits" in moe.attrs
+    normalize = contrib_routing(spec, scaling_folds=not quantized)
     if isinstance(normalize, str):
         return f"MoE '{moe.name}': {normalize}"
     if moe.attrs.get("activation", "swiglu") not in ops.ACTIVATIONS:
@@ -117,7 +143,7 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     biases = _biases(graph, moe, files)
     if isinstance(biases, str):
         return biases
-    if "bits" in moe.attrs:
+    if quantized:
         return _lower_quantized(graph, moe, router, normalize, files, biases)
     gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
     if gate_up is None or down is None:
@@ -125,10 +151,17 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     experts = len(gate_up)  # each expert's layout made and written in turn: one in memory, not the stack
     fc1 = gu.stacked_constant(gu.unique_name(graph, f"{moe.inputs[3].name}.ort_fc1"),
                               (interleaved_fc1(w[None])[0] for w in gu.slabs(moe.inputs[3])), experts, files)
+    scale = spec.scaling  # out = sum_j (s w_j) FFN_j(x): s folds into each expert's down weights
     fc2 = gu.stacked_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"),
-                              (contrib_fc2(w[None])[0] for w in gu.slabs(moe.inputs[4])), experts, files)
+                              (contrib_fc2(w[None] if scale == 1.0 else (w * np.asarray(scale, w.dtype))[None])[0]
+                               for w in gu.slabs(moe.inputs[4])), experts, files)
+    fc2_bias = biases[1]
+    if scale != 1.0 and not fc2_bias.is_empty():  # s (down @ act + b) = (s down) @ act + s b
+        bias = gu.const_array(fc2_bias)
+        fc2_bias = gu.make_constant(gu.unique_name(graph, f"{fc2_bias.name}.ort_scaled"),
+                                    bias * np.asarray(scale, bias.dtype), files)
     node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)),
-                   [moe.inputs[0], router.inputs[0], fc1, biases[0], fc2, biases[1]], list(moe.outputs),
+                   [moe.inputs[0], router.inputs[0], fc1, biases[0], fc2, fc2_bias], list(moe.outputs),
                    domain=MS_DOMAIN)
     moe.outputs.clear()
     graph.nodes.append(node)

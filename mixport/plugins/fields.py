@@ -4,8 +4,9 @@ The ONNX parser fills a field from the node attribute of the same name only when
 the creator lists that name (int -> INT32, float -> FLOAT32, string -> CHAR).
 Fields it does not list — ``plugin_namespace``, ``plugin_version`` — never reach
 ``create_plugin``; unknown names that do arrive are ignored, never fatal. The node's
-``plugin_version`` picks the creator instead (``registry.py``): TopKRouting "2" declares
-``order``, "1" does not (``topk_routing_plugin.FIELDS`` / ``FIELDS_V1``).
+``plugin_version`` picks the creator instead (``registry.py``): TopKRouting "3" declares the
+version-3 fields (groups, scaling, sparsemixer eps; float -> FLOAT32), "2" ``order``, "1" neither
+(``topk_routing_plugin.FIELDS`` / ``FIELDS_V2`` / ``FIELDS_V1``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Any
 
 from mixport.errors import PluginError
 
-FieldValue = int | str
+FieldValue = int | float | str
 
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One plugin field: its name, kind ("int", "float" or "str"), default and allowed values."""
+    """One plugin field: its name, kind ("int", "float" (>= 0, finite) or "str"), default and allowed values."""
 
     name: str
     kind: str
@@ -32,9 +33,11 @@ class FieldSpec:
         if self.kind == "int" and (not isinstance(value, int) or value <= 0):
             raise PluginError(f"{op}: field {self.name!r} must be a positive integer",
                               given=value, expected="an int > 0")
-        if self.kind == "float" and (not isinstance(value, (int, float)) or not 0 < value < float("inf")):
-            raise PluginError(f"{op}: field {self.name!r} must be a finite number > 0", given=value,
-                              expected="a float > 0")
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise PluginError(f"{op}: field {self.name!r} must be a finite number >= 0",
+                                  given=value, expected="a float >= 0")
+            value = float(value)
         if self.choices and value not in self.choices:
             raise PluginError(f"{op}: unsupported {self.name}", given=value,
                               expected=" | ".join(map(str, self.choices)))
@@ -47,7 +50,7 @@ def _decode(field: Any, trt: ModuleType) -> FieldValue:
         return bytes(bytearray(int(b) & 0xFF for b in data)).split(b"\0")[0].decode()
     if len(data) != 1:
         raise PluginError(f"field {field.name!r} must hold one value", given=list(data))
-    if field.type in (trt.PluginFieldType.FLOAT32, trt.PluginFieldType.FLOAT64):
+    if field.type == trt.PluginFieldType.FLOAT32:
         return float(data[0])
     return int(data[0])
 

@@ -15,10 +15,10 @@ from mixport.ops import PLUGIN_NAMESPACE
 from mixport.plugins import trt_import
 from mixport.plugins.base import CreatorCore, bind_creator
 from mixport.plugins.moe_plugin import MoECreator, MoEV2Creator, MoEV3Creator
-from mixport.plugins.topk_routing_plugin import TopKRoutingCreator, TopKRoutingV1Creator
+from mixport.plugins.topk_routing_plugin import TopKRoutingCreator, TopKRoutingV1Creator, TopKRoutingV2Creator
 
-CREATORS: tuple[type[CreatorCore], ...] = (TopKRoutingCreator, TopKRoutingV1Creator, MoECreator, MoEV2Creator,
-                                           MoEV3Creator)
+CREATORS: tuple[type[CreatorCore], ...] = (TopKRoutingCreator, TopKRoutingV2Creator, TopKRoutingV1Creator, MoECreator,
+                                          MoEV2Creator, MoEV3Creator)
 # Creators must outlive the registry's use of them: keep one per (module, class).
 _LIVE: dict[tuple[str, str], object] = {}
 

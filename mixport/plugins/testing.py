@@ -24,7 +24,6 @@ from mixport.ops import (
     ORDERS,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
-    ROUTING_PLUGIN_VERSION,
     TOPK_ROUTING,
 )
 
@@ -62,7 +61,7 @@ def tiny_moe_model(hidden: int = 32, ffn: int = 48, experts: int = 4, k: int = 2
         helper.make_node("MatMul", ["hidden", "router"], ["logits"], name="router"),
         helper.make_node(TOPK_ROUTING, ["logits"], ["weights", "ids"], name="routing",
                          domain=DOMAIN, k=k, num_experts=experts, scoring_func="softmax",
-                         **mode, **extra("1" if order is None else ROUTING_PLUGIN_VERSION)),
+                         **mode, **extra("1" if order is None else "2")),  # version-1 / version-2 files
         helper.make_node(MOE, ["hidden", "weights", "ids", "gate_up", "down"], ["out"],
                          name="moe", domain=DOMAIN, num_experts=experts, k=k,
                          activation="swiglu", **extra(PLUGIN_VERSION)),

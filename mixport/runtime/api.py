@@ -215,6 +215,8 @@ def open_session(folder: Path, manifest: Manifest, path: Path, device: str, thre
                 raise
             if progress:
                 progress(f"fast graph unavailable, using model.onnx ({exc})")
+    elif graph == "auto" and device == "cpu" and progress:  # the model's reason (e.g. PhiMoE's LayerNorm)
+        progress(f"fast graph unavailable, using model.onnx (it does not build {why_not})")
     return OrtSession(path, manifest, device=device, threads=threads)
 
 

@@ -89,6 +89,7 @@ FIELDS = frozenset({
     "routing_order", "qkv_bias", "o_bias", "qk_norm", "clip_qkv", "attention_scale", "sliding_layers",
     "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "dense_intermediate_size",
     "embedding_multiplier", "residual_multiplier", "logits_scaling",
+    "scoring", "n_group", "topk_group", "group_score", "routed_scaling_factor", "selection_bias", "sparsemixer_eps",
     "rope_type", "rope_factor", "rope_original_max", "rope_attention_factor", "rope_beta_fast", "rope_beta_slow",
     "rope_mscale", "rope_mscale_all_dim", "rope_truncate",  # yarn; longrope: see supported()
     "attention_sinks", "router_bias", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit"})  # GPT-OSS

@@ -13,9 +13,10 @@ fastest, and a config at its neutral values (Mixtral's) emits exactly the nodes 
   position p sees keys p-w+1..p, the reference's ``components.attention_bias``); attention sinks
   (``attention_sinks``, GPT-OSS) are GQA's ``head_sink`` (one logit per head joining the softmax's
   denominator); o_proj (+ bias);
-* feed-forward: a sparse layer routes (``routing_onnx.routing_nodes``, order and normalization from
-  the config; the router's bias, ``router_bias``) into ``moe_bodies.sparse_moe`` (variant ``ORT_CPU``;
-  expert biases and the clamped SwiGLU of a version-"3" node, GPT-OSS) and adds its shared expert (one
+* feed-forward: a sparse layer routes (``routing_onnx.routing_nodes``, the config's routing spec:
+  order, normalization, sigmoid / sparsemixer, selection bias, groups, scaling; the router Linear's
+  bias, ``router_bias``) into ``moe_bodies.sparse_moe`` (variant ``ORT_CPU``; expert biases and the
+  clamped SwiGLU of a version-"3" MoE node, GPT-OSS) and adds its shared expert (one
   gate|up MatMul, optionally scaled by sigmoid(x @ gate)) beside it; a dense layer (``dense_layers``)
   is one SwiGLU MLP;
 * muP scalars: embeddings x ``embedding_multiplier``; each block's output x ``residual_multiplier``
@@ -98,9 +99,14 @@ def attention(g: Builder, i: int, h: str) -> str:
 
 def _routes(g: Builder, i: int, flat: str) -> tuple[str, str]:
     """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
+    gate = g.names.router_weight(i)
     logits = _logits(g, i, flat)  # [T, E]
-    return routing_onnx.routing_nodes(g, logits, g.cfg.num_experts_per_tok, g.cfg.normalization, g.elem,
-                                      order=g.cfg.routing_order)
+    spec, bias = g.cfg.routing(), None
+    if spec.bias:  # the selection-only bias, kept fp32 whatever the graph's type (as the export holds it)
+        key = gate.removesuffix("weight") + "e_score_correction_bias"
+        bias = g.const(key, np.asarray(g.w[key], dtype=np.float32))
+    return routing_onnx.routing_nodes(g, logits, spec.k, spec.normalization, g.elem, spec=spec, bias=bias,
+                                      num_experts=g.cfg.num_local_experts)
 
 
 def _logits(g: Builder, i: int, flat: str) -> str:

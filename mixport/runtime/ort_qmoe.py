@@ -44,7 +44,7 @@ def expressible(g: Builder, i: int) -> tuple[int, int, int] | None:
     from model.onnx's stacks (a graph built to sit beside it), else None."""
     cfg, gate = g.cfg, g.names.expert_weight(i, 0, "gate")
     origin = g.origins.get(gate)
-    normalize = lower_ort_moe.contrib_normalize(cfg.routing_order, cfg.normalization)
+    normalize = lower_ort_moe.contrib_routing(cfg.routing())
     if origin is None or isinstance(normalize, str) or origin.tensor + QUANTIZED not in g.where:
         return None
     q, scale = dict.__getitem__(g.w, gate + QUANTIZED), dict.__getitem__(g.w, gate + SCALE)

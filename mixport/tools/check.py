@@ -213,10 +213,12 @@ def routing_ties(logits: np.ndarray, k: int) -> np.ndarray:
     if logits.shape[1] <= k:
         return np.zeros(len(logits), bool)
     srt = -np.sort(-logits, axis=1)
-    return srt[:, k - 1] - srt[:, k] <= TIE_GAP * np.maximum(1.0, np.abs(srt[:, k - 1]))
+    with np.errstate(invalid="ignore"):  # masked (-inf) choices: never a tie
+        return srt[:, k - 1] - srt[:, k] <= TIE_GAP * np.maximum(1.0, np.abs(srt[:, k - 1]))
 
 
-def _routing_stats(ref: list[Any], ort: list[Any], layers: list[int], k: int) -> list[RoutingStat]:
+def _routing_stats(ref: list[Any], ort: list[Any], layers: list[int], k: int,
+                   topk_group: int = 1) -> list[RoutingStat]:
     """Per MoE layer (``layers``: the decoder layers with a router, in TopKRouting node order)."""
     stats = []
     for j, layer in enumerate(layers):
@@ -225,7 +227,10 @@ def _routing_stats(ref: list[Any], ort: list[Any], layers: list[int], k: int) ->
             logits = r[f"routing.{j}.logits"].reshape(-1, r[f"routing.{j}.logits"].shape[-1])
             a = np.sort(r[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
             b = np.sort(o[f"routing.{j}.ids"].reshape(len(logits), -1), axis=1)
-            tie = routing_ties(logits, k)
+            choice = f"routing.{j}.choice"  # the scores the picks are made by (a Polygraphy IterationResult)
+            tie = routing_ties(r[choice] if choice in r else logits, k)
+            if f"routing.{j}.groups" in r:  # grouped top-k: groups tied at the kept / dropped boundary too
+                tie |= routing_ties(r[f"routing.{j}.groups"], topk_group)
             same = (a == b).all(axis=1)
             tokens += len(logits)
             agree += int(same.sum())
@@ -242,7 +247,8 @@ def torch_runner(source: Path, model: DecoderModel, prefer_transformers: bool): 
         try:
             import transformers  # noqa: F401
             adapter = registry.for_config(model.cfg)
-            return TransformersRunner(source, adapter, len(adapter.moe_layers(model.cfg)))
+            routers = [model.get_submodule(f"layers.{i}.{adapter.router_path}") for i in adapter.moe_layers(model.cfg)]
+            return TransformersRunner(source, adapter, len(routers), routers=routers)
         except ImportError:
             pass
     return ReferenceRunner(model)
@@ -308,7 +314,7 @@ def run_check(folder: Path, *, steps: int = 8, prompt_len: int = 12, prefer_tran
         (_, ref_iters), (_, ort_iters) = list(results.items())[:2]
         report = CheckReport([r.name for r in runners], steps, atol, rtol, notes=notes)
         report.outputs = _output_stats(accuracy, atol, rtol)
-        report.routing = _routing_stats(ref_iters, ort_iters, moe_layers, cfg.num_experts_per_tok)
+        report.routing = _routing_stats(ref_iters, ort_iters, moe_layers, cfg.num_experts_per_tok, cfg.topk_group)
         report.dense_layers = [i for i in range(cfg.num_hidden_layers) if i not in moe_layers]
         report.ref_tokens = ref_tokens
         report.ort_tokens = (ort_greedy if record is None else check_quant.exact_greedy)(model_path, manifest, prompt,

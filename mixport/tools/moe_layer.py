@@ -28,6 +28,8 @@ class LayerSpec:
     router_bias: tuple[float, ...] = ()  # added to the router logits per expert (skews routing)
     normalization: str = "renormalize"
     order: str = ops.ORDERS[0]  # TopKRouting's order (ops.ORDERS)
+    routing: ops.RoutingSpec | None = None  # TopKRouting version 3 (overrides k, normalization, order)
+    selection_bias: tuple[float, ...] = ()  # its bias input, when routing.bias
 
 
 def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
@@ -61,10 +63,14 @@ def dense_layer(spec: LayerSpec) -> onnx.ModelProto:
              numpy_helper.from_array(np.array([-1], np.int64), "last")]
     if spec.router_bias:
         inits.append(_init("gate.bias", np.array(spec.router_bias)))
+    routing = spec.routing or ops.RoutingSpec(spec.k, spec.normalization, spec.order)
+    if routing.bias:
+        inits.append(_init("gate.selection_bias", np.array(spec.selection_bias)))
     nodes = [helper.make_node("Gemm", ["hidden", "gate.weight", *(["gate.bias"] if spec.router_bias else [])],
                               ["logits"], transB=1),
-             helper.make_node(ops.TOPK_ROUTING, ["logits"], ["weights", "ids"], domain=ops.DOMAIN,
-                              **routing_onnx.routing_attributes(spec.k, n, spec.normalization, spec.order)),
+             helper.make_node(ops.TOPK_ROUTING, ["logits", *(["gate.selection_bias"] if routing.bias else [])],
+                              ["weights", "ids"], domain=ops.DOMAIN,
+                              **routing_onnx.routing_attributes(routing.k, n, routing.normalization, spec=routing)),
              helper.make_node("Shape", ["hidden"], ["shape"]),
              helper.make_node("ConstantOfShape", ["shape"], ["acc0"])]
     for e in range(n):
@@ -77,7 +83,8 @@ def dense_layer(spec: LayerSpec) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", h])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", routing_onnx.ONNX_OPSET),
                                                     helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
-    model.functions.append(routing_onnx.routing_function(spec.k, spec.normalization, TensorProto.FLOAT, spec.order))
+    model.functions.append(routing_onnx.routing_function(routing.k, routing.normalization, TensorProto.FLOAT,
+                                                         spec=routing, num_experts=n))
     return model
 
 

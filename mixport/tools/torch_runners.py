@@ -2,9 +2,9 @@
 
 Both take a feed of the exported graph's inputs and return its outputs by name, plus, for
 the j-th MoE layer (the j-th TopKRouting node: layers with a router only, ``adapter.moe_layers``),
-``routing.{j}.logits`` [T, E] fp32 (the router's logits) and ``routing.{j}.ids`` [T, k] (their
-top-k: the experts picked, whatever the family's routing order — softmax then top-k picks the
-top-k of the logits too).
+``routing.{j}.logits`` [T, E] fp32 (the router's logits) and ``routing.{j}.ids`` [T, k] (the experts
+picked: mixport's Router of that layer applied to the logits, ``Router.selected`` — the top-k of the
+logits for softmax or sparsemixer routing, not with a selection bias or groups).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import inspect
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,11 @@ def input_metadata(num_layers: int, dtype: np.dtype = np.float32) -> TensorMetad
     return meta
 
 
-def _routing(logits: list[torch.Tensor], k: int, moe_layers: int, who: str) -> dict[str, np.ndarray]:
-    """routing.{j}.logits / .ids for each MoE layer's router logits [T, E]."""
+def _routing(logits: list[torch.Tensor], routers: list[Any] | None, k: int, moe_layers: int,
+             who: str) -> dict[str, np.ndarray]:
+    """routing.{j}.logits / .ids (the experts picked: ``routers[j].selected``, which with a selection bias
+    or groups differ from the top-k of the logits) and, for such routing, .choice / .groups (the scores
+    the picks are made by, for tie counts) for each MoE layer's router logits [T, E]."""
     if len(logits) != moe_layers:  # a hook or a recorder that missed (or added) a router
         raise CheckUnavailable(f"{who} reported router logits for {len(logits)} layers", given=str(len(logits)),
                                expected=f"{moe_layers} (one per MoE layer)")
@@ -44,7 +48,16 @@ def _routing(logits: list[torch.Tensor], k: int, moe_layers: int, who: str) -> d
     for j, lg in enumerate(logits):
         lg = lg.float().reshape(-1, lg.shape[-1])
         out[f"routing.{j}.logits"] = lg.numpy()
-        out[f"routing.{j}.ids"] = torch.topk(lg, k, dim=-1).indices.numpy()
+        if routers is None:
+            out[f"routing.{j}.ids"] = torch.topk(lg, k, dim=-1).indices.numpy()
+            continue
+        with torch.no_grad():
+            out[f"routing.{j}.ids"] = routers[j].selected(lg).numpy()
+            choice, groups = routers[j].choice(lg)
+        if choice is not lg:
+            out[f"routing.{j}.choice"] = choice.numpy()
+        if groups is not None:
+            out[f"routing.{j}.groups"] = groups.numpy()
     return out
 
 
@@ -93,7 +106,8 @@ class ReferenceRunner(_TimedRunner):
         for i in range(n):
             out[f"present.{i}.key"] = present[2 * i].float().numpy()
             out[f"present.{i}.value"] = present[2 * i + 1].float().numpy()
-        out.update(_routing(self.logits, self.model.cfg.num_experts_per_tok, len(self.routers), self.name))
+        out.update(_routing(self.logits, self.routers, self.model.cfg.num_experts_per_tok, len(self.routers),
+                            self.name))
         return out
 
     def deactivate_impl(self) -> None:
@@ -106,11 +120,13 @@ class TransformersRunner(_TimedRunner):
     MixtralForCausalLM) on the source folder. It keeps its own cache: a feed with an empty
     past starts a new sequence; later feeds must continue it."""
 
-    def __init__(self, model_dir: Path, adapter: Adapter, moe_layers: int, name: str = "pytorch-transformers") -> None:
+    def __init__(self, model_dir: Path, adapter: Adapter, moe_layers: int, name: str = "pytorch-transformers",
+                 routers: list[Any] | None = None) -> None:
         super().__init__(name=name, prefix="pyt-hf")
         self.model_dir = Path(model_dir)
         self.adapter = adapter
         self.moe_layers = moe_layers  # layers with a router (transformers records router logits for these only)
+        self.routers = routers  # mixport's Router of each MoE layer: the experts transformers' logits pick
 
     def activate_impl(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -143,8 +159,8 @@ class TransformersRunner(_TimedRunner):
             out[f"present.{i}.key"] = layer.keys.float().numpy()
             out[f"present.{i}.value"] = layer.values.float().numpy()
         # router_logits: one [T, E] per layer with a router (transformers records each router module's logits)
-        out.update(_routing(list(res.router_logits), self.model.config.num_experts_per_tok, self.moe_layers,
-                            self.name))
+        out.update(_routing(list(res.router_logits), self.routers, self.model.config.num_experts_per_tok,
+                            self.moe_layers, self.name))
         return out
 
     def deactivate_impl(self) -> None:

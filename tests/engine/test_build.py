@@ -254,7 +254,8 @@ def test_both_routing_versions_build_plugin_layers(trt: ModuleType, tmp_path: Pa
 
 
 @pytest.mark.parametrize(("attrs", "message"), [
-    ({"plugin_version": "3"}, "TopKRouting node 'routing' has an unknown plugin_version; given: 3; expected: 1 | 2"),
+    ({"plugin_version": "4"},
+     "TopKRouting node 'routing' has an unknown plugin_version; given: 4; expected: 1 | 2 | 3"),
     ({"plugin_version": "1", "order": "topk_softmax"},
      "TopKRouting node 'routing' has plugin_version '1', which has no order; given: order='topk_softmax'"),
 ])

@@ -63,7 +63,9 @@ def test_dims_are_symbolic_and_node_carries_contract(tiny_export: Path) -> None:
     assert len(routers) == 2
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in routers[0].attribute}
     assert attrs == {"k": 2, "num_experts": 8, "normalization": b"renormalize", "order": b"softmax_topk",
-                     "scoring_func": b"softmax", "plugin_namespace": b"mixport", "plugin_version": b"2"}
+                     "scoring_func": b"softmax", "n_group": 1, "topk_group": 1, "group_score": b"max",
+                     "routed_scaling_factor": 1.0, "sparsemixer_eps": 0.0,
+                     "plugin_namespace": b"mixport", "plugin_version": b"3"}
     assert any(f.name == "TopKRouting" and f.domain == "mixport" for f in proto.functions)
     assert {o.domain: o.version for o in proto.opset_import}[""] >= 18
 

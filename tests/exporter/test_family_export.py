@@ -190,8 +190,10 @@ def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, norma
     k, e = cfg.num_experts_per_tok, cfg.num_local_experts
     for node in routers:
         assert attributes(node) == {"k": k, "num_experts": e, "normalization": normalization.encode(),
-                                    "order": order.encode(), "scoring_func": b"softmax", "plugin_namespace":
-                                    b"mixport", "plugin_version": ops.ROUTING_PLUGIN_VERSION.encode()}
+                                    "order": order.encode(), "scoring_func": b"softmax", "n_group": 1,
+                                    "topk_group": 1, "group_score": b"max", "routed_scaling_factor": 1.0,
+                                    "sparsemixer_eps": 0.0, "plugin_namespace": b"mixport",
+                                    "plugin_version": ops.ROUTING_PLUGIN_VERSION.encode()}
     for node in moes:
         assert {n: attributes(node)[n] for n in ("num_experts", "k", "activation")} == \
             {"num_experts": e, "k": k, "activation": activation.encode()}

@@ -91,6 +91,18 @@ CASES = {  # model_type -> {case: changes to the tiny config}
             **_H72, "head_dim": 18, "num_local_experts": 12, "num_experts_per_tok": 4, "normalization": "none",
             "routing_order": "topk_softmax", "shared_expert_intermediate_size": 0, "attention_scale": 0.1},
     },
+    "phimoe": {  # sparsemixer (eps 0.2: the threshold keeps some runners-up), LayerNorm, biases
+        "longrope-eps0.2-bias": {  # PhiMoE's own LongRoPE: prefill (9 positions) short mscale, decode long
+            **_H72, "head_dim": 18, "num_local_experts": 6, "normalization": "none", "scoring": "sparsemixer",
+            "sparsemixer_eps": 0.2, "norm_type": "layer", "qkv_bias": True, "o_bias": True, "lm_head_bias": True,
+            "rope_type": "longrope", "rope_original_max": 9, "rope_short_factor": (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0,
+                                                                                   12.0, 16.0),
+            "rope_long_factor": (2.0, 3.0, 5.0, 7.0, 11.0, 13.0, 17.0, 19.0, 23.0), "rope_short_mscale": 1.2,
+            "rope_long_mscale": 1.5},
+        "kv1-e12-window4": {
+            **_H72, "head_dim": 18, "num_key_value_heads": 1, "num_local_experts": 12, "normalization": "none",
+            "scoring": "sparsemixer", "sparsemixer_eps": 0.01, "norm_type": "layer", "sliding_window": 4},
+    },
     "gpt_oss": {  # sinks, biased router and experts, the clamped SwiGLU at a limit the values cross
         "sinks-bias-sliding3-yarn-e6": {
             **_H72, "head_dim": 18, "num_local_experts": 6, "normalization": "none", "routing_order": "topk_softmax",
@@ -234,6 +246,9 @@ STACKED = {  # model_type -> (a tiny config's changes, the names transformers 5 
     "granitemoeshared": ({**_H72, "head_dim": 18, "num_local_experts": 10, "shared_expert_intermediate_size": 24},
                          "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj",
                          "block_sparse_moe.router.weight"),
+    "phimoe": ({**_H72, "head_dim": 18, "num_local_experts": 6, "normalization": "none", "scoring": "sparsemixer",
+                "sparsemixer_eps": 0.01, "norm_type": "layer"},
+               "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"),
 }
 
 

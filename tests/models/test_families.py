@@ -25,8 +25,8 @@ from mixport.exporter.loader import expected_shapes
 from mixport.exporter.tiny import write_tiny
 from mixport.models import registry, rope
 from mixport.models.adapter import COMMON, Adapter
+from mixport.models.components import Router
 from mixport.models.config import MoEConfig, field_names
-from mixport.models.routing import topk_routing
 from tests.conftest import tiny_config
 from tests.helpers import invoke, one_line_error, require_module
 
@@ -45,6 +45,8 @@ MINIMAL: dict[str, dict[str, Any]] = {  # model_type -> the keys mixport require
     "olmoe": {**SIZES, "intermediate_size": 40, "num_experts": 10},
     "granitemoe": {**SIZES, "intermediate_size": 40, "num_local_experts": 10},
     "granitemoeshared": {**SIZES, "intermediate_size": 40, "num_local_experts": 10},
+    "phimoe": {**SIZES, "intermediate_size": 40, "num_local_experts": 10, "num_attention_heads": 8,
+               "hidden_size": 80, "num_experts_per_tok": 2},  # sparsemixer: top-2 only
     "gpt_oss": {**SIZES, "intermediate_size": 40, "num_local_experts": 10, "num_attention_heads": 16},
 }  # heads: Mixtral's, Qwen2's, Qwen3's and GPT-OSS's configs default to 8, 16, 4 and 8 kv heads when the key is
 #   absent (GPT-OSS: head_dim 64, alternating sliding / full layers with window 128, YaRN rope)
@@ -79,6 +81,11 @@ SWITCHES: dict[str, list[dict[str, Any]]] = {  # model_type -> config.json varia
                     "logits_scaling": 4, "attention_bias": True, "num_key_value_heads": 1, "head_dim": 24}],
     "granitemoeshared": [{"shared_intermediate_size": 24, "embedding_multiplier": 12, "logits_scaling": 4,
                           "attention_multiplier": 0.05, "residual_multiplier": 0.3}],
+    "phimoe": [{"attention_bias": True, "lm_head_bias": True, "router_jitter_noise": 0.2, "num_key_value_heads": 2,
+                "rms_norm_eps": 1e-3, "max_position_embeddings": 64, "sliding_window": 6,
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0],
+                                 "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 16,
+                                 "short_mscale": 1.1, "long_mscale": 1.3}}],
     "gpt_oss": [
         {"sliding_window": 3, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
          "attention_bias": False, "swiglu_limit": 5.0, "num_key_value_heads": 2, "head_dim": 24,
@@ -101,22 +108,24 @@ def _hf_window(model_type: str, hc: Any, layer: int) -> int | None:
     """The window transformers' attention mask applies to ``layer`` (its modeling files, sdpa/eager)."""
     if model_type in ("qwen2_moe", "gpt_oss"):  # create_sliding_window_causal_mask on layer_types' sliding layers
         return hc.sliding_window if hc.layer_types[layer] == "sliding_attention" else None
-    if model_type in ("qwen3_moe", "mixtral"):  # every layer, when config.sliding_window is set
+    if model_type in ("qwen3_moe", "mixtral", "phimoe"):  # every layer, when config.sliding_window is set
         return hc.sliding_window
     return None  # OLMoE, Granite: create_causal_mask; a sliding_window key is ignored
 
 
 def _routing(router_class: type, hc: Any, cfg: MoEConfig) -> None:
-    """transformers' router module (a CPU copy) and mixport's routing pick and weigh the same experts."""
+    """transformers' router module (a CPU copy) and mixport's Router (the config's whole routing spec:
+    order, normalization, scoring, ...) pick and weigh the same experts."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(cfg.num_local_experts, cfg.hidden_size, generator=gen)
     x = torch.randn(64, cfg.hidden_size, generator=gen)
     with torch.device("cpu"):
-        router = router_class(hc)
+        router, ours = router_class(hc).eval(), Router(cfg)
     with torch.no_grad():
         router.weight.copy_(weight)
+        ours.weight.copy_(weight)
         _, theirs_w, theirs_ids = router(x)
-        ours_w, ours_ids = topk_routing(x @ weight.T, cfg.num_experts_per_tok, cfg.normalization, cfg.routing_order)
+        ours_w, ours_ids = ours(x)
     assert torch.equal(theirs_ids, ours_ids), "routing picks other experts"
     assert (theirs_w.float() - ours_w.float()).abs().max() <= 1e-6, "routing weighs the experts otherwise"
 
@@ -145,7 +154,8 @@ def _facts(adapter: Adapter, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[
     theirs.update(
         tie=hc.tie_word_embeddings, rope=(rope["rope_type"], float(rope["rope_theta"])),
         max_positions=hc.max_position_embeddings, tokens=(hc.bos_token_id, hc.eos_token_id, hc.pad_token_id),
-        eps=sorted(m.variance_epsilon for m in model.modules() if hasattr(m, "variance_epsilon")),
+        eps=sorted(getattr(m, "variance_epsilon", None) or m.eps for m in model.modules()
+                   if hasattr(m, "variance_epsilon") or isinstance(m, torch.nn.LayerNorm)),
         scale=[layer.self_attn.scaling for layer in layers], head_dim=[layer.self_attn.head_dim for layer in layers],
         windows=[_hf_window(adapter.model_type, hc, i) for i in range(len(layers))],
         clip=hc.clip_qkv if "clip_qkv" in inspect.getsource(type(layers[0].self_attn).forward) else None,
@@ -157,7 +167,7 @@ def _facts(adapter: Adapter, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[
     ours.update(
         tie=cfg.tie_word_embeddings, rope=(cfg.rope_type, cfg.rope_theta), max_positions=cfg.max_position_embeddings,
         tokens=(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id),
-        eps=sorted(m.eps for m in ref.modules() if type(m).__name__ == "RMSNorm"),
+        eps=sorted(m.eps for m in ref.modules() if type(m).__name__ in ("RMSNorm", "LayerNorm")),
         scale=[cfg.scale] * cfg.num_hidden_layers, head_dim=[cfg.head_dim] * cfg.num_hidden_layers,
         windows=[cfg.window(i) for i in range(cfg.num_hidden_layers)], clip=cfg.clip_qkv,
         embedding=cfg.embedding_multiplier, residual=[cfg.residual_multiplier] * cfg.num_hidden_layers,
@@ -253,8 +263,9 @@ OWN_KEYS = list({(a.model_type, a.hf_key(field)): (a.model_type, field, a.hf_key
 def test_every_field_is_read_by_some_family() -> None:
     read = {field for _, field, _ in OWN_KEYS} | set(COMMON)  # + the keys Mixtral's config.json names
     derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate",
-               "attention_sinks", "router_bias", "expert_bias", "expert_activation",  # GPT-OSS's: by family
-               *rope.FIELD_NAMES}  # the rope_* fields: from rope_parameters / rope_scaling (models/rope.py)
+               *rope.FIELD_NAMES, "scoring", "norm_type",  # PhiMoE's sparsemixer and LayerNorm: the family's
+               "n_group", "topk_group", "group_score", "routed_scaling_factor", "selection_bias",  # DeepSeek
+               "attention_sinks", "router_bias", "expert_bias", "expert_activation"}  # GPT-OSS's: by family
     assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family
 
 
@@ -307,6 +318,12 @@ REFUSED = [  # (model_type, changes, fragments of the one line)
     ("granitemoe", {"embedding_multiplier": 0}, ["'embedding_multiplier'"]),
     ("granitemoeshared", {"shared_intermediate_size": -2}, ["'shared_intermediate_size'"]),
     ("qwen2_moe", {"num_attention_heads": 4}, ["'num_key_value_heads' exceeds", "16 > 4"]),  # transformers' 16
+    ("phimoe", {"num_experts_per_tok": 3}, ["'num_experts_per_tok'", "sparsemixer", "given: 3"]),
+    ("phimoe", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, ["'rope_scaling.rope_type'", "yarn"]),
+    ("phimoe", {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 5, "long_factor": [2.0] * 5,
+                                 "original_max_position_embeddings": 16, "long_mscale": 1.2}},
+     ["'rope_scaling.short_mscale' is missing"]),
+    ("phimoe", {"router_jitter_noise": 2.0}, ["'router_jitter_noise'", "given: 2"]),
     ("gpt_oss", {"layer_types": ["full_attention"]}, ["'layer_types'", "3 entries"]),
     ("gpt_oss", {"sliding_window": None}, ["sliding_attention", "'sliding_window' is null"]),
     ("gpt_oss", {"swiglu_limit": 0}, ["'swiglu_limit'", "given: 0"]),

@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
+from mixport import ops
 from mixport.passes import fold_constants, lower_ort_moe, remove_dead, run_pipeline
 from mixport.tools.moe_layer import LayerSpec, dense_layer, swiglu_mlp
 
@@ -104,3 +105,42 @@ def test_interleaved_fc1_layout() -> None:
     np.testing.assert_array_equal(fc1[1, 0], gate_up[1, :, 0])  # g0
     np.testing.assert_array_equal(fc1[1, 1], gate_up[1, :, 2])  # u0
     np.testing.assert_array_equal(fc1[1, 3], gate_up[1, :, 3])  # u1
+
+
+V3_REFUSED = {  # TopKRouting version 3 fields com.microsoft.MoE has no setting for -> the reason's words
+    "sparsemixer": (ops.RoutingSpec(2, "none", scoring="sparsemixer", eps=0.01), "ignores use_sparse_mixer"),
+    "sigmoid": (ops.RoutingSpec(2, "renormalize", scoring="sigmoid"), "scoring 'sigmoid' cannot map"),
+    "bias": (ops.RoutingSpec(2, "none", bias=True), "selection bias (e_score_correction_bias) cannot map"),
+    "groups": (ops.RoutingSpec(2, "none", n_group=4, topk_group=2), "grouped top-k (n_group=4, topk_group=2)"),
+}
+
+
+@pytest.mark.parametrize("case", V3_REFUSED)
+def test_lower_ort_moe_refuses_v3_routing_by_name(case: str) -> None:
+    """Each version-3 routing field ONNX Runtime's MoE cannot express: refused with one line naming it;
+    the portable MoE + TopKRouting stay (and still compute the routing: the body runs it)."""
+    routing, words = V3_REFUSED[case]
+    layer = dense_layer(LayerSpec(hidden=16, inter=24, experts=8, k=2, routing=routing,
+                                  selection_bias=tuple(np.linspace(-0.3, 0.3, 8)) if routing.bias else ()))
+    out, counts = run_pipeline(layer, target="ort")
+    assert counts["lower_ort_moe"] == 0 and len(moe_nodes(out)) == 1
+    reasons: list[str] = []
+    lower_ort_moe.apply(gs.import_onnx(run_pipeline(layer)[0]), reasons)
+    assert len(reasons) == 1 and words in reasons[0], reasons
+    x = np.random.default_rng(2).standard_normal((12, 16)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(out, {"hidden": x})[0], ort_run(layer, {"hidden": x})[0], atol=1e-5)
+
+
+def test_lower_ort_moe_folds_the_routed_scaling_factor() -> None:
+    """softmax routing x routed_scaling_factor (DeepSeek-V2 greedy): the factor folds into the down weights;
+    com.microsoft.MoE then equals the body, which differs from the unscaled layer."""
+    routing = ops.RoutingSpec(3, "none", scaling=2.5)
+    layer = dense_layer(LayerSpec(hidden=32, inter=48, experts=8, k=3, routing=routing))
+    lowered, counts = run_pipeline(layer, target="ort")
+    assert counts["lower_ort_moe"] == 1 and op_counts(lowered)[("com.microsoft", "MoE")] == 1
+    x = np.random.default_rng(3).standard_normal((30, 32)).astype(np.float32)
+    got, body = ort_run(lowered, {"hidden": x})[0], ort_run(layer, {"hidden": x})[0]
+    np.testing.assert_allclose(got, body, atol=1e-5, rtol=1e-5)
+    plain = ort_run(dense_layer(LayerSpec(hidden=32, inter=48, experts=8, k=3, normalization="none")),
+                    {"hidden": x})[0]
+    np.testing.assert_allclose(body, 2.5 * plain, rtol=1e-5, atol=1e-5)

@@ -222,3 +222,40 @@ def test_workspace_bound_covers_every_token_count() -> None:
         assert all(choose_block_m(p, e) == bm for bm, p in ranges.items())
     assert max(K.moe_scratch_bytes(t, H, F, 8, 2, "bfloat16") for t in range(1, 301)) == K.moe_workspace_bytes(
         300, H, F, 8, 2, "bfloat16")
+
+
+V3 = {  # TopKRouting version 3: (spec kwargs, experts)
+    "sigmoid_bias_top2sum": (dict(k=4, normalization="renormalize", scoring="sigmoid", bias=True, n_group=4,
+                                  topk_group=2, group_score="top2_sum", scaling=2.5), 16),
+    "softmax_max_groups": (dict(k=3, normalization="none", n_group=4, topk_group=2, scaling=16.0), 16),
+    "sigmoid_bias": (dict(k=2, normalization="none", scoring="sigmoid", bias=True), 6),
+    "sparsemixer": (dict(k=2, normalization="none", scoring="sparsemixer", eps=0.05), 7),
+}
+
+
+@pytest.mark.parametrize("case", V3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routing_v3_matches_reference(case: str, dtype: torch.dtype) -> None:
+    """Sigmoid scores, the selection-only bias, grouped top-k (max / top-2 sum), the scaling factor and
+    sparsemixer: the kernel picks the oracle's experts (fp16 logits: the oracle sees the same fp16 values)
+    and weighs them within tolerance; the bias and the groups really change the picks."""
+    kw, e = V3[case]
+    g = torch.Generator().manual_seed(len(case))
+    logits = (torch.randn(37, e, generator=g) * 2).to(dtype)
+    bias = torch.randn(e, generator=g) * 0.3 if kw.get("bias") else None
+    args = {k: v for k, v in kw.items() if k not in ("k", "normalization", "bias")}
+    w, ids = K.topk_routing(logits, kw["k"], kw["normalization"], bias=bias, **args)
+    rw, rids = K.reference_routing(logits, kw["k"], kw["normalization"], bias=bias, **args)
+    np.testing.assert_array_equal(ids.numpy(), rids)
+    _assert_close(w, rw, TOL[dtype] * 4)
+    if bias is not None or kw.get("n_group", 1) > 1:
+        plain = np.argsort(-logits.float().numpy(), axis=1, kind="stable")[:, :kw["k"]]
+        assert (np.sort(rids, 1) != np.sort(plain, 1)).any(axis=1).sum() > 3
+
+
+def test_routing_v3_refuses_an_inconsistent_spec() -> None:
+    logits = torch.randn(4, 8)
+    with pytest.raises(MixportError, match="sparsemixer routes top-2"):
+        K.topk_routing(logits, 3, "none", scoring="sparsemixer")
+    with pytest.raises(MixportError, match="must divide"):
+        K.topk_routing(logits, 2, "none", n_group=3)

@@ -25,6 +25,8 @@ ROUTING_FIELDS = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normaliz
                   "order": "topk_softmax"}
 ROUTING_FIELDS_V1 = {"num_experts": 8, "k": 2, "scoring_func": "softmax", "normalization": "none"}
 VERSION = {TOPK_ROUTING: ROUTING_PLUGIN_VERSION, MOE: PLUGIN_VERSION}  # what new files carry
+ROUTING_FIELDS_V3 = {**ROUTING_FIELDS, "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+                     "group_score": "top2_sum", "routed_scaling_factor": 2.5, "sparsemixer_eps": 0.0}
 MOE_FIELDS = {"num_experts": 8, "k": 2, "activation": "swiglu"}
 MOE_FIELDS_V2 = {**MOE_FIELDS, "bits": 4, "block_size": 32}
 
@@ -43,10 +45,12 @@ def creator(trt: ModuleType, op: str, version: str | None = None) -> Any:
     return found
 
 
-def field(trt: ModuleType, name: str, value: int | str) -> Any:
+def field(trt: ModuleType, name: str, value: int | float | str) -> Any:
     if isinstance(value, str):
         return trt.PluginField(name, np.frombuffer(value.encode(), np.int8),
                                trt.PluginFieldType.CHAR)
+    if isinstance(value, float):
+        return trt.PluginField(name, np.array([value], np.float32), trt.PluginFieldType.FLOAT32)
     return trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32)
 
 
@@ -75,9 +79,10 @@ def test_register_is_idempotent(trt: ModuleType) -> None:
     )
 
     assert register_plugins(trt) == register_plugins(trt) == [
-        "mixport::TopKRouting@2", "mixport::TopKRouting@1", "mixport::MoE@1", "mixport::MoE@2", "mixport::MoE@3"]
+        "mixport::TopKRouting@3", "mixport::TopKRouting@2", "mixport::TopKRouting@1", "mixport::MoE@1",
+        "mixport::MoE@2", "mixport::MoE@3"]
     assert plugins_registered(trt)
-    assert ROUTING_PLUGIN_VERSION == "2" and ROUTING_PLUGIN_VERSIONS == ("1", "2")
+    assert ROUTING_PLUGIN_VERSION == "3" and ROUTING_PLUGIN_VERSIONS == ("1", "2", "3")
     for version in ROUTING_PLUGIN_VERSIONS:  # every version a file may carry has its creator
         assert creator(trt, TOPK_ROUTING, version).plugin_version == version
     assert trt.__version__ in trt_flavor(trt)
@@ -86,17 +91,22 @@ def test_register_is_idempotent(trt: ModuleType) -> None:
 
 
 def test_creators_declare_fields(trt: ModuleType) -> None:
-    """The parser passes only declared fields: version 2 declares ``order``, version 1 does not."""
+    """The parser passes only declared fields: version 3 declares the groups, scaling and eps (floats as
+    FLOAT32), version 2 ``order``, version 1 neither."""
     v1 = {"num_experts": trt.PluginFieldType.INT32, "k": trt.PluginFieldType.INT32,
           "scoring_func": trt.PluginFieldType.CHAR, "normalization": trt.PluginFieldType.CHAR}
-    for version, expected in (("2", {**v1, "order": trt.PluginFieldType.CHAR}), ("1", v1)):
+    v2 = {**v1, "order": trt.PluginFieldType.CHAR}
+    v3 = {**v2, "n_group": trt.PluginFieldType.INT32, "topk_group": trt.PluginFieldType.INT32,
+          "group_score": trt.PluginFieldType.CHAR, "routed_scaling_factor": trt.PluginFieldType.FLOAT32,
+          "sparsemixer_eps": trt.PluginFieldType.FLOAT32}
+    for version, expected in (("3", v3), ("2", v2), ("1", v1)):
         declared = creator(trt, TOPK_ROUTING, version).field_names
         assert {declared[i].name: declared[i].type for i in range(len(declared))} == expected
 
 
 @pytest.mark.parametrize(("op", "values", "version"), [
-    (TOPK_ROUTING, ROUTING_FIELDS, "2"), (TOPK_ROUTING, ROUTING_FIELDS_V1, "1"), (MOE, MOE_FIELDS, "1"),
-    (MOE, MOE_FIELDS_V2, "2")])
+    (TOPK_ROUTING, ROUTING_FIELDS_V3, "3"), (TOPK_ROUTING, ROUTING_FIELDS, "2"),
+    (TOPK_ROUTING, ROUTING_FIELDS_V1, "1"), (MOE, MOE_FIELDS, "1"), (MOE, MOE_FIELDS_V2, "2")])
 def test_fields_round_trip(trt: ModuleType, op: str, values: dict[str, int | str], version: str) -> None:
     extra = {"plugin_namespace": "mixport", "plugin_version": version}  # must be ignored
     plugin = create(trt, op, {**values, **extra}, version)
@@ -281,6 +291,18 @@ def test_quantized_moe_workspace(trt: ModuleType) -> None:
     inputs[5].max = trt.Dims([experts, 3, 2 * ffn])
     size = moe.get_workspace_size(inputs, descs(trt, "HALF"))
     assert size == moe_workspace_bytes(tokens, hidden, ffn, experts, 2, "float16") > 0
+
+
+def test_version_3_routing_fields_and_bias_input(trt: ModuleType) -> None:
+    """Version 3 takes sigmoid / sparsemixer scoring (versions 1 and 2: softmax only), float fields, and
+    the selection bias as a second float input (any float type; weights still follow the logits)."""
+    assert create(trt, TOPK_ROUTING, {**ROUTING_FIELDS, "scoring_func": "sigmoid"}, "2") is None
+    plugin = create(trt, TOPK_ROUTING, {**ROUTING_FIELDS_V3, "routed_scaling_factor": 16.0})
+    assert plugin.values["routed_scaling_factor"] == 16.0 and plugin.values["group_score"] == "top2_sum"
+    assert create(trt, TOPK_ROUTING, {**ROUTING_FIELDS_V3, "routed_scaling_factor": -1.0}) is None
+    io = descs(trt, "HALF", "FLOAT", "HALF", "INT64")  # logits fp16, bias fp32, weights, ids
+    assert all(plugin.supports_format_combination(p, io, 2) for p in range(4))
+    assert not plugin.supports_format_combination(2, descs(trt, "HALF", "FLOAT", "FLOAT"), 2)
 
 
 # -- MoE version 3: expert biases + the clamped SwiGLU (GPT-OSS) ------------------------------------

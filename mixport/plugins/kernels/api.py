@@ -60,15 +60,23 @@ def _check_out(t: Tensor, name: str, like: Tensor, shape: tuple[int, ...], dtype
 
 
 def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", order: str = ORDERS[0], *,
+                 scoring: str = "softmax", bias: Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+                 group_score: str = "max", scaling: float = 1.0, eps: float = 0.0,
                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Router logits [T, E] -> (weights [T, k] in logits dtype, ids [T, k] int64).
+    """Router logits [T, E] -> (weights [T, k] in logits dtype, ids [T, k] int64): the TopKRouting
+    contract (``ops.py``), version 3 included.
 
     In fp32: order "softmax_topk" takes the softmax over E, then the top k by descending
     weight; "topk_softmax" the top k logits, then the softmax over those k (ties: lower
-    expert first in both); then "renormalize" (divide by the top-k sum) or "none". ``out``: the
-    (weights, ids) tensors to write (a TensorRT plugin's outputs); no scratch is needed.
+    expert first in both); then "renormalize" (divide by the top-k sum) or "none". ``scoring``
+    sigmoid / sparsemixer, a selection-only ``bias`` [E], grouped top-k and ``scaling`` as the
+    contract says. ``out``: the (weights, ids) tensors to write (a TensorRT plugin's outputs); no
+    scratch is needed.
     """
     torch = _torch()
+    import numpy as np
+
+    from mixport.ops import RoutingSpec
     from mixport.plugins.kernels.routing import routing_meta, topk_routing_kernel
 
     _check(logits.dim() == 2, "logits must be 2-D [T, E]", tuple(logits.shape), "[T, E]")
@@ -77,6 +85,13 @@ def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", ord
     _check(order in ORDERS, "unknown routing order", order, ORDERS)
     t, e = logits.shape
     _check(1 <= k <= e, "k must be in [1, E]", k, f"1..{e}")
+    spec = RoutingSpec(k, normalization, order, scoring, bias is not None, n_group, topk_group, group_score,
+                       scaling, eps)
+    why = spec.problem(e)
+    _check(why is None, "inconsistent routing", why, "a TopKRouting the contract defines")
+    if bias is not None:
+        _check(tuple(bias.shape) == (e,) and bias.device == logits.device, "bias must be [E] on the logits' device",
+               tuple(bias.shape), f"({e},)")
     logits = logits.contiguous()
     if out is None:
         weights = torch.empty((t, k), dtype=logits.dtype, device=logits.device)
@@ -88,10 +103,15 @@ def topk_routing(logits: Tensor, k: int, normalization: str = "renormalize", ord
     if t == 0:
         return weights, ids
     _interpret(logits)
-    meta = routing_meta(e, k)
-    topk_routing_kernel.launch((cdiv(t, meta["BLOCK_T"]),), logits, weights, ids, t, e,
+    meta = routing_meta(e, k, n_group)
+    bias_arg = logits if bias is None else bias.contiguous()  # never read without HAS_BIAS
+    topk_routing_kernel.launch((cdiv(t, meta["BLOCK_T"]),), logits, weights, ids, bias_arg, t, e,
+                               float(np.float32(scaling)), float(np.float32(2 * eps)),
                                K=k, RENORMALIZE=normalization == "renormalize",
-                               TOPK_FIRST=order == "topk_softmax", **meta)
+                               TOPK_FIRST=order == "topk_softmax", SCORING=("softmax", "sigmoid",
+                                                                            "sparsemixer").index(scoring),
+                               HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                               GROUP_TOP2=group_score == "top2_sum", GROUP_SIZE=e // n_group, **meta)
     return weights, ids
 
 

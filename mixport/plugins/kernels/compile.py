@@ -73,9 +73,10 @@ def _routing(dt: str, e: int, k: int) -> Iterator[Variant]:
         for renorm in (True, False):
             yield Variant(topk_routing_kernel, f"{dt}_E{e}_k{k}_{order}_{'renorm' if renorm else 'none'}", dt,
                           {"logits_ptr": f"*{ty}", "weights_ptr": f"*{ty}", "ids_ptr": "*i64",
-                           "T": "i32", "E": "i32"},
+                           "bias_ptr": f"*{ty}", "T": "i32", "E": "i32", "SCALE": "fp32", "TWO_EPS": "fp32"},
                           {"K": k, "RENORMALIZE": renorm, "TOPK_FIRST": order == "topk_softmax",
-                           **routing_meta(e, k)})
+                           "SCORING": 0, "HAS_BIAS": False, "N_GROUP": 1, "TOPK_GROUP": 1, "GROUP_TOP2": False,
+                           "GROUP_SIZE": e, **routing_meta(e, k)})  # version-3 modes: compiled on first use
 
 
 def _align(e: int, block_m: int) -> Variant:

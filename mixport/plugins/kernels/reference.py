@@ -30,22 +30,63 @@ def _softmax(x: F64) -> F64:
 
 
 def reference_routing(logits: Any, k: int, normalization: str = "renormalize",
-                      order: str = "softmax_topk") -> tuple[F64, I64]:
-    """softmax (float64) -> top-k (ties: lower index first) -> optional renormalize; order
-    ``topk_softmax``: top-k of the logits -> softmax over the k -> optional renormalize."""
+                      order: str = "softmax_topk", *, scoring: str = "softmax", bias: Any = None,
+                      n_group: int = 1, topk_group: int = 1, group_score: str = "max",
+                      scaling: float = 1.0, eps: float = 0.0) -> tuple[F64, I64]:
+    """The TopKRouting contract (``ops.py``) in float64; ties: lower index first.
+
+    softmax -> top-k -> optional renormalize; order ``topk_softmax``: top-k of the logits ->
+    softmax over the k -> optional renormalize; ``scoring`` sigmoid, a selection-only ``bias``
+    [E], grouped top-k (``n_group`` / ``topk_group`` / ``group_score``), ``scaling`` x the
+    weights; ``scoring`` sparsemixer: PhiMoE's two rounds with threshold ``eps``."""
     x = as_f64(logits)                                   # [T, E]
-    ids = np.argsort(-x, axis=1, kind="stable")[:, :k]   # [T, k]; softmax keeps the order
-    if order == "topk_softmax":
-        w = _softmax(np.take_along_axis(x, ids, axis=1))
-    elif order == "softmax_topk":
-        w = np.take_along_axis(_softmax(x), ids, axis=1)
+    if scoring == "sparsemixer":
+        w, ids = _sparsemixer(x, eps)
     else:
-        raise ValueError(f"order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
-    if normalization == "renormalize":
-        w = w / w.sum(axis=1, keepdims=True)
-    elif normalization != "none":
-        raise ValueError(f"normalization must be 'renormalize' or 'none', got {normalization!r}")
-    return w, ids.astype(np.int64)
+        if order not in ("softmax_topk", "topk_softmax"):
+            raise ValueError(f"order must be 'softmax_topk' or 'topk_softmax', got {order!r}")
+        scores = 1.0 / (1.0 + np.exp(-x)) if scoring == "sigmoid" else (
+            x if order == "topk_softmax" else _softmax(x))
+        choice = scores if bias is None else scores + as_f64(bias)[None, :]
+        if n_group > 1:
+            choice = _group_mask(choice, n_group, topk_group, group_score)
+        ids = np.argsort(-choice, axis=1, kind="stable")[:, :k]  # [T, k]
+        w = np.take_along_axis(scores, ids, axis=1)
+        if order == "topk_softmax":
+            w = _softmax(w)
+        if normalization == "renormalize":
+            w = w / (w.sum(axis=1, keepdims=True) + (1e-20 if scoring == "sigmoid" else 0.0))
+        elif normalization != "none":
+            raise ValueError(f"normalization must be 'renormalize' or 'none', got {normalization!r}")
+    return w * scaling, ids.astype(np.int64)
+
+
+def _group_mask(choice: F64, n_group: int, topk_group: int, group_score: str) -> F64:
+    t, e = choice.shape
+    grouped = choice.reshape(t, n_group, e // n_group)
+    if group_score == "top2_sum":
+        scores = -np.sort(-grouped, axis=2)[:, :, :2].sum(axis=2)   # [T, G]
+    else:
+        scores = grouped.max(axis=2)
+    kept = np.argsort(-scores, axis=1, kind="stable")[:, :topk_group]
+    keep = np.zeros_like(scores, dtype=bool)
+    np.put_along_axis(keep, kept, True, axis=1)
+    return np.where(np.repeat(keep, e // n_group, axis=1), choice, -np.inf)
+
+
+def _sparsemixer(x: F64, eps: float) -> tuple[F64, I64]:
+    """PhiMoE's inference routing (top-2), see ``ops.py``."""
+    def round_(gates: F64) -> tuple[I64, F64]:
+        idx = np.argmax(gates, axis=1)[:, None]            # first among equal maxima
+        top = np.take_along_axis(gates, idx, axis=1)
+        far = (top - x) / np.maximum(np.abs(x), top) > 2 * eps
+        return idx, np.take_along_axis(_softmax(np.where(far, -np.inf, gates)), idx, axis=1)
+
+    id1, w1 = round_(x)
+    rest = x.copy()
+    np.put_along_axis(rest, id1, -np.inf, axis=1)
+    id2, w2 = round_(rest)
+    return np.concatenate([w1, w2], axis=1), np.concatenate([id1, id2], axis=1)
 
 
 def reference_expert(x: F64, gate_up: F64, down: F64, gate_up_bias: F64 | None = None,

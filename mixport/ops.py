@@ -68,6 +68,17 @@ Two custom-domain nodes, each carrying a model-local ONNX function body:
     Routed experts only: a family's shared expert (Qwen2-MoE, GraniteMoeShared) stays beside
     the node as ordinary MatMuls (a dense FFN every token runs; docs/passes.md), so the fused
     graph has one MoE node per MoE layer and this contract is the same for every family.
+    Expert biases and the clamped SwiGLU (``plugin_version="3"``, GPT-OSS): the inputs of a version "1"
+    (float) or "2" (quantized: ``bits`` present) node, then always two more (zeros where a model has none):
+             gate_up_bias [E, 2F]  hidden's float type, never quantized; [0, F) gate, [F, 2F) up
+             down_bias    [E, H]
+    attrs:   activation (str: "swiglu" | "swiglu_clamped"), alpha (float), limit (float)
+    FFN_e(x) = (act(x @ gate_e + bg_e, x @ up_e + bu_e)) @ down_e + bd_e, where "swiglu" is
+    silu(g) * u and "swiglu_clamped" is (clamp(u, -limit, limit) + 1) * c * sigmoid(alpha * c) with
+    c = min(g, limit) (GPT-OSS: alpha 1.702, limit 7.0). Checkpoints that interleave gate and up
+    columns (GPT-OSS's ``gate_up_proj[..., ::2]`` is the gate) are de-interleaved at export: every
+    form sees the gate-first layout above. Files without biases or the clamped activation keep
+    writing "1" / "2", so older readers still read them.
     Layout rationale: row-major [in, out] per expert is what ONNX MatMul takes
     without a Transpose, so the portable body gathers an expert's slab and
     multiplies directly; fusing gate and up into one [H, 2F] slab halves the
@@ -96,7 +107,8 @@ OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "mixport"
 PLUGIN_VERSION = "1"  # the MoE node's, float experts
 QUANT_PLUGIN_VERSION = "2"  # the MoE node's, quantized experts: "2" added the scale/zero inputs, bits, block_size
-MOE_PLUGIN_VERSIONS = ("1", "2")
+BIAS_PLUGIN_VERSION = "3"  # the MoE node's with expert biases / swiglu_clamped: "3" added the bias inputs, alpha, limit
+MOE_PLUGIN_VERSIONS = ("1", "2", "3")
 QUANT_OPSET = 21  # blocked DequantizeLinear and the int4/uint4 types need opset 21
 ROUTING_PLUGIN_VERSION = "3"  # the TopKRouting node's: "2" added ``order`` (absent in "1": softmax_topk),
 #                               "3" the bias input, sigmoid / sparsemixer scoring, groups, routed scaling
@@ -109,10 +121,12 @@ SCORING_FUNCS = ("softmax", "sigmoid", "sparsemixer")  # the first: the default 
 GROUP_SCORES = ("max", "top2_sum")  # a group's score: its best expert's, or its two best summed
 NORMALIZATIONS = ("renormalize", "none")
 ORDERS = ("softmax_topk", "topk_softmax")  # the first: the default (version-1 files)
-ACTIVATIONS = ("swiglu",)
+ACTIVATIONS = ("swiglu", "swiglu_clamped")
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # GPT-OSS's swiglu_clamped constants (the alpha / limit defaults)
 MOE_INPUTS = ("hidden", "weights", "ids", "gate_up", "down")
 QUANT_INPUTS = ("gate_up_scale", "down_scale")  # after MOE_INPUTS in a quantized MoE node
 ZERO_INPUTS = ("gate_up_zero", "down_zero")  # after QUANT_INPUTS, uint4 weights only
+BIAS_INPUTS = ("gate_up_bias", "down_bias")  # the last two inputs of a plugin_version "3" node
 
 
 @dataclass(frozen=True)

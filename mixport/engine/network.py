@@ -23,6 +23,7 @@ from typing import Any
 
 from mixport.errors import BuildError
 from mixport.ops import (
+    BIAS_PLUGIN_VERSION,
     DOMAIN,
     MOE,
     MOE_PLUGIN_VERSIONS,
@@ -121,7 +122,16 @@ def check_plugin_version(node: Any) -> None:
                          "selection bias, sigmoid / sparsemixer scoring, groups or scaling", given=version,
                          expected=f"plugin_version '{ROUTING_PLUGIN_VERSION}'",
                          hint="re-export the model with this mixport")
-    quantized = any(a.name == "bits" for a in node.attribute) or len(node.input) > 5
+    quantized = any(a.name == "bits" for a in node.attribute)
+    if node.op_type == MOE and version == BIAS_PLUGIN_VERSION:
+        if quantized:
+            raise BuildError(f"mixport::MoE node '{node.name}': quantized experts with biases (plugin_version "
+                             f"'{BIAS_PLUGIN_VERSION}') have no TensorRT plugin",
+                             given=f"{len(node.input)} inputs, bits",
+                             expected="float experts with biases (7 inputs)",
+                             hint="build --no-plugins (its function body), or export without --quantize")
+        return
+    quantized = quantized or len(node.input) > 5
     if node.op_type == MOE and quantized != (version == QUANT_PLUGIN_VERSION):
         raise BuildError(f"mixport::MoE node '{node.name}' has plugin_version '{version}'",
                          given=f"{len(node.input)} inputs" + (", bits" if quantized else ""),

@@ -16,7 +16,9 @@ import torch
 
 from mixport import artifact
 from mixport.errors import CheckpointError
+from mixport.exporter import mxfp4
 from mixport.models import Adapter, MoEConfig, registry
+from mixport.models.adapter import TRANSPOSE
 
 INDEX = "model.safetensors.index.json"
 
@@ -176,6 +178,7 @@ class LazyWeight:
     hf_name: str
     index: tuple = ()  # a slice of the stored tensor (transformers-5 stacked experts)
     dtype: torch.dtype | None = None  # converted to on read
+    packed: mxfp4.Pair | None = None  # hf_name is MXFP4 blocks: dequantized (with these scales) on read
 
     def read(self) -> torch.Tensor:
         """The weight (in ``dtype``), checked for NaN / Inf. Read and converted READ_CHUNK values
@@ -183,6 +186,15 @@ class LazyWeight:
         well (a 32000 x 4096 bf16 embedding read as fp16 would take 250 MB more)."""
         from safetensors import safe_open
 
+        if self.packed is not None:
+            tensor = self.packed.read(self.index)
+            _require_finite(tensor, self.hf_name, self.path, tensor.numel())
+            return tensor if self.dtype is None else tensor.to(self.dtype)
+        if self.index and self.index[-1] == TRANSPOSE:  # one expert's [in, out] slab, read whole, transposed
+            with safe_open(str(self.path), framework="pt") as fh:
+                tensor = fh.get_slice(self.hf_name)[self.index[:-1]].T.contiguous()
+            _require_finite(tensor, self.hf_name, self.path, tensor.numel())
+            return tensor if self.dtype is None else tensor.to(self.dtype)
         with safe_open(str(self.path), framework="pt") as fh:
             stored = fh.get_slice(self.hf_name)
             if self.dtype is None or not self.shape or self.shape[0] == 0:
@@ -208,9 +220,9 @@ def _rows(index: tuple, start: int, stop: int) -> tuple:
     if not rest:
         return (*picks, slice(start, stop))
     first = rest[0]
-    assert isinstance(first, slice) and first.step in (None, 1), index  # the adapters' forms
-    base = first.start or 0
-    return (*picks, slice(base + start, base + stop), *rest[1:])
+    assert isinstance(first, slice) and (first.step or 1) > 0, index  # the adapters' forms
+    base, step = first.start or 0, first.step or 1  # a step: every step-th row (GPT-OSS's interleaved gate|up)
+    return (*picks, slice(base + start * step, base + stop * step, step), *rest[1:])
 
 
 def _require_finite(tensor: torch.Tensor, name: str, path: Path, numel: int, bad: int | None = None) -> None:
@@ -248,13 +260,21 @@ def iter_weights(model_dir: Path, adapter: Adapter) -> Iterator[tuple[str, LazyW
     nothing but the headers is read. Names follow ``adapter``'s rules (stacked experts split)."""
     from safetensors import safe_open
 
-    for path in safetensors_files(model_dir):
+    files = safetensors_files(model_dir)
+    shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}  # every tensor's file and shape (headers only)
+    for path in files:
         check_safetensors(path)
         with safe_open(str(path), framework="pt") as fh:
-            for hf_name in fh.keys():
-                shape = tuple(fh.get_slice(hf_name).get_shape())
-                for name, part, index in adapter.checkpoint_names(hf_name, shape):
-                    yield name, LazyWeight(torch.Size(part), path, hf_name, index)
+            shapes.update((name, (path, tuple(fh.get_slice(name).get_shape()))) for name in fh.keys())
+    pairs = mxfp4.pairs(shapes)  # MXFP4 blocks -> their scales; the scales are read with them
+    scales = mxfp4.scales_of(pairs)
+    for hf_name, (path, shape) in shapes.items():
+        pair = pairs.get(hf_name)
+        if hf_name in scales:
+            continue
+        stored = hf_name if pair is None else pair.name
+        for name, part, index in adapter.checkpoint_names(stored, shape if pair is None else pair.shape):
+            yield name, LazyWeight(torch.Size(part), path, hf_name, index, packed=pair)
 
 
 def load_state_dict(model_dir: Path, cfg: MoEConfig, expected: dict[str, torch.Size],

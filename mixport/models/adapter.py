@@ -36,6 +36,15 @@ if TYPE_CHECKING:
 
 Shape = tuple[int, ...]
 Renamed = tuple[str, Shape, tuple]  # (mixport name, its shape, index into the stored tensor; () = all of it)
+TRANSPOSE = "transpose"  # as the last entry of a Renamed index: the weight is the transpose of what the rest
+#                          selects (GPT-OSS stores its experts [in, out]; mixport's Linear weights are [out, in])
+
+
+def take(tensor: Any, index: tuple) -> Any:
+    """``tensor[index]`` for a Renamed index (a torch tensor or numpy array; TRANSPOSE honoured)."""
+    if index and index[-1] == TRANSPOSE:
+        return take(tensor, index[:-1]).T
+    return tensor[index] if index else tensor
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_local_experts", "num_experts_per_tok")

@@ -56,6 +56,7 @@ class MoEConfig:
     clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] after the norms (OLMoE)
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
     sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all (when it is set)
+    attention_sinks: bool = False  # a learned logit per query head joins each softmax, then is dropped (GPT-OSS)
     # MLA, multi-head latent attention (DeepSeek-V2/V3; models/mla.py): on when kv_lora_rank > 0. head_dim is
     # then the RoPE part of each q/k head (qk_rope_head_dim), as transformers' DeepSeek configs set it
     kv_lora_rank: int = 0  # the compressed kv width (cached, RMS-normed); 0: standard attention
@@ -69,6 +70,11 @@ class MoEConfig:
     shared_expert_gate: bool = False  # the shared expert is scaled by sigmoid(x @ gate) (Qwen2-MoE)
     dense_layers: tuple[int, ...] = ()  # decoder layers with a dense SwiGLU MLP instead of experts
     dense_intermediate_size: int = 0  # that MLP's width
+    router_bias: bool = False  # the router Linear carries a bias (GPT-OSS)
+    expert_bias: bool = False  # each routed expert's gate, up and down projections carry biases (GPT-OSS)
+    expert_activation: str = "swiglu"  # "swiglu" | "swiglu_clamped" (GPT-OSS: ops.py MoE contract)
+    swiglu_alpha: float = 1.702  # swiglu_clamped: out = (up + 1) * gate * sigmoid(alpha * gate) ...
+    swiglu_limit: float = 7.0  # ... after gate = min(gate, limit), up = clamp(up, -limit, limit)
     # -- muP scalars (Granite) -------------------------------------------------------------------
     embedding_multiplier: float = 1.0  # embeddings x this
     residual_multiplier: float = 1.0  # each block's output x this before the residual add

@@ -10,6 +10,7 @@ from mixport.models.adapter import Adapter
 from mixport.models.config import DEFAULT_MODEL_TYPE
 from mixport.models.deepseek_v2 import DeepseekV2
 from mixport.models.deepseek_v3 import DeepseekV3
+from mixport.models.gpt_oss import GptOss
 from mixport.models.granitemoe import GraniteMoe, GraniteMoeShared
 from mixport.models.mixtral import Mixtral
 from mixport.models.olmoe import Olmoe
@@ -26,6 +27,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     GraniteMoe(),
     GraniteMoeShared(),
     Phimoe(),
+    GptOss(),
     DeepseekV2(),
     DeepseekV3(),
 )

@@ -6,6 +6,12 @@ The exported (dense) pattern per layer, for every expert e (see ``Experts._dense
     y_e  = W2_e( silu(W1_e(x)) * W3_e(x) )                           # Gemm / MatMul (+Transpose)
     acc  = acc + y_e * w_e                                           # Add chain, from zeros
 
+GPT-OSS's experts (``models/gpt_oss_layers.ClampedExpert``) add a bias after each projection
+(MatMul + Add of a constant, or Gemm with a bias) and replace silu(g) * u by the clamped SwiGLU
+(Clip(u, -L, L) + 1) * (c * Sigmoid(c * alpha)), c = Clip(g, max=L) (fp16 / bf16 exports: Min / Max and
+Cast-wrapped constants instead): the node then carries the
+stacked biases, activation "swiglu_clamped", alpha and limit (plugin_version "3", ops.py).
+
 Matched by structure from each TopKRouting node; initializer names are never needed.
 The rewrite stacks the weights ([E,H,2F] gate|up and [E,F,H] down, ops.py layout),
 re-points the chain's last output at the new node and leaves the rest to cleanup.
@@ -44,6 +50,15 @@ class Weight:
         return arr.T if self.transposed else arr
 
 
+@dataclass(frozen=True)
+class Activation:
+    """What the expert applies between its projections: ``swiglu`` or ``swiglu_clamped`` (alpha, limit)."""
+
+    kind: str = "swiglu"
+    alpha: float = ops.SWIGLU_ALPHA
+    limit: float = ops.SWIGLU_LIMIT
+
+
 @dataclass
 class ExpertFFN:
     index: int
@@ -53,6 +68,13 @@ class ExpertFFN:
     w2: Weight  # [F, H]  (down)
     scaled: gs.Tensor  # y_e * w_e, the Add chain's operand
     hint: str  # a weight's initializer name, for naming the stacked ones
+    biases: tuple[gs.Tensor | None, gs.Tensor | None, gs.Tensor | None] = (None, None, None)  # gate, up, down
+    activation: Activation = Activation()
+
+    @property
+    def extended(self) -> bool:
+        """Needs the version-"3" node (biases or the clamped activation)."""
+        return any(b is not None for b in self.biases) or self.activation.kind != "swiglu"
 
 
 def apply(graph: gs.Graph, reasons: list[str] | None = None, files: WeightFiles | None = None) -> int:
@@ -91,6 +113,9 @@ def _fuse_layer(graph: gs.Graph, router: gs.Node, files: WeightFiles | None) -> 
         raise NoMatch("the experts read different input tensors")
     if x.shape is not None and len(x.shape) != 2:
         raise NoMatch(f"the experts' input '{x.name}' has rank {len(x.shape)}, the MoE op takes [T, H]")
+    kinds = {(e.extended, e.activation) for e in experts}
+    if len(kinds) != 1:
+        raise NoMatch(f"the experts differ in biases or activation: {sorted(map(str, kinds))}")
     start, last = _add_chain([e.scaled for e in experts])
     experts.sort(key=lambda e: e.index)
     gate_up, down = _stacked(graph, experts, files)
@@ -99,6 +124,10 @@ def _fuse_layer(graph: gs.Graph, router: gs.Node, files: WeightFiles | None) -> 
     attrs = dict(num_experts=num_experts, k=k, activation="swiglu",
                  plugin_namespace=ops.PLUGIN_NAMESPACE, plugin_version=ops.PLUGIN_VERSION)
     inputs = [x, weights, ids, gate_up, down]
+    if experts[0].extended:
+        act = experts[0].activation
+        attrs.update(activation=act.kind, alpha=act.alpha, limit=act.limit, plugin_version=ops.BIAS_PLUGIN_VERSION)
+        inputs += _stacked_biases(graph, experts, files, gate_up.name.removesuffix(".gate_up"))
     name = gu.unique_name(graph, f"{router.name or 'router'}/MoE")
     if start is None or gu.is_zero(start):
         graph.nodes.append(gs.Node(ops.MOE, name, attrs, inputs, [out], domain=ops.DOMAIN))
@@ -145,15 +174,22 @@ def _expert(eq: gs.Node, weights: gs.Tensor) -> ExpertFFN:
         raise NoMatch(f"expert {e}: its routing weight should feed exactly one Mul")
     scale = scales[0]
     y = scale.inputs[1] if scale.inputs[0] is w_e else scale.inputs[0]
-    act, w2, hint = _linear(y, f"expert {e} down projection")
-    gate, up = _swiglu(act, e)
-    x1, w1, _ = _linear(gate, f"expert {e} gate projection")
-    x3, w3, _ = _linear(up, f"expert {e} up projection")
+    act, w2, hint, b2 = _biased_linear(y, f"expert {e} down projection")
+    try:
+        gate, up = _swiglu(act, e)
+        activation = Activation()
+    except NoMatch as plain:
+        found = _clamped_swiglu(act)
+        if found is None:
+            raise plain from None
+        gate, up, activation = found
+    x1, w1, _, b1 = _biased_linear(gate, f"expert {e} gate projection")
+    x3, w3, _, b3 = _biased_linear(up, f"expert {e} up projection")
     if x1 is not x3:
         raise NoMatch(f"expert {e}: gate and up projections read different inputs")
     if w1.shape != w3.shape or w2.shape != w1.shape[::-1]:
         raise NoMatch(f"expert {e}: weight shapes {w1.shape}, {w3.shape}, {w2.shape} are not SwiGLU's")
-    return ExpertFFN(e, x1, w1, w3, w2, scale.outputs[0], hint)
+    return ExpertFFN(e, x1, w1, w3, w2, scale.outputs[0], hint, (b1, b3, b2), activation)
 
 
 def _swiglu(act: gs.Tensor, e: int) -> tuple[gs.Tensor, gs.Tensor]:
@@ -169,7 +205,87 @@ def _swiglu(act: gs.Tensor, e: int) -> tuple[gs.Tensor, gs.Tensor]:
             sig = gu.producer_op(s, "Sigmoid")
             if sig is not None and sig.inputs[0] is g:
                 return g, up
-    raise NoMatch(f"expert {e}: no silu(gate) = gate * Sigmoid(gate) found before the down projection")
+    raise NoMatch(f"expert {e}: no silu(gate) = gate * Sigmoid(gate) (nor GPT-OSS's clamped SwiGLU) found "
+                  "before the down projection")
+
+
+def _clamped_swiglu(act: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, Activation] | None:
+    """act = Mul(Add(Clip(u, -L, L), 1), Mul(c, Sigmoid(Mul(c, alpha)))), c = Clip(g, max=L):
+    (g, u, the activation), or None."""
+    mul = gu.producer_op(act, "Mul")
+    for plus, glu in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])) if mul else ():
+        add, inner = gu.producer_op(plus, "Add"), gu.producer_op(glu, "Mul")
+        ones = [] if add is None else [i for i, t in enumerate(add.inputs) if _scalar(t) == 1.0]
+        if inner is None or len(ones) != 1:
+            continue
+        up = _clip(add.inputs[1 - ones[0]])
+        for c, s in ((inner.inputs[0], inner.inputs[1]), (inner.inputs[1], inner.inputs[0])):
+            sig = gu.producer_op(s, "Sigmoid")
+            scaled = None if sig is None else gu.producer_op(sig.inputs[0], "Mul")
+            gate = _clip(c)
+            if scaled is None or c not in scaled.inputs or up is None or gate is None:
+                continue
+            alpha = _scalar(scaled.inputs[1] if scaled.inputs[0] is c else scaled.inputs[0])
+            limit = up[2]
+            if alpha is not None and limit is not None and up[1] == -limit and gate[1] is None and gate[2] == limit:
+                return gate[0], up[0], Activation("swiglu_clamped", alpha, limit)
+    return None
+
+
+def _clip(t: gs.Tensor) -> tuple[gs.Tensor, float | None, float | None] | None:
+    """t = Clip(x, lo, hi) with constant (or absent) bounds, or the fp16/bf16 exports' Min(x, hi) and
+    Min(Max(x, lo), hi): (x, lo, hi), else None."""
+    node = gu.producer_op(t, "Clip", "Min", "Max")
+    if node is None:
+        return None
+    if node.op == "Clip":
+        bounds = [_scalar(b) if b.name else None for b in node.inputs[1:3]] + [None] * (3 - len(node.inputs))
+        return node.inputs[0], bounds[0], bounds[1]
+    if len(node.inputs) != 2:
+        return None
+    bound = [_scalar(i) for i in node.inputs]
+    if (bound[0] is None) == (bound[1] is None):
+        return None
+    x, value = (node.inputs[0], bound[1]) if bound[1] is not None else (node.inputs[1], bound[0])
+    inner = _clip(x) if gu.producer_op(x, "Min" if node.op == "Max" else "Max") else None
+    lo, hi = (value, None) if node.op == "Max" else (None, value)
+    if inner is None:
+        return x, lo, hi
+    return inner[0], lo if lo is not None else inner[1], hi if hi is not None else inner[2]
+
+
+def _scalar(t: gs.Tensor) -> float | None:
+    """A constant one-value tensor's value, through Casts / CastLikes (the exporter's scalars)."""
+    arr = gu.const_array(t)
+    if arr is None:
+        node = gu.producer(t)
+        if node is None or node.op not in ("Cast", "CastLike"):
+            return None
+        return _scalar(node.inputs[0])
+    return float(np.ravel(arr)[0]) if arr.size == 1 else None
+
+
+def _biased_linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, Weight, str, gs.Tensor | None]:
+    """y = x @ W, or x @ W + b with b a constant vector [out] (Add, or a Gemm's bias): (x, W, name, b)."""
+    add = gu.producer_op(y, "Add")
+    if add is not None:
+        for mm, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+            arr = gu.const_array(b)
+            if arr is not None and arr.ndim == 1 and gu.producer_op(mm, "Gemm", "MatMul") is not None:
+                x, w, name = _linear(mm, what)
+                if arr.shape[0] != w.shape[1]:
+                    raise NoMatch(f"{what}: bias of {arr.shape[0]} values for {w.shape[1]} outputs")
+                return x, w, name, b
+    node = gu.producer_op(y, "Gemm")
+    bias = node.inputs[2] if node is not None and len(node.inputs) > 2 else None
+    if bias is not None and not gu.is_zero(bias) and gu.const_array(bias) is not None:
+        node.inputs.pop()  # matched as y = x @ W + b: the rest of the Gemm is checked as a plain one
+        try:
+            x, w, name = _linear(y, what)
+        finally:
+            node.inputs.append(bias)
+        return x, w, name, bias
+    return (*_linear(y, what), None)
 
 
 def _linear(y: gs.Tensor, what: str) -> tuple[gs.Tensor, Weight, str]:
@@ -232,6 +348,21 @@ def _stacked(graph: gs.Graph, experts: list[ExpertFFN], files: WeightFiles | Non
     down = (np.ascontiguousarray(e.w2.load()) for e in experts)  # [F, H] each
     return (gu.stacked_constant(gu.unique_name(graph, f"{base}.gate_up"), gate_up, len(experts), files),
             gu.stacked_constant(gu.unique_name(graph, f"{base}.down"), down, len(experts), files))
+
+
+def _stacked_biases(graph: gs.Graph, experts: list[ExpertFFN], files: WeightFiles | None, base: str
+                    ) -> list[gs.Constant]:
+    """[E, 2F] (gate | up) and [E, H] (down) biases; zeros for a projection without one."""
+    dtype = gu.const_array(experts[0].w2.tensor).dtype
+
+    def bias(t: gs.Tensor | None, n: int) -> np.ndarray:
+        return np.zeros(n, dtype) if t is None else np.asarray(gu.const_array(t)).astype(dtype)
+
+    f, h = experts[0].w1.shape[1], experts[0].w2.shape[1]
+    gate_up = (np.concatenate([bias(e.biases[0], f), bias(e.biases[1], f)]) for e in experts)
+    down = (bias(e.biases[2], h) for e in experts)
+    return [gu.stacked_constant(gu.unique_name(graph, f"{base}.gate_up_bias"), gate_up, len(experts), files),
+            gu.stacked_constant(gu.unique_name(graph, f"{base}.down_bias"), down, len(experts), files)]
 
 
 def _gate_up(expert: ExpertFFN) -> np.ndarray:

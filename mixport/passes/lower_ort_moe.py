@@ -32,6 +32,12 @@ QMoE requires whole blocks). Measured on its CPU kernel: 4-bit experts compute e
 quantize the activations to int8 at every level (the file's numbers then differ from the portable
 body's by that rounding, as the fast graph's at ``QUANT_ACCURACY_LEVEL`` do). ``accuracy_level`` is
 ``nbits.ACCURACY_LEVEL``, the level ``mixport run`` uses.
+
+Expert biases and the clamped SwiGLU (MoE plugin_version "3", GPT-OSS) map exactly: the contrib ops'
+fc1 / fc2 biases take gate_up_bias (its columns interleaved like fc1) and down_bias, and their swiglu
+computes (clamp(u, -swiglu_limit, swiglu_limit) + activation_beta) * c * sigmoid(activation_alpha * c)
+with c = min(g, swiglu_limit): "swiglu_clamped" is activation_alpha = alpha, activation_beta = 1,
+swiglu_limit = limit; plain "swiglu" keeps alpha 1, beta 0 and no limit.
 """
 
 from __future__ import annotations
@@ -62,9 +68,33 @@ def contrib_fc2(down: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(down.transpose(0, 2, 1))
 
 
-def contrib_attrs(k: int, normalize: int = 1) -> dict[str, object]:
-    return dict(k=k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=normalize,
-                activation_alpha=1.0, activation_beta=0.0)
+def contrib_attrs(k: int, normalize: int = 1, clamped: tuple[float, float] | None = None) -> dict[str, object]:
+    """The contrib op's attributes; ``clamped``: (alpha, limit) of the swiglu_clamped activation."""
+    attrs: dict[str, object] = dict(k=k, activation_type="swiglu", swiglu_fusion=1,
+                                    normalize_routing_weights=normalize, activation_alpha=1.0, activation_beta=0.0)
+    if clamped is not None:
+        attrs.update(activation_alpha=float(clamped[0]), activation_beta=1.0, swiglu_limit=float(clamped[1]))
+    return attrs
+
+
+def clamped_of(moe: gs.Node) -> tuple[float, float] | None:
+    """(alpha, limit) of a version-"3" node with the swiglu_clamped activation, else None."""
+    if moe.attrs.get("activation") != "swiglu_clamped":
+        return None
+    return float(moe.attrs["alpha"]), float(moe.attrs["limit"])
+
+
+def _biases(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> tuple[gs.Tensor, gs.Tensor] | str:
+    """A version-"3" node's (fc1 bias [E, 2F] interleaved, fc2 bias [E, H]), or empty inputs for an
+    older node; a reason string when they are not constants."""
+    if moe.attrs.get("plugin_version") != ops.BIAS_PLUGIN_VERSION:
+        return gs.Variable.empty(), gs.Variable.empty()
+    gate_up_bias, down_bias = (gu.const_array(t) for t in moe.inputs[-len(ops.BIAS_INPUTS):])
+    if gate_up_bias is None or down_bias is None:
+        return f"MoE '{moe.name}': expert biases are not constants"
+    name = moe.inputs[-2].name
+    return (gu.make_constant(gu.unique_name(graph, f"{name}.ort_fc1_bias"), interleave_columns(gate_up_bias), files),
+            moe.inputs[-1])
 
 
 def contrib_normalize(order: str, normalization: str) -> int | str:
@@ -108,8 +138,13 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     normalize = contrib_routing(spec, scaling_folds=not quantized)
     if isinstance(normalize, str):
         return f"MoE '{moe.name}': {normalize}"
+    if moe.attrs.get("activation", "swiglu") not in ops.ACTIVATIONS:
+        return f"MoE '{moe.name}': activation {moe.attrs.get('activation')!r} has no com.microsoft.MoE form"
+    biases = _biases(graph, moe, files)
+    if isinstance(biases, str):
+        return biases
     if quantized:
-        return _lower_quantized(graph, moe, router, normalize, files)
+        return _lower_quantized(graph, moe, router, normalize, files, biases)
     gate_up, down = gu.const_array(moe.inputs[3]), gu.const_array(moe.inputs[4])
     if gate_up is None or down is None:
         return f"MoE '{moe.name}': expert weights are not constants"
@@ -120,9 +155,14 @@ def _lower(graph: gs.Graph, moe: gs.Node, files: WeightFiles | None) -> str | No
     fc2 = gu.stacked_constant(gu.unique_name(graph, f"{moe.inputs[4].name}.ort_fc2"),
                               (contrib_fc2(w[None] if scale == 1.0 else (w * np.asarray(scale, w.dtype))[None])[0]
                                for w in gu.slabs(moe.inputs[4])), experts, files)
-    empty = gs.Variable.empty()
-    node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize),
-                   [moe.inputs[0], router.inputs[0], fc1, empty, fc2], list(moe.outputs), domain=MS_DOMAIN)
+    fc2_bias = biases[1]
+    if scale != 1.0 and not fc2_bias.is_empty():  # s (down @ act + b) = (s down) @ act + s b
+        bias = gu.const_array(fc2_bias)
+        fc2_bias = gu.make_constant(gu.unique_name(graph, f"{fc2_bias.name}.ort_scaled"),
+                                    bias * np.asarray(scale, bias.dtype), files)
+    node = gs.Node("MoE", f"{moe.name}/ort", contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)),
+                   [moe.inputs[0], router.inputs[0], fc1, biases[0], fc2, fc2_bias], list(moe.outputs),
+                   domain=MS_DOMAIN)
     moe.outputs.clear()
     graph.nodes.append(node)
     return None
@@ -147,10 +187,11 @@ def interleave_columns(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def _lower_quantized(graph: gs.Graph, moe: gs.Node, router: gs.Node, normalize: int,
-                     files: WeightFiles | None) -> str | None:
+                     files: WeightFiles | None, biases: tuple[gs.Tensor, gs.Tensor]) -> str | None:
     """One quantized MoE node -> com.microsoft.QMoE; a reason string when it cannot."""
     bits, block = int(moe.attrs["bits"]), int(moe.attrs["block_size"])
-    arrays = [gu.const_array(t) for t in moe.inputs[3:]]
+    extended = moe.attrs.get("plugin_version") == ops.BIAS_PLUGIN_VERSION
+    arrays = [gu.const_array(t) for t in moe.inputs[3:len(moe.inputs) - (len(ops.BIAS_INPUTS) if extended else 0)]]
     if any(a is None for a in arrays):
         return f"MoE '{moe.name}': expert weights are not constants"
     gate_up, down, gate_up_scale, down_scale, *zeros = arrays
@@ -169,12 +210,12 @@ def _lower_quantized(graph: gs.Graph, moe: gs.Node, router: gs.Node, normalize: 
                 made[f"{fc}_{part}"] = gu.make_constant(gu.unique_name(graph, f"{source.name}.qmoe_{part}"), value,
                                                         files)
     empty = gs.Variable.empty
-    inputs = [moe.inputs[0], router.inputs[0], made["fc1_weights"], made["fc1_scales"], empty(),
-              made["fc2_weights"], made["fc2_scales"], empty()]
+    inputs = [moe.inputs[0], router.inputs[0], made["fc1_weights"], made["fc1_scales"], biases[0],
+              made["fc2_weights"], made["fc2_scales"], biases[1]]
     if "fc1_zero_points" in made:
         inputs += [empty(), empty(), empty(), made["fc1_zero_points"], made["fc2_zero_points"]]
-    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize), expert_weight_bits=bits, block_size=block,
-                 accuracy_level=nbits.ACCURACY_LEVEL)
+    attrs = dict(contrib_attrs(int(moe.attrs["k"]), normalize, clamped_of(moe)), expert_weight_bits=bits,
+                 block_size=block, accuracy_level=nbits.ACCURACY_LEVEL)
     node = gs.Node("QMoE", f"{moe.name}/ort", attrs, inputs, list(moe.outputs), domain=MS_DOMAIN)
     moe.outputs.clear()
     graph.nodes.append(node)

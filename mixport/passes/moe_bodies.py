@@ -26,6 +26,9 @@ the optimized graph; tools/bench_moe.py times the copies it avoids).
 ``dense`` (target trt-noplugin): every expert on every token as one batched MatMul
 [T,H] @ [E,H,2F], combined by a one-hot weight matrix; no NonZero or Scatter, which
 the TensorRT ONNX parser rejects. Exact, but E/k times the work of the sparse bodies.
+Expert biases and the clamped SwiGLU (plugin_version "3", GPT-OSS): every variant adds expert
+e's biases after its projections (constant-index Gather / Slice of the stacked [E, 2F] / [E, H]
+biases, folded by ONNX Runtime like the weights) and applies ``Extension.activation``.
 Legend: T tokens, H hidden, F intermediate, E experts, k active.
 """
 
@@ -82,6 +85,37 @@ MatMulFn = Callable[[str, str], str]
 
 
 @dataclass(frozen=True)
+class Extension:
+    """A version-"3" node's additions (ops.py): expert biases, and its activation."""
+
+    activation: str = "swiglu"  # | "swiglu_clamped"
+    alpha: float = ops.SWIGLU_ALPHA
+    limit: float = ops.SWIGLU_LIMIT
+    biases: Slabs | None = None  # expert e -> (gate [F] or gate|up [2F], up [F] or None, down [H]) bias names
+
+
+def _scalar(em: Emitter, hint: str, value: float, like: str) -> str:
+    """A float constant in ``like``'s type (the bodies run in fp32, fp16 and bf16)."""
+    return em.op1("CastLike", [em.const(hint, np.array(value, dtype=np.float32)), like])
+
+
+def _activation(em: Emitter, g: str, u: str, activation: str, ext: Extension | None) -> str:
+    """silu(g) * u, or the clamped SwiGLU (ops.py): (clamp(u, -L, L) + 1) * c * sigmoid(alpha * c), c = min(g, L)."""
+    if ext is None or ext.activation == "swiglu":
+        if activation == "quickgelu":
+            return em.op1("Mul", [em.op1("QuickGelu", [g], domain=MS_DOMAIN, alpha=1.0), u])
+        return em.op1("Mul", [em.op1("Mul", [g, em.op1("Sigmoid", [g])]), u])
+    limit = _scalar(em, "limit", ext.limit, g)
+    c = em.op1("Min", [g, limit])
+    if activation == "quickgelu":
+        glu = em.op1("QuickGelu", [c], domain=MS_DOMAIN, alpha=float(ext.alpha))
+    else:
+        glu = em.op1("Mul", [c, em.op1("Sigmoid", [em.op1("Mul", [c, _scalar(em, "alpha", ext.alpha, g)])])])
+    clipped = em.op1("Clip", [u, em.op1("Neg", [limit]), limit])
+    return em.op1("Mul", [em.op1("Add", [clipped, _scalar(em, "one", 1.0, g)]), glu])
+
+
+@dataclass(frozen=True)
 class _Grouped:
     rows: list[str]  # E names: expert e's token rows [n_e, H]
     slots: str  # [T*k] flat slot (t*k + j) of each row of the concatenated rows
@@ -94,19 +128,22 @@ def _ints(em: Emitter, hint: str, values: list[int] | int) -> str:
 
 
 def swiglu_ffn(em: Emitter, x: str, gate: str, up: str | None, down: str, activation: str = "sigmoid",
-               matmul: MatMulFn | None = None) -> str:
+               matmul: MatMulFn | None = None, ext: Extension | None = None,
+               biases: tuple[str, str | None, str] | None = None) -> str:
     """(silu(x @ gate) * (x @ up)) @ down; up=None: ``gate`` is gate|up [.., H, 2F], split after.
-    ``matmul``: how x @ w is emitted (default one MatMul)."""
+    ``matmul``: how x @ w is emitted (default one MatMul); ``ext``: the clamped activation,
+    ``biases`` (gate or gate|up, up or None, down) added after each projection."""
     mm = matmul or (lambda a, w: em.op1("MatMul", [a, w]))
+    bg, bu, bd = biases or (None, None, None)
+
+    def plus(y: str, b: str | None) -> str:
+        return y if b is None else em.op1("Add", [y, b])
+
     if up is None:
-        g, u = em.op("Split", [mm(x, gate)], 2, axis=-1, num_outputs=2)
+        g, u = em.op("Split", [plus(mm(x, gate), bg)], 2, axis=-1, num_outputs=2)
     else:
-        g, u = mm(x, gate), mm(x, up)
-    if activation == "quickgelu":
-        silu = em.op1("QuickGelu", [g], domain=MS_DOMAIN, alpha=1.0)
-    else:
-        silu = em.op1("Mul", [g, em.op1("Sigmoid", [g])])
-    return mm(em.op1("Mul", [silu, u]), down)
+        g, u = plus(mm(x, gate), bg), plus(mm(x, up), bu)
+    return plus(mm(_activation(em, g, u, activation, ext), down), bd)
 
 
 def stacked_slabs(em: Emitter, gate_up: str, down: str, inter: int) -> Slabs:
@@ -120,6 +157,20 @@ def stacked_slabs(em: Emitter, gate_up: str, down: str, inter: int) -> Slabs:
         gu = em.op1("Gather", [gate_up, idx], axis=0)  # [H, 2F]
         return (em.op1("Slice", [gu, zero, f, axis1]), em.op1("Slice", [gu, f, f2, axis1]),
                 em.op1("Gather", [down, idx], axis=0))
+
+    return slabs
+
+
+def stacked_bias_slabs(em: Emitter, gate_up_bias: str, down_bias: str, inter: int) -> Slabs:
+    """Expert e's gate [F], up [F], down [H] biases as constant-index Gather / Slice of the stacks."""
+    zero, f, f2, axis0 = _ints(em, "zero", [0]), _ints(em, "F", [inter]), _ints(em, "F2", [2 * inter]), \
+        _ints(em, "axis", [0])
+
+    def slabs(e: int) -> tuple[str, str | None, str]:
+        idx = _ints(em, "e", e)
+        gu = em.op1("Gather", [gate_up_bias, idx], axis=0)  # [2F]
+        return (em.op1("Slice", [gu, zero, f, axis0]), em.op1("Slice", [gu, f, f2, axis0]),
+                em.op1("Gather", [down_bias, idx], axis=0))
 
     return slabs
 
@@ -180,14 +231,15 @@ def _combine_scatter(em: Emitter, ys: str, grouped: _Grouped, weights: str, hidd
 
 def sparse_moe(em: Emitter, hidden: str, weights: str, ids: str, k: int, num_experts: int, slabs: Slabs,
                variant: Sparse = SORTED, elem_type: int = TensorProto.FLOAT, out: str | None = None,
-               matmul: MatMulFn | None = None) -> str:
+               matmul: MatMulFn | None = None, ext: Extension | None = None) -> str:
     """Sparse MoE: each expert runs its FFN on its own token rows only (an expert with no tokens
     does 0-row MatMuls), the k results per token are weighted and summed -> out [T, H].
     ``elem_type``: the float type of hidden/weights (``scatter_add`` casts to fp32 and back);
     ``matmul``: how each x @ slab is emitted (``swiglu_ffn``)."""
     group = _group_nonzero if variant.grouping == "nonzero" else _group_sorted
     grouped = group(em, hidden, ids, k, num_experts)
-    ys = em.op1("Concat", [swiglu_ffn(em, x, *slabs(e), variant.activation, matmul)
+    biases = (lambda e: None) if ext is None or ext.biases is None else ext.biases
+    ys = em.op1("Concat", [swiglu_ffn(em, x, *slabs(e), variant.activation, matmul, ext, biases(e))
                            for e, x in enumerate(grouped.rows)], axis=0)  # [T*k, H] in row order
     if variant.combine == "scatter_add":
         return _combine_scatter(em, ys, grouped, weights, hidden, k, elem_type, out)
@@ -195,7 +247,8 @@ def sparse_moe(em: Emitter, hidden: str, weights: str, ids: str, k: int, num_exp
 
 
 def dense_moe(em: Emitter, hidden: str, weights: str, ids: str, gate_up: str, down: str, num_experts: int,
-              out: str | None = None) -> str:
+              out: str | None = None, ext: Extension | None = None,
+              bias_stacks: tuple[str, str] | None = None) -> str:
     """All experts on all tokens; dense [T, E] routing weights from a one-hot of the ids."""
     onehot = em.op1("Equal", [em.op1("Unsqueeze", [ids, _ints(em, "axis", [2])]),
                               _ints(em, "experts", list(range(num_experts)))])  # [T, k, E]
@@ -203,24 +256,39 @@ def dense_moe(em: Emitter, hidden: str, weights: str, ids: str, gate_up: str, do
                             em.op1("Unsqueeze", [weights, _ints(em, "axis", [2])])])
     dense_w = em.op1("ReduceSum", [spread, _ints(em, "axis", [1])], keepdims=0)  # [T, E]
     scale = em.op1("Unsqueeze", [em.op1("Transpose", [dense_w], perm=[1, 0]), _ints(em, "axis", [2])])  # [E, T, 1]
-    y = swiglu_ffn(em, hidden, gate_up, None, down)  # [E, T, H]: [T, H] @ [E, H, 2F] broadcast
+    biases = None if bias_stacks is None else tuple(  # [E, 1, 2F], None, [E, 1, H]: broadcast over T
+        em.op1("Unsqueeze", [b, _ints(em, "axis", [1])]) for b in bias_stacks)
+    y = swiglu_ffn(em, hidden, gate_up, None, down, ext=ext,  # [E, T, H]: [T, H] @ [E, H, 2F] broadcast
+                   biases=None if biases is None else (biases[0], None, biases[1]))
     return last(em, "ReduceSum", [em.op1("Mul", [y, scale]), _ints(em, "axis", [0])], out, keepdims=0)
 
 
-Body = Callable[[Emitter, int, int, int, str, str], None]  # (em, E, k, F, gate_up, down): nodes -> "out"
+Body = Callable[..., None]  # (em, E, k, F, gate_up, down, ext=None): nodes -> "out"
+
+
+def _extension(em: Emitter, ext: Extension | None, inter: int) -> Extension | None:
+    """``ext`` with its biases read from the body's bias inputs (ops.BIAS_INPUTS)."""
+    if ext is None:
+        return None
+    from dataclasses import replace
+
+    return replace(ext, biases=stacked_bias_slabs(em, *ops.BIAS_INPUTS, inter))
 
 
 def _sparse_body(variant: Sparse) -> Body:
-    def nodes(em: Emitter, num_experts: int, k: int, inter: int, gate_up: str, down: str) -> None:
+    def nodes(em: Emitter, num_experts: int, k: int, inter: int, gate_up: str, down: str,
+              ext: Extension | None = None) -> None:
         sparse_moe(em, "hidden", "weights", "ids", k, num_experts, stacked_slabs(em, gate_up, down, inter),
-                   variant, out="out")
+                   variant, out="out", ext=_extension(em, ext, inter))
 
     return nodes
 
 
-def dense_nodes(em: Emitter, num_experts: int, k: int, inter: int, gate_up: str, down: str) -> None:
+def dense_nodes(em: Emitter, num_experts: int, k: int, inter: int, gate_up: str, down: str,
+                ext: Extension | None = None) -> None:
     """The dense body's nodes (k and F come from the inputs' shapes; BODIES share one signature)."""
-    dense_moe(em, "hidden", "weights", "ids", gate_up, down, num_experts, out="out")
+    dense_moe(em, "hidden", "weights", "ids", gate_up, down, num_experts, out="out", ext=ext,
+              bias_stacks=None if ext is None else ops.BIAS_INPUTS)
 
 
 sorted_nodes = _sparse_body(SORTED)
@@ -250,15 +318,18 @@ def dequantized_stacks(em: Emitter, q: Quant) -> tuple[str, str]:
                  for w, s, z in zip(("gate_up", "down"), ops.QUANT_INPUTS, zeros, strict=True))  # type: ignore
 
 
-def moe_function(body: str, num_experts: int, k: int, inter: int, quant: Quant | None = None
-                 ) -> onnx.FunctionProto:
+def moe_function(body: str, num_experts: int, k: int, inter: int, quant: Quant | None = None,
+                 ext: Extension | None = None) -> onnx.FunctionProto:
     """The FunctionProto for mixport::MoE: ``body`` (one of BODIES) for E experts, top-k, F
-    (with ``quant``: for quantized expert weights, dequantized first)."""
+    (with ``quant``: for quantized expert weights, dequantized first; with ``ext``: a version-"3"
+    node's biases and activation)."""
     em = Nodes()
     gate_up, down = ("gate_up", "down") if quant is None else dequantized_stacks(em, quant)
-    BODIES[body](em, num_experts, k, inter, gate_up, down)
+    BODIES[body](em, num_experts, k, inter, gate_up, down, ext=ext)
     inputs = list(INPUTS) if quant is None else quant.inputs
     attributes = ATTRIBUTES if quant is None else [*ATTRIBUTES, "bits", "block_size"]
+    if ext is not None:
+        inputs, attributes = [*inputs, *ops.BIAS_INPUTS], [*attributes, "alpha", "limit"]
     opset = ONNX_OPSET if quant is None else ops.QUANT_OPSET
     return helper.make_function(ops.DOMAIN, ops.MOE, inputs, ["out"], em.nodes,
                                 [helper.make_opsetid("", opset)], attributes=attributes)
@@ -274,7 +345,22 @@ def _quant_of(node: onnx.NodeProto) -> Quant | None:
     bits = _attr(node, "bits")
     if bits is None:
         return None
-    return Quant(bits, _attr(node, "block_size") or 0, len(node.input) > len(ops.MOE_INPUTS) + len(ops.QUANT_INPUTS))
+    extra = len(ops.BIAS_INPUTS) if extension_of(node) is not None else 0
+    return Quant(bits, _attr(node, "block_size") or 0,
+                 len(node.input) - extra > len(ops.MOE_INPUTS) + len(ops.QUANT_INPUTS))
+
+
+def extension_of(node: onnx.NodeProto) -> Extension | None:
+    """A version-"3" MoE node's activation (its biases are its last two inputs), else None."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("plugin_version", b"").decode() != ops.BIAS_PLUGIN_VERSION:
+        return None
+    activation = attrs.get("activation", b"swiglu").decode()
+    if activation not in ops.ACTIVATIONS:
+        raise PassError(f"MoE node '{node.name}' has an unknown activation", given=activation,
+                        expected=" | ".join(ops.ACTIVATIONS))
+    return Extension(activation, float(attrs.get("alpha", ops.SWIGLU_ALPHA)),
+                     float(attrs.get("limit", ops.SWIGLU_LIMIT)))
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int | None:
@@ -290,10 +376,11 @@ def attach(model: onnx.ModelProto, body: str) -> int:
     if not moes:
         return 0
     down_dims = {t.name: t.dims[1] for t in model.graph.initializer if len(t.dims) == 3}
-    kinds = {(_attr(n, "num_experts"), _attr(n, "k"), down_dims.get(n.input[4]), _quant_of(n)) for n in moes}
+    kinds = {(_attr(n, "num_experts"), _attr(n, "k"), down_dims.get(n.input[4]), _quant_of(n), extension_of(n))
+             for n in moes}
     if len(kinds) != 1 or None in next(iter(kinds))[:3]:
         raise PassError("cannot attach one MoE function body: the MoE nodes disagree or lack constant weights",
-                        given=f"(num_experts, k, intermediate, quantization) = {sorted(map(str, kinds))}",
+                        given=f"(num_experts, k, intermediate, quantization, extension) = {sorted(map(str, kinds))}",
                         expected="one E, k, F and quantization for every MoE node, weights as initializers")
     model.functions.append(moe_function(body, *kinds.pop()))
     if not any(o.domain == ops.DOMAIN for o in model.opset_import):

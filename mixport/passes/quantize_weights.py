@@ -76,7 +76,8 @@ def _constants(graph: gs.Graph, base: str, w: np.ndarray, slabs: Iterable[np.nda
 
 
 def _moe(graph: gs.Graph, node: gs.Node, files: WeightFiles | None, scheme: quant.Scheme) -> int:
-    if "bits" in node.attrs or len(node.inputs) != len(ops.MOE_INPUTS):
+    extended = node.attrs.get("plugin_version") == ops.BIAS_PLUGIN_VERSION  # biases last, kept float
+    if "bits" in node.attrs or len(node.inputs) != len(ops.MOE_INPUTS) + (len(ops.BIAS_INPUTS) if extended else 0):
         raise NoMatch("its experts are already quantized")
     stacks = [gu.const_array(t) for t in node.inputs[3:5]]
     if any(a is None or a.ndim != 3 for a in stacks):
@@ -86,8 +87,11 @@ def _moe(graph: gs.Graph, node: gs.Node, files: WeightFiles | None, scheme: quan
     (gq, gs_, *gz), (dq, ds, *dz) = parts
     node.inputs[3] = gq
     node.inputs[4] = dq
-    node.inputs.extend([gs_, ds, *gz, *dz])
-    node.attrs.update(bits=scheme.bits, block_size=scheme.block_size, plugin_version=ops.QUANT_PLUGIN_VERSION)
+    biases = [node.inputs.pop() for _ in range(len(node.inputs) - len(ops.MOE_INPUTS))][::-1]  # version "3"'s:
+    #                                                                   they go after the scales and zero points
+    node.inputs.extend([gs_, ds, *gz, *dz, *biases])
+    node.attrs.update(bits=scheme.bits, block_size=scheme.block_size,
+                      plugin_version=ops.BIAS_PLUGIN_VERSION if extended else ops.QUANT_PLUGIN_VERSION)
     return 1
 
 

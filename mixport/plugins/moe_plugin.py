@@ -13,6 +13,12 @@ takes, after hidden / weights / ids (``mixport.ops``; the kernel layout is ``ker
     gate_up_zero INT8 [E, ceil(H/B), 2*ceil(F/2)], down_zero INT8 [E, ceil(F/B), ceil(H/2)]
                  (9 inputs: uint4 weights with zero points, packed bytes)
 
+Version "3" (expert biases + the clamped SwiGLU, ``MoEPluginV3``, GPT-OSS) adds the fields ``alpha``
+and ``limit`` (FLOAT32; ``activation`` "swiglu_clamped" or "swiglu") and takes, after the five float
+inputs, gate_up_bias [E, 2F] and down_bias [E, H] in hidden's type (``kernels.fused_moe_biased``).
+A version-"3" node with quantized experts has no plugin: ``mixport build`` refuses it with one line
+(``engine/network.check_plugin_version``); ``--no-plugins`` builds its function body.
+
 Packed int4 travels typed INT8: TensorRT has INT4 only as DequantizeLinear weights and no UINT8
 plugin tensors, so ``mixport.engine`` re-types the file's INT4/UINT4 initializers as INT8 bytes
 before parsing (``engine/quant_inputs.py``: the same bytes when F and H are even), and the plugin
@@ -24,7 +30,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from mixport.ops import ACTIVATIONS, MOE, QUANT_INPUTS, QUANT_PLUGIN_VERSION, ZERO_INPUTS
+from mixport.ops import (
+    ACTIVATIONS,
+    BIAS_PLUGIN_VERSION,
+    MOE,
+    QUANT_INPUTS,
+    QUANT_PLUGIN_VERSION,
+    SWIGLU_ALPHA,
+    SWIGLU_LIMIT,
+    ZERO_INPUTS,
+)
 from mixport.plugins import device
 from mixport.plugins.base import FLOAT_TYPES, KERNEL_DTYPES, CreatorCore, PluginCore, type_name
 from mixport.plugins.fields import FieldSpec
@@ -39,6 +54,8 @@ HIDDEN, WEIGHTS, IDS, GATE_UP, DOWN = range(5)  # input positions; the output is
 GATE_UP_SCALE, DOWN_SCALE, GATE_UP_ZERO, DOWN_ZERO = range(5, 9)  # version 2's extra inputs
 QUANT_BLOCKS = tuple(2**i for i in range(4, 11))  # block sizes the kernels take (16..1024)
 FIELDS_V2 = (*FIELDS, FieldSpec("bits", "int", None, (8, 4)), FieldSpec("block_size", "int", None, QUANT_BLOCKS))
+FIELDS_V3 = (*FIELDS, FieldSpec("alpha", "float", SWIGLU_ALPHA), FieldSpec("limit", "float", SWIGLU_LIMIT))
+GATE_UP_BIAS, DOWN_BIAS = 5, 6  # version 3's extra inputs (float experts)
 
 
 class MoEPlugin(PluginCore):
@@ -189,3 +206,39 @@ class MoEV2Creator(CreatorCore):
     """Creates ``MoEPluginV2`` (nodes with plugin_version "2": quantized experts)."""
 
     plugin_core: ClassVar[type[PluginCore]] = MoEPluginV2
+
+
+class MoEPluginV3(MoEPlugin):
+    """Float experts with biases and the clamped SwiGLU (plugin_version "3", GPT-OSS):
+    ``kernels.fused_moe_biased``."""
+
+    version: ClassVar[str] = BIAS_PLUGIN_VERSION
+    field_specs: ClassVar[tuple[FieldSpec, ...]] = FIELDS_V3
+
+    def accepts_type(self, pos: int, names: list[str], num_inputs: int) -> bool:
+        if num_inputs != 7:
+            return False  # quantized experts with biases: no plugin (network.check_plugin_version says so)
+        return super().accepts_type(pos, names, num_inputs)  # the biases and out: hidden's type
+
+    def shape_checks(self, dims: list[tuple[int, ...]]) -> list[tuple[str, int, int]]:
+        ranks = [(f"input {i} rank", len(d), r) for i, d in enumerate(dims) for r in [(2, 2, 2, 3, 3, 2, 2)[i]]]
+        if any(found != expected for _, found, expected in ranks):
+            return ranks
+        experts, two_f, hidden = int(self.values["num_experts"]), dims[GATE_UP][2], dims[HIDDEN][1]
+        return [*super().shape_checks(dims[:DOWN + 1]),
+                ("gate_up_bias experts (dim 0)", dims[GATE_UP_BIAS][0], experts),
+                ("gate_up_bias 2F (dim 1)", dims[GATE_UP_BIAS][1], two_f),
+                ("down_bias experts (dim 0)", dims[DOWN_BIAS][0], experts),
+                ("down_bias hidden (dim 1)", dims[DOWN_BIAS][1], hidden)]
+
+    def dispatch(self, args: list[Any], scratch: Any, out: Any) -> None:
+        from mixport.plugins import kernels
+
+        kernels.fused_moe_biased(*args, activation=str(self.values["activation"]), alpha=float(self.values["alpha"]),
+                                 limit=float(self.values["limit"]), workspace=scratch, out=out)
+
+
+class MoEV3Creator(CreatorCore):
+    """Creates ``MoEPluginV3`` (nodes with plugin_version "3": expert biases, clamped SwiGLU)."""
+
+    plugin_core: ClassVar[type[PluginCore]] = MoEPluginV3

@@ -1,7 +1,8 @@
 """Register the mixport plugin creators with TensorRT's plugin registry.
 
 One creator per (op, plugin_version) a file may carry: ``TopKRouting`` "2" (with ``order``)
-and "1" (older files), ``MoE`` "1" (float experts) and "2" (quantized experts). The ONNX parser
+and "1" (older files), ``MoE`` "1" (float experts), "2" (quantized experts) and "3" (expert biases,
+clamped SwiGLU: GPT-OSS). The ONNX parser
 picks the creator by the node's ``plugin_version`` attribute.
 """
 
@@ -13,11 +14,11 @@ from mixport.errors import PluginError
 from mixport.ops import PLUGIN_NAMESPACE
 from mixport.plugins import trt_import
 from mixport.plugins.base import CreatorCore, bind_creator
-from mixport.plugins.moe_plugin import MoECreator, MoEV2Creator
+from mixport.plugins.moe_plugin import MoECreator, MoEV2Creator, MoEV3Creator
 from mixport.plugins.topk_routing_plugin import TopKRoutingCreator, TopKRoutingV1Creator, TopKRoutingV2Creator
 
 CREATORS: tuple[type[CreatorCore], ...] = (TopKRoutingCreator, TopKRoutingV2Creator, TopKRoutingV1Creator, MoECreator,
-                                          MoEV2Creator)
+                                          MoEV2Creator, MoEV3Creator)
 # Creators must outlive the registry's use of them: keep one per (module, class).
 _LIVE: dict[tuple[str, str], object] = {}
 

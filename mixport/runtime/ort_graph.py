@@ -91,7 +91,8 @@ FIELDS = frozenset({
     "embedding_multiplier", "residual_multiplier", "logits_scaling",
     "scoring", "n_group", "topk_group", "group_score", "routed_scaling_factor", "selection_bias", "sparsemixer_eps",
     "rope_type", "rope_factor", "rope_original_max", "rope_attention_factor", "rope_beta_fast", "rope_beta_slow",
-    "rope_mscale", "rope_mscale_all_dim", "rope_truncate"})  # yarn; longrope: see supported()
+    "rope_mscale", "rope_mscale_all_dim", "rope_truncate",  # yarn; longrope: see supported()
+    "attention_sinks", "router_bias", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit"})  # GPT-OSS
 # GroupQueryAttention on ONNX Runtime 1.32's CPU provider, measured (tests/runtime/test_gqa_contract.py):
 # head_size % 8 or it refuses to run, and % 16 with do_rotary ("head_size shall be a multiple of 16").
 HEAD_DIM_MULTIPLE = 16

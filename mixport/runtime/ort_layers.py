@@ -10,10 +10,13 @@ fastest, and a config at its neutral values (Mixtral's) emits exactly the nodes 
   clipped (``clip_qkv``), and GQA takes them as separate query/key/value (rotary inside, after the
   norms, as in the reference); ``scale`` is ``cfg.scale``; a layer's sliding window
   (``cfg.window(i)``) is GQA's ``local_window_size`` (measured on ONNX Runtime 1.32 CPU: a query at
-  position p sees keys p-w+1..p, the reference's ``components.attention_bias``); o_proj (+ bias);
+  position p sees keys p-w+1..p, the reference's ``components.attention_bias``); attention sinks
+  (``attention_sinks``, GPT-OSS) are GQA's ``head_sink`` (one logit per head joining the softmax's
+  denominator); o_proj (+ bias);
 * feed-forward: a sparse layer routes (``routing_onnx.routing_nodes``, the config's routing spec:
-  order, normalization, sigmoid / sparsemixer, selection bias, groups, scaling) into
-  ``moe_bodies.sparse_moe`` (variant ``ORT_CPU``) and adds its shared expert (one
+  order, normalization, sigmoid / sparsemixer, selection bias, groups, scaling; the router Linear's
+  bias, ``router_bias``) into ``moe_bodies.sparse_moe`` (variant ``ORT_CPU``; expert biases and the
+  clamped SwiGLU of a version-"3" MoE node, GPT-OSS) and adds its shared expert (one
   gate|up MatMul, optionally scaled by sigmoid(x @ gate)) beside it; a dense layer (``dense_layers``)
   is one SwiGLU MLP;
 * muP scalars: embeddings x ``embedding_multiplier``; each block's output x ``residual_multiplier``
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mixport import ops
 from mixport.errors import RuntimeFailure
 from mixport.exporter import routing_onnx
 from mixport.models import rope
@@ -82,9 +86,10 @@ def attention(g: Builder, i: int, h: str) -> str:
     qkv_in = [qkv, "", ""] if cfg.qk_norm == "none" and cfg.clip_qkv is None else _separate(g, pre, qkv)
     window = cfg.window(i)
     attrs = {} if window is None else {"local_window_size": window}
+    sinks = ["", "", g.weight(f"{pre}.sinks")] if cfg.attention_sinks else []  # position_ids, bias, head_sink
     attn = g.op("GroupQueryAttention",
                 [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-                 "total_sequence_length", "cos_cache", "sin_cache"],
+                 "total_sequence_length", "cos_cache", "sin_cache", *sinks],
                 domain=MS, outputs=[g.name("attn"), f"present.{i}.key", f"present.{i}.value"],
                 num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
                 do_rotary=1, rotary_interleaved=0, scale=float(cfg.scale), **attrs)[0]
@@ -95,13 +100,45 @@ def attention(g: Builder, i: int, h: str) -> str:
 def _routes(g: Builder, i: int, flat: str) -> tuple[str, str]:
     """Router logits -> weights [T, k] (graph dtype), ids [T, k]: TopKRouting's one builder."""
     gate = g.names.router_weight(i)
-    logits = g.matmul(flat, g.proj(gate, [gate]))  # [T, E]
+    logits = _logits(g, i, flat)  # [T, E]
     spec, bias = g.cfg.routing(), None
     if spec.bias:  # the selection-only bias, kept fp32 whatever the graph's type (as the export holds it)
         key = gate.removesuffix("weight") + "e_score_correction_bias"
         bias = g.const(key, np.asarray(g.w[key], dtype=np.float32))
     return routing_onnx.routing_nodes(g, logits, spec.k, spec.normalization, g.elem, spec=spec, bias=bias,
                                       num_experts=g.cfg.num_local_experts)
+
+
+def _logits(g: Builder, i: int, flat: str) -> str:
+    """Layer i's router logits [T, E] (+ its bias, ``router_bias``)."""
+    gate = g.names.router_weight(i)
+    logits = g.matmul(flat, g.proj(gate, [gate]))
+    if not g.cfg.router_bias:
+        return logits
+    return g.op1("Add", [logits, g.weight(gate.removesuffix(".weight") + ".bias")])
+
+
+def _extension(g: Builder, i: int) -> moe_bodies.Extension | None:
+    """Layer i's expert biases ([2F] gate|up, [H] down per expert, from the export's stacks) and the
+    activation, when the config has them (a version-"3" MoE node in model.onnx)."""
+    cfg = g.cfg
+    if not cfg.expert_bias and cfg.expert_activation == "swiglu":
+        return None
+    prefix = g.names.experts_prefix(i)
+    stacked = f"{prefix}.{ops.BIAS_INPUTS[0]}" in g.w  # a fused export's [E, 2F] / [E, H] stacks
+
+    def bias(e: int, role: str) -> np.ndarray:
+        return np.asarray(g.w[g.names.expert_weight(i, e, role).removesuffix(".weight") + ".bias"])
+
+    def biases(e: int) -> tuple[str, None, str]:
+        if stacked:
+            gate_up, down = (np.asarray(g.w[f"{prefix}.{name}"][e]) for name in ops.BIAS_INPUTS)
+        else:  # an unfused export's per-expert Linear biases
+            gate_up, down = np.concatenate([bias(e, "gate"), bias(e, "up")]), bias(e, "down")
+        return g.weight(f"{prefix}.{e}.gate_up.bias", gate_up), None, g.weight(f"{prefix}.{e}.down.bias", down)
+
+    return moe_bodies.Extension(cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit,
+                                biases if cfg.expert_bias else None)
 
 
 def _mlp(g: Builder, x: str, names: dict[str, str], prefix: str) -> str:
@@ -137,7 +174,7 @@ def _moe(g: Builder, i: int, h: str, shape: str) -> str:
         return _gate_up(g, w1, w3, f"{g.names.experts_prefix(i)}.{e}.w13.weight"), None, g.proj(w2, [w2])
 
     out = moe_bodies.sparse_moe(g, flat, weights, ids, cfg.num_experts_per_tok, cfg.num_local_experts, slabs,
-                                moe_bodies.ORT_CPU, g.elem, matmul=g.matmul)
+                                moe_bodies.ORT_CPU, g.elem, matmul=g.matmul, ext=_extension(g, i))
     return g.op1("Reshape", [_with_shared(g, i, flat, out), shape])  # [B, S, H]
 
 
@@ -152,9 +189,7 @@ def _qmoe(g: Builder, i: int, flat: str) -> str | None:
     how = ort_qmoe.expressible(g, i)
     if how is None:
         return None
-    gate = g.names.router_weight(i)
-    logits = g.matmul(flat, g.proj(gate, [gate]))  # [T, E]
-    return ort_qmoe.emit(g, i, flat, logits, *how)
+    return ort_qmoe.emit(g, i, flat, _logits(g, i, flat), *how)
 
 
 def feed_forward(g: Builder, i: int, h: str, shape: str) -> str:

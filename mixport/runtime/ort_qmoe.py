@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from mixport import ops
 from mixport.passes import lower_ort_moe, nbits
 from mixport.runtime import onnx_locate, ort_weights
 from mixport.runtime.ort_emit import MS, Builder
@@ -66,12 +67,24 @@ def emit(g: Builder, i: int, flat: str, logits: str, bits: int, block: int, norm
     base = origin.tensor.rsplit(".", 1)[0]  # <experts>
     inputs = {fc: [_placeholder(g, f"{base}.{stack}", fc, part, suffix, block) for part, suffix in PARTS]
               for fc, stack in (("fc1", "gate_up"), ("fc2", "down"))}
-    names = [flat, logits, inputs["fc1"][0], inputs["fc1"][1], "", inputs["fc2"][0], inputs["fc2"][1], ""]
+    fc1_bias, fc2_bias = _biases(g, i, base)
+    names = [flat, logits, inputs["fc1"][0], inputs["fc1"][1], fc1_bias, inputs["fc2"][0], inputs["fc2"][1], fc2_bias]
     if inputs["fc1"][2]:
         names += ["", "", "", inputs["fc1"][2], inputs["fc2"][2]]
-    attrs = dict(lower_ort_moe.contrib_attrs(cfg.num_experts_per_tok, normalize), expert_weight_bits=bits,
+    clamped = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.expert_activation == "swiglu_clamped" else None
+    attrs = dict(lower_ort_moe.contrib_attrs(cfg.num_experts_per_tok, normalize, clamped), expert_weight_bits=bits,
                  block_size=block, accuracy_level=g.accuracy_level)
     return g.op1("QMoE", names, MS, **attrs)
+
+
+def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
+    """QMoE's fc1 bias (gate|up interleaved, as its weights) and fc2 bias from model.onnx's version-"3"
+    stacks (GPT-OSS), or empty inputs."""
+    if not g.cfg.expert_bias:
+        return "", ""
+    gate_up, down = (np.asarray(g.w[f"{base}.{name}"]) for name in ops.BIAS_INPUTS)
+    return (g.weight(f"{base}.qmoe_fc1_bias", lower_ort_moe.interleave_columns(gate_up)),
+            g.weight(f"{base}.{ops.BIAS_INPUTS[1]}"))
 
 
 def _placeholder(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -> str:

@@ -152,7 +152,10 @@ class TransformersRunner(_TimedRunner):
             res = self.model(**t, use_cache=True, output_router_logits=True)
         self.cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
         out = OrderedDict(logits=res.logits.float().numpy())
+        total = feed_dict["attention_mask"].shape[1]
         for i, layer in enumerate(self.cache.layers):
+            if layer.keys.shape[2] != total:  # a sliding-window layer's cache, cropped to the window by transformers:
+                continue  # not comparable with a full present (left out; the logits still are compared)
             out[f"present.{i}.key"] = layer.keys.float().numpy()
             out[f"present.{i}.value"] = layer.values.float().numpy()
         # router_logits: one [T, E] per layer with a router (transformers records each router module's logits)

@@ -5,7 +5,9 @@ Per family: one tiny Hugging Face folder written by transformers' own classes
 family adds (Qwen2-MoE: gated shared expert, a dense mlp_only layer, q/k/v bias; Qwen3-MoE:
 head_dim != hidden/heads, per-head q/k norm, 12 experts, top-4, norm_topk_prob; OLMoE: clip_qkv,
 q/k norm over the projection; Granite: muP scalars far from 1, top-k then softmax;
-GraniteMoeShared: its shared MLP). The written model.onnx runs in a plain
+GraniteMoeShared: its shared MLP; GPT-OSS: attention sinks, q/k/v/o bias, sliding window 5 on layers 0
+and 2 (shorter than the 11-token prompt), a biased router, biased experts with the clamped SwiGLU
+stored interleaved, all biases and sinks random non-zero). The written model.onnx runs in a plain
 ``onnxruntime.InferenceSession`` against transformers' model (prefill + 32 greedy steps, batch
 2, left padding), equals the same trace before the fusion passes, computes routing the trace
 never saw, and passes `mixport check`. Layouts big checkpoints come in ride on those exports:
@@ -41,6 +43,8 @@ from tests.helpers import invoke, require_module
 require_module("transformers")  # the families' tiny folders are written by transformers' classes
 
 BASE = dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2, head_dim=18, intermediate_size=40)
+GPT_OSS_YARN = dict(rope_type="yarn", rope_factor=32.0, rope_beta_fast=32.0, rope_beta_slow=1.0, rope_original_max=4096,
+                    rope_truncate=False)  # the released GPT-OSS configs' rope_scaling
 MUP = dict(embedding_multiplier=12.0, attention_scale=0.0625, residual_multiplier=0.22, logits_scaling=6.0)
 
 
@@ -52,6 +56,7 @@ class Family:
     ops: dict[str, int] | None = None  # op_type -> count per layer the family's graph must hold
     sharded: bool = False  # the folder holds transformers' shards + index, not one model.safetensors
     external_data: bool = False  # exported past the 2 GB limit (lowered): weights in model.onnx.data
+    activation: str = "swiglu"  # the MoE node's activation (GPT-OSS: swiglu_clamped, plugin_version "3")
 
 
 FAMILIES = {
@@ -65,6 +70,9 @@ FAMILIES = {
     "granitemoe": Family(dict(**MUP, num_experts_per_tok=1), "topk_softmax", "none", sharded=True),
     "granitemoeshared": Family(dict(**MUP, num_local_experts=6, shared_expert_intermediate_size=56),
                                "topk_softmax", "none"),
+    "gpt_oss": Family(dict(num_hidden_layers=3, sliding_window=5, sliding_layers=(0, 2), qkv_bias=True, o_bias=True,
+                           num_local_experts=6, swiglu_limit=1.5, normalization="none", **GPT_OSS_YARN),
+                      "topk_softmax", "none", ops={"Clip": 0, "Sigmoid": 0}, activation="swiglu_clamped"),
 }
 STEPS = 32  # greedy decode steps after the prefill (the issue's bar)
 
@@ -171,7 +179,8 @@ def expected_linears(cfg: MoEConfig) -> int:
     return 6 * cfg.num_hidden_layers + moe * (1 + shared) + 3 * len(cfg.dense_layers) + 1
 
 
-def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, normalization: str) -> None:
+def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, normalization: str,
+                       activation: str = "swiglu") -> None:
     """One MoE and one TopKRouting node per MoE layer with the family's routing, their function
     bodies attached, no per-expert MatMul left."""
     moe_layers = len(registry.for_config(cfg).moe_layers(cfg))
@@ -187,7 +196,11 @@ def assert_fused_graph(proto: onnx.ModelProto, cfg: MoEConfig, order: str, norma
                                     "plugin_version": ops.ROUTING_PLUGIN_VERSION.encode()}
     for node in moes:
         assert {n: attributes(node)[n] for n in ("num_experts", "k", "activation")} == \
-            {"num_experts": e, "k": k, "activation": b"swiglu"}
+            {"num_experts": e, "k": k, "activation": activation.encode()}
+        extended = activation != "swiglu" or cfg.expert_bias
+        version = ops.BIAS_PLUGIN_VERSION if extended else ops.PLUGIN_VERSION
+        assert attributes(node)["plugin_version"] == version.encode()
+        assert len(node.input) == len(ops.MOE_INPUTS) + (len(ops.BIAS_INPUTS) if extended else 0)
     assert linears(proto) == expected_linears(cfg)
     assert not [t.name for t in proto.graph.initializer if ".experts." in t.name and t.name.endswith(".weight")]
 
@@ -201,7 +214,7 @@ def test_export_fuses_one_moe_node_per_moe_layer(family_export: Callable[[str], 
     assert ex.cfg.model_type == family and {k: getattr(ex.cfg, k) for k in asked} == asked
     assert (ex.cfg.routing_order, ex.cfg.normalization) == (fam.order, fam.normalization)
     fused = onnx.load(str(ex.out / artifact.MODEL_FILE))
-    assert_fused_graph(fused, ex.cfg, fam.order, fam.normalization)
+    assert_fused_graph(fused, ex.cfg, fam.order, fam.normalization, fam.activation)
     unfused = onnx.load(str(ex.unfused / artifact.MODEL_FILE), load_external_data=False)
     moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
     assert linears(unfused) - linears(fused) == 3 * ex.cfg.num_local_experts * moe_layers  # every expert's
@@ -308,6 +321,28 @@ def test_fp16_export(tmp_path: Path) -> None:
     np.testing.assert_allclose(ours.logits[0][valid], theirs.logits[0][valid], atol=5e-2, rtol=5e-2)
 
 
+def test_gpt_oss_fp16_export(tmp_path: Path) -> None:
+    """GPT-OSS in fp16: the exporter writes the clamps as Min / Max of Cast constants (fp32: Clip); fused
+    the same way (version-3 MoE nodes, no clamp left outside them) and within fp16 tolerance of
+    transformers, teacher-forced."""
+    family = "gpt_oss"
+    cfg = replace(family_config(family), num_hidden_layers=2, sliding_layers=(0,), num_local_experts=4)
+    src = write_tiny(tmp_path / "src", cfg, seed=4)
+    out = cli_export(src, tmp_path / "out", "--dtype", "fp16")
+    proto = onnx.load(str(out / artifact.MODEL_FILE))
+    cfg = load_config(src)[0]
+    assert_fused_graph(proto, cfg, FAMILIES[family].order, FAMILIES[family].normalization, "swiglu_clamped")
+    assert not [n.op_type for n in proto.graph.node if n.op_type in ("Min", "Max", "Clip", "Sigmoid")]
+    ids, mask = parity.left_padded_prompt(cfg.vocab_size, seed=2)
+    theirs = parity.greedy(parity.HfStepper(hf_model(src, family)), ids, mask, 4)
+    ours = parity.greedy(parity.OrtStepper(parity.plain_session(out / artifact.MODEL_FILE)), ids, mask, 4,
+                         forced=theirs.tokens)
+    for a, b in zip(ours.logits[1:], theirs.logits[1:], strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-2, rtol=5e-2)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours.logits[0][valid], theirs.logits[0][valid], atol=5e-2, rtol=5e-2)
+
+
 def test_bf16_export(tmp_path: Path) -> None:
     """bf16 (ONNX Runtime's CPU provider has no bf16 kernels): fused the same way, and each MoE
     node's stacked experts are exactly transformers' expert weights rounded to bf16."""
@@ -334,3 +369,51 @@ def test_bf16_export(tmp_path: Path) -> None:
 def _bf16_in_out(weight: torch.Tensor) -> np.ndarray:
     """A Linear's weight [out, in] rounded to bf16, as fp32 [in, out] (the MoE op's layout)."""
     return weight.to(torch.bfloat16).float().T.numpy()
+
+
+# ---- GPT-OSS: what its export adds (version-3 MoE nodes) ----------------------------------------------
+
+def test_gpt_oss_builds_with_version_3_moe_plugins(family_export: Callable[[str], Exported], tmp_path: Path) -> None:
+    """`mixport build` (TensorRT-RTX, CPU): every TopKRouting and biased / clamped MoE node is a plugin layer,
+    the MoE ones of plugin version 3 with the node's alpha and limit."""
+    require_module("tensorrt_rtx_bindings")
+    ex = family_export("gpt_oss")
+    folder = shutil.copytree(ex.out, tmp_path / "out")
+    result = invoke("build", folder)
+    assert result.exit_code == 0, result.output
+    layers = artifact.Manifest.read(folder).engine.plugin_layers
+    moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
+    assert sorted(layer["plugin"] for layer in layers) == ["mixport::MoE"] * moe_layers + \
+        ["mixport::TopKRouting"] * moe_layers
+    moes = mixport_nodes(onnx.load(str(folder / artifact.MODEL_FILE), load_external_data=False), ops.MOE)
+    for node in moes:
+        assert (attributes(node)["alpha"], attributes(node)["limit"]) == \
+            pytest.approx((ex.cfg.swiglu_alpha, ex.cfg.swiglu_limit))
+
+
+def test_gpt_oss_fusion_refuses_experts_whose_clamps_disagree(family_export: Callable[[str], Exported],
+                                                               tmp_path: Path) -> None:
+    """The clamped SwiGLU is matched exactly: one expert whose up clamp differs from its gate clamp
+    leaves that layer unfused, with the reason (and the export's required pass would fail)."""
+    from mixport.onnx_io import WeightFiles
+    from mixport.passes import fuse_moe_experts
+    from mixport.passes import graph_utils as gu
+
+    ex = family_export("gpt_oss")
+    proto = onnx.load(str(ex.unfused / artifact.MODEL_FILE), load_external_data=False)
+    gu.tensorize_constants(proto)
+    graph = gu.import_graph(proto, WeightFiles(ex.unfused))  # read in place; nothing is written
+    clips = [n for n in graph.nodes if n.op == "Clip" and n.inputs[1].name]  # up's: both bounds
+    low = clips[0].inputs[1]  # -limit of the first layer's first expert, as the exporter wrote it
+    clips[0].inputs[1] = gs_constant(low.name + "_changed", -2.0 * ex.cfg.swiglu_limit)
+    reasons: list[str] = []
+    fused = fuse_moe_experts.apply(graph, reasons, WeightFiles(ex.unfused, tmp_path / "fused.data"))
+    moe_layers = len(registry.for_config(ex.cfg).moe_layers(ex.cfg))
+    assert fused == moe_layers - 1
+    assert any("clamped SwiGLU" in r for r in reasons), reasons
+
+
+def gs_constant(name: str, value: float):  # -> onnx_graphsurgeon.Constant
+    import onnx_graphsurgeon as gs
+
+    return gs.Constant(name, np.array(value, dtype=np.float32))

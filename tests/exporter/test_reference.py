@@ -106,6 +106,16 @@ CASES = {  # model_type -> {case: changes to the tiny config}
             **_H72, "head_dim": 18, "num_key_value_heads": 1, "num_local_experts": 12, "normalization": "none",
             "scoring": "sparsemixer", "sparsemixer_eps": 0.01, "norm_type": "layer", "sliding_window": 4},
     },
+    "gpt_oss": {  # sinks, biased router and experts, the clamped SwiGLU at a limit the values cross
+        "sinks-bias-sliding3-yarn-e6": {
+            **_H72, "head_dim": 18, "num_local_experts": 6, "normalization": "none", "routing_order": "topk_softmax",
+            "qkv_bias": True, "o_bias": True, "num_hidden_layers": 3, "sliding_window": 3, "sliding_layers": (0, 2),
+            "swiglu_limit": 1.0, "rope_type": "yarn", "rope_factor": 32.0, "rope_original_max": 4096,
+            "rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_truncate": False},
+        "no-attention-bias-full-kv1-top1": {
+            **_H72, "head_dim": 18, "num_key_value_heads": 1, "num_local_experts": 4, "num_experts_per_tok": 1,
+            "normalization": "none", "routing_order": "topk_softmax", "swiglu_alpha": 2.5, "swiglu_limit": 0.5},
+    },
     "deepseek_v2": {  # MLA with a plain q_proj, V2's interleaved RoPE, YaRN; grouped softmax routing x 1.5
         "yarn-groups-dense0": {
             **_MLA, "rope_layout": "pairs", "normalization": "none", "n_group": 4, "topk_group": 2,

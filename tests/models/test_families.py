@@ -47,7 +47,9 @@ MINIMAL: dict[str, dict[str, Any]] = {  # model_type -> the keys mixport require
     "granitemoeshared": {**SIZES, "intermediate_size": 40, "num_local_experts": 10},
     "phimoe": {**SIZES, "intermediate_size": 40, "num_local_experts": 10, "num_attention_heads": 8,
                "hidden_size": 80, "num_experts_per_tok": 2},  # sparsemixer: top-2 only
-}  # heads: Mixtral's, Qwen2's and Qwen3's configs default to 8, 16 and 4 kv heads when the key is absent
+    "gpt_oss": {**SIZES, "intermediate_size": 40, "num_local_experts": 10, "num_attention_heads": 16},
+}  # heads: Mixtral's, Qwen2's, Qwen3's and GPT-OSS's configs default to 8, 16, 4 and 8 kv heads when the key is
+#   absent (GPT-OSS: head_dim 64, alternating sliding / full layers with window 128, YaRN rope)
 # every family's switch, as another family's config.json names it (values far from the defaults)
 FOREIGN = {"qkv_bias": True, "attention_bias": True, "clip_qkv": 0.25, "qk_norm": "head", "q_norm": True,
            "attention_multiplier": 0.05, "embedding_multiplier": 12.0, "residual_multiplier": 0.3,
@@ -84,6 +86,14 @@ SWITCHES: dict[str, list[dict[str, Any]]] = {  # model_type -> config.json varia
                 "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0],
                                  "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 16,
                                  "short_mscale": 1.1, "long_mscale": 1.3}}],
+    "gpt_oss": [
+        {"sliding_window": 3, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+         "attention_bias": False, "swiglu_limit": 5.0, "num_key_value_heads": 2, "head_dim": 24,
+         "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                          "original_max_position_embeddings": 1024, "truncate": True}},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "num_experts": 12, "num_local_experts": DROP,
+         "layer_types": ["full_attention"] * 3, "sliding_window": None, "num_key_value_heads": 16},
+    ],
 }
 
 
@@ -96,7 +106,7 @@ def _raw(model_type: str, **changes: Any) -> dict[str, Any]:
 
 def _hf_window(model_type: str, hc: Any, layer: int) -> int | None:
     """The window transformers' attention mask applies to ``layer`` (its modeling files, sdpa/eager)."""
-    if model_type == "qwen2_moe":  # create_sliding_window_causal_mask on layer_types' sliding layers
+    if model_type in ("qwen2_moe", "gpt_oss"):  # create_sliding_window_causal_mask on layer_types' sliding layers
         return hc.sliding_window if hc.layer_types[layer] == "sliding_attention" else None
     if model_type in ("qwen3_moe", "mixtral", "phimoe"):  # every layer, when config.sliding_window is set
         return hc.sliding_window
@@ -199,7 +209,9 @@ def test_minimal_configs_take_transformers_defaults() -> None:
                              "embedding_multiplier": "embedding_multiplier", "logits_scaling": "logits_scaling",
                              "residual_multiplier": "residual_multiplier"},
               "granitemoeshared": {"shared_expert_intermediate_size": "shared_intermediate_size",
-                                   "attention_scale": "attention_multiplier"}}
+                                   "attention_scale": "attention_multiplier"},
+              "gpt_oss": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "sliding_window": "sliding_window",
+                          "swiglu_alpha": "swiglu_alpha", "swiglu_limit": "swiglu_limit"}}
     norm = {"qwen2_moe": "norm_topk_prob", "qwen3_moe": "norm_topk_prob", "olmoe": "norm_topk_prob"}
     for model_type in MINIMAL:
         adapter = registry.get(model_type)
@@ -257,6 +269,7 @@ def test_every_field_is_read_by_some_family() -> None:
     derived = {"normalization", "sliding_layers", "dense_layers", "routing_order", "qk_norm", "shared_expert_gate",
                *rope.FIELD_NAMES, "scoring", "norm_type",  # PhiMoE's sparsemixer and LayerNorm: the family's
                "n_group", "topk_group", "group_score", "routed_scaling_factor", "selection_bias",  # DeepSeek
+               "attention_sinks", "router_bias", "expert_bias", "expert_activation",  # GPT-OSS's: by family
                "q_lora_rank", "rope_layout"}  # DeepSeek: from a nullable q_lora_rank, rope_interleave
     assert read | derived == set(field_names())  # derived: from norm_topk_prob, layer_types, ... or the family
 
@@ -316,6 +329,12 @@ REFUSED = [  # (model_type, changes, fragments of the one line)
                                  "original_max_position_embeddings": 16, "long_mscale": 1.2}},
      ["'rope_scaling.short_mscale' is missing"]),
     ("phimoe", {"router_jitter_noise": 2.0}, ["'router_jitter_noise'", "given: 2"]),
+    ("gpt_oss", {"layer_types": ["full_attention"]}, ["'layer_types'", "3 entries"]),
+    ("gpt_oss", {"sliding_window": None}, ["sliding_attention", "'sliding_window' is null"]),
+    ("gpt_oss", {"swiglu_limit": 0}, ["'swiglu_limit'", "given: 0"]),
+    ("gpt_oss", {"swiglu_alpha": "fast"}, ["'swiglu_alpha'"]),
+    ("gpt_oss", {"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "truncate": 0}}, ["'rope_scaling.truncate'"]),
+    ("gpt_oss", {"num_attention_heads": 4}, ["'num_key_value_heads' exceeds", "8 > 4"]),  # GptOssConfig's 8
 ]
 
 
@@ -360,3 +379,30 @@ def test_export_of_an_unsupported_variant_is_one_line_and_leaves_nothing(qwen2_d
     out.parent.mkdir()
     one_line_error(invoke("export", src, "-o", out), fragment)
     assert list(out.parent.iterdir()) == []
+
+
+def test_the_released_gpt_oss_config_reads_as_transformers_builds_it() -> None:
+    """gpt-oss-20b's config.json (hub keys, its MXFP4 quantization_config and YaRN rope_scaling): the
+    alternating windows, the biases, sinks and clamped SwiGLU, and the rope transformers computes."""
+    raw = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002,
+           "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+           "initial_context_length": 4096, "intermediate_size": 2880, "model_type": "gpt_oss",
+           "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+           "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+           "num_local_experts": 32, "pad_token_id": 199999, "rms_norm_eps": 1e-05, "rope_theta": 150000,
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
+           "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "rope_type": "yarn",
+                            "original_max_position_embeddings": 4096, "truncate": False},
+           "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False, "vocab_size": 201088}
+    adapter = registry.find(raw)
+    cfg = adapter.config_from_hf(raw)
+    assert cfg.sliding_layers == tuple(range(0, 24, 2)) and cfg.sliding_window == 128
+    assert (cfg.attention_sinks, cfg.router_bias, cfg.expert_bias, cfg.qkv_bias, cfg.o_bias) == (True,) * 5
+    assert (cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit) == ("swiglu_clamped", 1.702, 7.0)
+    assert (cfg.routing_order, cfg.normalization, cfg.rope_type, cfg.rope_truncate) == \
+        ("topk_softmax", "none", "yarn", False)
+    hc, model = _transformers_model(adapter, raw)
+    with torch.device("cpu"):
+        hf_rope = type(model.model.rotary_emb)(hc)
+    assert torch.allclose(hf_rope.inv_freq, torch.from_numpy(rope.inv_freq(cfg)), rtol=1e-6, atol=0)
+    assert hf_rope.attention_scaling == pytest.approx(rope.attention_factor(cfg))

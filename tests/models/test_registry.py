@@ -12,7 +12,7 @@ import torch
 from mixport.errors import ConfigError
 from mixport.exporter.loader import build_model, expected_shapes
 from mixport.models import registry
-from mixport.models.adapter import Adapter
+from mixport.models.adapter import Adapter, take
 from tests.conftest import tiny_config
 
 ADAPTERS = [pytest.param(a, id=a.model_type) for a in registry.ADAPTERS]
@@ -115,7 +115,7 @@ def test_transformers_names_map_onto_the_reference(adapter: Adapter) -> None:
     state = {}
     for hf_name, tensor in hf.state_dict().items():
         for name, shape, index in adapter.checkpoint_names(hf_name, tuple(tensor.shape)):
-            part = tensor[index] if index else tensor
+            part = take(tensor, index)
             assert tuple(part.shape) == shape, name
             assert name not in state, f"{name} twice"
             state[name] = part.contiguous()

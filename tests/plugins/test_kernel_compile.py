@@ -18,7 +18,7 @@ from tests.helpers import require_module
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"topk_routing_kernel", "moe_align_kernel", "gate_up_kernel", "down_kernel",
-           "reduce_kernel", "qgate_up_kernel", "qdown_kernel"}
+           "reduce_kernel", "qgate_up_kernel", "qdown_kernel", "biased_gate_up_kernel", "biased_down_kernel"}
 C_SYMBOLS = {"mixport_topk_routing", "mixport_topk_routing_ordered", "mixport_moe_align_sizes", "mixport_moe_align",
              "mixport_module_load", "mixport_module_unload", "mixport_launch"}
 
@@ -49,6 +49,9 @@ def test_compile_all_writes_ptx_for_sm80_and_sm90(compiled: tuple[Path, list[Pat
                  for e in entries if e["kernel"].startswith("q")}
     assert len(quantized) == 2 * 2 * 3 * 3 * 2  # 2 kernels, 2 archs, 3 dtypes, int8/int4/int4-zp, 2 BLOCK_M
     assert {q[5] for q in quantized} == {32}  # the default quantization block
+    clamped = {(e["arch"], e["dtype"], e["constexprs"]["CLAMPED"], e["constexprs"]["BLOCK_M"])
+               for e in entries if e["kernel"] == "biased_gate_up_kernel"}
+    assert len(clamped) == 2 * 3 * 2 * 2  # clamped and plain SwiGLU, every arch, dtype and BLOCK_M
     for e in entries:
         ptx = (out / e["files"]["ptx"]).read_text()
         target = re.search(r"^\.target (sm_\d+)", ptx, re.M)

@@ -80,7 +80,7 @@ def test_register_is_idempotent(trt: ModuleType) -> None:
 
     assert register_plugins(trt) == register_plugins(trt) == [
         "mixport::TopKRouting@3", "mixport::TopKRouting@2", "mixport::TopKRouting@1", "mixport::MoE@1",
-        "mixport::MoE@2"]
+        "mixport::MoE@2", "mixport::MoE@3"]
     assert plugins_registered(trt)
     assert ROUTING_PLUGIN_VERSION == "3" and ROUTING_PLUGIN_VERSIONS == ("1", "2", "3")
     for version in ROUTING_PLUGIN_VERSIONS:  # every version a file may carry has its creator
@@ -303,3 +303,54 @@ def test_version_3_routing_fields_and_bias_input(trt: ModuleType) -> None:
     io = descs(trt, "HALF", "FLOAT", "HALF", "INT64")  # logits fp16, bias fp32, weights, ids
     assert all(plugin.supports_format_combination(p, io, 2) for p in range(4))
     assert not plugin.supports_format_combination(2, descs(trt, "HALF", "FLOAT", "FLOAT"), 2)
+
+
+# -- MoE version 3: expert biases + the clamped SwiGLU (GPT-OSS) ------------------------------------
+
+MOE_FIELDS_V3 = {**MOE_FIELDS, "activation": "swiglu_clamped", "alpha": 1.702, "limit": 7.0}
+
+
+def float_field(trt: ModuleType, name: str, value: float) -> Any:
+    return trt.PluginField(name, np.array([value], np.float32), trt.PluginFieldType.FLOAT32)
+
+
+def test_biased_moe_fields_formats_and_shapes(trt: ModuleType) -> None:
+    """Version 3: alpha / limit as FLOAT32 fields (round trip), seven inputs of hidden's type (ids
+    INT64), bias shapes checked; a quantized version-3 node (9+ inputs) finds no format."""
+    fields = [field(trt, k, v) for k, v in MOE_FIELDS.items() if k != "activation"]
+    fields += [field(trt, "activation", "swiglu_clamped"), float_field(trt, "alpha", 1.5),
+               float_field(trt, "limit", 2.5)]
+    moe = creator(trt, MOE, "3").create_plugin("node", trt.PluginFieldCollection(fields), trt.TensorRTPhase.BUILD)
+    assert moe.values == {**MOE_FIELDS_V3, "alpha": 1.5, "limit": 2.5} and moe.plugin_version == "3"
+    again = creator(trt, MOE, "3").create_plugin("node", moe.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
+    assert again.values == moe.values
+    for float_type in ("FLOAT", "HALF"):
+        io = descs(trt, float_type, float_type, "INT64", float_type, float_type, float_type, float_type, float_type)
+        assert all(moe.supports_format_combination(p, io, 7) for p in range(8))
+    wrong = descs(trt, "HALF", "HALF", "INT64", "HALF", "HALF", "FLOAT", "HALF", "HALF")
+    assert not moe.supports_format_combination(5, wrong, 7)
+    assert not moe.supports_format_combination(0, quant_descs(trt, "HALF", False), 7 + 2)
+    e, h, f = 8, 80, 45
+    shapes = [(-1, h), (-1, 2), (-1, 2), (e, h, 2 * f), (e, f, h), (e, 2 * f), (e, h)]
+    inputs = descs(trt, *["HALF"] * 7)
+    inputs[2] = descs(trt, "INT64")[0]
+    for desc, shape in zip(inputs, shapes, strict=True):
+        desc.desc.dims = trt.Dims(list(shape))
+    moe.configure_plugin(inputs, descs(trt, "HALF"))
+    inputs[6].desc.dims = trt.Dims([e, h + 1])
+    with pytest.raises(PluginError, match="down_bias hidden"):
+        moe.configure_plugin(inputs, descs(trt, "HALF"))
+
+
+def test_quantized_biased_moe_is_refused_at_build_with_one_line() -> None:
+    from onnx import helper
+
+    from mixport.engine.network import check_plugin_version
+    from mixport.errors import BuildError
+
+    node = helper.make_node(MOE, [f"i{n}" for n in range(9)], ["out"], name="moe", domain="mixport", bits=4,
+                            block_size=32, plugin_version="3")
+    with pytest.raises(BuildError, match="quantized experts with biases") as info:
+        check_plugin_version(node)
+    assert "\n" not in str(info.value) and "--no-plugins" in str(info.value)
+    check_plugin_version(helper.make_node(MOE, [f"i{n}" for n in range(7)], ["out"], plugin_version="3"))

@@ -4,7 +4,8 @@ One tiny export per family (session-scoped, unfused, written by transformers' ow
 the family's features at odd sizes: q/k/v and o biases, q/k RMSNorm per head and over the
 projection, clipping, an explicit head_dim, the softmax scale, YaRN rope (Qwen3-MoE), sliding windows shorter than the
 prompts (on some layers or all), dense MLP layers, gated and ungated shared experts, both routing
-orders with and without renormalization, muP scalars, tied embeddings, top-k 1..4. Mixtral's export
+orders with and without renormalization, muP scalars, tied embeddings, top-k 1..4, GPT-OSS's attention
+sinks (GroupQueryAttention's head_sink), biased router and experts, clamped SwiGLU. Mixtral's export
 (tests/runtime/conftest.py) runs through the same parity test.
 """
 
@@ -47,6 +48,11 @@ FAMILIES = {  # model_type -> changes to the tiny config (each family's features
     "granitemoeshared": dict(num_experts_per_tok=1, shared_expert_intermediate_size=48, attention_scale=0.2,
                              embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0,
                              routing_order="topk_softmax", normalization="none"),
+    "gpt_oss": dict(num_hidden_layers=3, sliding_window=4, sliding_layers=(0, 2), qkv_bias=True, o_bias=True,
+                    num_local_experts=6, swiglu_limit=1.5, routing_order="topk_softmax", normalization="none",
+                    attention_sinks=True, router_bias=True, expert_bias=True, expert_activation="swiglu_clamped",
+                    rope_type="yarn", rope_factor=32.0, rope_original_max=4096, rope_beta_fast=32.0,
+                    rope_beta_slow=1.0, rope_truncate=False),
 }
 # A feature the graph builds without weights of its own, set back to its neutral value: the graph
 # still builds, and its logits must move away from model.onnx's (each feature is exercised).
@@ -57,6 +63,7 @@ NEUTRAL = {
     "granitemoe": {"attention_scale": None, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                    "logits_scaling": 1.0, "routing_order": "softmax_topk"},
     "granitemoeshared": {"residual_multiplier": 1.0, "routing_order": "softmax_topk"},
+    "gpt_oss": {"sliding_window": None, "expert_activation": "swiglu", "swiglu_limit": 7.0},
 }
 # A feature with weights of its own, turned off: its weights would go unused (or others missing).
 WEIGHTED = {
@@ -66,6 +73,7 @@ WEIGHTED = {
     "olmoe": {"qk_norm": "none", "o_bias": False},
     "granitemoe": {"qkv_bias": False},
     "granitemoeshared": {"shared_expert_intermediate_size": 0},
+    "gpt_oss": {"attention_sinks": False, "router_bias": False, "expert_bias": False},
 }
 PROMPTS = ([5, 17, 42, 7, 99, 3, 250, 11, 64, 8], [300, 2, 77, 19, 140, 6])  # longer than the windows
 DECODE_STEPS = 6
@@ -137,7 +145,7 @@ def test_fast_graph_equals_portable_over_prefill_and_decode(family: Path) -> Non
     assert len({int(t) for t in np.concatenate(tokens)}) > 1  # the decode steps did not stall on one token
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoeshared"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoeshared", "gpt_oss"])
 def test_fused_and_unfused_exports_build_the_same_fast_graph(exports: Callable[..., Path], model_type: str) -> None:
     """The fused export's stacked experts (one mixport::MoE per sparse layer; shared experts and
     dense layers stay MatMuls) are read back as the same weights: identical logits."""

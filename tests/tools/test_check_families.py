@@ -2,8 +2,9 @@
 the other tests'): every other registered family written by transformers' own class and exported
 once per session — a Qwen3-MoE with a dense layer, a GraniteMoeShared (top-k of the logits, then
 softmax; a shared MLP; muP scalars), a Qwen2-MoE (gated shared expert, q/k/v bias, a dense first
-layer), an OLMoE (q/k norm over the projection, clip, top-1), a Granite-MoE and a PhiMoE (sparsemixer,
-LayerNorm, biases; the portable graph, with the reason).
+layer), an OLMoE (q/k norm over the projection, clip, top-1), a Granite-MoE, a PhiMoE (sparsemixer,
+LayerNorm, biases; the portable graph, with the reason) and a GPT-OSS (sinks, a sliding window, biased
+router and experts, clamped SwiGLU).
 
 Routing agreement is reported for the layers with a router only, labelled by decoder layer; the
 PyTorch side is transformers' class or mixport's reference (hooked at the adapter's router
@@ -48,8 +49,14 @@ GRANITE_PLAIN = replace(TINY, model_type="granitemoe", num_local_experts=4, rout
 PHIMOE = replace(TINY, model_type="phimoe", num_local_experts=5, num_experts_per_tok=2, scoring="sparsemixer",
                  sparsemixer_eps=0.05, normalization="none", norm_type="layer", qkv_bias=True, o_bias=True,
                  lm_head_bias=True)
+# GPT-OSS: attention sinks, a window of 4 on layer 0 (shorter than the prompt), biased router and experts,
+# the clamped SwiGLU at a limit the tiny model's values cross
+GPT_OSS = replace(TINY, model_type="gpt_oss", num_local_experts=4, qkv_bias=True, o_bias=True, sliding_window=4,
+                  sliding_layers=(0,), routing_order="topk_softmax", normalization="none", attention_sinks=True,
+                  router_bias=True, expert_bias=True, expert_activation="swiglu_clamped", swiglu_limit=1.5,
+                  bos_token_id=None, eos_token_id=None)
 CONFIGS = {"qwen3_moe": QWEN3, "granitemoeshared": GRANITE, "qwen2_moe": QWEN2, "olmoe": OLMOE,
-           "granitemoe": GRANITE_PLAIN, "phimoe": PHIMOE}
+           "granitemoe": GRANITE_PLAIN, "phimoe": PHIMOE, "gpt_oss": GPT_OSS}
 
 
 @pytest.fixture(scope="session")

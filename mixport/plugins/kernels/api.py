@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mixport.errors import KernelInputError
-from mixport.ops import NORMALIZATIONS, ORDERS
+from mixport.ops import ACTIVATIONS, NORMALIZATIONS, ORDERS, SWIGLU_ALPHA, SWIGLU_LIMIT
 from mixport.plugins.kernels._runtime import cdiv, interpret_mode, require
 from mixport.plugins.kernels.configs import REDUCE_BLOCK_H, choose_block_m, gemm_config
 from mixport.plugins.kernels.workspace import Slice, carve, scratch_bytes, scratch_layout
@@ -191,6 +191,38 @@ def fused_moe(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, dow
                                  t * k, h, f, TOP_K=k, **opts)
         gg.down_kernel.launch((grid_m, cdiv(h, opts["BLOCK_N"])), inter, down, flat_w, partial, *index,
                               t * k, h, f, **opts)
+
+    return run_moe(hidden, weights, ids, (e, f, k), gemms,
+                   lambda bm, interpret: gemm_config(bm, _dtype_name(hidden), interpret=interpret),
+                   block_m=block_m, workspace=workspace, out=out)
+
+
+def fused_moe_biased(hidden: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor,
+                     gate_up_bias: Tensor, down_bias: Tensor, activation: str = "swiglu_clamped",
+                     alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT, *, block_m: int | None = None,
+                     workspace: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """The MoE contract's version "3" (ops.py, GPT-OSS): ``fused_moe`` with the expert biases
+    gate_up_bias [E, 2F] (gate first) and down_bias [E, H] added after their projections, and
+    ``activation`` "swiglu_clamped" ((clamp(u, -limit, limit) + 1) * c * sigmoid(alpha * c),
+    c = min(g, limit)) or "swiglu". Same workspace, determinism and ``out`` as ``fused_moe``."""
+    from mixport.plugins.kernels import biased_gemm as bg
+
+    t, h, f, e, k = _check_moe(hidden, weights, ids, gate_up, down)
+    _check(activation in ACTIVATIONS, "unknown activation", activation, ACTIVATIONS)
+    _check_shape(gate_up_bias, "gate_up_bias", (e, 2 * f))
+    _check_shape(down_bias, "down_bias", (e, h))
+    _check({gate_up_bias.device, down_bias.device} == {hidden.device}, "the biases are on the wrong device",
+           {str(gate_up_bias.device), str(down_bias.device)}, str(hidden.device))
+    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
+    gate_up_bias, down_bias = gate_up_bias.contiguous(), down_bias.contiguous()
+
+    def gemms(grid_m: int, index: tuple[Tensor, ...], inter: Tensor, partial: Tensor, flat_w: Tensor,
+              opts: dict[str, Any]) -> None:
+        bg.biased_gate_up_kernel.launch((grid_m, cdiv(f, opts["BLOCK_N"])), hidden, gate_up, gate_up_bias, inter,
+                                        *index, t * k, h, f, float(alpha), float(limit), TOP_K=k,
+                                        CLAMPED=activation == "swiglu_clamped", **opts)
+        bg.biased_down_kernel.launch((grid_m, cdiv(h, opts["BLOCK_N"])), inter, down, down_bias, flat_w, partial,
+                                     *index, t * k, h, f, **opts)
 
     return run_moe(hidden, weights, ids, (e, f, k), gemms,
                    lambda bm, interpret: gemm_config(bm, _dtype_name(hidden), interpret=interpret),

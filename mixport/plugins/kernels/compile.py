@@ -42,6 +42,8 @@ GRIDS = {
     "reduce_kernel": ["T", "cdiv(H, BLOCK_H)", "1"],
     "qgate_up_kernel": [MAX_BLOCKS, "cdiv(F, BLOCK_N)", "1"],
     "qdown_kernel": [MAX_BLOCKS, "cdiv(H, BLOCK_N)", "1"],
+    "biased_gate_up_kernel": [MAX_BLOCKS, "cdiv(F, BLOCK_N)", "1"],
+    "biased_down_kernel": [MAX_BLOCKS, "cdiv(H, BLOCK_N)", "1"],
 }
 QUANT_SCHEMES = {"int8": (8, False), "int4": (4, False), "int4-zp": (4, True)}  # name -> (BITS, HAS_ZERO)
 TRAILING_PARAMS = [{"name": "global_scratch", "type": "*i8", "value": "null"},
@@ -103,6 +105,25 @@ def _gemms(dt: str, k: int, block_m: int) -> Iterator[Variant]:
                    "partial_ptr": "*fp32", **index}, common, **launch)
 
 
+def _biased_gemms(dt: str, k: int, block_m: int) -> Iterator[Variant]:
+    """MoE plugin_version 3's GEMMs (expert biases; the clamped SwiGLU or plain, constexpr CLAMPED)."""
+    from mixport.plugins.kernels import biased_gemm as bg
+
+    ty, cfg = TRITON_TYPES[dt], gemm_config(block_m, dt)
+    common = {"UPCAST": False, "PRECISION": "ieee" if dt == "float32" else "tf32", **cfg.constexprs()}
+    index = {"sorted_ptr": "*i32", "expert_ids_ptr": "*i32", "num_post_ptr": "*i32",
+             "P": "i32", "H": "i32", "F": "i32"}
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "divisible": ("H", "F")}
+    for clamped in (True, False):
+        yield Variant(bg.biased_gate_up_kernel, f"{dt}_k{k}_bm{block_m}_{'clamped' if clamped else 'silu'}", dt,
+                      {"hidden_ptr": f"*{ty}", "gate_up_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "inter_ptr": f"*{ty}",
+                       **index, "alpha": "fp32", "limit": "fp32"},
+                      {"TOP_K": k, "CLAMPED": clamped, **common}, **launch)
+    yield Variant(bg.biased_down_kernel, f"{dt}_bm{block_m}", dt,
+                  {"inter_ptr": f"*{ty}", "down_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "weights_ptr": f"*{ty}",
+                   "partial_ptr": "*fp32", **index}, common, **launch)
+
+
 def _quant_gemms(dt: str, k: int, block_m: int, scheme: str, block_size: int) -> Iterator[Variant]:
     """The quantized experts' GEMMs: weights int8 or packed int4 bytes (``qlayout``), scales in ``dt``."""
     from mixport.plugins.kernels import quant_gemm as qg
@@ -136,6 +157,7 @@ def variants(num_experts: int = 8, top_k: int = 2,
         out += _routing(dt, num_experts, top_k)
         for block_m in BLOCK_MS:
             out += _gemms(dt, top_k, block_m)
+            out += _biased_gemms(dt, top_k, block_m)
             for scheme in QUANT_SCHEMES:
                 for block_size in block_sizes:
                     out += _quant_gemms(dt, top_k, block_m, scheme, block_size)
@@ -207,6 +229,9 @@ PIPELINE = {
     "quantized": "qgate_up_kernel and qdown_kernel replace gate_up_kernel and down_kernel for MoE "
                  "plugin_version 2 (weights in the qlayout kernel layout; zero_ptr: any pointer "
                  "without zero points)",
+    "biased": "biased_gate_up_kernel (CLAMPED: GPT-OSS's clamped SwiGLU) and biased_down_kernel replace "
+              "gate_up_kernel and down_kernel for MoE plugin_version 3 (gate_up_bias [E, 2F], down_bias [E, H]; "
+              "alpha, limit fp32)",
     "workspace": {
         "sorted_token_ids": "int32[T*k + E*(BLOCK_M-1)]",
         "expert_ids": "int32[cdiv(T*k + E*(BLOCK_M-1), BLOCK_M)]",

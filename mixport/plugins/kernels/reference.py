@@ -89,25 +89,42 @@ def _sparsemixer(x: F64, eps: float) -> tuple[F64, I64]:
     return np.concatenate([w1, w2], axis=1), np.concatenate([id1, id2], axis=1)
 
 
-def reference_expert(x: F64, gate_up: F64, down: F64) -> F64:
-    """SwiGLU FFN of one expert: (silu(x @ gate) * (x @ up)) @ down, float64."""
+def reference_expert(x: F64, gate_up: F64, down: F64, gate_up_bias: F64 | None = None,
+                     down_bias: F64 | None = None, activation: str = "swiglu", alpha: float = 1.702,
+                     limit: float = 7.0) -> F64:
+    """SwiGLU FFN of one expert: (silu(x @ gate) * (x @ up)) @ down, float64; with the biases
+    added after each projection, and ``swiglu_clamped``: (clip(up, -limit, limit) + 1) * c *
+    sigmoid(alpha * c), c = min(gate, limit) (ops.py, plugin_version "3")."""
     f = gate_up.shape[1] // 2
-    h = x @ gate_up                                      # [n, 2F]
+    h = x @ gate_up + (0.0 if gate_up_bias is None else gate_up_bias)  # [n, 2F]
     gate, up = h[:, :f], h[:, f:]
-    return (gate / (1.0 + np.exp(-gate)) * up) @ down    # [n, H]
+    if activation == "swiglu_clamped":
+        c = np.minimum(gate, limit)
+        act = (np.clip(up, -limit, limit) + 1.0) * c / (1.0 + np.exp(-alpha * c))
+    elif activation == "swiglu":
+        act = gate / (1.0 + np.exp(-gate)) * up
+    else:
+        raise ValueError(f"activation must be 'swiglu' or 'swiglu_clamped', got {activation!r}")
+    return act @ down + (0.0 if down_bias is None else down_bias)  # [n, H]
 
 
-def reference_moe(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any) -> F64:
-    """out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t]), float64 [T, H]."""
+def reference_moe(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any, gate_up_bias: Any = None,
+                  down_bias: Any = None, activation: str = "swiglu", alpha: float = 1.702,
+                  limit: float = 7.0) -> F64:
+    """out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(hidden[t]), float64 [T, H]; biases [E, 2F] / [E, H]."""
     x, w = as_f64(hidden), as_f64(weights)               # [T, H], [T, k]
     wu, wd = as_f64(gate_up), as_f64(down)               # [E, H, 2F], [E, F, H]
+    bu = None if gate_up_bias is None else as_f64(gate_up_bias)
+    bd = None if down_bias is None else as_f64(down_bias)
     idx = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64)
     out = np.zeros_like(x)
     for e in np.unique(idx):
         if not 0 <= e < wu.shape[0]:
             continue
         tok, slot = np.nonzero(idx == e)
-        np.add.at(out, tok, w[tok, slot, None] * reference_expert(x[tok], wu[e], wd[e]))
+        y = reference_expert(x[tok], wu[e], wd[e], None if bu is None else bu[e], None if bd is None else bd[e],
+                             activation, alpha, limit)
+        np.add.at(out, tok, w[tok, slot, None] * y)
     return out
 
 
@@ -126,7 +143,7 @@ def as_array(x: Any) -> np.ndarray:
 
 def reference_moe_quantized(hidden: Any, weights: Any, ids: Any, gate_up: Any, down: Any,
                             gate_up_scale: Any, down_scale: Any, gate_up_zero: Any = None,
-                            down_zero: Any = None, *, block_size: int) -> F64:
+                            down_zero: Any = None, *, block_size: int, **extension: Any) -> F64:
     """The quantized ``MoE`` contract (``ops.py``, plugin_version "2"), float64 [T, H].
 
     gate_up [E, H, 2F] / down [E, F, H] hold the quantized values one per element (int8, or
@@ -134,7 +151,8 @@ def reference_moe_quantized(hidden: Any, weights: Any, ids: Any, gate_up: Any, d
     the float type, zero points (uint4 weights only) shaped like the scales. Each expert's
     weights are ONNX's blocked DequantizeLinear along the input axis (``quant.dequantize``:
     fp32 arithmetic, rounded to the scale's type), then ``reference_moe`` runs on them: by
-    construction equal to the float reference on the dequantized weights.
+    construction equal to the float reference on the dequantized weights. ``extension``: a
+    version-"3" node's gate_up_bias, down_bias, activation, alpha, limit (``reference_moe``).
     """
     from mixport.quant import dequantize
 
@@ -143,7 +161,7 @@ def reference_moe_quantized(hidden: Any, weights: Any, ids: Any, gate_up: Any, d
         return dequantize(as_array(q), as_array(scale), z, axis=1, block_size=block_size)
 
     return reference_moe(hidden, weights, ids, weight(gate_up, gate_up_scale, gate_up_zero),
-                         weight(down, down_scale, down_zero))
+                         weight(down, down_scale, down_zero), **extension)
 
 
 def reference_align(ids: Any, num_experts: int, block_m: int) -> tuple[I64, I64, int]:

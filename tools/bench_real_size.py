@@ -21,6 +21,9 @@ One run, one report:
 5. build (not with --skip-build), per --build-formats: `mixport build OUT` (TensorRT-RTX builds without a
    GPU): time, peak memory, engine size, plugin layers.
 
+--family gpt_oss | deepseek_v2: the same steps on GPT-OSS-20B's or DeepSeek-V2-Lite's real layers (the
+released config.json at N layers, the hub's tensors: GPT-OSS experts in MXFP4; tools/real_size_families.py).
+
 Each step runs in a child process in a memory cgroup of its own (tools/real_size_measure.py says what is
 measured, and what is used where no cgroup can be made); a step killed at its limit is an "OOM" row.
 An export is deleted after its steps unless --keep. Disk per step: what it left (out) and the
@@ -30,8 +33,9 @@ limit (a measurement), 1 when one failed otherwise.
 Usage: PYTHONPATH=. python tools/bench_real_size.py [--layers 2] [--seed 0] [--work DIR | --checkpoint DIR]
        [--formats fp16,int8,int4] [--graphs auto,portable] [--export-limit 2G] [--retry-limit none]
        [--no-retry] [--run-limit none]
-       [--build-limit none] [--build-formats fp16] [--skip-build] [--keep] [--threads N] [--new-tokens 8]
+       [--build-limit none] [--build-formats fp16] [--skip-build] [--skip-run] [--keep] [--threads N] [--new-tokens 8]
        [--bench-tokens 16] [--timeout 3600] [--lock FILE] [--json FILE] [--tiny]
+       [--family mixtral|gpt_oss|deepseek_v2]
 Needs, at 2 layers: ~6.3 GB checkpoint + ~3x the largest export while it is written (fp16: ~19 GB);
 fp32 (not in the default formats) is 12.6 GB of weights.
 """
@@ -53,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the benchmark's modules
 
 import real_size_ckpt as ckpt  # noqa: E402
+import real_size_families as families  # noqa: E402
 from real_size_measure import Measured, run_child  # noqa: E402
 from real_size_table import GB, Row, format_report, run_numbers  # noqa: E402
 
@@ -105,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--build-limit", type=size, default=None, help="Memory limit of each engine build.")
     ap.add_argument("--build-formats", type=names(FORMATS), default=["fp16"])
     ap.add_argument("--skip-build", action="store_true", help="No TensorRT engine build.")
+    ap.add_argument("--skip-run", action="store_true", help="Export only: no fast graph, runs or build.")
     ap.add_argument("--keep", action="store_true", help="Keep the exports (and a temporary --work) afterwards.")
     ap.add_argument("--threads", type=int, default=None, help="Session threads (default: mixport run's).")
     ap.add_argument("--new-tokens", type=int, default=8)
@@ -113,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lock", type=Path, default=None, help="Hold an flock on FILE during each step (shared machines).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows and the header to FILE.")
     ap.add_argument("--tiny", action="store_true", help="Tiny dimensions: the script's logic in seconds.")
+    ap.add_argument("--family", choices=("mixtral", *families.FAMILIES), default="mixtral",
+                    help="Whose real layers: Mixtral-8x7B (default), GPT-OSS-20B or DeepSeek-V2-Lite.")
     args = ap.parse_args(argv)
     if args.layers < 1 or args.new_tokens < 1 or args.bench_tokens < 2:
         ap.error("--layers and --new-tokens must be >= 1, --bench-tokens >= 2")
@@ -174,7 +182,7 @@ def du(path: Path) -> int:
 def checkpoint(b: Bench) -> Path | None:
     """The checkpoint every format is exported from: --checkpoint, one reused from --work, or written."""
     args = b.args
-    dims = ckpt.TINY_DIMS if args.tiny else ckpt.DIMS
+    dims = family_dims(args)
     if args.checkpoint is not None:
         cfg = json.loads((args.checkpoint / "config.json").read_text())
         wrong = {k: cfg.get(k) for k, v in dims.items() if cfg.get(k) != v}
@@ -183,14 +191,15 @@ def checkpoint(b: Bench) -> Path | None:
         args.layers = cfg["num_hidden_layers"]
         b.add(Row("checkpoint", "ckpt", status="given", out_bytes=du(args.checkpoint), notes=str(args.checkpoint)))
         return args.checkpoint
-    folder = b.work / ckpt.folder_name(args.layers, args.seed, args.tiny)
-    if ckpt.is_complete(folder, args.layers, args.seed, args.tiny):
+    folder = b.work / ckpt.folder_name(args.layers, args.seed, args.tiny, args.family)
+    if ckpt.is_complete(folder, args.layers, args.seed, args.tiny, args.family):
         b.add(Row("checkpoint", "ckpt", status="reused", out_bytes=du(folder), notes=str(folder)))
         return folder
     if folder.exists():
         raise SystemExit(f"{folder} exists but is not a complete checkpoint of {args.layers} layers, seed "
                          f"{args.seed}: remove it")
-    m = b.step("ckpt", {"folder": str(folder), "layers": args.layers, "seed": args.seed, "tiny": args.tiny},
+    m = b.step("ckpt", {"folder": str(folder), "layers": args.layers, "seed": args.seed, "tiny": args.tiny,
+                        "family": args.family},
                "checkpoint", None)
     ok = m.status == "ok"
     b.add(Row("checkpoint", "ckpt", m=m, out_bytes=du(folder) if ok else None,
@@ -268,7 +277,7 @@ def build(b: Bench, fmt: str, out: Path) -> None:
 
 def one_format(b: Bench, src: Path, fmt: str) -> None:
     out = b.work / f"export-{fmt}-{src.name}"
-    if export(b, src, fmt, out):
+    if export(b, src, fmt, out) and not b.args.skip_run:
         if "auto" in b.args.graphs:
             fast_graph(b, fmt, out)
         runs(b, fmt, out)
@@ -280,15 +289,27 @@ def one_format(b: Bench, src: Path, fmt: str) -> None:
         shutil.rmtree(left, ignore_errors=True)
 
 
+def family_dims(args: argparse.Namespace) -> dict[str, Any]:
+    if args.family != "mixtral":
+        return families.dims(args.family, args.tiny)
+    return ckpt.TINY_DIMS if args.tiny else ckpt.DIMS
+
+
 def header(b: Bench, src: Path | None, free0: int) -> list[str]:
-    args, dims = b.args, ckpt.TINY_DIMS if b.args.tiny else ckpt.DIMS
+    args, dims = b.args, family_dims(b.args)
     measures = sorted({r.m.measure for r in b.rows if r.m})
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     mem = next((ln.split()[1] for ln in meminfo if ln.startswith("MemTotal")), "0")
-    return [f"mixport real size{' [--tiny]' if args.tiny else ''}: Mixtral-8x7B-shaped, {args.layers} layer(s) "
-            f"(hidden {dims['hidden_size']}, intermediate {dims['intermediate_size']}, {dims['num_attention_heads']}/"
-            f"{dims['num_key_value_heads']} heads x {dims['head_dim']}, {dims['num_local_experts']} experts top-"
-            f"{dims['num_experts_per_tok']}, vocab {dims['vocab_size']}), bf16 checkpoint {src}",
+    if args.family == "mixtral":
+        shape = (f"Mixtral-8x7B-shaped, {args.layers} layer(s) (hidden {dims['hidden_size']}, intermediate "
+                 f"{dims['intermediate_size']}, {dims['num_attention_heads']}/{dims['num_key_value_heads']} heads x "
+                 f"{dims['head_dim']}, {dims['num_local_experts']} experts top-{dims['num_experts_per_tok']}, vocab "
+                 f"{dims['vocab_size']}), bf16 checkpoint")
+    else:
+        name = {"gpt_oss": "GPT-OSS-20B", "deepseek_v2": "DeepSeek-V2-Lite"}[args.family]
+        shape = (f"{name}-shaped, {args.layers} layer(s) ({', '.join(f'{k} {v}' for k, v in dims.items())}), "
+                 f"checkpoint")
+    return [f"mixport real size{' [--tiny]' if args.tiny else ''}: {shape} {src}",
             f"machine: {os.cpu_count()} CPUs, {int(mem) / (1 << 20):.1f} GB RAM, load avg {os.getloadavg()[0]:.1f}, "
             f"{free0 / GB:.1f} GB free in {b.work} at the start; threads {args.threads or 'default'}",
             f"memory measure: {'; '.join(measures) or '-'}; export limit {limit_words(args.export_limit)}"]

@@ -41,7 +41,7 @@ def ckpt(spec: dict[str, Any]) -> dict[str, Any]:
 
     t = time.perf_counter()
     got = real_size_ckpt.write(Path(spec["folder"]), spec["layers"], spec["seed"], spec.get("tiny", False),
-                               progress=lambda msg: print(msg, flush=True))
+                               progress=lambda msg: print(msg, flush=True), family=spec.get("family", "mixtral"))
     return {**got, "seconds": time.perf_counter() - t}
 
 

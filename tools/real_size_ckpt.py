@@ -26,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import real_size_families as families
+
 MARKER = "real_size_ckpt.json"
 VERSION = 1
 DIMS: dict[str, Any] = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
@@ -44,18 +46,22 @@ def config(layers: int, tiny: bool = False):  # -> MoEConfig
     return replace(MINI_MIXTRAL, num_hidden_layers=layers, **(TINY_DIMS if tiny else DIMS))
 
 
-def folder_name(layers: int, seed: int, tiny: bool = False) -> str:
-    return f"ckpt{'-tiny' if tiny else ''}-L{layers}-s{seed}"
+def folder_name(layers: int, seed: int, tiny: bool = False, family: str = "mixtral") -> str:
+    fam = "" if family == "mixtral" else f"-{family}"
+    return f"ckpt{fam}{'-tiny' if tiny else ''}-L{layers}-s{seed}"
 
 
-def marker(layers: int, seed: int, tiny: bool = False) -> dict[str, Any]:
+def marker(layers: int, seed: int, tiny: bool = False, family: str = "mixtral") -> dict[str, Any]:
+    if family != "mixtral":  # tools/real_size_families.py: its config.json is the marker's dimensions
+        return {"version": VERSION, "family": family, "layers": layers, "seed": seed,
+                "config": families.hf_config(family, layers, tiny)}
     return {"version": VERSION, "layers": layers, "seed": seed, "dims": TINY_DIMS if tiny else DIMS}
 
 
-def is_complete(folder: Path, layers: int, seed: int, tiny: bool = False) -> bool:
+def is_complete(folder: Path, layers: int, seed: int, tiny: bool = False, family: str = "mixtral") -> bool:
     """FOLDER holds this module's checkpoint for these layers / seed / dimensions."""
     try:
-        return json.loads((folder / MARKER).read_text()) == marker(layers, seed, tiny)
+        return json.loads((folder / MARKER).read_text()) == marker(layers, seed, tiny, family)
     except (OSError, ValueError):
         return False
 
@@ -96,23 +102,29 @@ def plan(cfg: Any) -> tuple[list[list[tuple[str, str, tuple[int, ...]]]], set[st
     return [groups[k] for k in sorted(groups)], routers
 
 
-def write_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], routers: set[str], seed: int,
+def write_shard(path: Path, tensors: list[tuple[Any, ...]], routers: set[str], seed: int,
                 tables: dict[tuple[float, float], Any]) -> int:
-    """One bf16 safetensors file, each tensor drawn a chunk at a time into it; its tensors' bytes."""
+    """One safetensors file, each tensor drawn a chunk at a time into it; its tensors' bytes. A tensor is
+    (name, hub name, shape[, dtype]): BF16 (the default) or U8, MXFP4 blocks (random FP4 codes) or
+    scales (one exponent: ``families.scale_exponent``)."""
     import numpy as np
 
     header: dict[str, Any] = {}
     offset = 0
-    for _, hub, shape in tensors:
-        size = math.prod(shape) * 2
-        header[hub] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+    for _, hub, shape, *dtype in tensors:
+        size = math.prod(shape) * (1 if dtype == ["U8"] else 2)
+        header[hub] = {"dtype": dtype[0] if dtype else "BF16", "shape": list(shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, _, shape in tensors:
+        for name, _, shape, *dtype in tensors:
+            if dtype == ["U8"]:
+                write_u8(f, name, shape, seed)
+                continue
             key = law(name, shape, routers)
             table = tables.get(key)
             if table is None:
@@ -126,39 +138,60 @@ def write_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], rou
     return offset
 
 
-def write_side_files(out: Path, cfg: Any) -> None:
-    """config.json (bf16, as the hub's), tokenizer.json / tokenizer_config.json, generation_config.json."""
+def write_u8(f: Any, name: str, shape: tuple[int, ...], seed: int) -> None:
+    """MXFP4 scales (one exponent) or blocks (uniform random bytes: two FP4 codes each), a chunk at a time."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    left = math.prod(shape)
+    while left:
+        n = min(left, CHUNK)
+        if name.endswith("_scales"):
+            f.write(np.full(n, families.scale_exponent(shape), dtype=np.uint8).data)
+        else:
+            f.write(rng.integers(0, 256, n, dtype=np.uint8).data)
+        left -= n
+
+
+def write_side_files(out: Path, cfg: Any, hf: dict[str, Any] | None = None) -> None:
+    """config.json (bf16, as the hub's; HF: that one), tokenizer.json / tokenizer_config.json,
+    generation_config.json."""
     from mixport.exporter import tiny
     from mixport.models import registry
 
-    hf = {**registry.for_config(cfg).to_hf_dict(cfg), "torch_dtype": "bfloat16"}
+    if hf is None:
+        hf = {**registry.for_config(cfg).to_hf_dict(cfg), "torch_dtype": "bfloat16"}
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     tiny.build_tokenizer(512).save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "add_bos_token": True}, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}))
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id} if cfg is not None else
+        {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}))
 
 
-def write(folder: Path, layers: int, seed: int, tiny: bool = False, progress: Any = print) -> dict[str, Any]:
-    """Write the checkpoint into FOLDER (through ``.FOLDER.tmp``, renamed at the end); {shards, bytes}."""
-    cfg = config(layers, tiny)
+def write(folder: Path, layers: int, seed: int, tiny: bool = False, progress: Any = print,
+          family: str = "mixtral") -> dict[str, Any]:
+    """Write the checkpoint into FOLDER (through ``.FOLDER.tmp``, renamed at the end); {shards, bytes}.
+    FAMILY gpt_oss / deepseek_v2: tools/real_size_families.py's layers instead of Mixtral's."""
+    hf = None if family == "mixtral" else families.hf_config(family, layers, tiny)
+    cfg = config(layers, tiny) if hf is None else None
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftovers (this module's name)
     tmp.mkdir(parents=True)
-    shards, routers = plan(cfg)
+    shards, routers = plan(cfg) if hf is None else families.plan(hf)
     index: dict[str, str] = {}
     tables: dict[tuple[float, float], Any] = {}
     total = 0
     for i, tensors in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         total += write_shard(tmp / fname, tensors, routers, seed, tables)
-        index.update({hub: fname for _, hub, _ in tensors})
+        index.update({t[1]: fname for t in tensors})
         progress(f"wrote {fname}")
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-    write_side_files(tmp, cfg)
-    (tmp / MARKER).write_text(json.dumps(marker(layers, seed, tiny)))
+    write_side_files(tmp, cfg, hf)
+    (tmp / MARKER).write_text(json.dumps(marker(layers, seed, tiny, family)))
     tmp.rename(folder)
     return {"shards": len(shards), "bytes": total}

@@ -12,6 +12,7 @@ experts one tensor per expert (``mlp.experts.{e}.gate_proj.weight``), as the hub
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import Any
@@ -55,8 +56,8 @@ FP4_RMS = math.sqrt(sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8)  # uni
 
 def hf_config(family: str, layers: int, tiny: bool = False) -> dict[str, Any]:
     """The config.json: the released one at LAYERS layers (GPT-OSS: sliding first, then alternating)."""
-    raw = {**FAMILIES[family], **(TINY[family] if tiny else {}), "num_hidden_layers": layers,
-           "torch_dtype": "bfloat16"}
+    raw = copy.deepcopy({**FAMILIES[family], **(TINY[family] if tiny else {}), "num_hidden_layers": layers,
+                         "torch_dtype": "bfloat16"})
     if family == "gpt_oss":
         raw["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     return raw
@@ -76,7 +77,7 @@ def hub_tensors(raw: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "quantization_config"})
+    hf = AutoConfig.for_model(**copy.deepcopy({k: v for k, v in raw.items() if k != "quantization_config"}))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     out: list[tuple[str, tuple[int, ...], str]] = []

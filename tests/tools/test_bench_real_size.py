@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import real_size_ckpt as ckpt  # noqa: E402
+import real_size_families as families  # noqa: E402
 from bench_real_size import size  # noqa: E402
 from real_size_measure import run_child  # noqa: E402
 
@@ -170,3 +171,41 @@ def test_real_size_one_layer_smoke(tmp_path: Path) -> None:
     assert run["held_mb"] > run["weights_mb"] * 1.3 and run["net_per_weight"] > run["net_per_held"], run
     assert 0.5 < run["net_per_held"] <= 1.15, run  # resident, not merely mapped; no second copy
     assert not list(work.glob("export-*")) and not list(work.glob(".export-*"))  # deleted after their steps
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v2"])
+def test_tiny_family_end_to_end(family: str, tmp_path: Path) -> None:
+    """--tiny --family: the family's hub layout (GPT-OSS: MXFP4 expert blocks / scales, bf16 biases and
+    sinks; DeepSeek-V2-Lite: a dense first layer, per-expert tensors, MLA) written, read back by mixport's
+    config reader as that family, exported under the 2 GiB limit and run (export + run, seconds)."""
+    from safetensors import safe_open
+
+    from mixport.exporter.config import load_config
+
+    out = tmp_path / "r.json"
+    res, data = bench(["--tiny", "--family", family, "--layers", "2", "--formats", "fp16", "--graphs", "portable",
+                       "--skip-build", "--work", str(tmp_path), "--json", str(out)], 300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {r["step"]: r for r in data["rows"]}
+    assert list(rows) == ["checkpoint", "export fp16", "run fp16 portable"]
+    assert rows["export fp16"]["state"] == "ok" and rows["export fp16"]["m"]["limit_bytes"] == 2 << 30
+    check_run(rows["run fp16 portable"], 8)
+    folder = tmp_path / ckpt.folder_name(2, 0, tiny=True, family=family)
+    assert ckpt.is_complete(folder, 2, 0, tiny=True, family=family)  # a later run reuses it
+    assert json.loads((folder / "config.json").read_text()) == families.hf_config(family, 2, tiny=True)
+    cfg = load_config(folder)[0]
+    assert cfg.model_type == family and cfg.num_hidden_layers == 2
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    dtypes = {}
+    for name, shard in index.items():
+        with safe_open(str(folder / shard), framework="np") as fh:
+            dtypes[name] = str(fh.get_slice(name).get_dtype())
+    if family == "gpt_oss":
+        blocks = "model.layers.1.mlp.experts.down_proj_blocks"
+        assert dtypes[blocks] == "U8" and dtypes[blocks.replace("_blocks", "_scales")] == "U8"
+        assert dtypes["model.layers.1.mlp.experts.down_proj_bias"] == "BF16"
+        assert "model.layers.1.mlp.experts.down_proj" not in index and cfg.sliding_layers == (0,)
+    else:
+        assert "model.layers.0.mlp.gate_proj.weight" in index and "model.layers.0.mlp.gate.weight" not in index
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in index and cfg.kv_lora_rank == 32
+    assert "U8" in dtypes.values() if family == "gpt_oss" else set(dtypes.values()) == {"BF16"}

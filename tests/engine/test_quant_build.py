@@ -114,6 +114,8 @@ def test_moe_versions_are_checked() -> None:
     for node in (helper.make_node("MoE", [*inputs, "gs", "ds"], ["o"], domain="mixport", name="moe", bits=4,
                                   block_size=32, plugin_version="1"),
                  helper.make_node("MoE", inputs, ["o"], domain="mixport", name="moe", plugin_version="2"),
-                 helper.make_node("MoE", inputs, ["o"], domain="mixport", name="moe", plugin_version="3")):
+                 helper.make_node("MoE", inputs, ["o"], domain="mixport", name="moe", plugin_version="4"),
+                 helper.make_node("MoE", [*inputs, "gs", "ds", "gb", "db"], ["o"], domain="mixport", name="moe",
+                                  bits=4, block_size=32, plugin_version="3")):  # quantized + biases: no plugin
         with pytest.raises(BuildError, match="plugin_version"):
             check_plugin_version(node)

@@ -20,10 +20,11 @@ SIZE_LIMIT = 16 << 20
 def _keep(node: gs.Node) -> bool:
     """Never evaluate mixport nodes; keep Transpose(weight) so weights keep their checkpoint
     names and single copy (runtimes fold that transpose at load, the fast ORT graph reads by name);
-    likewise a per-layer vector parameter reshaped for broadcasting (GPT-OSS's attention sinks)."""
+    likewise a per-layer vector parameter reshaped for broadcasting or cast to fp32 (GPT-OSS's attention
+    sinks, which an fp16 export upcasts: folded, the sinks would lose their name)."""
     if node.domain == ops.DOMAIN:
         return True
-    if node.op in ("Reshape", "Unsqueeze") and isinstance(node.inputs[0], gs.Constant) \
+    if node.op in ("Reshape", "Unsqueeze", "Cast") and isinstance(node.inputs[0], gs.Constant) \
             and node.inputs[0].name.startswith("layers.") and len(node.inputs[0].shape) == 1:
         return True
     weight = node.inputs[0] if node.op == "Transpose" else None

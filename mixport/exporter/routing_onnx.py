@@ -23,7 +23,9 @@ def register_schema() -> None:
     except defs.SchemaError:
         pass
     A = defs.OpSchema.AttrType
-    attrs = [defs.OpSchema.Attribute(name, kind, "") for name, kind in [
+    # only what version 1 wrote is required: older files (no order, no version-3 fields) stay valid
+    required = {"k", "num_experts", "normalization"}
+    attrs = [defs.OpSchema.Attribute(name, kind, "", required=name in required) for name, kind in [
         ("k", A.INT), ("num_experts", A.INT), ("normalization", A.STRING), ("order", A.STRING),
         ("scoring_func", A.STRING), ("n_group", A.INT), ("topk_group", A.INT), ("group_score", A.STRING),
         ("routed_scaling_factor", A.FLOAT), ("sparsemixer_eps", A.FLOAT),

@@ -203,3 +203,4 @@ def test_ort_lowering_of_quantized_biased_experts() -> None:
     (got,) = _run(lowered, {"hidden": x})
     (body,) = _run(model, {"hidden": x})
     np.testing.assert_allclose(got, body, atol=1e-4, rtol=1e-4)
+

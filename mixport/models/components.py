@@ -109,9 +109,13 @@ class Attention(nn.Module):
         groups = self.cfg.kv_groups
         kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)  # [B, Q, P+S, D]
         scores = (q @ kk.transpose(2, 3)).float() * self.cfg.scale + bias  # [B, Q, S, P+S] fp32
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        probs = self.probabilities(scores).to(q.dtype)
         out = (probs @ vv).transpose(1, 2).reshape(b, s, -1)  # [B, S, Q*D]
         return self.o_proj(out), k, v
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """fp32 attention scores [B, Q, S, P+S] -> the weights of the values (a softmax)."""
+        return torch.softmax(scores, dim=-1)
 
 
 class GatedMLP(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from mixport.models.components import Attention, DecoderLayer, Experts, Layout, Router, repeat_kv, rotary
+from mixport.models.components import Attention, DecoderLayer, Experts, Layout, Router
 from mixport.models.config import MoEConfig
 
 
@@ -24,19 +24,11 @@ class SinkAttention(Attention):
         super().__init__(cfg)
         self.sinks = nn.Parameter(torch.zeros(cfg.num_attention_heads))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        b, s, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self._heads(x))  # [B, Q, S, D], [B, G, S, D] x2
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, G, P+S, D]
-        groups = self.cfg.kv_groups
-        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)  # [B, Q, P+S, D]
-        scores = (q @ kk.transpose(2, 3)).float() * self.cfg.scale + bias  # [B, Q, S, P+S] fp32
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """The softmax over the scores [B, Q, S, P+S] and each head's sink, the sink's column dropped."""
+        b, _, s, _ = scores.shape
         sink = self.sinks.float().reshape(1, -1, 1, 1).expand(b, -1, s, 1)  # [B, Q, S, 1]
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].to(q.dtype)
-        out = (probs @ vv).transpose(1, 2).reshape(b, s, -1)  # [B, S, Q*D]
-        return self.o_proj(out), k, v
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mixport"
 
 # Lowest first: a module may import its own stage and the stages before it, never one after.
-STAGES = ("core", "models", "passes", "exporter", "plugins", "engine", "runtime", "tools", "cli")
+STAGES = ("core", "models", "passes", "exporter", "plugins", "engine", "runtime", "tools", "serve", "cli")
 CORE = ("__init__", "errors", "ops", "quant", "artifact", "onnx_io", "progress", "staging", "typed_json",
         "config_fields", "folder_check")
 

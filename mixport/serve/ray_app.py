@@ -1,0 +1,251 @@
+"""``mixport serve OUT --ray``: the same FastAPI app as a Ray Serve deployment.
+
+Each replica builds the app itself (``build_app`` in ``__serve_build_asgi_app__``, Ray Serve
+2.60's late-bound ingress): it loads the pipeline and runs its own continuous-batching scheduler;
+Ray Serve's HTTP proxy and router spread requests over the replicas. A fixed count
+(``--replicas N``) or Ray Serve's autoscaler (``--autoscale MIN:MAX``, scaling on ongoing requests
+per replica with a target of one full batch).
+
+* Local Ray by default (``ray.init`` with the CPUs the replicas need, no dashboard), an existing
+  cluster with ``--address HEAD:6379``: there OUT must be readable at the same path on every node
+  that runs a replica, and mixport installed there.
+* A replica gets one GPU (``num_gpus=1``) when the export has a TensorRT engine and the cluster has
+  GPUs (``load`` then picks TensorRT inside it when the engine fits that GPU), CPUs otherwise.
+* A replica that dies is replaced by Ray Serve's controller; requests in flight on it fail (the
+  proxy answers 500, or cuts a stream that had started), never hang; later ones go to live replicas.
+* SIGTERM / Ctrl-C: the app is deleted (replicas drain for up to ``--drain-timeout``), Serve and
+  the local Ray instance are shut down, exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixport.errors import MixportError
+
+APP_NAME = "mixport"
+HEALTH_PERIOD_S = 2.0
+HEALTH_TIMEOUT_S = 30.0
+
+
+class RayServeError(MixportError):
+    """Ray Serve cannot be started, reached or given the deployment."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how many: ``replicas`` or ``autoscale`` (min, max), never both; ``address``:
+    an existing cluster (None: a local Ray instance, stopped on exit)."""
+
+    replicas: int | None = None
+    autoscale: tuple[int, int] | None = None
+    address: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def most(self) -> int:
+        return self.autoscale[1] if self.autoscale else self.replicas or 1
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` -> (min, max), 0 <= MIN <= MAX, MAX >= 1."""
+    parts = text.split(":")
+    try:
+        low, high = (int(p) for p in parts)
+    except ValueError:
+        low = high = -1
+    if len(parts) != 2 or low < 0 or high < max(low, 1):
+        raise RayServeError("bad --autoscale", given=text, expected="MIN:MAX with 0 <= MIN <= MAX and MAX >= 1",
+                            hint="e.g. --autoscale 1:4")
+    return low, high
+
+
+def check_combination(ray: bool, replicas: int | None, autoscale: str | None, address: str | None) -> None:
+    """The ``--ray`` flags that do not go together (one-line errors)."""
+    if not ray and (replicas is not None or autoscale is not None or address is not None):
+        given = " ".join(f for f, v in (("--replicas", replicas), ("--autoscale", autoscale),
+                                        ("--address", address)) if v is not None)
+        raise RayServeError("replica options need --ray", given=given, expected="mixport serve OUT --ray ...")
+    if replicas is not None and autoscale is not None:
+        raise RayServeError("--replicas and --autoscale exclude each other",
+                            given=f"--replicas {replicas} --autoscale {autoscale}",
+                            expected="a fixed count (--replicas N) or a range (--autoscale MIN:MAX)")
+    if replicas is not None and replicas < 1:
+        raise RayServeError("bad --replicas", given=replicas, expected="an integer >= 1")
+
+
+def _replica_class() -> type:
+    """The deployment's class (Ray imported here, so ``mixport serve`` without --ray needs no Ray)."""
+    from ray import serve
+
+    @serve.ingress()
+    class MixportReplica:
+        """One replica: the app, its pipeline and its scheduler, built in the replica's process."""
+
+        def __init__(self, folder: str, options: Any) -> None:
+            self.folder, self.options = folder, options
+
+        def __serve_build_asgi_app__(self) -> Any:
+            from mixport.serve.app import build_app
+
+            return build_app(Path(self.folder), self.options)
+
+    return MixportReplica
+
+
+def replica_resources(folder: Path, cluster: dict[str, float], cpus: int) -> dict[str, float]:
+    """``ray_actor_options``: one GPU when the export has an engine and the cluster has GPUs."""
+    from mixport.artifact import Manifest
+
+    if Manifest.read(folder).engine is not None and cluster.get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": cpus}
+    return {"num_cpus": cpus}
+
+
+def deployment_options(options: Any, ray_options: RayOptions, actor: dict[str, float]) -> dict[str, Any]:
+    """Arguments of ``serve.deployment``: the replica count or autoscaler, resources, health
+    checks, and as many ongoing requests per replica as its batch and queue hold (the app answers
+    429 past that, as without Ray)."""
+    max_batch, max_queue = int(options.max_batch), int(options.max_queue)
+    found: dict[str, Any] = {
+        "name": "MixportReplica",
+        "ray_actor_options": actor,
+        "max_ongoing_requests": max_batch + max_queue,
+        "health_check_period_s": HEALTH_PERIOD_S,
+        "health_check_timeout_s": HEALTH_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": float(options.drain_timeout),
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "max_constructor_retry_count": 1,
+    }
+    if ray_options.autoscale:
+        low, high = ray_options.autoscale
+        found["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
+                                       "target_ongoing_requests": max_batch, "upscale_delay_s": 5.0,
+                                       "downscale_delay_s": 60.0}
+    else:
+        found["num_replicas"] = ray_options.replicas or 1
+    return found
+
+
+def _check_folder(folder: Path, options: Any) -> None:
+    """Fail here, in one line, rather than in every replica; build the fast graph once, before
+    the replicas race to."""
+    from mixport import artifact
+    from mixport.artifact import Manifest
+    from mixport.runtime import ort_graph
+
+    manifest = Manifest.read(folder)
+    artifact.validate_folder(folder, manifest)
+    graph = getattr(options, "graph", "auto")
+    if graph != "portable" and ort_graph.supported(manifest.config, manifest.dtype) is None:
+        ort_graph.ensure(folder, manifest, _say)
+
+
+def _say(msg: str) -> None:
+    print(f"mixport serve: {msg}", file=__import__("sys").stderr, flush=True)
+
+
+def _start_ray(ray_options: RayOptions, cpus_needed: int) -> None:
+    import ray
+
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "logging_level": logging.WARNING, "configure_logging": True}
+    try:
+        if ray_options.address:
+            ray.init(address=ray_options.address, **kwargs)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), object_store_memory=96 * 2**20, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = ray_options.address or "a local Ray instance"
+        raise RayServeError("cannot start or reach Ray", given=f"{where}: {str(exc).splitlines()[0]}",
+                            expected="a running Ray cluster at --address (ray start --head), or none for local",
+                            hint="check the address and that this machine runs the cluster's Ray version") from None
+
+
+def _cpus_per_replica(options: Any, ray_options: RayOptions) -> int:
+    threads = getattr(options, "threads", None)
+    if threads:
+        return int(threads)
+    if ray_options.address:
+        return 1
+    return max(1, (os.cpu_count() or 1) // ray_options.most())
+
+
+def deploy(folder: Path, options: Any, ray_options: RayOptions, after_init: Any = None) -> str:
+    """Start Ray (or connect), start Serve's proxy on host:port, run the app; its URL.
+    ``after_init()`` runs once Ray is up (``ray.init`` replaces the SIGTERM handler)."""
+    import ray
+    from ray import serve
+
+    folder = folder.resolve()
+    _check_folder(folder, options)
+    cpus = _cpus_per_replica(options, ray_options)
+    if hasattr(options, "threads") and dataclasses.is_dataclass(options):
+        options = dataclasses.replace(options, threads=cpus)
+    _start_ray(ray_options, cpus * ray_options.most())
+    if after_init:
+        after_init()
+    actor = replica_resources(folder, ray.cluster_resources(), cpus)
+    serve.start(http_options={"host": ray_options.host, "port": ray_options.port})
+    spec = serve.deployment(_replica_class(), **deployment_options(options, ray_options, actor))
+    try:
+        serve.run(spec.bind(str(folder), options), name=APP_NAME, route_prefix="/")
+    except Exception as exc:  # noqa: BLE001 - Ray raises its own types for a replica that fails to start
+        raise RayServeError("the Ray Serve deployment failed to start", given=str(exc).strip().splitlines()[-1],
+                            expected="replicas that load the export",
+                            hint="see the replica logs under the Ray session folder") from None
+    return f"http://{ray_options.host}:{ray_options.port}/v1"
+
+
+def shutdown() -> None:
+    """Delete the app (replicas drain), stop Serve (unless the cluster runs other applications)
+    and disconnect, which stops a local Ray instance."""
+    import ray
+    from ray import serve
+
+    try:
+        if serve.context._get_global_client(raise_if_no_controller_found=False) is not None:
+            others = [name for name in serve.status().applications if name != APP_NAME]
+            if others:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def serve_on_ray(folder: Path, options: Any, ray_options: RayOptions) -> int:
+    """Deploy, wait for SIGTERM / SIGINT, shut down; 0."""
+    import ray
+
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def install() -> None:
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
+
+    install()
+    try:
+        url = deploy(folder, options, ray_options, after_init=install)
+        count = "..".join(map(str, ray_options.autoscale)) if ray_options.autoscale else str(ray_options.replicas or 1)
+        _say(f"Ray Serve ready at {url} ({count} replicas); Ctrl-C or SIGTERM stops it")
+        while not stop.wait(0.5):
+            pass
+        _say("stopping: draining the replicas, shutting Serve down")
+        return 0
+    finally:
+        start = time.monotonic()
+        if ray.is_initialized():
+            shutdown()
+            _say(f"stopped in {time.monotonic() - start:.1f} s")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -514,21 +514,33 @@ def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampl
 @click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True,
               help="fast: ONNX Runtime CPU graph (batched rows); portable: model.onnx (one request at a time).")
 @click.option("--model-name", default=None, help="The model id in /v1/models and responses [default: OUT's name].")
+@click.option("--ray", "on_ray", is_flag=True, help="Serve through Ray Serve (replicas behind its router).")
+@click.option("--replicas", type=int, default=None, help="With --ray: a fixed number of replicas [default: 1].")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="With --ray: autoscale MIN..MAX replicas.")
+@click.option("--address", default=None, metavar="HEAD:6379", help="With --ray: a cluster [default: local Ray].")
 @friendly
 def serve(out_dir: Path, host: str, port: int, max_batch: int, max_queue: int, drain_timeout: float,
-          threads: int | None, graph: str, model_name: str | None) -> None:
+          threads: int | None, graph: str, model_name: str | None, on_ray: bool, replicas: int | None,
+          autoscale: str | None, address: str | None) -> None:
     """Serve an export folder over an OpenAI-compatible HTTP API (continuous batching, Prometheus /metrics).
 
     Example: mixport serve out --port 8000 --max-batch 8
+    (scale out: mixport serve out --ray --replicas 2 [--address HEAD:6379])
     """
     from mixport.serve import require_deps
 
     require_deps()
+    from mixport.serve import ray_app
     from mixport.serve.app import ServeOptions
     from mixport.serve.server import serve_folder
 
+    ray_app.check_combination(on_ray, replicas, autoscale, address)
     options = ServeOptions(max_batch=max_batch, max_queue=max_queue, threads=threads, graph=graph,
                            drain_timeout=drain_timeout, model_name=model_name)
+    if on_ray:
+        scale = ray_app.parse_autoscale(autoscale) if autoscale is not None else None
+        ray_app.serve_on_ray(out_dir, options, ray_app.RayOptions(replicas, scale, address, host, port))
+        return
     serve_folder(out_dir, options, host, port, progress=_progress)
 
 

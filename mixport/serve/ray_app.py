@@ -82,6 +82,15 @@ def check_combination(ray: bool, replicas: int | None, autoscale: str | None, ad
         raise RayServeError("bad --replicas", given=replicas, expected="an integer >= 1")
 
 
+def require_ray() -> None:
+    """Ray Serve is part of the ``serve`` extra: name it when missing."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        raise RayServeError("Ray Serve is not installed", given=str(exc), expected="ray[serve]",
+                            hint="pip install 'mixport[serve]'") from None
+
+
 def _replica_class() -> type:
     """The deployment's class (Ray imported here, so ``mixport serve`` without --ray needs no Ray)."""
     from ray import serve
@@ -231,8 +240,10 @@ def serve_on_ray(folder: Path, options: Any, ray_options: RayOptions) -> int:
 
     def install() -> None:
         for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
+            if previous[sig] is not signal.SIG_IGN:  # an ignored SIGINT (a background job) stays ignored
+                signal.signal(sig, lambda *_: stop.set())
 
+    require_ray()
     install()
     try:
         url = deploy(folder, options, ray_options, after_init=install)

@@ -168,6 +168,13 @@ class Pipeline:
                 if self._closed:  # close() was called while this stream was open: finish it now
                     self.session.close()
 
+    def scheduler(self, max_batch: int = 8, max_queue: int = 64, metrics: Any = None) -> Any:
+        """A continuous-batching Scheduler that owns this pipeline until its ``close()``
+        (``mixport.runtime.scheduler``): ``submit(Job(prompt_ids, ...))`` from any thread."""
+        from mixport.runtime.scheduler import Scheduler
+
+        return Scheduler(self, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+
     def close(self) -> None:
         """Release the session (after any generation in progress on another thread ends)."""
         self._closed = True

@@ -1,0 +1,194 @@
+"""Batch rows for continuous batching: each request owns one row of the KV cache, rows join
+(prefill) and leave (free) between decode steps without touching the others' cache.
+
+``FastRows`` (the fast ONNX Runtime graph, ``ort_fast``): one preallocated cache per layer,
+``[R, G, C, D]`` for R = max batch rows. GroupQueryAttention reads each row's own length
+(``seqlens_k``), so rows of any lengths share a step. Slot management:
+
+* the active rows always occupy the slots ``0..n-1``: a decode step binds the views
+  ``cache[:n]`` (contiguous, no copy) and computes n rows, never the empty ones;
+* newcomers take the slots ``n..n+k-1`` and are prefilled together in one step over the views
+  ``cache[n:n+k]`` (each row starts at length 0, so the stale contents of a slot are never read);
+* ``free(row)`` moves the last active slot's cache into the freed slot (``length`` tokens per
+  layer, a copy of one row's cache) so the active slots stay ``0..n-1``;
+* the capacity C grows by doubling (one copy of the whole cache) when a row would outgrow it.
+
+``SerialRows`` runs any other Session (the portable graph, TensorRT) one request at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from mixport.errors import RuntimeFailure
+from mixport.runtime.generate import last_logits
+from mixport.runtime.ort_session import run_failure
+from mixport.runtime.session import Session
+
+# R rows (max batch), n active rows, k newcomers, S prompt length (padded), C capacity, V vocab
+MIN_CAPACITY = 256
+
+
+class Rows(Protocol):
+    max_rows: int
+    batched: bool  # False: one request at a time
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[int], np.ndarray]:
+        """Admit prompts (at most max_rows - active): their row ids and last-token logits [k, V]."""
+        ...
+
+    def decode(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        """One token for every active row (row -> token) -> row -> logits [V]."""
+        ...
+
+    def free(self, row: int) -> None: ...
+
+
+class FastRows:
+    """Continuous batching over an OrtFastSession's graph (see the module docstring)."""
+
+    batched = True
+
+    def __init__(self, fast: Any, max_rows: int) -> None:
+        self.fast, self.max_rows = fast, max_rows
+        self.io = fast.sess.io_binding()
+        self.length = np.zeros(max_rows, dtype=np.int64)
+        self.slot: dict[int, int] = {}  # row id -> slot
+        self.row_at: list[int] = []  # slot -> row id, for the active slots 0..n-1
+        self.next_id = 0
+        self.capacity = 0
+        self.cache: list[np.ndarray] = []
+        self._grow(min(MIN_CAPACITY, fast.context))
+
+    @property
+    def active(self) -> int:
+        return len(self.row_at)
+
+    def _grow(self, capacity: int) -> None:
+        f = self.fast
+        shape = (self.max_rows, f.kv_heads, capacity, f.head_dim)
+        old, self.cache = self.cache, []
+        for j in range(2 * f.layers):
+            buf = np.zeros(shape, f.dtype)
+            if old:
+                buf[:, :, :self.capacity] = old[j]
+            self.cache.append(buf)
+        self.capacity = capacity
+
+    def _run(self, lo: int, ids: np.ndarray, new: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Feed ids [k, S] (right-padded, ``new`` real tokens per row) to the slots lo..lo+k-1."""
+        f, hi = self.fast, lo + ids.shape[0]
+        total = self.length[lo:hi] + new
+        if total.max() > self.capacity:
+            if total.max() > f.context:
+                raise RuntimeFailure("the sequence outgrew the model's context", given=int(total.max()),
+                                     expected=f"<= {f.context} tokens")
+            self._grow(min(max(2 * self.capacity, int(total.max())), f.context))
+        io, ort = self.io, f._ort
+        for i in range(f.layers):
+            for j, kv in enumerate(("key", "value")):  # past and present share the slots' view
+                view = ort.OrtValue.ortvalue_from_numpy(self.cache[2 * i + j][lo:hi])
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", view)
+                io.bind_ortvalue_output(f"present.{i}.{kv}", view)
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total.max(), dtype=np.int32))
+        io.bind_cpu_input("logits_index", index.astype(np.int64))
+        out = np.empty((index.shape[0], f.vocab), f.dtype)
+        io.bind_output("logits", "cpu", 0, f.dtype, list(out.shape), out.ctypes.data)
+        try:
+            f.sess.run_with_iobinding(io)
+        except Exception as exc:  # ORT raises RuntimeError / its own types
+            raise run_failure(exc) from None
+        self.length[lo:hi] = total
+        return out
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[int], np.ndarray]:
+        lo, k = self.active, len(prompts)
+        if lo + k > self.max_rows:
+            raise RuntimeFailure("no free batch row", given=f"{k} newcomers, {lo} active",
+                                 expected=f"at most {self.max_rows} rows")
+        new = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = np.zeros((k, int(new.max())), dtype=np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)] = p
+        self.length[lo:lo + k] = 0
+        logits = self._run(lo, ids, new, np.arange(k) * ids.shape[1] + new - 1)
+        rows = list(range(self.next_id, self.next_id + k))
+        self.next_id += k
+        for r, row in enumerate(rows):
+            self.slot[row] = lo + r
+            self.row_at.append(row)
+        return rows, logits
+
+    def decode(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        if set(tokens) != set(self.row_at):
+            raise RuntimeFailure("a decode step must feed every active row", given=sorted(tokens),
+                                 expected=sorted(self.row_at))
+        n = self.active
+        ids = np.array([[tokens[row]] for row in self.row_at], dtype=np.int64)
+        logits = self._run(0, ids, np.ones(n, dtype=np.int64), np.arange(n))
+        return {row: logits[s] for s, row in enumerate(self.row_at)}
+
+    def free(self, row: int) -> None:
+        slot, last = self.slot.pop(row), self.active - 1
+        moved = self.row_at.pop()
+        if slot != last:  # the last active slot moves into the hole
+            keep = int(self.length[last])
+            for buf in self.cache:
+                buf[slot, :, :keep] = buf[last, :, :keep]
+            self.length[slot] = keep
+            self.row_at[slot] = moved
+            self.slot[moved] = slot
+        self.length[last] = 0
+
+
+class SerialRows:
+    """Any Session, one request at a time (``batched`` False): its own KV cache is the one row."""
+
+    batched = False
+    max_rows = 1
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.row: int | None = None
+        self.next_id = 0
+        self.mask = self.pos = np.zeros((1, 0), dtype=np.int64)
+
+    @property
+    def active(self) -> int:
+        return 0 if self.row is None else 1
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[int], np.ndarray]:
+        if self.row is not None or len(prompts) != 1:
+            raise RuntimeFailure("this backend runs one request at a time", given=f"{len(prompts)} newcomers",
+                                 expected="one, when no request is running")
+        ids = np.array([prompts[0]], dtype=np.int64)
+        self.session.reset(1)
+        self.mask = np.ones_like(ids)
+        self.pos = np.arange(ids.shape[1], dtype=np.int64)[None]
+        logits = last_logits(self.session, ids, self.mask, self.pos)
+        self.row, self.next_id = self.next_id, self.next_id + 1
+        return [self.row], np.asarray(logits)
+
+    def decode(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        if self.row is None or set(tokens) != {self.row}:
+            raise RuntimeFailure("a decode step must feed every active row", given=sorted(tokens),
+                                 expected=[] if self.row is None else [self.row])
+        self.mask = np.concatenate([self.mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        self.pos = self.pos[:, -1:] + 1
+        logits = last_logits(self.session, np.array([[tokens[self.row]]], dtype=np.int64), self.mask, self.pos)
+        return {self.row: np.asarray(logits)[0]}
+
+    def free(self, row: int) -> None:
+        if row == self.row:
+            self.row = None
+
+
+def rows_for(session: Session, max_rows: int) -> FastRows | SerialRows:
+    """Continuous batching where the backend allows it (the fast ONNX Runtime graph), else serial."""
+    if getattr(session, "graph", None) == "fast" and getattr(session, "sess", None) is not None:
+        return FastRows(session, max_rows)
+    return SerialRows(session)

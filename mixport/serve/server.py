@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import signal
+import socket
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -38,13 +39,9 @@ def serve_folder(folder: Path, options: ServeOptions, host: str = "127.0.0.1", p
         progress(f"loading {folder}")
     app = build_app(folder, options)
     state: ServeState = app.state.mixport
-    if progress:
-        pipe = state.pipeline
-        progress(f"serving model {state.model!r} ({pipe.backend}, {pipe.graph} graph, max batch "
-                 f"{state.scheduler.max_batch}, queue {options.max_queue}) at http://{host}:{port}/v1")
     config = uvicorn.Config(app, host=host, port=port, log_config=log_config(), lifespan="on",
                             timeout_graceful_shutdown=int(options.drain_timeout + GRACE))
-    server = DrainingServer(config, state)
+    server = DrainingServer(config, state, progress)
     try:
         server.run()
     finally:
@@ -55,9 +52,18 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's Server whose exit signals start the scheduler's drain, and are not raised again
     after the shutdown (uvicorn re-raises them, which would end the process with 143)."""
 
-    def __init__(self, config: uvicorn.Config, state: ServeState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServeState,
+                 progress: Callable[[str], None] | None = None) -> None:
         super().__init__(config)
-        self.state = state
+        self.state, self.progress = state, progress
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.progress:  # the port actually bound (--port 0: a free one)
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            pipe, sched = self.state.pipeline, self.state.scheduler
+            self.progress(f"serving {self.state.model!r} ({pipe.backend}, {pipe.graph} graph, max batch "
+                          f"{sched.max_batch}, queue {self.state.options.max_queue}) at http://{host}:{port}/v1")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.state.begin_drain()

@@ -34,6 +34,7 @@ from mixport.errors import MixportError
 APP_NAME = "mixport"
 HEALTH_PERIOD_S = 2.0
 HEALTH_TIMEOUT_S = 30.0
+SHUTDOWN_GRACE_S = 30.0  # past the drain timeout, for Serve's controller, proxy and Ray to stop
 
 
 class RayServeError(MixportError):
@@ -174,9 +175,13 @@ def _start_ray(ray_options: RayOptions, cpus_needed: int) -> None:
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), object_store_memory=96 * 2**20, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = ray_options.address or "a local Ray instance"
+        hint = "check the address and that this machine runs the cluster's Ray version"
+        if "AuthenticationError" in repr(exc.__cause__) or "InvalidAuthToken" in str(exc.__cause__):
+            hint = ("the cluster uses token authentication: export RAY_AUTH_MODE=token, with the cluster's token "
+                    "in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         raise RayServeError("cannot start or reach Ray", given=f"{where}: {str(exc).splitlines()[0]}",
                             expected="a running Ray cluster at --address (ray start --head), or none for local",
-                            hint="check the address and that this machine runs the cluster's Ray version") from None
+                            hint=hint) from None
 
 
 def _cpus_per_replica(options: Any, ray_options: RayOptions) -> int:
@@ -219,14 +224,17 @@ def shutdown() -> None:
     and disconnect, which stops a local Ray instance."""
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     try:
-        if serve.context._get_global_client(raise_if_no_controller_found=False) is not None:
+        try:
             others = [name for name in serve.status().applications if name != APP_NAME]
-            if others:
-                serve.delete(APP_NAME)
-            else:
-                serve.shutdown()
+        except RayServeException:  # Serve never started
+            return
+        if others:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
     finally:
         ray.shutdown()
 
@@ -248,15 +256,29 @@ def serve_on_ray(folder: Path, options: Any, ray_options: RayOptions) -> int:
     try:
         url = deploy(folder, options, ray_options, after_init=install)
         count = "..".join(map(str, ray_options.autoscale)) if ray_options.autoscale else str(ray_options.replicas or 1)
-        _say(f"Ray Serve ready at {url} ({count} replicas); Ctrl-C or SIGTERM stops it")
+        gcs = ray.get_runtime_context().gcs_address
+        _say(f"Ray Serve ready at {url} ({count} replicas, Ray at {gcs}); Ctrl-C or SIGTERM stops it")
         while not stop.wait(0.5):
             pass
         _say("stopping: draining the replicas, shutting Serve down")
         return 0
     finally:
-        start = time.monotonic()
         if ray.is_initialized():
-            shutdown()
-            _say(f"stopped in {time.monotonic() - start:.1f} s")
+            _bounded_shutdown(float(options.drain_timeout) + SHUTDOWN_GRACE_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _bounded_shutdown(limit: float) -> None:
+    """``shutdown()`` within LIMIT seconds. Past it (Ray's own processes were stopped under it, e.g.
+    a SIGTERM sent to the whole process group), say so and end the process: exit 1, without the
+    atexit hooks that would wait on the same dead cluster."""
+    start = time.monotonic()
+    worker = threading.Thread(target=shutdown, name="mixport-ray-shutdown", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        _say(f"error: Ray Serve did not shut down within {limit:.0f} s (were Ray's own processes stopped too?); "
+             "exiting")
+        os._exit(1)
+    _say(f"stopped in {time.monotonic() - start:.1f} s")

@@ -11,8 +11,9 @@ per replica with a target of one full batch).
   that runs a replica, and mixport installed there.
 * A replica gets one GPU (``num_gpus=1``) when the export has a TensorRT engine and the cluster has
   GPUs (``load`` then picks TensorRT inside it when the engine fits that GPU), CPUs otherwise.
-* A replica that dies is replaced by Ray Serve's controller; requests in flight on it fail (the
-  proxy answers 500, or cuts a stream that had started), never hang; later ones go to live replicas.
+* A replica that dies is replaced by Ray Serve's controller; requests in flight on it fail, never
+  hang: with ``ray_proxy``'s middleware in the proxy (set up for a local instance) a 503 with OpenAI's
+  error JSON, or a last error event on a stream under way; later requests go to live replicas.
 * SIGTERM / Ctrl-C: the app is deleted (replicas drain for up to ``--drain-timeout``), Serve and
   the local Ray instance are shut down, exit 0.
 """
@@ -171,7 +172,10 @@ def _start_ray(ray_options: RayOptions, cpus_needed: int) -> None:
     try:
         if ray_options.address:
             ray.init(address=ray_options.address, **kwargs)
-        else:
+        else:  # the proxy of a local instance inherits this process's environment
+            from mixport.serve import ray_proxy
+
+            os.environ.setdefault(ray_proxy.ENV, ray_proxy.IMPORT_PATH)
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), object_store_memory=96 * 2**20, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = ray_options.address or "a local Ray instance"

@@ -156,12 +156,12 @@ def _stream(client, prompt: str, max_tokens: int) -> tuple[str, str | None]:  # 
 
 
 def _outcome(client, prompt: str) -> str:  # noqa: ANN001
-    """"ok", or the error's type name; a timeout here would mean a request hung."""
+    """"ok", or the error's type name and message; a timeout here would mean a request hung."""
     try:
         _, finish = _stream(client, prompt, 400)
         return "ok" if finish else "no finish_reason"
     except Exception as exc:  # noqa: BLE001 - what the client raises is what the test reports
-        return type(exc).__name__
+        return f"{type(exc).__name__}: {exc}"
 
 
 @pytest.mark.slow
@@ -183,10 +183,12 @@ def test_ray_serve_answers_survives_a_replica_kill_and_stops_on_sigterm(ray_serv
         victim = sorted(before["replicas"])[0]
         os.kill(before["replicas"][victim], signal.SIGKILL)
         outcomes = [f.result(timeout=120) for f in futures]
-    assert "APITimeoutError" not in outcomes, outcomes  # nothing hung
-    assert "ok" in outcomes and any(o != "ok" for o in outcomes), outcomes
-    assert set(outcomes) <= {"ok", "APIError", "InternalServerError", "APIConnectionError", "RemoteProtocolError"}, \
-        outcomes
+    failed = [o for o in outcomes if o != "ok"]
+    assert "ok" in outcomes and failed, outcomes  # requests on the other replica finished
+    # each failed one says why (not a timeout: nothing hung): a 503 before the response started,
+    # or the stream's last event
+    assert all(o.startswith(("APIError", "InternalServerError")) and "replica running it stopped" in o
+               for o in failed), outcomes
 
     after = _ray_state(ray_server, victim)
     assert len(after["replicas"]) == 2 and victim not in after["replicas"] and after["running"] == 2, after

@@ -54,7 +54,8 @@ class Server:
 
     def client(self, **kwargs: object):  # noqa: ANN201 - openai.OpenAI
         openai = require_module("openai", "openai")
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60, **kwargs)
+        options: dict = {"max_retries": 0, "timeout": 60, **kwargs}
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", **options)
 
     def get(self, path: str):  # noqa: ANN201 - httpx.Response
         import httpx

@@ -133,7 +133,18 @@ def test_eight_concurrent_requests_batch_and_equal_each_alone(server, pipe) -> N
     assert steps > one_row, "no decode step ran more than one row: the requests were not batched"
 
 
+def wait_idle(server) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + 10
+    while server.get("/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.get("/health").json()["active"] == 0
+
+
 def test_disconnect_frees_the_row(server) -> None:
+    """A client leaving mid-stream, or a non-streaming one timing out, cancels its request
+    (480 tokens would otherwise finish as "length")."""
+    import openai
+
     client = server.client()
     cancelled = server.metric("mixport_requests_finished_total", reason="cancelled")
     stream = greedy(client, PROMPTS[0], 480, stream=True)
@@ -141,11 +152,12 @@ def test_disconnect_frees_the_row(server) -> None:
         if i == 2:
             break
     stream.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 10
-    while server.get("/health").json()["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.get("/health").json()["active"] == 0
+    wait_idle(server)
     assert server.metric("mixport_requests_finished_total", reason="cancelled") == cancelled + 1
+    with pytest.raises(openai.APITimeoutError):
+        greedy(server.client(timeout=0.05), PROMPTS[0], 480)
+    wait_idle(server)
+    assert server.metric("mixport_requests_finished_total", reason="cancelled") == cancelled + 2
     completion = server.metric("mixport_completion_tokens_total")
     assert greedy(client, PROMPTS[2], 3).usage.completion_tokens == 3  # the server goes on serving
     assert server.metric("mixport_completion_tokens_total") == completion + 3

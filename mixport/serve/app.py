@@ -56,6 +56,7 @@ class ServeState:
     draining: bool = False
     started: int = field(default_factory=lambda: int(time.time()))
     _drain_thread: threading.Thread | None = None
+    _closed: bool = False
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def check_open(self) -> None:
@@ -85,11 +86,15 @@ class ServeState:
         self._drain_thread.start()
 
     def close(self) -> None:
-        """Cancel whatever is left and release the session (the app's shutdown)."""
-        self.draining = True
-        if self._drain_thread is not None:
-            self._drain_thread.join(self.options.drain_timeout + 5)
-        self.scheduler.close(0.0)
+        """Stop the scheduler (after the drain, when one began; else at once, cancelling what is
+        left) and release the session. Called by the app's shutdown and by the server; once."""
+        if self._closed:
+            return
+        self._closed = self.draining = True
+        if self._drain_thread is None:
+            self.scheduler.close(0.0)
+        else:  # bounded: the scheduler ends what is left at the drain timeout
+            self._drain_thread.join()
         self.pipeline.close()
 
 

@@ -3,7 +3,7 @@
 SIGTERM (or Ctrl-C): the listener closes (new connections are refused; a request on an open
 keep-alive connection gets 503), in-flight and queued requests get ``--drain-timeout`` seconds
 to finish (the scheduler then cancels the rest: a stream ends with an error event, a waiting
-request with a 503), and the process exits 0. A second Ctrl-C quits at once."""
+request with a 503), and the process exits 0."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ into --work once), then for each N in --clients runs N clients, each sending --r
 completions one after another (greedy, --max-tokens each, prompts of mixed lengths), and reports per N:
 
 * aggregate decode tokens/s: completion tokens of all requests / the phase's wall time;
-* time to first token (request sent -> first text chunk) p50 / p99, inter-token latency (chunk ->
-  next chunk of one stream) p50 / p99;
+* time to first token (request sent -> first token's chunk) p50 / p99, inter-token latency (token
+  -> next token of one stream, each token its own chunk: the requests ask for logprobs) p50 / p99;
 * errors (HTTP errors, cut streams, timeouts) and lost requests (sent, never finished: no
   finish_reason by the end of the phase).
 
@@ -54,7 +54,7 @@ class Result:
     """One request: when it was sent, the arrival time of each text chunk, how it ended."""
 
     sent: float
-    chunks: list[float] = field(default_factory=list)
+    chunks: list[float] = field(default_factory=list)  # arrival time of each token
     tokens: int = 0
     finish: str | None = None
     error: str | None = None
@@ -132,8 +132,10 @@ def prompt(i: int) -> str:
 
 
 async def one_request(client: httpx.AsyncClient, base: str, i: int, max_tokens: int, timeout: float) -> Result:
+    # logprobs: each token comes as its own chunk, even one whose text the server holds back (a token
+    # that ends inside a UTF-8 character, frequent with random weights): TTFT and ITL count tokens
     body = {"model": "bench", "prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "logprobs": 1}
     res = Result(sent=time.perf_counter())
     try:
         async with asyncio.timeout(timeout):
@@ -155,8 +157,8 @@ def _take(res: Result, line: str) -> None:
     if chunk.get("error"):
         res.error = str(chunk["error"].get("message"))
     for choice in chunk.get("choices", []):
-        if choice.get("text"):
-            res.chunks.append(time.perf_counter())
+        tokens = len((choice.get("logprobs") or {}).get("tokens") or ())
+        res.chunks += [time.perf_counter()] * tokens
         res.finish = choice.get("finish_reason") or res.finish
     if chunk.get("usage"):
         res.tokens = chunk["usage"]["completion_tokens"]

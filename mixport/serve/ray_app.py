@@ -24,13 +24,18 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixport.errors import MixportError
+
+if TYPE_CHECKING:
+    from mixport.serve.app import ServeOptions
 
 APP_NAME = "mixport"
 HEALTH_PERIOD_S = 2.0
@@ -101,7 +106,7 @@ def _replica_class() -> type:
     class MixportReplica:
         """One replica: the app, its pipeline and its scheduler, built in the replica's process."""
 
-        def __init__(self, folder: str, options: Any) -> None:
+        def __init__(self, folder: str, options: ServeOptions) -> None:
             self.folder, self.options = folder, options
 
         def __serve_build_asgi_app__(self) -> Any:
@@ -121,11 +126,11 @@ def replica_resources(folder: Path, cluster: dict[str, float], cpus: int) -> dic
     return {"num_cpus": cpus}
 
 
-def deployment_options(options: Any, ray_options: RayOptions, actor: dict[str, float]) -> dict[str, Any]:
+def deployment_options(options: ServeOptions, ray_options: RayOptions, actor: dict[str, float]) -> dict[str, Any]:
     """Arguments of ``serve.deployment``: the replica count or autoscaler, resources, health
     checks, and as many ongoing requests per replica as its batch and queue hold (the app answers
     429 past that, as without Ray)."""
-    max_batch, max_queue = int(options.max_batch), int(options.max_queue)
+    max_batch, max_queue = options.max_batch, options.max_queue
     found: dict[str, Any] = {
         "name": "MixportReplica",
         "ray_actor_options": actor,
@@ -146,7 +151,7 @@ def deployment_options(options: Any, ray_options: RayOptions, actor: dict[str, f
     return found
 
 
-def _check_folder(folder: Path, options: Any) -> None:
+def _check_folder(folder: Path, options: ServeOptions) -> None:
     """Fail here, in one line, rather than in every replica; build the fast graph once, before
     the replicas race to."""
     from mixport import artifact
@@ -155,13 +160,13 @@ def _check_folder(folder: Path, options: Any) -> None:
 
     manifest = Manifest.read(folder)
     artifact.validate_folder(folder, manifest)
-    graph = getattr(options, "graph", "auto")
-    if graph != "portable" and ort_graph.supported(manifest.config, manifest.dtype) is None:
-        ort_graph.ensure(folder, manifest, _say)
+    if options.graph == "fast" or (options.graph == "auto"
+                                   and ort_graph.supported(manifest.config, manifest.dtype) is None):
+        ort_graph.ensure(folder, manifest, _say)  # refuses (one line) a model the fast graph cannot build
 
 
 def _say(msg: str) -> None:
-    print(f"mixport serve: {msg}", file=__import__("sys").stderr, flush=True)
+    print(f"mixport serve: {msg}", file=sys.stderr, flush=True)
 
 
 def _start_ray(ray_options: RayOptions, cpus_needed: int) -> None:
@@ -188,16 +193,16 @@ def _start_ray(ray_options: RayOptions, cpus_needed: int) -> None:
                             hint=hint) from None
 
 
-def _cpus_per_replica(options: Any, ray_options: RayOptions) -> int:
-    threads = getattr(options, "threads", None)
-    if threads:
-        return int(threads)
+def _cpus_per_replica(options: ServeOptions, ray_options: RayOptions) -> int:
+    if options.threads:
+        return options.threads
     if ray_options.address:
         return 1
     return max(1, (os.cpu_count() or 1) // ray_options.most())
 
 
-def deploy(folder: Path, options: Any, ray_options: RayOptions, after_init: Any = None) -> str:
+def deploy(folder: Path, options: ServeOptions, ray_options: RayOptions,
+           after_init: Callable[[], None] | None = None) -> str:
     """Start Ray (or connect), start Serve's proxy on host:port, run the app; its URL.
     ``after_init()`` runs once Ray is up (``ray.init`` replaces the SIGTERM handler)."""
     import ray
@@ -206,8 +211,7 @@ def deploy(folder: Path, options: Any, ray_options: RayOptions, after_init: Any 
     folder = folder.resolve()
     _check_folder(folder, options)
     cpus = _cpus_per_replica(options, ray_options)
-    if hasattr(options, "threads") and dataclasses.is_dataclass(options):
-        options = dataclasses.replace(options, threads=cpus)
+    options = dataclasses.replace(options, threads=cpus)
     _start_ray(ray_options, cpus * ray_options.most())
     if after_init:
         after_init()
@@ -243,7 +247,7 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def serve_on_ray(folder: Path, options: Any, ray_options: RayOptions) -> int:
+def serve_on_ray(folder: Path, options: ServeOptions, ray_options: RayOptions) -> int:
     """Deploy, wait for SIGTERM / SIGINT, shut down; 0."""
     import ray
 

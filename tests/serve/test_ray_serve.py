@@ -210,3 +210,25 @@ def test_ray_serve_answers_survives_a_replica_kill_and_stops_on_sigterm(ray_serv
 def test_bad_ray_flags_are_one_line_errors(tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
     """Refused before anything is loaded or started (the folder need not exist)."""
     one_line_error(invoke("serve", tmp_path / "out", *args), *fragments)
+
+
+@pytest.mark.parametrize("ray_options", [{"replicas": 3}, {"autoscale": (0, 4)}])
+def test_deployment_options_are_what_ray_serve_accepts(ray_options: dict) -> None:
+    """Ray Serve validates them (without starting Ray): replicas or autoscaler, the replica's
+    resources, max ongoing requests = max batch + max queue, drain = --drain-timeout."""
+    require_module("ray.serve", "'mixport[serve]'")
+    from ray import serve
+
+    from mixport.serve import ray_app
+    from mixport.serve.app import ServeOptions
+
+    options = ServeOptions(max_batch=4, max_queue=12, drain_timeout=7.0)
+    found = ray_app.deployment_options(options, ray_app.RayOptions(**ray_options), {"num_cpus": 1})
+    config = serve.deployment(ray_app._replica_class(), **found)._deployment_config
+    assert config.max_ongoing_requests == 16 and config.graceful_shutdown_timeout_s == 7.0
+    if "replicas" in ray_options:
+        assert config.num_replicas == 3 and config.autoscaling_config is None
+    else:
+        auto = config.autoscaling_config
+        assert (auto.min_replicas, auto.max_replicas, auto.initial_replicas) == (0, 4, 1)
+        assert auto.target_ongoing_requests == 4

@@ -17,7 +17,7 @@ server's RSS at the start, the middle and the end of them. Bounded: --time-limit
 stopped with SIGTERM at the end and must exit 0.
 
 Usage: PYTHONPATH=. python tools/bench_serve.py [--out OUT] [--work DIR] [--clients 1,4,8,16]
-       [--requests 4] [--max-tokens 64] [--max-batch 16] [--threads 2] [--memory-run 500]
+       [--requests 4] [--max-tokens 64] [--max-batch 16] [--threads 2] [--memory-run 500 --memory-max-tokens 16]
        [--time-limit 1200] [--json] [--tiny]
 (--tiny: the built-in tiny model, clients 1,2, a few tokens: the script's logic in seconds.)
 """
@@ -253,6 +253,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=16, help="The server's --max-batch.")
     ap.add_argument("--threads", type=int, default=None, help="The server's --threads.")
     ap.add_argument("--memory-run", type=int, default=0, metavar="K", help="Then K requests, RSS at 0, K/2, K.")
+    ap.add_argument("--memory-max-tokens", type=int, default=16, help="max_tokens of the memory run's requests.")
     ap.add_argument("--time-limit", type=float, default=1200.0, help="Seconds for the whole benchmark.")
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--json", action="store_true", help="Also print the numbers as one JSON object.")
@@ -306,8 +307,8 @@ async def measure(base: str, pid: int, args: argparse.Namespace, deadline: float
     report: dict[str, Any] = {"rows": rows, "verdict": verdict(rows), "max_batch": args.max_batch,
                               "max_tokens": args.max_tokens, "requests_per_client": args.requests}
     if args.memory_run:
-        report["memory"] = await memory_run(base, pid, args.memory_run, args.max_tokens, args.request_timeout,
-                                            deadline)
+        report["memory"] = await memory_run(base, pid, args.memory_run, args.memory_max_tokens,
+                                            args.request_timeout, deadline)
     return report
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -193,6 +194,19 @@ def _start_ray(ray_options: RayOptions, cpus_needed: int) -> None:
                             hint=hint) from None
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A quick TCP connection to HEAD:PORT: Ray itself retries an address nothing answers for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayServeError("bad --address", given=address, expected="HOST:PORT of the head's GCS, e.g. HEAD:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayServeError("nothing answers at --address", given=f"{address} ({exc.strerror or exc})",
+                            expected="the head node of a running Ray cluster (ray start --head --port PORT)",
+                            hint="check the host and port `ray start --head` printed") from None
+
+
 def _cpus_per_replica(options: ServeOptions, ray_options: RayOptions) -> int:
     if options.threads:
         return options.threads
@@ -208,6 +222,8 @@ def deploy(folder: Path, options: ServeOptions, ray_options: RayOptions,
     import ray
     from ray import serve
 
+    if ray_options.address:
+        check_reachable(ray_options.address)
     folder = folder.resolve()
     _check_folder(folder, options)
     cpus = _cpus_per_replica(options, ray_options)

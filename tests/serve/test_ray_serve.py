@@ -206,6 +206,8 @@ def test_ray_serve_answers_survives_a_replica_kill_and_stops_on_sigterm(ray_serv
     (("--ray", "--autoscale", "3:1"), ("bad --autoscale", "3:1", "MIN:MAX")),
     (("--ray", "--autoscale", "two"), ("bad --autoscale", "two")),
     (("--ray", "--replicas", "0"), ("bad --replicas", "given: 0")),
+    (("--ray", "--address", "127.0.0.1:1"), ("nothing answers at --address", "127.0.0.1:1")),
+    (("--ray", "--address", "head"), ("bad --address", "HOST:PORT")),
 ])
 def test_bad_ray_flags_are_one_line_errors(tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
     """Refused before anything is loaded or started (the folder need not exist)."""

@@ -165,17 +165,22 @@ def _take(res: Result, line: str) -> None:
 
 
 async def run_clients(base: str, clients: int, requests: int, max_tokens: int, timeout: float,
-                      deadline: float, offset: int = 0, progress: Any = None) -> tuple[list[Result], float, int]:
-    """(results, wall seconds, requests not sent because of the deadline)."""
+                      deadline: float, offset: int = 0, progress: Any = None,
+                      total: int | None = None) -> tuple[list[Result], float, int]:
+    """Each client sends REQUESTS one after another (all together at most TOTAL); (results, wall
+    seconds, requests not sent because of the deadline)."""
     results: list[Result] = []
-    skipped = 0
+    skipped, sent = 0, 0
 
     async def client(c: int) -> None:
-        nonlocal skipped
+        nonlocal skipped, sent
         for r in range(requests):
+            if total is not None and sent >= total:
+                return
             if time.monotonic() > deadline:
                 skipped += requests - r
                 return
+            sent += 1
             results.append(await one_request(http, base, offset + c * requests + r, max_tokens, timeout))
             if progress:
                 progress(len(results))
@@ -233,8 +238,8 @@ async def memory_run(base: str, pid: int, count: int, max_tokens: int, timeout: 
             marks["middle_mb"] = rss_mb(pid)
 
     clients = 8
-    results, wall, skipped = await run_clients(base, clients, max(1, count // clients), max_tokens, timeout,
-                                               deadline, offset=10_000, progress=progress)
+    results, wall, skipped = await run_clients(base, clients, -(-count // clients), max_tokens, timeout,
+                                               deadline, offset=10_000, progress=progress, total=count)
     marks["end_mb"] = rss_mb(pid)
     marks.setdefault("middle_mb", float("nan"))
     growth = marks["end_mb"] - marks["middle_mb"]

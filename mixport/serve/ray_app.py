@@ -118,11 +118,11 @@ def _replica_class() -> type:
     return MixportReplica
 
 
-def replica_resources(folder: Path, cluster: dict[str, float], cpus: int) -> dict[str, float]:
-    """``ray_actor_options``: one GPU when the export has an engine and the cluster has GPUs."""
-    from mixport.artifact import Manifest
-
-    if Manifest.read(folder).engine is not None and cluster.get("GPU", 0) >= 1:
+def replica_resources(has_engine: bool, cluster: dict[str, float], cpus: int) -> dict[str, float]:
+    """``ray_actor_options``: one GPU when the export has a TensorRT engine and the cluster
+    (``ray.cluster_resources()``) has GPUs (the replica's ``load`` then picks TensorRT when the
+    engine fits that GPU), else CPUs only (ONNX Runtime)."""
+    if has_engine and cluster.get("GPU", 0) >= 1:
         return {"num_gpus": 1, "num_cpus": cpus}
     return {"num_cpus": cpus}
 
@@ -231,7 +231,9 @@ def deploy(folder: Path, options: ServeOptions, ray_options: RayOptions,
     _start_ray(ray_options, cpus * ray_options.most())
     if after_init:
         after_init()
-    actor = replica_resources(folder, ray.cluster_resources(), cpus)
+    from mixport.artifact import Manifest
+
+    actor = replica_resources(Manifest.read(folder).engine is not None, ray.cluster_resources(), cpus)
     serve.start(http_options={"host": ray_options.host, "port": ray_options.port})
     spec = serve.deployment(_replica_class(), **deployment_options(options, ray_options, actor))
     try:

@@ -234,3 +234,15 @@ def test_deployment_options_are_what_ray_serve_accepts(ray_options: dict) -> Non
         auto = config.autoscaling_config
         assert (auto.min_replicas, auto.max_replicas, auto.initial_replicas) == (0, 4, 1)
         assert auto.target_ongoing_requests == 4
+
+
+@pytest.mark.parametrize(("has_engine", "cluster", "want"), [
+    (True, {"CPU": 16.0, "GPU": 2.0}, {"num_gpus": 1, "num_cpus": 2}),
+    (True, {"CPU": 16.0}, {"num_cpus": 2}),  # an engine but no GPU in the cluster: ONNX Runtime
+    (False, {"CPU": 16.0, "GPU": 2.0}, {"num_cpus": 2}),  # GPUs but no engine: leave them to others
+])
+def test_a_replica_asks_for_a_gpu_only_for_an_engine_on_a_gpu_cluster(has_engine: bool, cluster: dict,
+                                                                      want: dict) -> None:
+    from mixport.serve import ray_app
+
+    assert ray_app.replica_resources(has_engine, cluster, cpus=2) == want

@@ -146,7 +146,7 @@ class Scheduler:
                                  expected=f"fewer than {context} (max_position_embeddings)",
                                  hint="shorten the prompt or lower max_tokens")
         _positive("max_new_tokens", job.max_new_tokens, 1)
-        stops = check_stops(list(job.stop))
+        stops = check_stops(job.stop if isinstance(job.stop, str) else list(job.stop))  # one string: one stop
         if not isinstance(job.sampling, SamplingConfig):
             raise RuntimeFailure("invalid sampling", given=type(job.sampling).__name__, expected="SamplingConfig")
         steps = min(job.max_new_tokens, context - len(job.prompt))

@@ -92,7 +92,7 @@ class Scheduler:
         self.pipe, self.metrics = pipeline, metrics
         pipeline._check_open()
         pipeline._busy.lock.acquire()  # the session is the scheduler's until close()
-        self.rows = rows_for(pipeline.session, max_batch)
+        self.rows = rows_for(pipeline.session, max_batch, pipeline.pad_id)
         self.max_batch = min(max_batch, self.rows.max_rows) if self.rows.batched else 1
         self.batched = self.rows.batched
         self.eos = set(pipeline.eos_ids())
@@ -100,6 +100,7 @@ class Scheduler:
         self._queue: deque[_Live] = deque()
         self._live: dict[int, _Live] = {}  # row -> request
         self._closing = self._stopped = False
+        self._admitting = 0
         self._ids = 0
         self._thread = threading.Thread(target=self._loop, name="mixport-scheduler", daemon=True)
         self._thread.start()
@@ -171,12 +172,12 @@ class Scheduler:
             self._closing = True
             self._cond.notify_all()
             end = None if drain_timeout is None else time.monotonic() + drain_timeout
-            while self._queue or self._live:
+            while self._queue or self._live or self._admitting:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(left)
-            drained = not (self._queue or self._live)
+            drained = not (self._queue or self._live or self._admitting)
             self._stopped = True
             self._cond.notify_all()
         self._thread.join()
@@ -200,8 +201,11 @@ class Scheduler:
                     break
                 self._drop_cancelled()
                 newcomers = self._admit()
+                self._admitting = len(newcomers)  # neither queued nor live until prefilled
             if newcomers:
                 self._prefill(newcomers)
+            with self._cond:
+                self._admitting = 0
             if self._live:
                 self._decode()
             with self._cond:

@@ -16,6 +16,7 @@ generator), so a result does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -101,6 +102,7 @@ class Scheduler:
         self._live: dict[int, _Live] = {}  # row -> request
         self._closing = self._stopped = False
         self._admitting = 0
+        self._typical = 1.0  # seconds a request takes, a moving average
         self._ids = 0
         self._thread = threading.Thread(target=self._loop, name="mixport-scheduler", daemon=True)
         self._thread.start()
@@ -156,7 +158,10 @@ class Scheduler:
         return _Live(handle, job, steps, Sampler(job.sampling), TextStream(decode, stops), list(job.prompt))
 
     def _retry_after(self) -> float:
-        return 1.0
+        """Seconds until a row is likely free: the queue ahead drains ``max_batch`` requests at a time,
+        each taking about as long as the recent ones (1 s before any has finished)."""
+        rounds = (len(self._queue) + 1) / self.max_batch
+        return float(max(1, math.ceil(rounds * self._typical)))
 
     def _cancelled(self) -> None:
         """A handle was cancelled: wake the loop so its row is freed before the next step."""
@@ -280,6 +285,8 @@ class Scheduler:
             del self._live[live.row]
             self.rows.free(live.row)
         live.handle.completion_tokens = live.made
+        if reason in ("stop", "length"):
+            self._typical = 0.8 * self._typical + 0.2 * (time.monotonic() - live.handle.submitted)
         if not pushed:
             live.handle.push(Event(None, "", None, reason, error))
         self._observe("on_finish", reason, live.handle.prompt_tokens, live.made)

@@ -1,6 +1,6 @@
 """The app in-process (``build_app`` under Starlette's TestClient, which is an httpx client the
 `openai` client accepts): chat on an export whose tokenizer has no chat template is a 400, and the
-portable graph serves one request at a time."""
+portable graph serves too (batched: left-padded rows)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import require_module
 
 
-def test_chat_without_a_template_is_400_and_portable_serves_serially(export_copy: Path) -> None:
+def test_chat_without_a_template_is_400_and_the_portable_graph_serves(export_copy: Path) -> None:
     openai = require_module("openai")
     require_module("fastapi", "'mixport[serve]'")
     from fastapi.testclient import TestClient
@@ -33,4 +33,4 @@ def test_chat_without_a_template_is_400_and_portable_serves_serially(export_copy
         done = client.completions.create(model="m", prompt="The ship", max_tokens=3, temperature=0)
         assert done.usage.completion_tokens == 3 and done.model == "m"
         health = http.get("/health").json()
-        assert (health["graph"], health["batched"], health["max_batch"]) == ("portable", False, 1)
+        assert (health["graph"], health["batched"], health["active"]) == ("portable", True, 0)

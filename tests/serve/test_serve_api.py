@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mixport.runtime import load
+from tests.helpers import invoke, one_line_error
 
 PROMPTS = ["The ship sailed", "Once upon a time there was a", "A", "x y z",
            "Hello world, this is a much longer prompt about many things and then some more",
@@ -222,6 +223,7 @@ def test_unknown_fields_are_ignored_and_greedy_drops_sampling_fields(server, pip
 
 
 def test_models_health_and_metrics(server) -> None:
+    assert greedy(server.client(), PROMPTS[0], 2).usage.completion_tokens == 2  # something to count
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]
     health = server.get("/health").json()
@@ -235,3 +237,9 @@ def test_models_health_and_metrics(server) -> None:
     assert server.metric("mixport_requests_total", endpoint="/v1/completions", status="200") >= 1
     assert server.metric("mixport_time_to_first_token_seconds_count") >= 1
     assert server.get("/nope").json()["error"]["code"] == "not_found"
+
+
+def test_port_in_use_is_one_line_error(server, serve_dir: Path) -> None:
+    """uvicorn exits 3 when it cannot bind (mixport's parity-failure code): the CLI says it in one line, exit 1."""
+    one_line_error(invoke("serve", serve_dir, "--port", server.port, "--threads", "1"),
+                   f"cannot listen on 127.0.0.1:{server.port}", "--port 0")

@@ -512,7 +512,7 @@ def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampl
               help="On SIGTERM: seconds in-flight requests get to finish.")
 @click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads (up to 4 per CPU).")
 @click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True,
-              help="fast: ONNX Runtime CPU graph (batched rows); portable: model.onnx (one request at a time).")
+              help="fast: ONNX Runtime CPU graph (built once into OUT); portable: model.onnx.")
 @click.option("--model-name", default=None, help="The model id in /v1/models and responses [default: OUT's name].")
 @click.option("--ray", "on_ray", is_flag=True, help="Serve through Ray Serve (replicas behind its router).")
 @click.option("--replicas", type=int, default=None, help="With --ray: a fixed number of replicas [default: 1].")

@@ -1,7 +1,7 @@
 """Where a decode step's time goes in the fast ONNX Runtime graph (`mixport run` on CPU): ONNX
 Runtime's own profiler, node time summed per op type over a prefill and N greedy decode steps.
 
-Run: python tools/profile_fast.py FOLDER [--threads 2] [--prompt-len 64] [--new-tokens 64]
+Run: python tools/profile_fast.py FOLDER [--threads 2] [--prompt-len 64] [--new-tokens 64] [--batch 1]
 (FOLDER: a `mixport export` folder; its fast graph is built into it when missing).
 """
 
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (continuous batching's steps)")
     args = ap.parse_args()
     manifest = artifact.Manifest.read(args.folder)
     plain = ort_session.session_options
@@ -37,7 +38,8 @@ def main() -> None:
 
     ort_session.session_options = profiled  # the session mixport runs, with the profiler on
     session = ort_fast.OrtFastSession(ort_graph.ensure(args.folder, manifest), manifest, threads=args.threads)
-    prompt = [np.random.default_rng(0).integers(3, manifest.config["vocab_size"], args.prompt_len).tolist()]
+    rng = np.random.default_rng(0)
+    prompt = [rng.integers(3, manifest.config["vocab_size"], args.prompt_len).tolist() for _ in range(args.batch)]
     time_once(session, prompt, 4)  # warm-up, then the profiled run
     prefill, decode = time_once(session, prompt, args.new_tokens)
     trace = session.sess.end_profiling()
@@ -49,7 +51,8 @@ def main() -> None:
             spent[e["args"]["op_name"]] += e["dur"] / 1e3
     total = sum(spent.values())
     steps = args.new_tokens - 1
-    print(f"{args.folder}: last run prefill {prefill * 1e3:.1f} ms, decode {steps / decode:.1f} tok/s "
+    rate = args.batch * steps / decode
+    print(f"{args.folder}: batch {args.batch}, last run prefill {prefill * 1e3:.1f} ms, decode {rate:.1f} tok/s "
           f"(profiler on; both runs' node time below: {total:.1f} ms)")
     for op, ms in sorted(spent.items(), key=lambda x: -x[1])[:12]:
         print(f"  {op:34} {ms:9.2f} ms  {100 * ms / total:5.1f} %")

@@ -13,7 +13,9 @@
   layer, a copy of one row's cache) so the active slots stay ``0..n-1``;
 * the capacity C grows by doubling (one copy of the whole cache) when a row would outgrow it.
 
-``SerialRows`` runs any other Session (the portable graph, TensorRT) one request at a time.
+``PaddedRows`` (the portable graph, ``OrtSession``): left-padded rows over a concatenating cache,
+copied when rows join or leave. ``SerialRows`` runs any other Session (TensorRT) one request at a
+time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mixport.errors import RuntimeFailure
-from mixport.runtime.generate import last_logits
+from mixport.runtime.generate import last_logits, left_pad
 from mixport.runtime.ort_session import run_failure
 from mixport.runtime.session import Session
 
@@ -145,6 +147,80 @@ class FastRows:
         self.length[last] = 0
 
 
+class PaddedRows:
+    """Continuous batching over the portable graph (``OrtSession``: the cache is the previous step's
+    presents, ``[n, heads, P, width]``, with a left-padded attention mask [n, P]).
+
+    A step feeds every active row one token at its own position; rows of different lengths share
+    the cache's P columns, the shorter ones left-padded (mask 0). Newcomers are prefilled alone (a
+    batch of their own), then their cache is left-padded to the common P (or the others' to theirs)
+    and concatenated; a leaving row is dropped and the columns no row uses any more are cut. So the
+    cache is copied when rows join or leave, never per decode step, and nobody's is recomputed."""
+
+    batched = True
+
+    def __init__(self, session: Any, max_rows: int, pad_id: int = 0) -> None:
+        self.session, self.max_rows, self.pad_id = session, max_rows, pad_id
+        self.order: list[int] = []  # row ids in cache order
+        self.mask = np.zeros((0, 0), dtype=np.int64)
+        self.count = np.zeros(0, dtype=np.int64)  # tokens of each row so far (its next position)
+        self.next_id = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.order)
+
+    def _past(self) -> list[np.ndarray]:
+        return [p if isinstance(p, np.ndarray) else p.numpy() for p in self.session.past]
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[int], np.ndarray]:
+        if self.active + len(prompts) > self.max_rows:
+            raise RuntimeFailure("no free batch row", given=f"{len(prompts)} newcomers, {self.active} active",
+                                 expected=f"at most {self.max_rows} rows")
+        old, old_mask = (self._past(), self.mask) if self.order else ([], None)
+        ids, mask, pos = left_pad(prompts, self.pad_id)
+        self.session.reset(len(prompts))
+        logits = np.asarray(self.session.step(ids, mask, pos))[:, -1]
+        new = self._past()
+        if old_mask is not None:  # left-pad the shorter side to the common length, then stack
+            width = max(old_mask.shape[1], mask.shape[1])
+            new = [np.concatenate([_left(a, width), _left(b, width)]) for a, b in zip(old, new, strict=True)]
+            mask = np.concatenate([_left(old_mask, width, axis=1), _left(mask, width, axis=1)])
+        self.session.past, self.mask = new, mask
+        self.count = np.concatenate([self.count, [len(p) for p in prompts]]).astype(np.int64)
+        rows = list(range(self.next_id, self.next_id + len(prompts)))
+        self.next_id += len(prompts)
+        self.order += rows
+        return rows, logits
+
+    def decode(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        if set(tokens) != set(self.order):
+            raise RuntimeFailure("a decode step must feed every active row", given=sorted(tokens),
+                                 expected=sorted(self.order))
+        ids = np.array([[tokens[row]] for row in self.order], dtype=np.int64)
+        mask = np.concatenate([self.mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)
+        logits = np.asarray(self.session.step(ids, mask, self.count[:, None]))[:, -1]
+        self.mask, self.count = mask, self.count + 1
+        return {row: logits[i] for i, row in enumerate(self.order)}
+
+    def free(self, row: int) -> None:
+        i = self.order.index(row)
+        self.order.pop(i)
+        keep = np.arange(len(self.count)) != i
+        self.mask, self.count = self.mask[keep], self.count[keep]
+        used = np.flatnonzero(self.mask.any(axis=0))
+        first = int(used[0]) if used.size else self.mask.shape[1]
+        self.mask = self.mask[:, first:]
+        self.session.past = [p[keep][:, :, first:] for p in self._past()]
+
+
+def _left(a: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+    """``a`` left-padded with zeros along ``axis`` to ``width``."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (width - a.shape[axis], 0)
+    return np.pad(a, pad)
+
+
 class SerialRows:
     """Any Session, one request at a time (``batched`` False): its own KV cache is the one row."""
 
@@ -187,8 +263,13 @@ class SerialRows:
             self.row = None
 
 
-def rows_for(session: Session, max_rows: int) -> FastRows | SerialRows:
-    """Continuous batching where the backend allows it (the fast ONNX Runtime graph), else serial."""
+def rows_for(session: Session, max_rows: int, pad_id: int = 0) -> FastRows | PaddedRows | SerialRows:
+    """Continuous batching where the backend allows it (ONNX Runtime's fast or portable graph),
+    else one request at a time (TensorRT: its cache lives on the GPU as torch tensors)."""
+    from mixport.runtime.ort_session import OrtSession
+
     if getattr(session, "graph", None) == "fast" and getattr(session, "sess", None) is not None:
         return FastRows(session, max_rows)
+    if isinstance(session, OrtSession):
+        return PaddedRows(session, max_rows, pad_id)
     return SerialRows(session)

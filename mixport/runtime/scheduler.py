@@ -16,6 +16,7 @@ generator), so a result does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -92,7 +93,7 @@ class Scheduler:
         self.pipe, self.metrics = pipeline, metrics
         pipeline._check_open()
         pipeline._busy.lock.acquire()  # the session is the scheduler's until close()
-        self.rows = rows_for(pipeline.session, max_batch)
+        self.rows = rows_for(pipeline.session, max_batch, pipeline.pad_id)
         self.max_batch = min(max_batch, self.rows.max_rows) if self.rows.batched else 1
         self.batched = self.rows.batched
         self.eos = set(pipeline.eos_ids())
@@ -100,6 +101,8 @@ class Scheduler:
         self._queue: deque[_Live] = deque()
         self._live: dict[int, _Live] = {}  # row -> request
         self._closing = self._stopped = False
+        self._admitting = 0
+        self._typical = 1.0  # seconds a request takes, a moving average
         self._ids = 0
         self._thread = threading.Thread(target=self._loop, name="mixport-scheduler", daemon=True)
         self._thread.start()
@@ -146,7 +149,7 @@ class Scheduler:
                                  expected=f"fewer than {context} (max_position_embeddings)",
                                  hint="shorten the prompt or lower max_tokens")
         _positive("max_new_tokens", job.max_new_tokens, 1)
-        stops = check_stops(list(job.stop))
+        stops = check_stops(job.stop if isinstance(job.stop, str) else list(job.stop))  # one string: one stop
         if not isinstance(job.sampling, SamplingConfig):
             raise RuntimeFailure("invalid sampling", given=type(job.sampling).__name__, expected="SamplingConfig")
         steps = min(job.max_new_tokens, context - len(job.prompt))
@@ -155,7 +158,10 @@ class Scheduler:
         return _Live(handle, job, steps, Sampler(job.sampling), TextStream(decode, stops), list(job.prompt))
 
     def _retry_after(self) -> float:
-        return 1.0
+        """Seconds until a row is likely free: the queue ahead drains ``max_batch`` requests at a time,
+        each taking about as long as the recent ones (1 s before any has finished)."""
+        rounds = (len(self._queue) + 1) / self.max_batch
+        return float(max(1, math.ceil(rounds * self._typical)))
 
     def _cancelled(self) -> None:
         """A handle was cancelled: wake the loop so its row is freed before the next step."""
@@ -171,12 +177,12 @@ class Scheduler:
             self._closing = True
             self._cond.notify_all()
             end = None if drain_timeout is None else time.monotonic() + drain_timeout
-            while self._queue or self._live:
+            while self._queue or self._live or self._admitting:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(left)
-            drained = not (self._queue or self._live)
+            drained = not (self._queue or self._live or self._admitting)
             self._stopped = True
             self._cond.notify_all()
         self._thread.join()
@@ -200,8 +206,11 @@ class Scheduler:
                     break
                 self._drop_cancelled()
                 newcomers = self._admit()
+                self._admitting = len(newcomers)  # neither queued nor live until prefilled
             if newcomers:
                 self._prefill(newcomers)
+            with self._cond:
+                self._admitting = 0
             if self._live:
                 self._decode()
             with self._cond:
@@ -276,6 +285,8 @@ class Scheduler:
             del self._live[live.row]
             self.rows.free(live.row)
         live.handle.completion_tokens = live.made
+        if reason in ("stop", "length"):
+            self._typical = 0.8 * self._typical + 0.2 * (time.monotonic() - live.handle.submitted)
         if not pushed:
             live.handle.push(Event(None, "", None, reason, error))
         self._observe("on_finish", reason, live.handle.prompt_tokens, live.made)

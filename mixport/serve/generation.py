@@ -35,6 +35,13 @@ class Prepared:
     handle: Handle
     shape: Shape
     include_usage: bool
+    made: int = 0  # tokens received (counted here: the handle's count may lag its last event)
+
+    def seen(self, token: int | None) -> None:
+        self.made += token is not None
+
+    def usage(self) -> dict[str, int]:
+        return usage(self.handle.prompt_tokens, self.made)
 
 
 def prompt_ids(state: ServeState, body: CommonRequest) -> list[int]:
@@ -92,6 +99,7 @@ async def collect(state: ServeState, prep: Prepared, request: Request) -> JSONRe
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, prep.handle))
     try:
         async for ev in prep.handle:
+            prep.seen(ev.token)
             extend(total, piece_of(ev.text, ev.token, ev.logprob, prep.shape.want_logprobs, state.token_text))
             if ev.finish:
                 finish, error = ev.finish, ev.error
@@ -102,7 +110,7 @@ async def collect(state: ServeState, prep: Prepared, request: Request) -> JSONRe
         raise _failed(state, error)
     if finish == "cancelled":
         raise ApiError(499, "the request was cancelled", code="cancelled")
-    body = prep.shape.whole(total, FINISH[finish], usage(prep.handle.prompt_tokens, prep.handle.completion_tokens))
+    body = prep.shape.whole(total, FINISH[finish], prep.usage())
     return JSONResponse(body)
 
 
@@ -122,6 +130,7 @@ async def events(state: ServeState, prep: Prepared) -> AsyncIterator[str]:
     if shape.endpoint == "chat":
         yield sse(shape.chunk(Piece(), None, role=True))
     async for ev in prep.handle:
+        prep.seen(ev.token)
         piece = piece_of(ev.text, ev.token, ev.logprob, shape.want_logprobs, state.token_text)
         if piece.text or piece.tokens:
             yield sse(shape.chunk(piece, None, offset))
@@ -132,7 +141,7 @@ async def events(state: ServeState, prep: Prepared) -> AsyncIterator[str]:
         if ev.finish:
             yield sse(shape.chunk(Piece(), FINISH[ev.finish]))
             if prep.include_usage:
-                yield sse(shape.usage_chunk(usage(prep.handle.prompt_tokens, prep.handle.completion_tokens)))
+                yield sse(shape.usage_chunk(prep.usage()))
     yield DONE
 
 

@@ -79,9 +79,9 @@ class ServeMetrics:
         self.itl.observe(seconds)
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.finished.labels(reason=reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc(completion_tokens)
+        self.finished.labels(reason=reason).inc()  # last: a counted finish has its tokens counted
 
     # the routes
     def on_response(self, endpoint: str, status: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from mixport.errors import RuntimeFailure
 from mixport.serve.app import ServeOptions, ServeState, build_app
 
 GRACE = 5.0  # seconds uvicorn waits past the drain timeout before it cancels the last responses
@@ -44,6 +45,12 @@ def serve_folder(folder: Path, options: ServeOptions, host: str = "127.0.0.1", p
     server = DrainingServer(config, state, progress)
     try:
         server.run()
+    except SystemExit:  # uvicorn exits 3 when it cannot listen; mixport's 3 means a parity failure
+        if server.started:
+            raise
+        raise RuntimeFailure(f"cannot listen on {host}:{port}", given="uvicorn's error above",
+                             expected="a free port on an address of this machine",
+                             hint="--port 0 picks a free port") from None
     finally:
         state.close()  # also when uvicorn failed to start (port in use): stop the scheduler's thread
 

@@ -13,6 +13,7 @@ import pytest
 
 from mixport.errors import RuntimeFailure
 from mixport.runtime import load
+from mixport.runtime.rows import SerialRows
 from mixport.runtime.sampling import SamplingConfig
 from mixport.runtime.scheduler import Closed, Job, QueueFull
 
@@ -160,8 +161,27 @@ def test_async_iteration(pipe, alone) -> None:
     assert got == [alone[i][0] for i in range(4)]
 
 
-def test_portable_graph_runs_serially(tiny_export: Path, alone) -> None:
-    with load(tiny_export, threads=1, graph="portable") as p, p.scheduler(max_batch=8) as sched:
-        assert not sched.batched and sched.max_batch == 1
-        handles = [sched.submit(Job(p.encode(PROMPTS[i]), 6 + 3 * i)) for i in range(3)]
-        assert [h.result()[1] for h in handles] == [alone[i][0] for i in range(3)]
+def test_portable_graph_batches_too(tiny_export: Path, alone) -> None:
+    """model.onnx (concatenating cache, left-padded rows): rows join and leave, results equal alone."""
+    with load(tiny_export, threads=1, graph="portable") as p, p.scheduler(max_batch=3) as sched:
+        assert sched.batched and sched.max_batch == 3
+        handles = []
+        for i in range(6):
+            handles.append(sched.submit(Job(p.encode(PROMPTS[i]), 6 + 3 * i)))
+            if i == 2:
+                while handles[0].pending == 0:  # the first three run before the others arrive
+                    time.sleep(0.001)
+        assert [h.result()[1] for h in handles] == [alone[i][0] for i in range(6)]
+
+
+def test_serial_rows_equal_generate(tiny_export: Path, alone) -> None:
+    """SerialRows (TensorRT's path: one request at a time) over the portable session."""
+    with load(tiny_export, threads=1, graph="portable") as p:
+        rows = SerialRows(p.session)
+        for i in (0, 4):
+            (row,), logits = rows.prefill([p.encode(PROMPTS[i])])
+            out = [int(logits[0].argmax())]
+            while len(out) < len(alone[i][0]):
+                out.append(int(rows.decode({row: out[-1]})[row].argmax()))
+            rows.free(row)
+            assert out == alone[i][0]

@@ -28,9 +28,10 @@ def test_full_queue_is_429_with_retry_after(start_server) -> None:
 
     server = start_server("--max-batch", "1", "--max-queue", "1")
     client = server.client()
-    running, _, _ = long_stream(client)  # holds the only row
+    running, chunks, _ = long_stream(client)  # holds the only row (chunks kept: collecting it closes the stream)
     queued = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=480, temperature=0, stream=True)
-    assert server.get("/health").json()["queue_depth"] == 1
+    health = server.get("/health").json()
+    assert health["queue_depth"] == 1, (health, server.stderr())
     with pytest.raises(openai.RateLimitError) as caught:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
     assert caught.value.status_code == 429
@@ -40,6 +41,7 @@ def test_full_queue_is_429_with_retry_after(start_server) -> None:
     assert server.metric("mixport_requests_total", endpoint="/v1/completions", status="429") == 1
     running.close()
     queued.close()
+    del chunks
     deadline = time.monotonic() + 10
     while (server.get("/health").json()["active"] or server.get("/health").json()["queue_depth"]) \
             and time.monotonic() < deadline:

@@ -501,6 +501,38 @@ def _stream_one(pipe: Any, text: str, ids: list[int], max_new_tokens: int, sampl
 
 
 @main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together (continuous batching).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting for a batch row; past it: HTTP 429 with Retry-After.")
+@click.option("--drain-timeout", type=FiniteFloat(min=0), default=30.0, show_default=True,
+              help="On SIGTERM: seconds in-flight requests get to finish.")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads (up to 4 per CPU).")
+@click.option("--graph", type=click.Choice(["auto", "fast", "portable"]), default="auto", show_default=True,
+              help="fast: ONNX Runtime CPU graph (built once into OUT); portable: model.onnx.")
+@click.option("--model-name", default=None, help="The model id in /v1/models and responses [default: OUT's name].")
+@friendly
+def serve(out_dir: Path, host: str, port: int, max_batch: int, max_queue: int, drain_timeout: float,
+          threads: int | None, graph: str, model_name: str | None) -> None:
+    """Serve an export folder over an OpenAI-compatible HTTP API (continuous batching, Prometheus /metrics).
+
+    Example: mixport serve out --port 8000 --max-batch 8
+    """
+    from mixport.serve import require_deps
+
+    require_deps()
+    from mixport.serve.app import ServeOptions
+    from mixport.serve.server import serve_folder
+
+    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, threads=threads, graph=graph,
+                           drain_timeout=drain_timeout, model_name=model_name)
+    serve_folder(out_dir, options, host, port, progress=_progress)
+
+
+@main.command()
 @click.argument("src", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Where to write the optimized model.")

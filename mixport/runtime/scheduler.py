@@ -102,6 +102,7 @@ class Scheduler:
         self._live: dict[int, _Live] = {}  # row -> request
         self._closing = self._stopped = False
         self._admitting = 0
+        self._release, self._released, self._drained = threading.Lock(), False, False
         self._typical = 1.0  # seconds a request takes, a moving average
         self._ids = 0
         self._thread = threading.Thread(target=self._loop, name="mixport-scheduler", daemon=True)
@@ -170,24 +171,27 @@ class Scheduler:
 
     def close(self, drain_timeout: float | None = 30.0) -> bool:
         """Stop accepting; let queued and running requests finish within ``drain_timeout``
-        seconds (None: wait for all), then end the rest with an error. True when all finished."""
+        seconds (None: wait for all), then end the rest with an error. True when all finished.
+        Safe to call again, or from two threads at once (the first one to give up decides)."""
         with self._cond:
-            if self._stopped:
-                return True
             self._closing = True
             self._cond.notify_all()
             end = None if drain_timeout is None else time.monotonic() + drain_timeout
-            while self._queue or self._live or self._admitting:
+            while not self._stopped and (self._queue or self._live or self._admitting):
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(left)
-            drained = not (self._queue or self._live or self._admitting)
-            self._stopped = True
-            self._cond.notify_all()
+            if not self._stopped:
+                self._drained = not (self._queue or self._live or self._admitting)
+                self._stopped = True
+                self._cond.notify_all()
         self._thread.join()
-        self.pipe._busy.lock.release()
-        return drained
+        with self._release:  # the pipeline is released once
+            if not self._released:
+                self._released = True
+                self.pipe._busy.lock.release()
+        return self._drained
 
     def __enter__(self) -> Scheduler:
         return self
@@ -271,6 +275,7 @@ class Scheduler:
         else:
             self._observe("on_token", now - live.last)
         live.last = now
+        live.handle.completion_tokens = live.made  # before the event: a reader of the last one sees it
         piece = live.text.push(token)
         reason = "stop" if token in self.eos or live.text.stopped else "length" if live.made >= live.steps else None
         if reason is None:

@@ -185,3 +185,18 @@ def test_serial_rows_equal_generate(tiny_export: Path, alone) -> None:
                 out.append(int(rows.decode({row: out[-1]})[row].argmax()))
             rows.free(row)
             assert out == alone[i][0]
+
+
+def test_close_twice_at_once(pipe, alone) -> None:
+    """A drain in progress and a second close() with no patience: one release, both return."""
+    sched = pipe.scheduler(max_batch=1)
+    long = sched.submit(Job(pipe.encode(PROMPTS[0]), 300))
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(sched.close(drain_timeout=None)))
+    waiter.start()
+    time.sleep(0.05)
+    assert sched.close(drain_timeout=0) is False
+    waiter.join(30)
+    assert results == [False] and list(long)[-1].finish == "error"
+    assert long.completion_tokens >= 1
+    assert pipe.generate_ids([pipe.encode(PROMPTS[0])], 6)[0] == alone[0][0]  # released exactly once

@@ -222,6 +222,8 @@ def deploy(folder: Path, options: ServeOptions, ray_options: RayOptions,
     import ray
     from ray import serve
 
+    from mixport.artifact import Manifest
+
     if ray_options.address:
         check_reachable(ray_options.address)
     folder = folder.resolve()
@@ -231,8 +233,6 @@ def deploy(folder: Path, options: ServeOptions, ray_options: RayOptions,
     _start_ray(ray_options, cpus * ray_options.most())
     if after_init:
         after_init()
-    from mixport.artifact import Manifest
-
     actor = replica_resources(Manifest.read(folder).engine is not None, ray.cluster_resources(), cpus)
     serve.start(http_options={"host": ray_options.host, "port": ray_options.port})
     spec = serve.deployment(_replica_class(), **deployment_options(options, ray_options, actor))
@@ -267,6 +267,7 @@ def shutdown() -> None:
 
 def serve_on_ray(folder: Path, options: ServeOptions, ray_options: RayOptions) -> int:
     """Deploy, wait for SIGTERM / SIGINT, shut down; 0."""
+    require_ray()
     import ray
 
     stop = threading.Event()
@@ -277,7 +278,6 @@ def serve_on_ray(folder: Path, options: ServeOptions, ray_options: RayOptions) -
             if previous[sig] is not signal.SIG_IGN:  # an ignored SIGINT (a background job) stays ignored
                 signal.signal(sig, lambda *_: stop.set())
 
-    require_ray()
     install()
     try:
         url = deploy(folder, options, ray_options, after_init=install)

@@ -72,10 +72,10 @@ from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
 from mixport.passes import nbits
-from mixport.runtime import ort_layers, ort_qmoe, ort_weights
+from mixport.runtime import onnx_locate, ort_layers, ort_qmoe, ort_weights
 from mixport.runtime.ort_emit import MS, Builder, is_weight
 
-GRAPH_VERSION = 6  # 6: quantized exports (MatMulNBits)
+GRAPH_VERSION = 7  # 6: quantized exports (MatMulNBits); 7: QMoE scales in model.ort.onnx.scales
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 
@@ -208,7 +208,8 @@ def _is_current(folder: Path, record: OrtGraphRecord | None, source_sha: str) ->
     path = folder / FILE
     return (record is not None and record.version == GRAPH_VERSION
             and record.source_onnx_sha256 == source_sha and path.is_file()
-            and artifact.verify(path, record.sha256, record.stamp) is not None)
+            and artifact.verify(path, record.sha256, record.stamp) is not None
+            and ort_qmoe.parts_ready(folder, ort_qmoe.placeholders(onnx_locate.skeleton(path))))
 
 
 def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
@@ -241,8 +242,9 @@ def _save(proto: onnx.ModelProto, path: Path) -> list[str]:
 
 def _write(folder: Path, proto: onnx.ModelProto, source_sha: str) -> Path:
     try:
-        with artifact.atomic_write(folder / FILE) as tmp:
+        with artifact.atomic_write(folder / FILE) as tmp:  # its companions (FILE.*) are renamed with it
             files = _save(proto, tmp)
+            ort_qmoe.write_parts(folder, ort_qmoe.placeholders(proto), tmp.with_name(ort_qmoe.SCALES))
     except OSError as exc:
         raise RuntimeFailure("cannot write the fast graph into the export folder", given=str(exc),
                              expected="a writable folder", hint="run with --graph portable") from None

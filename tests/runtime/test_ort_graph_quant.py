@@ -94,9 +94,13 @@ def test_fast_graph_holds_no_copy_of_the_weights(name: str, fast_folders: Callab
         assert len(slabs) == cfg["num_hidden_layers"] * cfg["num_local_experts"] * 2  # gate|up and down
     else:
         assert len(qmoe) == cfg["num_hidden_layers"]
-        assert {n for n, where in locations.items() if where == ort_qmoe.MARKER} == set(recipes)
+        weights = {n for n, r in recipes.items() if "offset" not in r}  # made at load; the others: in SCALES
+        assert {n for n, where in locations.items() if where == ort_qmoe.MARKER} == weights
+        assert {n for n, where in locations.items() if where == ort_qmoe.SCALES} == set(recipes) - weights
+        assert len(weights) == 2 * cfg["num_hidden_layers"]
         assert len(recipes) == cfg["num_hidden_layers"] * (4 + 2 * (name == "int4-zp"))
-    assert set(locations.values()) <= {artifact.MODEL_FILE, ort_qmoe.MARKER}
+        assert ort_qmoe.parts_ready(folder, recipes)
+    assert set(locations.values()) <= {artifact.MODEL_FILE, ort_qmoe.MARKER, ort_qmoe.SCALES}
     assert {"embed_tokens.weight", "lm_head.weight"} <= pointers
     assert not (folder / ort_qmoe.MARKER).exists()
     size = (folder / ort_graph.FILE).stat().st_size

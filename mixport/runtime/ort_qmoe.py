@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from mixport import ops
 from mixport.passes import lower_ort_moe, nbits
@@ -85,7 +85,12 @@ def emit(g: Builder, i: int, flat: str, logits: str, bits: int, block: int, norm
     clamped = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.expert_activation == "swiglu_clamped" else None
     attrs = dict(lower_ort_moe.contrib_attrs(cfg.num_experts_per_tok, normalize, clamped), expert_weight_bits=bits,
                  block_size=block, accuracy_level=g.accuracy_level)
-    return g.op1("QMoE", names, MS, **attrs)
+    if g.dtype == np.float32:
+        return g.op1("QMoE", names, MS, **attrs)
+    # fp16 graph: QMoE runs in fp32 (its fp16 kernel converts the activations to fp32 anyway, and keeps an
+    # fp32 copy of every fp16 scale beside the packed weights, 168 MiB a Mixtral-8x7B int4 layer)
+    names[:2] = [g.op1("Cast", [n], to=onnx.TensorProto.FLOAT) for n in names[:2]]
+    return g.op1("Cast", [g.op1("QMoE", names, MS, **attrs)], to=g.elem)
 
 
 def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
@@ -93,9 +98,10 @@ def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
     stacks (GPT-OSS), or empty inputs."""
     if not g.cfg.expert_bias:
         return "", ""
-    gate_up, down = (np.asarray(g.w[f"{base}.{name}"]) for name in ops.BIAS_INPUTS)
-    return (g.weight(f"{base}.qmoe_fc1_bias", lower_ort_moe.interleave_columns(gate_up)),
-            g.weight(f"{base}.{ops.BIAS_INPUTS[1]}"))
+    gate_up, down = (np.asarray(g.w[f"{base}.{name}"], np.float32) for name in ops.BIAS_INPUTS)
+    fc1, fc2 = f"{base}.qmoe_fc1_bias", f"{base}.qmoe_fc2_bias"  # fp32, as QMoE runs (emit)
+    g.inits += [numpy_helper.from_array(lower_ort_moe.interleave_columns(gate_up), fc1), numpy_helper.from_array(down, fc2)]
+    return fc1, fc2
 
 
 def _placeholder(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -> str:
@@ -130,7 +136,7 @@ def _made_shape(g: Builder, stack: str, suffix: str, part: str) -> tuple[np.dtyp
     views = [g.w[g.names.expert_weight(layer, 0, r) + suffix] for r in roles]
     count, rows, cols = g.cfg.num_local_experts, views[0].shape[0], sum(v.shape[1] for v in views)
     if part == "scales":
-        return views[0].dtype, [count, cols, rows]
+        return np.dtype(np.float32), [count, cols, rows]  # fp32, as QMoE runs (emit)
     if part == "zero_points":
         return np.dtype(np.uint8), [count, cols, (rows + 1) // 2]
     return np.dtype(np.uint8), [count, cols, rows * nbits.bits_of(views[0]) // 8]
@@ -141,7 +147,7 @@ def _made(stacked: np.ndarray, fc: str, part: str, block: int) -> np.ndarray:
     if fc == "fc1":
         stacked = lower_ort_moe.interleave_columns(stacked)  # type: ignore[assignment]
     if part == "scales":
-        return np.ascontiguousarray(np.swapaxes(stacked, 1, 2))
+        return np.ascontiguousarray(np.swapaxes(stacked, 1, 2), dtype=np.float32)
     if part == "zero_points":
         return np.stack([nbits.pack_zero_points(z) for z in stacked])
     ones = np.ones((stacked.shape[0], nbits.quant.blocks(stacked.shape[1], block), stacked.shape[2]), np.float32)

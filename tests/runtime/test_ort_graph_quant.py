@@ -178,3 +178,32 @@ def test_locate_finds_every_inline_tensor(quantized_export: Callable[[str], Path
     assert inline and all(data[where[t.name].offset:where[t.name].offset + where[t.name].length] == t.raw_data
                           for t in inline)
     assert {w.location for w in where.values()} == {artifact.MODEL_FILE}
+
+
+def test_fp16_experts_run_qmoe_in_fp32(tiny_dir: Path, tmp_path: Path) -> None:
+    """An fp16 export's QMoE runs in fp32 between two Casts, with fp32 scales in model.ort.onnx.scales
+    (QMoE's fp16 kernel would keep an fp32 copy of every scale beside its packed weights), given to
+    ONNX Runtime in place from a memory map; greedy tokens equal the portable fp16 model's."""
+    from mixport import quant
+    from mixport.exporter.export import export
+    from mixport.passes import QuantOptions
+
+    bits, block, symmetric = QUANT_SCHEMES["int8"]
+    folder = tmp_path / "out"
+    export(tiny_dir, folder, dtype="fp16", quantize=QuantOptions(quant.Scheme(bits, block, symmetric)))
+    manifest = artifact.Manifest.read(folder)
+    fast = ort_graph.ensure(folder, manifest)
+    proto = onnx.load(str(fast), load_external_data=False)
+    qmoe = [n for n in proto.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == manifest.config["num_hidden_layers"]
+    kinds = {t.name: t.data_type for t in proto.graph.initializer}
+    assert {kinds[n.input[3]] for n in qmoe} == {onnx.TensorProto.FLOAT}  # fc1 scales
+    made = {n.output[0]: n for n in proto.graph.node}
+    assert all(made[n.input[0]].op_type == "Cast" for n in qmoe)
+    session = OrtFastSession(fast, manifest, threads=1)
+    assert session.shared and all(isinstance(v, np.memmap) for v in session.shared.values())
+    vocab = manifest.config["vocab_size"]
+    want = _run(OrtSession(folder / artifact.MODEL_FILE, manifest, threads=1), vocab)
+    got = _run(session, vocab, want.tokens)
+    _, mask = left_padded_prompt(vocab)
+    assert max_logit_error(got, want, mask) <= LEVEL4_BOUND

@@ -8,7 +8,7 @@ vs 167; profiled node time 2.4x lower: 16 MatMulNBits per layer, most on 0 rows,
 gather / scatter nodes, against one node), and prefills 64 tokens 10-15% slower. Decode wins.
 
 QMoE wants its own layouts (``lower_ort_moe``: MatMulNBits rows per expert, gate/up interleaved), not
-model.onnx's [E, K, N] blocks, so its six weight inputs are placeholders in the file: external data in
+model.onnx's [E, K, N] blocks, so its two weight inputs are placeholders in the file: external data in
 ``MARKER``, a file never written (a plain ONNX Runtime session refuses the graph loudly instead of
 reading wrong bytes), with a recipe per placeholder in the model's metadata (``META``: the stacked
 model.onnx tensor, its type and shape, fc1 or fc2, which part). ``OrtFastSession`` computes them
@@ -22,9 +22,11 @@ CPU kernel does not prepack them (it copies them into its packed weights), so ON
 whatever buffer they came in for the whole session; from memory (``add_external_initializers``) that
 was a second, anonymous copy of every scale (measured, 2 real Mixtral-8x7B layers int4: 336 MiB, 12% of
 the weights). Mapped, they are file pages that ``release`` drops from this process once the session has
-packed them: read again (nothing was seen to), they come back from the file, never stale. Experts QMoE cannot express (``lower_ort_moe.
-qmoe_refusal``: a partial last block; 8-bit experts below accuracy level 4, which its CPU kernel
-computes with int8 activations anyway) keep the sparse body, whose weights point at model.onnx.
+packed them: read again (nothing was seen to), they come back from the file, never stale.
+
+Experts QMoE cannot express (``lower_ort_moe.qmoe_refusal``: a partial last block; 8-bit experts below
+accuracy level 4, which its CPU kernel computes with int8 activations anyway) keep the sparse body,
+whose weights point at model.onnx.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
         return "", ""
     gate_up, down = (np.asarray(g.w[f"{base}.{name}"], np.float32) for name in ops.BIAS_INPUTS)
     fc1, fc2 = f"{base}.qmoe_fc1_bias", f"{base}.qmoe_fc2_bias"  # fp32, as QMoE runs (emit)
-    g.inits += [numpy_helper.from_array(lower_ort_moe.interleave_columns(gate_up), fc1), numpy_helper.from_array(down, fc2)]
+    g.inits += [numpy_helper.from_array(lower_ort_moe.interleave_columns(gate_up), fc1),
+                numpy_helper.from_array(down, fc2)]
     return fc1, fc2
 
 

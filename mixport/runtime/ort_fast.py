@@ -47,6 +47,7 @@ class OrtFastSession:
                                  shared=self.shared)
         del supplied
         ort_qmoe.release(self.shared)  # packed by now: their file pages leave this process
+        memory.give_back()
         cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])

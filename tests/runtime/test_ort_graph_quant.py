@@ -12,6 +12,7 @@ the float model is ``mixport check``'s business."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -207,3 +208,33 @@ def test_fp16_experts_run_qmoe_in_fp32(tiny_dir: Path, tmp_path: Path) -> None:
     got = _run(session, vocab, want.tokens)
     _, mask = left_padded_prompt(vocab)
     assert max_logit_error(got, want, mask) <= LEVEL4_BOUND
+
+
+def _resident_kib(path: Path) -> int | None:
+    """Rss (KiB) of this process's mappings of PATH (/proc/self/smaps), None where it has none."""
+    found, total, current = False, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line (the file, if any, last)
+            current = len(head) >= 6 and head[5] == str(path)
+            found |= current
+        elif current and line.startswith("Rss:"):
+            total += int(head[1])
+    return total if found else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_scales_are_mapped_and_leave_the_process(fast_folders: Callable[[str], Path]) -> None:
+    """QMoE's scales reach ONNX Runtime in place from model.ort.onnx.scales (no anonymous copy) and, once
+    the session packed them, their pages leave this process; the session still computes what it did
+    (read again, they would come back from the file)."""
+    folder = fast_folders("int8")
+    manifest = artifact.Manifest.read(folder)
+    session = OrtFastSession(folder / ort_graph.FILE, manifest, threads=1)
+    scales = (folder / ort_qmoe.SCALES).resolve()
+    assert session.shared and _resident_kib(scales) == 0  # mapped, none of it resident
+    vocab = manifest.config["vocab_size"]
+    first = _run(session, vocab)
+    assert _resident_kib(scales) == 0  # decoding does not read them either
+    again = _run(OrtFastSession(folder / ort_graph.FILE, manifest, threads=1), vocab)
+    assert np.array_equal(first.tokens, again.tokens)

@@ -227,9 +227,12 @@ def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
     return _write(folder, proto, source_sha)
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> list[str]:
-    """Write PATH; initializers that point at model.onnx's bytes stay pointers (never copied), the
-    others go inline, or to PATH.data when the graph would pass protobuf's 2 GB limit."""
+def _save(proto: onnx.ModelProto, path: Path, folder: Path | None = None) -> list[str]:
+    """Write PATH and, beside it, QMoE's scales file (``ort_qmoe.SCALES``, made from FOLDER's model.onnx:
+    PATH's folder unless given); initializers that point at model.onnx's bytes stay pointers (never
+    copied), the others go inline, or to PATH.data when the graph would pass protobuf's 2 GB limit."""
+    ort_qmoe.write_parts(Path(folder or Path(path).parent), ort_qmoe.placeholders(proto),
+                         Path(path).with_name(ort_qmoe.SCALES))
     if not any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         return artifact.save_onnx(proto, path)
     if proto.ByteSize() < artifact.TWO_GB:
@@ -243,8 +246,7 @@ def _save(proto: onnx.ModelProto, path: Path) -> list[str]:
 def _write(folder: Path, proto: onnx.ModelProto, source_sha: str) -> Path:
     try:
         with artifact.atomic_write(folder / FILE) as tmp:  # its companions (FILE.*) are renamed with it
-            files = _save(proto, tmp)
-            ort_qmoe.write_parts(folder, ort_qmoe.placeholders(proto), tmp.with_name(ort_qmoe.SCALES))
+            files = _save(proto, tmp, folder)
     except OSError as exc:
         raise RuntimeFailure("cannot write the fast graph into the export folder", given=str(exc),
                              expected="a writable folder", hint="run with --graph portable") from None

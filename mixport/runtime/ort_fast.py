@@ -38,9 +38,16 @@ class OrtFastSession:
 
         self._ort = ort
         memory.require(Path(model_path).with_name("model.onnx"), manifest.dtype, device)  # the bytes it points at
-        supplied = ort_qmoe.materialize(Path(model_path).parent, ort_qmoe.placeholders(
-            onnx_locate.skeleton(model_path)))
-        self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level), supplied)
+        folder, proto = Path(model_path).parent, onnx_locate.skeleton(model_path)
+        recipes = ort_qmoe.placeholders(proto)
+        supplied = ort_qmoe.materialize(folder, recipes)  # made in memory: ONNX Runtime copies and packs them
+        self.shared = ort_qmoe.mapped_parts(folder, recipes, proto)  # used in place, as long as the session
+        del proto
+        self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level), supplied,
+                                 shared=self.shared)
+        del supplied
+        ort_qmoe.release(self.shared)  # packed by now: their file pages leave this process
+        memory.give_back()
         cfg = manifest.config
         self.layers, self.kv_heads, self.head_dim = (cfg["num_hidden_layers"], cfg["num_key_value_heads"],
                                                      cfg["head_dim"])
@@ -132,3 +139,4 @@ class OrtFastSession:
 
     def close(self) -> None:
         self.sess = None
+        self.shared = {}

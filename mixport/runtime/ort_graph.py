@@ -72,10 +72,10 @@ from mixport.errors import RuntimeFailure
 from mixport.models import Adapter, registry
 from mixport.models import config as model_config
 from mixport.passes import nbits
-from mixport.runtime import ort_layers, ort_qmoe, ort_weights
+from mixport.runtime import onnx_locate, ort_layers, ort_qmoe, ort_weights
 from mixport.runtime.ort_emit import MS, Builder, is_weight
 
-GRAPH_VERSION = 6  # 6: quantized exports (MatMulNBits)
+GRAPH_VERSION = 7  # 6: quantized exports (MatMulNBits); 7: QMoE scales in model.ort.onnx.scales
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 
@@ -208,7 +208,8 @@ def _is_current(folder: Path, record: OrtGraphRecord | None, source_sha: str) ->
     path = folder / FILE
     return (record is not None and record.version == GRAPH_VERSION
             and record.source_onnx_sha256 == source_sha and path.is_file()
-            and artifact.verify(path, record.sha256, record.stamp) is not None)
+            and artifact.verify(path, record.sha256, record.stamp) is not None
+            and ort_qmoe.parts_ready(folder, ort_qmoe.placeholders(onnx_locate.skeleton(path))))
 
 
 def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
@@ -226,9 +227,12 @@ def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
     return _write(folder, proto, source_sha)
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> list[str]:
-    """Write PATH; initializers that point at model.onnx's bytes stay pointers (never copied), the
-    others go inline, or to PATH.data when the graph would pass protobuf's 2 GB limit."""
+def _save(proto: onnx.ModelProto, path: Path, folder: Path | None = None) -> list[str]:
+    """Write PATH and, beside it, QMoE's scales file (``ort_qmoe.SCALES``, made from FOLDER's model.onnx:
+    PATH's folder unless given); initializers that point at model.onnx's bytes stay pointers (never
+    copied), the others go inline, or to PATH.data when the graph would pass protobuf's 2 GB limit."""
+    ort_qmoe.write_parts(Path(folder or Path(path).parent), ort_qmoe.placeholders(proto),
+                         Path(path).with_name(ort_qmoe.SCALES))
     if not any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         return artifact.save_onnx(proto, path)
     if proto.ByteSize() < artifact.TWO_GB:
@@ -241,8 +245,8 @@ def _save(proto: onnx.ModelProto, path: Path) -> list[str]:
 
 def _write(folder: Path, proto: onnx.ModelProto, source_sha: str) -> Path:
     try:
-        with artifact.atomic_write(folder / FILE) as tmp:
-            files = _save(proto, tmp)
+        with artifact.atomic_write(folder / FILE) as tmp:  # its companions (FILE.*) are renamed with it
+            files = _save(proto, tmp, folder)
     except OSError as exc:
         raise RuntimeFailure("cannot write the fast graph into the export folder", given=str(exc),
                              expected="a writable folder", hint="run with --graph portable") from None

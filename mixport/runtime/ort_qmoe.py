@@ -8,14 +8,25 @@ vs 167; profiled node time 2.4x lower: 16 MatMulNBits per layer, most on 0 rows,
 gather / scatter nodes, against one node), and prefills 64 tokens 10-15% slower. Decode wins.
 
 QMoE wants its own layouts (``lower_ort_moe``: MatMulNBits rows per expert, gate/up interleaved), not
-model.onnx's [E, K, N] blocks, so its six weight inputs are placeholders in the file: external data in
+model.onnx's [E, K, N] blocks, so its two weight inputs are placeholders in the file: external data in
 ``MARKER``, a file never written (a plain ONNX Runtime session refuses the graph loudly instead of
 reading wrong bytes), with a recipe per placeholder in the model's metadata (``META``: the stacked
 model.onnx tensor, its type and shape, fc1 or fc2, which part). ``OrtFastSession`` computes them
 (``materialize``) and hands them over with ``SessionOptions.add_external_initializers``; ONNX
-Runtime then packs them into its own layout. Experts QMoE cannot express (``lower_ort_moe.
-qmoe_refusal``: a partial last block; 8-bit experts below accuracy level 4, which its CPU kernel
-computes with int8 activations anyway) keep the sparse body, whose weights point at model.onnx.
+Runtime copies them, packs them into its own layout and drops its copy.
+
+The scales and zero points are not placeholders: they are written with the graph, in QMoE's layouts,
+to ``SCALES`` (``write_parts``), and given to ONNX Runtime in place from a read-only memory map of that
+file (``mapped_parts``, ``SessionOptions.add_initializer``: shared initializers are not copied). QMoE's
+CPU kernel does not prepack them (it copies them into its packed weights), so ONNX Runtime keeps
+whatever buffer they came in for the whole session; from memory (``add_external_initializers``) that
+was a second, anonymous copy of every scale (measured, 2 real Mixtral-8x7B layers int4: 336 MiB, 12% of
+the weights). Mapped, they are file pages that ``release`` drops from this process once the session has
+packed them: read again (nothing was seen to), they come back from the file, never stale.
+
+Experts QMoE cannot express (``lower_ort_moe.qmoe_refusal``: a partial last block; 8-bit experts below
+accuracy level 4, which its CPU kernel computes with int8 activations anyway) keep the sparse body,
+whose weights point at model.onnx.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from mixport import ops
 from mixport.passes import lower_ort_moe, nbits
@@ -35,6 +46,8 @@ from mixport.runtime.ort_emit import MS, Builder
 from mixport.runtime.ort_weights import QUANTIZED, SCALE, ZERO
 
 MARKER = "model.ort.qmoe"  # never written: the session supplies these initializers
+SCALES = "model.ort.onnx.scales"  # written with the graph: QMoE's scales / zero points in its layouts
+ALIGN = 1 << 16  # each part of SCALES starts at a multiple of this (pages, for the memory maps)
 META = "mixport.qmoe"  # metadata_props key: {placeholder: recipe}
 PARTS = (("weights", QUANTIZED), ("scales", SCALE), ("zero_points", ZERO))
 
@@ -74,7 +87,12 @@ def emit(g: Builder, i: int, flat: str, logits: str, bits: int, block: int, norm
     clamped = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.expert_activation == "swiglu_clamped" else None
     attrs = dict(lower_ort_moe.contrib_attrs(cfg.num_experts_per_tok, normalize, clamped), expert_weight_bits=bits,
                  block_size=block, accuracy_level=g.accuracy_level)
-    return g.op1("QMoE", names, MS, **attrs)
+    if g.dtype == np.float32:
+        return g.op1("QMoE", names, MS, **attrs)
+    # fp16 graph: QMoE runs in fp32 (its fp16 kernel converts the activations to fp32 anyway, and keeps an
+    # fp32 copy of every fp16 scale beside the packed weights, 168 MiB a Mixtral-8x7B int4 layer)
+    names[:2] = [g.op1("Cast", [n], to=onnx.TensorProto.FLOAT) for n in names[:2]]
+    return g.op1("Cast", [g.op1("QMoE", names, MS, **attrs)], to=g.elem)
 
 
 def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
@@ -82,9 +100,11 @@ def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
     stacks (GPT-OSS), or empty inputs."""
     if not g.cfg.expert_bias:
         return "", ""
-    gate_up, down = (np.asarray(g.w[f"{base}.{name}"]) for name in ops.BIAS_INPUTS)
-    return (g.weight(f"{base}.qmoe_fc1_bias", lower_ort_moe.interleave_columns(gate_up)),
-            g.weight(f"{base}.{ops.BIAS_INPUTS[1]}"))
+    gate_up, down = (np.asarray(g.w[f"{base}.{name}"], np.float32) for name in ops.BIAS_INPUTS)
+    fc1, fc2 = f"{base}.qmoe_fc1_bias", f"{base}.qmoe_fc2_bias"  # fp32, as QMoE runs (emit)
+    g.inits += [numpy_helper.from_array(lower_ort_moe.interleave_columns(gate_up), fc1),
+                numpy_helper.from_array(down, fc2)]
+    return fc1, fc2
 
 
 def _placeholder(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -> str:
@@ -95,9 +115,20 @@ def _placeholder(g: Builder, stack: str, fc: str, part: str, suffix: str, block:
     dtype, shape = _made_shape(g, stack, suffix, part)
     name = f"{stack}.qmoe_{part}"
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    g.inits.append(onnx_locate.Where(MARKER, 0, nbytes).pointer(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
-    g.qmoe[name] = dict(source=source, fc=fc, part=part, block=block)
+    recipe: dict[str, Any] = dict(source=source, fc=fc, part=part, block=block)
+    where = onnx_locate.Where(MARKER, 0, nbytes)
+    if part != "weights":  # in SCALES, written with the graph
+        where = onnx_locate.Where(SCALES, parts_size(g.qmoe), nbytes)
+        recipe.update(offset=where.offset, bytes=nbytes)
+    g.inits.append(where.pointer(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
+    g.qmoe[name] = recipe
     return name
+
+
+def parts_size(recipes: dict[str, dict[str, Any]]) -> int:
+    """The size of SCALES for these recipes (each part ALIGN-aligned)."""
+    ends = [r["offset"] + r["bytes"] for r in recipes.values() if "offset" in r]
+    return -(-max(ends, default=0) // ALIGN) * ALIGN
 
 
 def _made_shape(g: Builder, stack: str, suffix: str, part: str) -> tuple[np.dtype, list[int]]:
@@ -108,7 +139,7 @@ def _made_shape(g: Builder, stack: str, suffix: str, part: str) -> tuple[np.dtyp
     views = [g.w[g.names.expert_weight(layer, 0, r) + suffix] for r in roles]
     count, rows, cols = g.cfg.num_local_experts, views[0].shape[0], sum(v.shape[1] for v in views)
     if part == "scales":
-        return views[0].dtype, [count, cols, rows]
+        return np.dtype(np.float32), [count, cols, rows]  # fp32, as QMoE runs (emit)
     if part == "zero_points":
         return np.dtype(np.uint8), [count, cols, (rows + 1) // 2]
     return np.dtype(np.uint8), [count, cols, rows * nbits.bits_of(views[0]) // 8]
@@ -119,7 +150,7 @@ def _made(stacked: np.ndarray, fc: str, part: str, block: int) -> np.ndarray:
     if fc == "fc1":
         stacked = lower_ort_moe.interleave_columns(stacked)  # type: ignore[assignment]
     if part == "scales":
-        return np.ascontiguousarray(np.swapaxes(stacked, 1, 2))
+        return np.ascontiguousarray(np.swapaxes(stacked, 1, 2), dtype=np.float32)
     if part == "zero_points":
         return np.stack([nbits.pack_zero_points(z) for z in stacked])
     ones = np.ones((stacked.shape[0], nbits.quant.blocks(stacked.shape[1], block), stacked.shape[2]), np.float32)
@@ -140,8 +171,9 @@ def placeholders(proto: onnx.ModelProto) -> dict[str, dict[str, Any]]:
 
 
 def materialize(folder: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The placeholders' values, made from FOLDER/model.onnx's stacked tensors (read through memory
-    maps; the weights one expert at a time, as bytes)."""
+    """The placeholders' values (not the parts in SCALES), made from FOLDER/model.onnx's stacked
+    tensors (read through memory maps; the weights one expert at a time, as bytes)."""
+    recipes = {n: r for n, r in recipes.items() if "offset" not in r}
     if not recipes:
         return {}
     proto = onnx_locate.skeleton(Path(folder) / "model.onnx")
@@ -155,6 +187,64 @@ def materialize(folder: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, n
         else:
             out[name] = _made(ort_weights.tensor_array(Path(folder), tensor), r["fc"], r["part"], int(r["block"]))
     return out
+
+
+def write_parts(folder: Path, recipes: dict[str, dict[str, Any]], path: Path) -> None:
+    """Write PATH (the graph's SCALES): the scales / zero points of ``recipes`` made from FOLDER/model.onnx's
+    stacked tensors, one at a time, each at its offset."""
+    parts = sorted(((n, r) for n, r in recipes.items() if "offset" in r), key=lambda item: item[1]["offset"])
+    if not parts:
+        return
+    proto = onnx_locate.skeleton(Path(folder) / "model.onnx")
+    tensors = {t.name: t for t in proto.graph.initializer}
+    with Path(path).open("wb") as f:
+        for name, r in parts:
+            value = np.ascontiguousarray(_made(ort_weights.tensor_array(Path(folder), tensors[r["source"]]), r["fc"],
+                                               r["part"], int(r["block"])))
+            if value.nbytes != r["bytes"]:
+                raise ValueError(f"{name}: made {value.nbytes} bytes, the graph expects {r['bytes']}")
+            f.seek(r["offset"])
+            f.write(value.data)
+        f.truncate(parts_size(recipes))
+
+
+def parts_ready(folder: Path, recipes: dict[str, dict[str, Any]]) -> bool:
+    """Is FOLDER's SCALES there, as big as these recipes need?"""
+    size = parts_size(recipes)
+    path = Path(folder) / SCALES
+    return size == 0 or (path.is_file() and path.stat().st_size >= size)
+
+
+def mapped_parts(folder: Path, recipes: dict[str, dict[str, Any]], proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The parts in FOLDER's SCALES as read-only arrays mapped from the file (``proto``: the graph, for
+    their types and shapes); ``release`` drops their pages once a session has read them."""
+    parts = {n: r for n, r in recipes.items() if "offset" in r}
+    if not parts:
+        return {}
+    mapped = np.memmap(Path(folder) / SCALES, np.uint8, "r")
+    tensors = {t.name: t for t in proto.graph.initializer if t.name in parts}
+    out = {}
+    for name, r in parts.items():
+        t = tensors[name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        out[name] = mapped[r["offset"]:r["offset"] + r["bytes"]].view(dtype).reshape(list(t.dims))
+    return out
+
+
+def release(arrays: dict[str, np.ndarray]) -> None:
+    """Drop the pages of the memory maps behind ``arrays`` from this process (``MADV_DONTNEED``: a later
+    read maps them again from the file)."""
+    import mmap
+
+    seen = set()
+    for arr in arrays.values():
+        base = arr
+        while base is not None and not isinstance(base, np.memmap):
+            base = base.base
+        mm = getattr(base, "_mmap", None)
+        if mm is not None and id(mm) not in seen and hasattr(mmap, "MADV_DONTNEED"):
+            seen.add(id(mm))
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def expert_rows(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> np.ndarray:

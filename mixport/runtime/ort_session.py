@@ -109,11 +109,13 @@ def session_options(threads: int | None, config: dict[str, str] | None = None) -
 
 
 def open_session(model_path: Path, device: str, threads: int | None, config: dict[str, str] | None = None,
-                 supplied: dict[str, np.ndarray] | None = None, graph: onnx.ModelProto | None = None) -> Any:
+                 supplied: dict[str, np.ndarray] | None = None, graph: onnx.ModelProto | None = None,
+                 shared: dict[str, np.ndarray] | None = None) -> Any:
     """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line. ``supplied``:
-    initializers given to ONNX Runtime from memory (placeholders in the file, ``ort_qmoe``); ``graph``:
-    the graph to run instead of the file's (its external data relative to the file's folder,
-    ``ort_mapped``)."""
+    initializers given to ONNX Runtime from memory (placeholders in the file, ``ort_qmoe``), which it
+    copies; ``shared``: initializers it computes with in place (``add_initializer``: the caller keeps
+    the arrays alive as long as the session); ``graph``: the graph to run instead of the file's (its
+    external data relative to the file's folder, ``ort_mapped``)."""
     import onnxruntime as ort
 
     from mixport import onnx_io
@@ -132,9 +134,14 @@ def open_session(model_path: Path, device: str, threads: int | None, config: dic
     if supplied:
         options.add_external_initializers(list(supplied), [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
                                                            for v in supplied.values()])
+    in_place = [ort.OrtValue.ortvalue_from_numpy(v) for v in (shared or {}).values()]  # contiguous views
+    for name, value in zip(shared or {}, in_place, strict=True):
+        options.add_initializer(name, value)
     try:
         source = str(model_path) if graph is None else graph.SerializeToString()
-        return ort.InferenceSession(source, options, providers=providers)
+        sess = ort.InferenceSession(source, options, providers=providers)
+        sess.mixport_shared = in_place  # ONNX Runtime holds their buffers, not these Python objects
+        return sess
     except Exception as exc:  # ORT raises its own exception types; one line for the user
         raise RuntimeFailure("ONNX Runtime could not load the model", given=f"{model_path}: "
                              f"{str(exc).splitlines()[0][:300]}", expected=f"a valid {model_path.name}") from None

@@ -12,6 +12,7 @@ the float model is ``mixport check``'s business."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -94,9 +95,13 @@ def test_fast_graph_holds_no_copy_of_the_weights(name: str, fast_folders: Callab
         assert len(slabs) == cfg["num_hidden_layers"] * cfg["num_local_experts"] * 2  # gate|up and down
     else:
         assert len(qmoe) == cfg["num_hidden_layers"]
-        assert {n for n, where in locations.items() if where == ort_qmoe.MARKER} == set(recipes)
+        weights = {n for n, r in recipes.items() if "offset" not in r}  # made at load; the others: in SCALES
+        assert {n for n, where in locations.items() if where == ort_qmoe.MARKER} == weights
+        assert {n for n, where in locations.items() if where == ort_qmoe.SCALES} == set(recipes) - weights
+        assert len(weights) == 2 * cfg["num_hidden_layers"]
         assert len(recipes) == cfg["num_hidden_layers"] * (4 + 2 * (name == "int4-zp"))
-    assert set(locations.values()) <= {artifact.MODEL_FILE, ort_qmoe.MARKER}
+        assert ort_qmoe.parts_ready(folder, recipes)
+    assert set(locations.values()) <= {artifact.MODEL_FILE, ort_qmoe.MARKER, ort_qmoe.SCALES}
     assert {"embed_tokens.weight", "lm_head.weight"} <= pointers
     assert not (folder / ort_qmoe.MARKER).exists()
     size = (folder / ort_graph.FILE).stat().st_size
@@ -174,3 +179,62 @@ def test_locate_finds_every_inline_tensor(quantized_export: Callable[[str], Path
     assert inline and all(data[where[t.name].offset:where[t.name].offset + where[t.name].length] == t.raw_data
                           for t in inline)
     assert {w.location for w in where.values()} == {artifact.MODEL_FILE}
+
+
+def test_fp16_experts_run_qmoe_in_fp32(tiny_dir: Path, tmp_path: Path) -> None:
+    """An fp16 export's QMoE runs in fp32 between two Casts, with fp32 scales in model.ort.onnx.scales
+    (QMoE's fp16 kernel would keep an fp32 copy of every scale beside its packed weights), given to
+    ONNX Runtime in place from a memory map; greedy tokens equal the portable fp16 model's."""
+    from mixport import quant
+    from mixport.exporter.export import export
+    from mixport.passes import QuantOptions
+
+    bits, block, symmetric = QUANT_SCHEMES["int8"]
+    folder = tmp_path / "out"
+    export(tiny_dir, folder, dtype="fp16", quantize=QuantOptions(quant.Scheme(bits, block, symmetric)))
+    manifest = artifact.Manifest.read(folder)
+    fast = ort_graph.ensure(folder, manifest)
+    proto = onnx.load(str(fast), load_external_data=False)
+    qmoe = [n for n in proto.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == manifest.config["num_hidden_layers"]
+    kinds = {t.name: t.data_type for t in proto.graph.initializer}
+    assert {kinds[n.input[3]] for n in qmoe} == {onnx.TensorProto.FLOAT}  # fc1 scales
+    made = {n.output[0]: n for n in proto.graph.node}
+    assert all(made[n.input[0]].op_type == "Cast" for n in qmoe)
+    session = OrtFastSession(fast, manifest, threads=1)
+    assert session.shared and all(isinstance(v, np.memmap) for v in session.shared.values())
+    vocab = manifest.config["vocab_size"]
+    want = _run(OrtSession(folder / artifact.MODEL_FILE, manifest, threads=1), vocab)
+    got = _run(session, vocab, want.tokens)
+    _, mask = left_padded_prompt(vocab)
+    assert max_logit_error(got, want, mask) <= LEVEL4_BOUND
+
+
+def _resident_kib(path: Path) -> int | None:
+    """Rss (KiB) of this process's mappings of PATH (/proc/self/smaps), None where it has none."""
+    found, total, current = False, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line (the file, if any, last)
+            current = len(head) >= 6 and head[5] == str(path)
+            found |= current
+        elif current and line.startswith("Rss:"):
+            total += int(head[1])
+    return total if found else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_scales_are_mapped_and_leave_the_process(fast_folders: Callable[[str], Path]) -> None:
+    """QMoE's scales reach ONNX Runtime in place from model.ort.onnx.scales (no anonymous copy) and, once
+    the session packed them, their pages leave this process; the session still computes what it did
+    (read again, they would come back from the file)."""
+    folder = fast_folders("int8")
+    manifest = artifact.Manifest.read(folder)
+    session = OrtFastSession(folder / ort_graph.FILE, manifest, threads=1)
+    scales = (folder / ort_qmoe.SCALES).resolve()
+    assert session.shared and _resident_kib(scales) == 0  # mapped, none of it resident
+    vocab = manifest.config["vocab_size"]
+    first = _run(session, vocab)
+    assert _resident_kib(scales) == 0  # decoding does not read them either
+    again = _run(OrtFastSession(folder / ort_graph.FILE, manifest, threads=1), vocab)
+    assert np.array_equal(first.tokens, again.tokens)

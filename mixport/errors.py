@@ -42,6 +42,37 @@ class RuntimeFailure(MixportError):
     """A run folder or a generation request is unusable."""
 
 
+class QueueFull(RuntimeFailure):
+    """The continuous-batching scheduler's queue is full (HTTP 429); ``retry_after`` seconds is a
+    fair wait."""
+
+    def __init__(self, what: str, *, retry_after: float = 1.0, **parts: object) -> None:
+        super().__init__(what, **parts)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class Closed(RuntimeFailure):
+    """The scheduler is shutting down and takes no new request (HTTP 503)."""
+
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+class ApiError(MixportError):
+    """An HTTP request ``mixport serve`` refuses or cannot finish: ``status`` and the fields of
+    OpenAI's error body (``serve/errors.py`` makes the response); its message is one line."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = INVALID_REQUEST, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+
+class RayServeError(MixportError):
+    """Ray Serve cannot be started, reached or given the deployment."""
+
+
 class TokenizerError(MixportError):
     """A tokenizer file or chat template is malformed, unsafe, or points outside its folder."""
 

@@ -10,19 +10,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from mixport.errors import RuntimeFailure
+from mixport.errors import Closed, QueueFull, RuntimeFailure
 
-
-class QueueFull(RuntimeFailure):
-    """The scheduler's queue is full (HTTP 429); ``retry_after`` seconds is a fair wait."""
-
-    def __init__(self, what: str, *, retry_after: float = 1.0, **parts: Any) -> None:
-        super().__init__(what, **parts)
-        self.retry_after = retry_after
-
-
-class Closed(RuntimeFailure):
-    """The scheduler is shutting down and takes no new request (HTTP 503)."""
+__all__ = ["Closed", "Event", "Handle", "QueueFull"]
 
 
 @dataclass(frozen=True)

@@ -14,25 +14,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from mixport.errors import INVALID_REQUEST as INVALID
+from mixport.errors import ApiError
+
+__all__ = ["INVALID", "ApiError", "bad_request", "error_body", "install_handlers", "response"]
+
 log = logging.getLogger("mixport.serve")
 
-INVALID = "invalid_request_error"
 
 
-class ApiError(Exception):
-    """A request the server refuses or cannot finish: HTTP ``status`` with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = INVALID, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.kind, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+def response(exc: ApiError) -> JSONResponse:
+    """``exc`` as the HTTP answer: its status, OpenAI's error body, its headers (Retry-After)."""
+    return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
 
 
 def error_body(message: str, kind: str = INVALID, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -64,19 +58,19 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return bad_request(message, param).response()
+        return response(bad_request(message, param))
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+        return response(ApiError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return ApiError(500, f"internal server error: {type(exc).__name__}", kind="server_error").response()
+        return response(ApiError(500, f"internal server error: {type(exc).__name__}", kind="server_error"))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixport.errors import MixportError
+from mixport.errors import RayServeError
 
 if TYPE_CHECKING:
     from mixport.serve.app import ServeOptions
@@ -42,10 +42,6 @@ APP_NAME = "mixport"
 HEALTH_PERIOD_S = 2.0
 HEALTH_TIMEOUT_S = 30.0
 SHUTDOWN_GRACE_S = 30.0  # past the drain timeout, for Serve's controller, proxy and Ray to stop
-
-
-class RayServeError(MixportError):
-    """Ray Serve cannot be started, reached or given the deployment."""
 
 
 @dataclass(frozen=True)

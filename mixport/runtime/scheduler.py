@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mixport.errors import RuntimeFailure
-from mixport.runtime.generate import check_ids, check_stops
+from mixport.runtime.generate import check_stops
 from mixport.runtime.handle import Closed, Event, Handle, QueueFull
 from mixport.runtime.rows import rows_for
 from mixport.runtime.sampling import Sampler, SamplingConfig, short
@@ -141,15 +141,8 @@ class Scheduler:
     def _prepare(self, job: Job) -> _Live:
         if not isinstance(job, Job):
             raise RuntimeFailure("submit() takes a Job", given=type(job).__name__, expected="Job(prompt=[...])")
-        check_ids([job.prompt], self.pipe.vocab_size)
-        if not job.prompt:
-            raise RuntimeFailure("empty prompt", given="0 tokens", expected="at least one token")
+        self.pipe.check([job.prompt], job.max_new_tokens)  # ids, empty, context, budget: as generate()
         context = self.pipe.context
-        if len(job.prompt) >= context:
-            raise RuntimeFailure("prompt is longer than the model's context", given=f"{len(job.prompt)} tokens",
-                                 expected=f"fewer than {context} (max_position_embeddings)",
-                                 hint="shorten the prompt or lower max_tokens")
-        _positive("max_new_tokens", job.max_new_tokens, 1)
         stops = check_stops(job.stop if isinstance(job.stop, str) else list(job.stop))  # one string: one stop
         if not isinstance(job.sampling, SamplingConfig):
             raise RuntimeFailure("invalid sampling", given=type(job.sampling).__name__, expected="SamplingConfig")

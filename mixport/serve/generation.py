@@ -74,7 +74,7 @@ def submit(state: ServeState, body: CommonRequest) -> Prepared:
     try:
         handle = state.scheduler.submit(job)
     except QueueFull as exc:
-        retry = max(1, math.ceil(float(getattr(exc, "retry_after", 1) or 1)))
+        retry = max(1, math.ceil(exc.retry_after))
         raise ApiError(429, f"the server's queue is full ({state.scheduler.max_batch} running, "
                        f"{state.options.max_queue} waiting); retry after {retry} s", kind="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(retry)}) from None

@@ -100,22 +100,11 @@ class OrtFastSession:
 
     def _run(self, ids: np.ndarray, new: np.ndarray, index: np.ndarray, last: bool) -> np.ndarray:
         total = self.lengths + new
-        if total.max() > self.capacity:
-            if total.max() > self.context:
-                raise RuntimeFailure("the sequence outgrew the model's context", given=int(total.max()),
-                                     expected=f"<= {self.context} tokens")
-            self._allocate(len(self.lengths), min(max(2 * self.capacity, int(total.max())), self.context))
-        io = self.io
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(total.max(), dtype=np.int32))
-        io.bind_cpu_input("logits_index", index)
+        grown = grown_capacity(total, self.capacity, self.context)
+        if grown:
+            self._allocate(len(self.lengths), grown)
         out = self.logits if last else np.empty((index.shape[0], self.vocab), self.dtype)
-        io.bind_output("logits", "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
-        try:
-            self.sess.run_with_iobinding(io)
-        except Exception as exc:  # ORT raises RuntimeError / its own types
-            raise run_failure(exc) from None
+        run_step(self.sess, self.io, ids, total, index, out)
         self.lengths = total
         self.past_len += ids.shape[1]
         return out
@@ -140,3 +129,29 @@ class OrtFastSession:
     def close(self) -> None:
         self.sess = None
         self.shared = {}
+
+
+def grown_capacity(total: np.ndarray, capacity: int, context: int) -> int | None:
+    """The cache capacity rows of ``total`` tokens need (doubling, at most the context), or None when
+    ``capacity`` holds them; RuntimeFailure past the context."""
+    longest = int(total.max())
+    if longest <= capacity:
+        return None
+    if longest > context:
+        raise RuntimeFailure("the sequence outgrew the model's context", given=longest,
+                             expected=f"<= {context} tokens")
+    return min(max(2 * capacity, longest), context)
+
+
+def run_step(sess: Any, io: Any, ids: np.ndarray, total: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
+    """One run of the fast graph through ``io`` (its caches already bound): ``ids`` [B, S] right-padded,
+    ``total`` [B] tokens per row after the step, ``index`` the flat rows of logits wanted, into ``out``."""
+    io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+    io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
+    io.bind_cpu_input("total_sequence_length", np.array(total.max(), dtype=np.int32))
+    io.bind_cpu_input("logits_index", np.ascontiguousarray(index, dtype=np.int64))
+    io.bind_output("logits", "cpu", 0, out.dtype.type, list(out.shape), out.ctypes.data)
+    try:
+        sess.run_with_iobinding(io)
+    except Exception as exc:  # ORT raises RuntimeError / its own types
+        raise run_failure(exc) from None

@@ -26,7 +26,7 @@ import numpy as np
 
 from mixport.errors import RuntimeFailure
 from mixport.runtime.generate import last_logits, left_pad
-from mixport.runtime.ort_session import run_failure
+from mixport.runtime.ort_fast import grown_capacity, run_step
 from mixport.runtime.session import Session
 
 # R rows (max batch), n active rows, k newcomers, S prompt length (padded), C capacity, V vocab
@@ -83,27 +83,16 @@ class FastRows:
         """Feed ids [k, S] (right-padded, ``new`` real tokens per row) to the slots lo..lo+k-1."""
         f, hi = self.fast, lo + ids.shape[0]
         total = self.length[lo:hi] + new
-        if total.max() > self.capacity:
-            if total.max() > f.context:
-                raise RuntimeFailure("the sequence outgrew the model's context", given=int(total.max()),
-                                     expected=f"<= {f.context} tokens")
-            self._grow(min(max(2 * self.capacity, int(total.max())), f.context))
-        io, ort = self.io, f._ort
+        grown = grown_capacity(total, self.capacity, f.context)
+        if grown:
+            self._grow(grown)
         for i in range(f.layers):
             for j, kv in enumerate(("key", "value")):  # past and present share the slots' view
-                view = ort.OrtValue.ortvalue_from_numpy(self.cache[2 * i + j][lo:hi])
-                io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", view)
-                io.bind_ortvalue_output(f"present.{i}.{kv}", view)
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(total.max(), dtype=np.int32))
-        io.bind_cpu_input("logits_index", index.astype(np.int64))
+                view = f._ort.OrtValue.ortvalue_from_numpy(self.cache[2 * i + j][lo:hi])
+                self.io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", view)
+                self.io.bind_ortvalue_output(f"present.{i}.{kv}", view)
         out = np.empty((index.shape[0], f.vocab), f.dtype)
-        io.bind_output("logits", "cpu", 0, f.dtype, list(out.shape), out.ctypes.data)
-        try:
-            f.sess.run_with_iobinding(io)
-        except Exception as exc:  # ORT raises RuntimeError / its own types
-            raise run_failure(exc) from None
+        run_step(f.sess, self.io, ids, total, index, out)
         self.length[lo:hi] = total
         return out
 

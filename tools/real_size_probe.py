@@ -20,20 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the real-size bench's modules
+from real_size_child import status  # noqa: E402
+
 MIB = 1 << 20
 
 
-def memory() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def show(stage: str, t0: float) -> None:
-    m = memory()
+    m = status()  # the bench's own reader of /proc/self/status
     print(f"{stage:<28} {time.perf_counter() - t0:7.1f} s  RSS {m['VmRSS'] / MIB:8.0f}  anon {m['RssAnon'] / MIB:8.0f}"
           f"  file {m['RssFile'] / MIB:7.0f}  HWM {m['VmHWM'] / MIB:8.0f}", flush=True)
 

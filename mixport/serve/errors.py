@@ -17,16 +17,20 @@ from starlette.exceptions import HTTPException
 from mixport.errors import INVALID_REQUEST as INVALID
 from mixport.errors import ApiError
 
-__all__ = ["INVALID", "ApiError", "bad_request", "error_body", "install_handlers", "response"]
+__all__ = ["INVALID", "ApiError", "bad_request", "body_of", "error_body", "install_handlers", "response"]
 
 log = logging.getLogger("mixport.serve")
 
 
 
+def body_of(exc: ApiError) -> dict[str, Any]:
+    """OpenAI's error body for ``exc`` (a response's, or a stream's last event)."""
+    return error_body(exc.message, exc.kind, exc.param, exc.code)
+
+
 def response(exc: ApiError) -> JSONResponse:
     """``exc`` as the HTTP answer: its status, OpenAI's error body, its headers (Retry-After)."""
-    return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(body_of(exc), status_code=exc.status, headers=exc.headers)
 
 
 def error_body(message: str, kind: str = INVALID, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from mixport.errors import RuntimeFailure
 from mixport.runtime.scheduler import Closed, Handle, QueueFull
-from mixport.serve.errors import ApiError, error_body
+from mixport.serve.errors import ApiError, body_of
 from mixport.serve.protocol import ChatRequest, CommonRequest, CompletionRequest, max_new_tokens, refuse
 from mixport.serve.responses import DONE, FINISH, Piece, Shape, extend, piece_of, sse, usage
 
@@ -136,8 +136,7 @@ async def events(state: ServeState, prep: Prepared) -> AsyncIterator[str]:
             yield sse(shape.chunk(piece, None, offset))
             offset += sum(len(t) for t in piece.tokens)
         if ev.finish == "error" or ev.finish == "cancelled":
-            failed = _failed(state, ev.error or ev.finish)
-            yield sse(error_body(failed.message, failed.kind, failed.param, failed.code))
+            yield sse(body_of(_failed(state, ev.error or ev.finish)))
             break
         if ev.finish:
             yield sse(shape.chunk(Piece(), FINISH[ev.finish]))

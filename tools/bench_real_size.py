@@ -262,9 +262,7 @@ def runs(b: Bench, fmt: str, out: Path) -> None:
         if m.status == "ok":
             row.run = run_numbers(asked, m.result, b.args.new_tokens)
             ran_auto = row.run["ran"] if asked == "auto" else ran_auto
-            made = row.run["made_at_load_mb"]
-            row.notes = (f"ran {row.run['ran']}; weights in {', '.join(row.run['weights_files'])}"
-                         + (f" + {made:.0f} MiB made at load" if made else ""))
+            row.notes = f"ran {row.run['ran']}; weights in {', '.join(row.run['weights_files'])}"
 
 
 def build(b: Bench, fmt: str, out: Path) -> None:

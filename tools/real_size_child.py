@@ -105,16 +105,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 def graph_weights(model: Path) -> dict[str, Any]:
     """The bytes of the initializers of MODEL (the graph a session loads): inline raw data, external
     data (each (file, offset, length) once: the fast graph's views of one stacked tensor are not counted
-    twice), and initializers the session makes at load (the fast graph's QMoE placeholders). Reads
+    twice; its QMoE inputs are in its own file, ``ort_qmoe.PARTS``). Reads
     only records' headers of an inline file (a memory map), like ``runtime.onnx_locate``."""
     import mmap
 
     from onnx import TensorProto, external_data_helper, numpy_helper
 
     from mixport.folder_check import wire_fields
-    from mixport.runtime.ort_qmoe import MARKER
-
-    inline, made, fp16, external, files = 0, 0, 0, set(), {model.name}
+    inline, fp16, external, files = 0, 0, 0, set(), {model.name}
     with model.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         graphs = [(a, b) for field, a, b in wire_fields(buf, 0, len(buf)) if field == 7]  # ModelProto.graph
         for g0, g1 in graphs:
@@ -134,15 +132,12 @@ def graph_weights(model: Path) -> dict[str, Any]:
                     continue
                 info = {e.key: e.value for e in tensor.external_data}
                 length = int(info["length"]) if "length" in info else _nbytes(tensor)
-                if info["location"] == MARKER:
-                    made += length  # a placeholder the session supplies
-                    continue
                 files.add(info["location"])
                 key = (info["location"], int(info.get("offset", 0)), length)
                 fp16 += length if tensor.data_type == TensorProto.FLOAT16 and key not in external else 0
                 external.add(key)
     ext = sum(length for _, _, length in external)
-    return {"bytes": inline + ext + made, "inline": inline, "external": ext, "made_at_load": made, "fp16": fp16,
+    return {"bytes": inline + ext, "inline": inline, "external": ext, "fp16": fp16,
             "files": sorted(files), "file_bytes": sum((model.parent / f).stat().st_size for f in files)}
 
 

@@ -1,5 +1,5 @@
 """Where a session's memory goes while it loads (issue 15): load FOLDER as `mixport run` does and print
-VmRSS / RssAnon / RssFile (MiB) at each stage: after imports, after the QMoE weights are made (fast graph),
+VmRSS / RssAnon / RssFile (MiB) at each stage: after imports, after QMoE's inputs are mapped (fast graph),
 after ONNX Runtime's session is created, after load, after malloc_trim, after generating --tokens.
 
     PYTHONPATH=. python tools/real_size_probe.py FOLDER [--threads 2] [--graph auto]
@@ -36,14 +36,14 @@ def patch(args: argparse.Namespace, t0: float) -> None:
     """Print memory around the fast session's stages; add --config entries and --no-arena to every session."""
     from mixport.runtime import ort_fast, ort_qmoe, ort_session
 
-    made = ort_qmoe.materialize
+    mapped = ort_qmoe.mapped_parts
 
-    def materialize(*a: Any, **k: Any) -> Any:
-        got = made(*a, **k)
-        show(f"QMoE weights made ({sum(v.nbytes for v in got.values()) / MIB:.0f} MiB)", t0)
+    def mapped_parts(*a: Any, **k: Any) -> Any:
+        got = mapped(*a, **k)
+        show(f"QMoE inputs mapped ({sum(v.nbytes for v in got.values()) / MIB:.0f} MiB)", t0)
         return got
 
-    ort_fast.ort_qmoe.materialize = materialize  # type: ignore[attr-defined]
+    ort_fast.ort_qmoe.mapped_parts = mapped_parts  # type: ignore[attr-defined]
     options = ort_session.session_options
     extra = dict(kv.split("=", 1) for kv in args.config)
 

@@ -44,7 +44,7 @@ def run_numbers(asked: str, got: dict[str, Any], new_tokens: int) -> dict[str, A
     return {"asked": asked, "ran": got["graph"], "backend": got["backend"], "load_s": got["load_s"],
             "base_mb": base["VmRSS"] / MB, "rss_mb": rss / MB, "anon_mb": loaded.get("RssAnon", 0) / MB,
             "file_mb": loaded.get("RssFile", 0) / MB, "weights_mb": weights / MB,
-            "weights_files": got["weights"]["files"], "made_at_load_mb": got["weights"]["made_at_load"] / MB,
+            "weights_files": got["weights"]["files"],
             "rss_per_weight": rss / weights, "net_per_weight": (rss - base["VmRSS"]) / weights,
             "held_mb": held / MB, "net_per_held": (rss - base["VmRSS"]) / held,
             "gen_rss_mb": generated["VmRSS"] / MB, "hwm_mb": end["VmHWM"] / MB,

@@ -39,13 +39,10 @@ class OrtFastSession:
         self._ort = ort
         memory.require(Path(model_path).with_name("model.onnx"), manifest.dtype, device)  # the bytes it points at
         folder, proto = Path(model_path).parent, onnx_locate.skeleton(model_path)
-        recipes = ort_qmoe.placeholders(proto)
-        supplied = ort_qmoe.materialize(folder, recipes)  # made in memory: ONNX Runtime copies and packs them
-        self.shared = ort_qmoe.mapped_parts(folder, recipes, proto)  # used in place, as long as the session
+        self.shared = ort_qmoe.mapped_parts(folder, ort_qmoe.parts_of(proto), proto)  # in place, for the session
         del proto
-        self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level), supplied,
+        self.sess = open_session(model_path, device, threads, quant_config(manifest, accuracy_level),
                                  shared=self.shared)
-        del supplied
         ort_qmoe.release(self.shared)  # packed by now: their file pages leave this process
         memory.give_back()
         cfg = manifest.config

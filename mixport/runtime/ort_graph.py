@@ -75,7 +75,8 @@ from mixport.passes import nbits
 from mixport.runtime import onnx_locate, ort_layers, ort_qmoe, ort_weights
 from mixport.runtime.ort_emit import MS, Builder, is_weight
 
-GRAPH_VERSION = 7  # 6: quantized exports (MatMulNBits); 7: QMoE scales in model.ort.onnx.scales
+GRAPH_VERSION = 8  # 6: quantized exports (MatMulNBits); 7: QMoE scales in model.ort.onnx.scales; 8: all of
+# QMoE's inputs in model.ort.onnx.qmoe
 FILE = "model.ort.onnx"
 SIGNATURE = "ort-cpu-gqa-v1"
 
@@ -209,7 +210,7 @@ def _is_current(folder: Path, record: OrtGraphRecord | None, source_sha: str) ->
     return (record is not None and record.version == GRAPH_VERSION
             and record.source_onnx_sha256 == source_sha and path.is_file()
             and artifact.verify(path, record.sha256, record.stamp) is not None
-            and ort_qmoe.parts_ready(folder, ort_qmoe.placeholders(onnx_locate.skeleton(path))))
+            and ort_qmoe.parts_ready(folder, ort_qmoe.parts_of(onnx_locate.skeleton(path))))
 
 
 def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
@@ -224,15 +225,18 @@ def ensure(folder: Path, manifest: Manifest, progress: Any = None) -> Path:
         progress("building the ONNX Runtime CPU graph (once per export folder)")
     cfg = manifest.config
     proto = build(export_weights(folder / artifact.MODEL_FILE, cfg), cfg, manifest.dtype, share=True)
-    return _write(folder, proto, source_sha)
+    written = _write(folder, proto, source_sha)
+    if manifest.ort_graph is not None and manifest.ort_graph.version == 7:  # its scales file: ours, now unused
+        (folder / ort_qmoe.OLD_PARTS).unlink(missing_ok=True)
+    return written
 
 
 def _save(proto: onnx.ModelProto, path: Path, folder: Path | None = None) -> list[str]:
-    """Write PATH and, beside it, QMoE's scales file (``ort_qmoe.SCALES``, made from FOLDER's model.onnx:
+    """Write PATH and, beside it, QMoE's inputs (``ort_qmoe.PARTS``, made from FOLDER's model.onnx:
     PATH's folder unless given); initializers that point at model.onnx's bytes stay pointers (never
     copied), the others go inline, or to PATH.data when the graph would pass protobuf's 2 GB limit."""
-    ort_qmoe.write_parts(Path(folder or Path(path).parent), ort_qmoe.placeholders(proto),
-                         Path(path).with_name(ort_qmoe.SCALES))
+    ort_qmoe.write_parts(Path(folder or Path(path).parent), ort_qmoe.parts_of(proto),
+                         Path(path).with_name(ort_qmoe.PARTS))
     if not any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         return artifact.save_onnx(proto, path)
     if proto.ByteSize() < artifact.TWO_GB:

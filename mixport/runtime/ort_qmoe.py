@@ -1,5 +1,5 @@
-"""The fast graph's quantized sparse experts as one ``com.microsoft.QMoE`` per layer, whose weights are
-made from model.onnx's when the session starts (the fast graph's file holds no copy of them).
+"""The fast graph's quantized sparse experts as one ``com.microsoft.QMoE`` per layer, whose inputs are
+written with the graph, in QMoE's layouts, to ``PARTS`` (one file beside it).
 
 Measured on the mini-Mixtral int4 / int8 with lm_head quantized (ONNX Runtime 1.32 CPU, 1 thread,
 accuracy level 4, 64-token prompt, medians of 15 runs on a loaded 2-core machine): QMoE decodes 7-22%
@@ -7,22 +7,23 @@ faster than the sparse body with one MatMulNBits per expert slab (int4: 221 vs 2
 vs 167; profiled node time 2.4x lower: 16 MatMulNBits per layer, most on 0 rows, plus the sort /
 gather / scatter nodes, against one node), and prefills 64 tokens 10-15% slower. Decode wins.
 
-QMoE wants its own layouts (``lower_ort_moe``: MatMulNBits rows per expert, gate/up interleaved), not
-model.onnx's [E, K, N] blocks, so its two weight inputs are placeholders in the file: external data in
-``MARKER``, a file never written (a plain ONNX Runtime session refuses the graph loudly instead of
-reading wrong bytes), with a recipe per placeholder in the model's metadata (``META``: the stacked
-model.onnx tensor, its type and shape, fc1 or fc2, which part). ``OrtFastSession`` computes them
-(``materialize``) and hands them over with ``SessionOptions.add_external_initializers``; ONNX
-Runtime copies them, packs them into its own layout and drops its copy.
+QMoE wants its own layouts (``lower_ort_moe``: MatMulNBits rows per expert, gate/up interleaved, fp32
+scales [E, N, blocks]), not model.onnx's [E, K, N] blocks, so its weights, scales and zero points are
+made from model.onnx's stacks once, when the graph is built (``write_parts``: one expert's weights at a
+time), and recorded in the model's metadata (``META``: the stacked model.onnx tensor, fc1 or fc2, which
+part, its offset in PARTS). ``OrtFastSession`` gives them to ONNX Runtime in place from a read-only
+memory map of that file (``mapped_parts``, ``SessionOptions.add_initializer``: shared initializers are
+not copied). ONNX Runtime packs the weights into its own layout; the scales QMoE's CPU kernel copies
+into its packed weights but does not prepack, so ONNX Runtime keeps whatever buffer they came in.
+Mapped, every part is file pages, which the kernel can drop under memory pressure while the session
+packs, and which ``release`` drops from this process once it has (read again, nothing was seen to,
+they come back from the file, never stale). Measured at 2 real Mixtral-8x7B layers, int4:
 
-The scales and zero points are not placeholders: they are written with the graph, in QMoE's layouts,
-to ``SCALES`` (``write_parts``), and given to ONNX Runtime in place from a read-only memory map of that
-file (``mapped_parts``, ``SessionOptions.add_initializer``: shared initializers are not copied). QMoE's
-CPU kernel does not prepack them (it copies them into its packed weights), so ONNX Runtime keeps
-whatever buffer they came in for the whole session; from memory (``add_external_initializers``) that
-was a second, anonymous copy of every scale (measured, 2 real Mixtral-8x7B layers int4: 336 MiB, 12% of
-the weights). Mapped, they are file pages that ``release`` drops from this process once the session has
-packed them: read again (nothing was seen to), they come back from the file, never stale.
+* the weights made in memory at each load and handed over from memory
+  (``add_external_initializers``) were held twice while ONNX Runtime packed them (its copy and
+  ours): a load peak (VmHWM) of 1.8x the weights, and 45-95 s of each load spent making them;
+* the scales handed over from memory stayed as an anonymous second copy of every scale: 336 MiB,
+  12% of the weights.
 
 Experts QMoE cannot express (``lower_ort_moe.qmoe_refusal``: a partial last block; 8-bit experts below
 accuracy level 4, which its CPU kernel computes with int8 activations anyway) keep the sparse body,
@@ -32,6 +33,7 @@ whose weights point at model.onnx.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,11 @@ from mixport.runtime import onnx_locate, ort_weights
 from mixport.runtime.ort_emit import MS, Builder
 from mixport.runtime.ort_weights import QUANTIZED, SCALE, ZERO
 
-MARKER = "model.ort.qmoe"  # never written: the session supplies these initializers
-SCALES = "model.ort.onnx.scales"  # written with the graph: QMoE's scales / zero points in its layouts
-ALIGN = 1 << 16  # each part of SCALES starts at a multiple of this (pages, for the memory maps)
-META = "mixport.qmoe"  # metadata_props key: {placeholder: recipe}
-PARTS = (("weights", QUANTIZED), ("scales", SCALE), ("zero_points", ZERO))
+PARTS = "model.ort.onnx.qmoe"  # written with the graph: QMoE's weights, scales, zero points in its layouts
+OLD_PARTS = "model.ort.onnx.scales"  # graph version 7's (the scales only), removed when its graph is rebuilt
+ALIGN = 1 << 16  # each part of PARTS starts at a multiple of this (pages, for the memory maps)
+META = "mixport.qmoe"  # metadata_props key: {initializer in PARTS: recipe}
+ROLES = (("weights", QUANTIZED), ("scales", SCALE), ("zero_points", ZERO))
 
 
 def expressible(g: Builder, i: int) -> tuple[int, int, int] | None:
@@ -73,12 +75,12 @@ def emit(g: Builder, i: int, flat: str, logits: str, bits: int, block: int, norm
     """Layer i's quantized experts as one QMoE on flat [T, H] routed by ``logits`` [T, E]."""
     cfg = g.cfg
     origin = g.origins[g.names.expert_weight(i, 0, "gate")]
-    for e in range(cfg.num_local_experts):  # every view of the stacks is used (by the placeholders)
+    for e in range(cfg.num_local_experts):  # every view of the stacks is used (by the parts)
         for role in ("gate", "up", "down"):
-            for _, suffix in PARTS:
+            for _, suffix in ROLES:
                 g.w.get(g.names.expert_weight(i, e, role) + suffix)
     base = origin.tensor.rsplit(".", 1)[0]  # <experts>
-    inputs = {fc: [_placeholder(g, f"{base}.{stack}", fc, part, suffix, block) for part, suffix in PARTS]
+    inputs = {fc: [_part(g, f"{base}.{stack}", fc, part, suffix, block) for part, suffix in ROLES]
               for fc, stack in (("fc1", "gate_up"), ("fc2", "down"))}
     fc1_bias, fc2_bias = _biases(g, i, base)
     names = [flat, logits, inputs["fc1"][0], inputs["fc1"][1], fc1_bias, inputs["fc2"][0], inputs["fc2"][1], fc2_bias]
@@ -107,27 +109,23 @@ def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
     return fc1, fc2
 
 
-def _placeholder(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -> str:
-    """An initializer the session supplies: QMoE's ``part`` of ``fc`` made from model.onnx's ``stack``."""
+def _part(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -> str:
+    """An initializer in PARTS: QMoE's ``part`` of ``fc`` made from model.onnx's ``stack``."""
     source = stack + suffix
     if source not in g.where:
         return ""
     dtype, shape = _made_shape(g, stack, suffix, part)
     name = f"{stack}.qmoe_{part}"
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    recipe: dict[str, Any] = dict(source=source, fc=fc, part=part, block=block)
-    where = onnx_locate.Where(MARKER, 0, nbytes)
-    if part != "weights":  # in SCALES, written with the graph
-        where = onnx_locate.Where(SCALES, parts_size(g.qmoe), nbytes)
-        recipe.update(offset=where.offset, bytes=nbytes)
+    where = onnx_locate.Where(PARTS, parts_size(g.qmoe), nbytes)
     g.inits.append(where.pointer(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
-    g.qmoe[name] = recipe
+    g.qmoe[name] = dict(source=source, fc=fc, part=part, block=block, offset=where.offset, bytes=nbytes)
     return name
 
 
 def parts_size(recipes: dict[str, dict[str, Any]]) -> int:
-    """The size of SCALES for these recipes (each part ALIGN-aligned)."""
-    ends = [r["offset"] + r["bytes"] for r in recipes.values() if "offset" in r]
+    """The size of PARTS for these recipes (each part ALIGN-aligned)."""
+    ends = [r["offset"] + r["bytes"] for r in recipes.values()]
     return -(-max(ends, default=0) // ALIGN) * ALIGN
 
 
@@ -145,83 +143,67 @@ def _made_shape(g: Builder, stack: str, suffix: str, part: str) -> tuple[np.dtyp
     return np.dtype(np.uint8), [count, cols, rows * nbits.bits_of(views[0]) // 8]
 
 
-def _made(stacked: np.ndarray, fc: str, part: str, block: int) -> np.ndarray:
-    """QMoE's input ``part`` of ``fc`` from the stacked [E, K, N] q / scale / zero of that part."""
+def _made(stacked: np.ndarray, fc: str, part: str) -> np.ndarray:
+    """QMoE's scales / zero points of ``fc`` from the stacked [E, K / block, N] scale / zero."""
     if fc == "fc1":
         stacked = lower_ort_moe.interleave_columns(stacked)  # type: ignore[assignment]
     if part == "scales":
         return np.ascontiguousarray(np.swapaxes(stacked, 1, 2), dtype=np.float32)
-    if part == "zero_points":
-        return np.stack([nbits.pack_zero_points(z) for z in stacked])
-    ones = np.ones((stacked.shape[0], nbits.quant.blocks(stacked.shape[1], block), stacked.shape[2]), np.float32)
-    return nbits.expert_rows(stacked, ones, None, block)[0]
+    return np.stack([nbits.pack_zero_points(z) for z in stacked])
 
 
 def record(proto: onnx.ModelProto, recipes: dict[str, dict[str, Any]]) -> None:
-    """Keep the placeholders' recipes in the model's metadata."""
+    """Keep the recipes of the parts in PARTS in the model's metadata."""
     if recipes:
         helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                        META: json.dumps(recipes, sort_keys=True)})
 
 
-def placeholders(proto: onnx.ModelProto) -> dict[str, dict[str, Any]]:
-    """{placeholder name: recipe} of a fast graph (read without its weights)."""
+def parts_of(proto: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+    """{initializer name: recipe} of a fast graph's parts in PARTS (read without its weights)."""
     raw = next((p.value for p in proto.metadata_props if p.key == META), None)
     return json.loads(raw) if raw else {}
 
 
-def materialize(folder: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The placeholders' values (not the parts in SCALES), made from FOLDER/model.onnx's stacked
-    tensors (read through memory maps; the weights one expert at a time, as bytes)."""
-    recipes = {n: r for n, r in recipes.items() if "offset" not in r}
-    if not recipes:
-        return {}
-    proto = onnx_locate.skeleton(Path(folder) / "model.onnx")
-    tensors = {t.name: t for t in proto.graph.initializer}
-    out = {}
-    for name, r in recipes.items():
-        tensor = tensors[r["source"]]
-        if r["part"] == "weights":
-            out[name] = expert_rows(ort_weights.tensor_bytes(Path(folder), tensor), tensor.data_type,
-                                    list(tensor.dims), r["fc"] == "fc1")
-        else:
-            out[name] = _made(ort_weights.tensor_array(Path(folder), tensor), r["fc"], r["part"], int(r["block"]))
-    return out
-
-
 def write_parts(folder: Path, recipes: dict[str, dict[str, Any]], path: Path) -> None:
-    """Write PATH (the graph's SCALES): the scales / zero points of ``recipes`` made from FOLDER/model.onnx's
-    stacked tensors, one at a time, each at its offset."""
-    parts = sorted(((n, r) for n, r in recipes.items() if "offset" in r), key=lambda item: item[1]["offset"])
-    if not parts:
+    """Write PATH (the graph's PARTS): QMoE's weights / scales / zero points of ``recipes`` made from
+    FOLDER/model.onnx's stacked tensors (read through memory maps), each at its offset; the weights
+    one expert at a time, so nothing bigger than one expert's is in memory."""
+    if not recipes:
         return
     proto = onnx_locate.skeleton(Path(folder) / "model.onnx")
     tensors = {t.name: t for t in proto.graph.initializer}
     with Path(path).open("wb") as f:
-        for name, r in parts:
-            value = np.ascontiguousarray(_made(ort_weights.tensor_array(Path(folder), tensors[r["source"]]), r["fc"],
-                                               r["part"], int(r["block"])))
-            if value.nbytes != r["bytes"]:
-                raise ValueError(f"{name}: made {value.nbytes} bytes, the graph expects {r['bytes']}")
+        for name, r in sorted(recipes.items(), key=lambda item: item[1]["offset"]):
+            tensor = tensors[r["source"]]
             f.seek(r["offset"])
-            f.write(value.data)
+            if r["part"] == "weights":
+                pieces = expert_rows_each(ort_weights.tensor_bytes(Path(folder), tensor), tensor.data_type,
+                                          list(tensor.dims), r["fc"] == "fc1")
+            else:
+                pieces = iter([_made(ort_weights.tensor_array(Path(folder), tensor), r["fc"], r["part"])])
+            written = 0
+            for piece in pieces:
+                written += f.write(np.ascontiguousarray(piece).data)
+            if written != r["bytes"]:
+                raise ValueError(f"{name}: made {written} bytes, the graph expects {r['bytes']}")
         f.truncate(parts_size(recipes))
 
 
 def parts_ready(folder: Path, recipes: dict[str, dict[str, Any]]) -> bool:
-    """Is FOLDER's SCALES there, as big as these recipes need?"""
+    """Is FOLDER's PARTS there, as big as these recipes need?"""
     size = parts_size(recipes)
-    path = Path(folder) / SCALES
+    path = Path(folder) / PARTS
     return size == 0 or (path.is_file() and path.stat().st_size >= size)
 
 
 def mapped_parts(folder: Path, recipes: dict[str, dict[str, Any]], proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The parts in FOLDER's SCALES as read-only arrays mapped from the file (``proto``: the graph, for
+    """The parts in FOLDER's PARTS as read-only arrays mapped from the file (``proto``: the graph, for
     their types and shapes); ``release`` drops their pages once a session has read them."""
-    parts = {n: r for n, r in recipes.items() if "offset" in r}
+    parts = recipes
     if not parts:
         return {}
-    mapped = np.memmap(Path(folder) / SCALES, np.uint8, "r")
+    mapped = np.memmap(Path(folder) / PARTS, np.uint8, "r")
     tensors = {t.name: t for t in proto.graph.initializer if t.name in parts}
     out = {}
     for name, r in parts.items():
@@ -250,12 +232,16 @@ def release(arrays: dict[str, np.ndarray]) -> None:
 def expert_rows(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> np.ndarray:
     """QMoE's weights [E, N, K * bits / 8] (``nbits.expert_rows``' layout: each output column's K
     unsigned codes, packed two per byte for 4 bits; gate/up columns interleaved for fc1) from the
-    stacked q [E, K, N]'s bytes ``raw`` (int8 [E, K, N], or int4 / uint4 packed flat), one expert at a
-    time in uint8: the same bytes as unpacking it all (exact; tests/runtime/test_ort_qmoe.py), without
-    its int16 / ml_dtypes copies of every stack (1-layer Mixtral-8x7B int4: 35 s and 8 GB peak before)."""
+    stacked q [E, K, N]'s bytes ``raw`` (int8 [E, K, N], or int4 / uint4 packed flat): the same bytes
+    as unpacking it all (exact; tests/runtime/test_ort_qmoe.py)."""
+    return np.stack(list(expert_rows_each(raw, data_type, dims, interleave)))
+
+
+def expert_rows_each(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> Iterator[np.ndarray]:
+    """``expert_rows`` one expert [N, K * bits / 8] at a time, in uint8, without int16 / ml_dtypes
+    copies of the stack (1-layer Mixtral-8x7B int4: 35 s and 8 GB peak before)."""
     count, k, n = dims
     bits = 8 if data_type == onnx.TensorProto.INT8 else 4
-    out = np.empty((count, n, k * bits // 8), np.uint8)
     order = np.arange(n).reshape(2, n // 2).T.reshape(-1) if interleave else None  # g0, u0, g1, u1, ...
     per = k * n * bits // 8
     flat = raw.reshape(-1).view(np.uint8)
@@ -270,5 +256,4 @@ def expert_rows(raw: np.ndarray, data_type: int, dims: list[int], interleave: bo
             if data_type == onnx.TensorProto.INT4:
                 codes ^= 0x08  # int4 + 8
         rows = (codes if order is None else codes[:, order]).T  # [N, K]
-        out[e] = rows if bits == 8 else rows[:, 0::2] | (rows[:, 1::2] << 4)
-    return out
+        yield np.ascontiguousarray(rows) if bits == 8 else rows[:, 0::2] | (rows[:, 1::2] << 4)

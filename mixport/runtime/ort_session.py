@@ -109,31 +109,20 @@ def session_options(threads: int | None, config: dict[str, str] | None = None) -
 
 
 def open_session(model_path: Path, device: str, threads: int | None, config: dict[str, str] | None = None,
-                 supplied: dict[str, np.ndarray] | None = None, graph: onnx.ModelProto | None = None,
-                 shared: dict[str, np.ndarray] | None = None) -> Any:
-    """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line. ``supplied``:
-    initializers given to ONNX Runtime from memory (placeholders in the file, ``ort_qmoe``), which it
-    copies; ``shared``: initializers it computes with in place (``add_initializer``: the caller keeps
-    the arrays alive as long as the session); ``graph``: the graph to run instead of the file's (its
-    external data relative to the file's folder, ``ort_mapped``)."""
+                 graph: onnx.ModelProto | None = None, shared: dict[str, np.ndarray] | None = None) -> Any:
+    """An InferenceSession, or a RuntimeFailure with ONNX Runtime's first message line. ``shared``:
+    initializers it computes with in place (``add_initializer``: the caller keeps the arrays alive as
+    long as the session; ``ort_qmoe``'s parts, memory-mapped); ``graph``: the graph to run instead of
+    the file's (its external data relative to the file's folder, ``ort_mapped``)."""
     import onnxruntime as ort
 
     from mixport import onnx_io
-    from mixport.runtime import onnx_locate, ort_mapped
+    from mixport.runtime import ort_mapped
 
-    proto = graph
-    if supplied:  # the placeholders' location is never a file: check the others
-        proto = onnx_locate.skeleton(model_path)
-        kept = [t for t in proto.graph.initializer if t.name not in supplied]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(kept)
-    onnx_io.check_external_locations(model_path, proto)  # before ONNX Runtime reads any external data
+    onnx_io.check_external_locations(model_path, graph)  # before ONNX Runtime reads any external data
     if graph is not None:
         config = {**(config or {}), ort_mapped.FOLDER_CONFIG: str(Path(model_path).parent.resolve())}
     providers, options = providers_for(device), session_options(threads, config)  # their own one-line errors
-    if supplied:
-        options.add_external_initializers(list(supplied), [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-                                                           for v in supplied.values()])
     in_place = [ort.OrtValue.ortvalue_from_numpy(v) for v in (shared or {}).values()]  # contiguous views
     for name, value in zip(shared or {}, in_place, strict=True):
         options.add_initializer(name, value)

@@ -1,7 +1,8 @@
 """The fast ONNX Runtime graph of a quantized export: it computes what the portable model.onnx
-computes, holds no second copy of the weights, and runs its quantized MatMuls as MatMulNBits and its
-experts as QMoE (where QMoE can: int4 here has blocks of 64 over F = 96, a partial block, so its
-experts run the sparse body of MatMulNBits; int8 and int4-zp run QMoE).
+computes, points at model.onnx's weights (QMoE's inputs: in its own file, in QMoE's layouts), and
+runs its quantized MatMuls as MatMulNBits and its experts as QMoE (where QMoE can: int4 here has
+blocks of 64 over F = 96, a partial block, so its experts run the sparse body of MatMulNBits; int8 and
+int4-zp run QMoE).
 
 Parity is exact (<= 1e-4) for a graph built at accuracy level 1 (fp32 activations; 8-bit experts then
 keep the sparse body) against the portable model with the same level. At the level ``mixport run``
@@ -27,7 +28,7 @@ from mixport import artifact
 from mixport.runtime import load, ort_graph, ort_qmoe
 from mixport.runtime.onnx_locate import locate
 from mixport.runtime.ort_fast import OrtFastSession
-from mixport.runtime.ort_session import ACCURACY_CONFIG, QUANT_ACCURACY_LEVEL, OrtSession, portable_config
+from mixport.runtime.ort_session import ACCURACY_CONFIG, QUANT_ACCURACY_LEVEL, OrtSession, portable_config, quant_config
 from tests.conftest import QUANT_SCHEMES
 from tests.exporter.parity import Greedy, SessionStepper, greedy, left_padded_prompt, max_logit_error
 
@@ -78,41 +79,55 @@ def test_fast_graph_equals_the_portable_model(name: str, fast_folders: Callable[
 
 
 @pytest.mark.parametrize("name", list(QUANT_SCHEMES))
-def test_fast_graph_holds_no_copy_of_the_weights(name: str, fast_folders: Callable[[str], Path]) -> None:
+def test_fast_graph_points_at_model_onnx_and_its_qmoe_file(name: str, fast_folders: Callable[[str], Path]) -> None:
     """Expert slabs (sparse body) and single quantized weights read model.onnx's bytes (external data
-    there); QMoE's weights are placeholders the session makes from model.onnx (``ort_qmoe``): either
-    way the fast graph adds a small file, not a second copy."""
+    there); QMoE's weights, scales and zero points are in ``ort_qmoe.PARTS``, in QMoE's layouts, each
+    where its recipe says: the graph itself is a small file."""
     folder = fast_folders(name)
     fast = onnx.load(str(folder / ort_graph.FILE), load_external_data=False)
     cfg = artifact.Manifest.read(folder).config
     pointers = {t.name for t in fast.graph.initializer if onnx.external_data_helper.uses_external_data(t)}
-    locations = {t.name: e.value for t in fast.graph.initializer for e in t.external_data if e.key == "location"}
-    recipes = ort_qmoe.placeholders(fast)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in fast.graph.initializer if t.name in pointers}
+    recipes = ort_qmoe.parts_of(fast)
     qmoe = [n for n in fast.graph.node if n.op_type == "QMoE"]
     if name == "int4":  # blocks of 64 over F = 96: QMoE cannot, the sparse body points at each slab
-        assert not qmoe and not recipes
+        assert not qmoe and not recipes and not (folder / ort_qmoe.PARTS).exists()
         slabs = [n for n in pointers if ".experts." in n and n.endswith("_quantized")]
         assert len(slabs) == cfg["num_hidden_layers"] * cfg["num_local_experts"] * 2  # gate|up and down
     else:
         assert len(qmoe) == cfg["num_hidden_layers"]
-        weights = {n for n, r in recipes.items() if "offset" not in r}  # made at load; the others: in SCALES
-        assert {n for n, where in locations.items() if where == ort_qmoe.MARKER} == weights
-        assert {n for n, where in locations.items() if where == ort_qmoe.SCALES} == set(recipes) - weights
-        assert len(weights) == 2 * cfg["num_hidden_layers"]
-        assert len(recipes) == cfg["num_hidden_layers"] * (4 + 2 * (name == "int4-zp"))
+        assert {n for n, w in where.items() if w["location"] == ort_qmoe.PARTS} == set(recipes)
+        assert all(int(where[n]["offset"]) == r["offset"] and int(where[n]["length"]) == r["bytes"]
+                   and r["offset"] % ort_qmoe.ALIGN == 0 for n, r in recipes.items())
+        assert Counter(r["part"] for r in recipes.values()) == Counter(
+            {"weights": 2 * cfg["num_hidden_layers"], "scales": 2 * cfg["num_hidden_layers"],
+             **({"zero_points": 2 * cfg["num_hidden_layers"]} if name == "int4-zp" else {})})
         assert ort_qmoe.parts_ready(folder, recipes)
-    assert set(locations.values()) <= {artifact.MODEL_FILE, ort_qmoe.MARKER, ort_qmoe.SCALES}
+        assert (folder / ort_qmoe.PARTS).stat().st_size == ort_qmoe.parts_size(recipes)
+    assert {w["location"] for w in where.values()} <= {artifact.MODEL_FILE, ort_qmoe.PARTS}
     assert {"embed_tokens.weight", "lm_head.weight"} <= pointers
-    assert not (folder / ort_qmoe.MARKER).exists()
     size = (folder / ort_graph.FILE).stat().st_size
     assert size < (folder / artifact.MODEL_FILE).stat().st_size / 3
 
 
-def test_a_plain_session_refuses_the_placeholders(fast_folders: Callable[[str], Path]) -> None:
-    """Without the weights OrtFastSession supplies, ONNX Runtime fails loudly (a missing file), it
-    never reads wrong bytes."""
-    with pytest.raises(Exception, match=ort_qmoe.MARKER.replace(".", "[.]")):
-        ort.InferenceSession(str(fast_folders("int8") / ort_graph.FILE), providers=["CPUExecutionProvider"])
+def test_a_plain_session_reads_the_same_graph_from_its_files(fast_folders: Callable[[str], Path]) -> None:
+    """Nothing is made at load: ONNX Runtime alone, reading QMoE's inputs from the file instead of the
+    memory maps OrtFastSession hands it, computes the same logits."""
+    folder = fast_folders("int4-zp")
+    manifest = artifact.Manifest.read(folder)
+    fast, vocab = OrtFastSession(folder / ort_graph.FILE, manifest, threads=1), manifest.config["vocab_size"]
+    want = _run(fast, vocab)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    for key, value in quant_config(manifest).items():
+        opts.add_session_config_entry(key, value)
+    plain = ort.InferenceSession(str(folder / ort_graph.FILE), opts, providers=["CPUExecutionProvider"])
+    fast.sess = plain  # the same binding code around a session that read every weight itself
+    fast.io = plain.io_binding()
+    got = _run(fast, vocab, want.tokens)
+    assert np.array_equal(got.tokens, want.tokens)
+    _, mask = left_padded_prompt(vocab)
+    assert max_logit_error(got, want, mask) == 0
 
 
 def test_quantized_matmuls_become_matmulnbits(fast_folders: Callable[[str], Path], tmp_path: Path) -> None:
@@ -182,7 +197,7 @@ def test_locate_finds_every_inline_tensor(quantized_export: Callable[[str], Path
 
 
 def test_fp16_experts_run_qmoe_in_fp32(tiny_dir: Path, tmp_path: Path) -> None:
-    """An fp16 export's QMoE runs in fp32 between two Casts, with fp32 scales in model.ort.onnx.scales
+    """An fp16 export's QMoE runs in fp32 between two Casts, with fp32 scales in model.ort.onnx.qmoe
     (QMoE's fp16 kernel would keep an fp32 copy of every scale beside its packed weights), given to
     ONNX Runtime in place from a memory map; greedy tokens equal the portable fp16 model's."""
     from mixport import quant
@@ -223,18 +238,46 @@ def _resident_kib(path: Path) -> int | None:
     return total if found else None
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
-def test_scales_are_mapped_and_leave_the_process(fast_folders: Callable[[str], Path]) -> None:
-    """QMoE's scales reach ONNX Runtime in place from model.ort.onnx.scales (no anonymous copy) and, once
-    the session packed them, their pages leave this process; the session still computes what it did
-    (read again, they would come back from the file)."""
-    folder = fast_folders("int8")
+def _resident_pages(path: Path) -> set[int] | None:
+    """The pages of PATH (their offsets in the file / 4096) this process's mappings of it have resident
+    (/proc/self/maps and /proc/self/pagemap's present bit), None where it has no mapping of it."""
+    page, found, pages = 4096, False, set()
+    with Path("/proc/self/pagemap").open("rb") as pagemap:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            head = line.split()
+            if len(head) < 6 or head[5] != str(path):
+                continue
+            found = True
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            pagemap.seek(start // page * 8)
+            entries = np.frombuffer(pagemap.read((end - start) // page * 8), np.uint64)
+            first = int(head[2], 16) // page  # the mapping's offset in the file
+            pages |= {first + int(i) for i in np.flatnonzero(entries >> np.uint64(63))}
+    return pages if found else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("name", ["int8", "int4-zp"])
+def test_qmoe_inputs_are_mapped_and_leave_the_process(name: str, fast_folders: Callable[[str], Path]) -> None:
+    """QMoE's weights, scales and zero points reach ONNX Runtime in place from model.ort.onnx.qmoe (no
+    anonymous copy, nothing made at load) and, once the session packed them, their pages leave this
+    process; decoding never reads a weight again (nor, without zero points, a scale: with them QMoE's
+    CPU kernel reads the zero points, and on some runs the scales, in place from the file); the
+    session still computes what it did."""
+    folder = fast_folders(name)
     manifest = artifact.Manifest.read(folder)
     session = OrtFastSession(folder / ort_graph.FILE, manifest, threads=1)
-    scales = (folder / ort_qmoe.SCALES).resolve()
-    assert session.shared and _resident_kib(scales) == 0  # mapped, none of it resident
+    parts = (folder / ort_qmoe.PARTS).resolve()
+    recipes = ort_qmoe.parts_of(onnx.load(str(folder / ort_graph.FILE), load_external_data=False))
+    zero_points = 2 * manifest.config["num_hidden_layers"] if name == "int4-zp" else 0  # fc1, fc2 a layer
+    assert Counter(r["part"] for r in recipes.values())["zero_points"] == zero_points
+    packed = {p for r in recipes.values() if r["part"] == "weights" or (r["part"] == "scales" and not zero_points)
+              for p in range(r["offset"] // 4096, -(-(r["offset"] + r["bytes"]) // 4096))}
+    assert len(packed) * 4096 >= sum(r["bytes"] for r in recipes.values() if r["part"] == "weights")
+    assert set(session.shared) == set(recipes)  # every part handed over in place, nothing made at load
+    assert _resident_pages(parts) == set()  # mapped, none of it resident
     vocab = manifest.config["vocab_size"]
     first = _run(session, vocab)
-    assert _resident_kib(scales) == 0  # decoding does not read them either
+    assert not _resident_pages(parts) & packed  # decoding reads none of them again
     again = _run(OrtFastSession(folder / ort_graph.FILE, manifest, threads=1), vocab)
     assert np.array_equal(first.tokens, again.tokens)

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mixport import quant
+from mixport.passes import lower_ort_moe, nbits
 from mixport.runtime import onnx_locate, ort_mapped, ort_qmoe
 
 
@@ -28,7 +29,8 @@ def test_expert_rows_equal_the_whole_stack_conversion(kind: str, fc: str) -> Non
         values = rng.integers(lo, hi, (e, k, n))
         q = values.astype(quant.INT4 if kind == "int4" else quant.UINT4)
         raw, data_type = quant.pack_int4(q), TensorProto.INT4 if kind == "int4" else TensorProto.UINT4
-    whole = ort_qmoe._made(q, fc, "weights", 32)
+    stacked = lower_ort_moe.interleave_columns(q) if fc == "fc1" else q  # nbits' whole-stack conversion
+    whole = nbits.expert_rows(stacked, np.ones((e, quant.blocks(k, 32), n), np.float32), None, 32)[0]
     assert np.array_equal(ort_qmoe.expert_rows(raw, data_type, [e, k, n], fc == "fc1"), whole)
 
 

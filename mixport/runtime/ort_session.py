@@ -117,9 +117,12 @@ def open_session(model_path: Path, device: str, threads: int | None, config: dic
     import onnxruntime as ort
 
     from mixport import onnx_io
-    from mixport.runtime import ort_mapped
+    from mixport.runtime import onnx_locate, ort_mapped
 
-    onnx_io.check_external_locations(model_path, graph)  # before ONNX Runtime reads any external data
+    if graph is None:  # before ONNX Runtime reads any external data
+        onnx_locate.check_locations(model_path)
+    else:
+        onnx_io.check_external_locations(model_path, graph)
     if graph is not None:
         config = {**(config or {}), ort_mapped.FOLDER_CONFIG: str(Path(model_path).parent.resolve())}
     providers, options = providers_for(device), session_options(threads, config)  # their own one-line errors

@@ -79,8 +79,8 @@ def slab_of(origins: dict[str, Origin], keys: list[str]) -> Slab | None:
 def export_weights(model_path: Path, names: Any) -> Exported:
     """The initializers of an export's model.onnx by state-dict name (external data resolved), the
     stacked experts viewed per expert (module docstring); ``names``: the family's adapter."""
-    onnx_io.check_external_locations(model_path)  # before onnx reads any external data
-    proto = onnx_locate.skeleton(model_path)
+    proto = onnx_locate.skeleton(model_path)  # reads model.onnx's records, none of its external data
+    onnx_io.check_external_locations(model_path, proto)  # before anything reads external data
     weights = {t.name: tensor_array(Path(model_path).parent, t) for t in proto.graph.initializer}
     del proto
     origins: dict[str, Origin] = {}

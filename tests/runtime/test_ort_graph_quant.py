@@ -281,3 +281,23 @@ def test_qmoe_inputs_are_mapped_and_leave_the_process(name: str, fast_folders: C
     assert not _resident_pages(parts) & packed  # decoding reads none of them again
     again = _run(OrtFastSession(folder / ort_graph.FILE, manifest, threads=1), vocab)
     assert np.array_equal(first.tokens, again.tokens)
+
+
+def test_a_version_7_graph_is_rebuilt_and_its_scales_file_removed(fast_folders: Callable[[str], Path],
+                                                                   tmp_path: Path) -> None:
+    """A folder whose manifest records a version-7 fast graph (QMoE's scales in model.ort.onnx.scales,
+    its weights made at load) gets the current graph on its next run, and the scales file that graph
+    wrote goes; a file of that name the manifest does not vouch for is never deleted."""
+    import dataclasses
+
+    for recorded in (7, None):
+        folder = Path(shutil.copytree(fast_folders("int8"), tmp_path / f"v{recorded}"))
+        manifest = artifact.Manifest.read(folder)
+        old = None if recorded is None else dataclasses.replace(manifest.ort_graph, version=recorded)
+        dataclasses.replace(manifest, ort_graph=old).write(folder)
+        (folder / ort_qmoe.PARTS).unlink()
+        (folder / ort_qmoe.OLD_PARTS).write_bytes(b"old scales")
+        fast = ort_graph.ensure(folder, artifact.Manifest.read(folder))
+        assert artifact.Manifest.read(folder).ort_graph.version == ort_graph.GRAPH_VERSION
+        assert ort_qmoe.parts_ready(folder, ort_qmoe.parts_of(onnx.load(str(fast), load_external_data=False)))
+        assert (folder / ort_qmoe.OLD_PARTS).exists() == (recorded is None)

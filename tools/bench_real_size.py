@@ -8,9 +8,9 @@ One run, one report:
    +0.5 GB). Reused from --work when it holds one of the same layers / seed; --checkpoint uses a given one.
 2. export, per --formats: `mixport export CKPT -o OUT --no-check` with --dtype fp32|fp16, or --quantize
    int8|int4 (the export's default dtype, fp32, for what stays float: embedding, norms, routers, lm_head,
-   scales; int8-fp16 / int4-fp16 add --dtype fp16; int4-b128-fp16: blocks of 128 weights). --no-check
-   skips the export-time parity check, which would run a PyTorch reference of the whole model. Under
-   --export-limit (default 2G: issue 15's target);
+   scales; int8-fp16 / int4-fp16 add --dtype fp16; int4-b64-fp16 / int4-b128-fp16: blocks of 64 /
+   128 weights). --no-check skips the export-time parity check, which would run a PyTorch reference
+   of the whole model. Under --export-limit (default 2G: issue 15's target);
    an export that limit kills is an "OOM" row, and is exported again under --retry-limit (default: none)
    so that the steps below still run (--no-retry: they are skipped).
 3. fast graph: model.ort.onnx built as `mixport run` builds it on first use (its own step, so the runs
@@ -65,6 +65,7 @@ from real_size_table import GB, Row, format_report, run_numbers  # noqa: E402
 FORMATS = {"fp32": ["--dtype", "fp32"], "fp16": ["--dtype", "fp16"], "int8": ["--quantize", "int8"],
            "int4": ["--quantize", "int4"], "int8-fp16": ["--quantize", "int8", "--dtype", "fp16"],
            "int4-fp16": ["--quantize", "int4", "--dtype", "fp16"],
+           "int4-b64-fp16": ["--quantize", "int4", "--block-size", "64", "--dtype", "fp16"],
            "int4-b128-fp16": ["--quantize", "int4", "--block-size", "128", "--dtype", "fp16"]}
 GRAPHS = ("auto", "portable")
 

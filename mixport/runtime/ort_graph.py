@@ -35,7 +35,8 @@ top-2, vocab 32000) with ONNX Runtime 1.32 CPU on a loaded 2-core AMD EPYC (AVX-
   error, +1% on int4's. Chosen: 4 (decode 1.2-20x faster).
 * experts: QMoE against one MatMulNBits per expert slab (A/B in one process, level 4): decode 321 vs
   263 tok/s (int4, lm_head int4), 289 vs 230 (int8, lm_head int8), 175 vs 163 (int4, lm_head fp32);
-  prefill 15% slower (44 vs 37 ms); session start +0.6 s (its weights are made at load). Chosen: QMoE.
+  prefill 15% slower (44 vs 37 ms); session start +0.6 s (its weights were then made at load; since graph
+  version 8 they are written with the graph). Chosen: QMoE.
 * decode tok/s / prefill ms (``mixport bench --threads 1``): fp32 96 / 51, int8 149 / 42, int4 162 / 43,
   int4-zp 173 / 41, int8 + lm_head 235 / 43, int4 + lm_head 327 / 40. The fp32 lm_head (65 MB of the
   int4 folder's 188) is read every step: ``--quantize-lm-head`` doubles int4's decode.

@@ -112,6 +112,7 @@ def graph_weights(model: Path) -> dict[str, Any]:
     from onnx import TensorProto, external_data_helper, numpy_helper
 
     from mixport.folder_check import wire_fields
+
     inline, fp16, external, files = 0, 0, set(), {model.name}
     with model.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         graphs = [(a, b) for field, a, b in wire_fields(buf, 0, len(buf)) if field == 7]  # ModelProto.graph

@@ -80,7 +80,7 @@ def emit(g: Builder, i: int, flat: str, logits: str, bits: int, block: int, norm
             for _, suffix in ROLES:
                 g.w.get(g.names.expert_weight(i, e, role) + suffix)
     base = origin.tensor.rsplit(".", 1)[0]  # <experts>
-    inputs = {fc: [_part(g, f"{base}.{stack}", fc, part, suffix, block) for part, suffix in ROLES]
+    inputs = {fc: [_part(g, f"{base}.{stack}", fc, part, suffix) for part, suffix in ROLES]
               for fc, stack in (("fc1", "gate_up"), ("fc2", "down"))}
     fc1_bias, fc2_bias = _biases(g, i, base)
     names = [flat, logits, inputs["fc1"][0], inputs["fc1"][1], fc1_bias, inputs["fc2"][0], inputs["fc2"][1], fc2_bias]
@@ -109,7 +109,7 @@ def _biases(g: Builder, i: int, base: str) -> tuple[str, str]:
     return fc1, fc2
 
 
-def _part(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -> str:
+def _part(g: Builder, stack: str, fc: str, part: str, suffix: str) -> str:
     """An initializer in PARTS: QMoE's ``part`` of ``fc`` made from model.onnx's ``stack``."""
     source = stack + suffix
     if source not in g.where:
@@ -119,7 +119,7 @@ def _part(g: Builder, stack: str, fc: str, part: str, suffix: str, block: int) -
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     where = onnx_locate.Where(PARTS, parts_size(g.qmoe), nbytes)
     g.inits.append(where.pointer(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
-    g.qmoe[name] = dict(source=source, fc=fc, part=part, block=block, offset=where.offset, bytes=nbytes)
+    g.qmoe[name] = dict(source=source, fc=fc, part=part, offset=where.offset, bytes=nbytes)
     return name
 
 
@@ -178,10 +178,10 @@ def write_parts(folder: Path, recipes: dict[str, dict[str, Any]], path: Path) ->
             tensor = tensors[r["source"]]
             f.seek(r["offset"])
             if r["part"] == "weights":
-                pieces = expert_rows_each(ort_weights.tensor_bytes(Path(folder), tensor), tensor.data_type,
-                                          list(tensor.dims), r["fc"] == "fc1")
+                pieces = expert_rows(ort_weights.tensor_bytes(Path(folder), tensor), tensor.data_type,
+                                     list(tensor.dims), r["fc"] == "fc1")
             else:
-                pieces = iter([_made(ort_weights.tensor_array(Path(folder), tensor), r["fc"], r["part"])])
+                pieces = [_made(ort_weights.tensor_array(Path(folder), tensor), r["fc"], r["part"])]
             written = 0
             for piece in pieces:
                 written += f.write(np.ascontiguousarray(piece).data)
@@ -200,13 +200,12 @@ def parts_ready(folder: Path, recipes: dict[str, dict[str, Any]]) -> bool:
 def mapped_parts(folder: Path, recipes: dict[str, dict[str, Any]], proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The parts in FOLDER's PARTS as read-only arrays mapped from the file (``proto``: the graph, for
     their types and shapes); ``release`` drops their pages once a session has read them."""
-    parts = recipes
-    if not parts:
+    if not recipes:
         return {}
     mapped = np.memmap(Path(folder) / PARTS, np.uint8, "r")
-    tensors = {t.name: t for t in proto.graph.initializer if t.name in parts}
+    tensors = {t.name: t for t in proto.graph.initializer if t.name in recipes}
     out = {}
-    for name, r in parts.items():
+    for name, r in recipes.items():
         t = tensors[name]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
         out[name] = mapped[r["offset"]:r["offset"] + r["bytes"]].view(dtype).reshape(list(t.dims))
@@ -229,17 +228,12 @@ def release(arrays: dict[str, np.ndarray]) -> None:
             mm.madvise(mmap.MADV_DONTNEED)
 
 
-def expert_rows(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> np.ndarray:
-    """QMoE's weights [E, N, K * bits / 8] (``nbits.expert_rows``' layout: each output column's K
-    unsigned codes, packed two per byte for 4 bits; gate/up columns interleaved for fc1) from the
-    stacked q [E, K, N]'s bytes ``raw`` (int8 [E, K, N], or int4 / uint4 packed flat): the same bytes
-    as unpacking it all (exact; tests/runtime/test_ort_qmoe.py)."""
-    return np.stack(list(expert_rows_each(raw, data_type, dims, interleave)))
-
-
-def expert_rows_each(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> Iterator[np.ndarray]:
-    """``expert_rows`` one expert [N, K * bits / 8] at a time, in uint8, without int16 / ml_dtypes
-    copies of the stack (1-layer Mixtral-8x7B int4: 35 s and 8 GB peak before)."""
+def expert_rows(raw: np.ndarray, data_type: int, dims: list[int], interleave: bool) -> Iterator[np.ndarray]:
+    """QMoE's weights, one expert [N, K * bits / 8] at a time (``nbits.expert_rows``' layout: each
+    output column's K unsigned codes, packed two per byte for 4 bits; gate/up columns interleaved for
+    fc1), from the stacked q [E, K, N]'s bytes ``raw`` (int8 [E, K, N], or int4 / uint4 packed flat), in
+    uint8: the same bytes as unpacking the whole stack (exact; tests/runtime/test_ort_memory.py),
+    without its int16 / ml_dtypes copies (1-layer Mixtral-8x7B int4: 35 s and 8 GB peak before)."""
     count, k, n = dims
     bits = 8 if data_type == onnx.TensorProto.INT8 else 4
     order = np.arange(n).reshape(2, n // 2).T.reshape(-1) if interleave else None  # g0, u0, g1, u1, ...

@@ -123,7 +123,6 @@ def open_session(model_path: Path, device: str, threads: int | None, config: dic
         onnx_locate.check_locations(model_path)
     else:
         onnx_io.check_external_locations(model_path, graph)
-    if graph is not None:
         config = {**(config or {}), ort_mapped.FOLDER_CONFIG: str(Path(model_path).parent.resolve())}
     providers, options = providers_for(device), session_options(threads, config)  # their own one-line errors
     in_place = [ort.OrtValue.ortvalue_from_numpy(v) for v in (shared or {}).values()]  # contiguous views

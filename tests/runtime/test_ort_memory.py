@@ -31,7 +31,7 @@ def test_expert_rows_equal_the_whole_stack_conversion(kind: str, fc: str) -> Non
         raw, data_type = quant.pack_int4(q), TensorProto.INT4 if kind == "int4" else TensorProto.UINT4
     stacked = lower_ort_moe.interleave_columns(q) if fc == "fc1" else q  # nbits' whole-stack conversion
     whole = nbits.expert_rows(stacked, np.ones((e, quant.blocks(k, 32), n), np.float32), None, 32)[0]
-    assert np.array_equal(ort_qmoe.expert_rows(raw, data_type, [e, k, n], fc == "fc1"), whole)
+    assert np.array_equal(np.stack(list(ort_qmoe.expert_rows(raw, data_type, [e, k, n], fc == "fc1"))), whole)
 
 
 def _model(tmp: Path, external: bool) -> Path:

@@ -166,7 +166,7 @@ def test_real_size_one_layer_smoke(tmp_path: Path) -> None:
     assert export["m"]["vmhwm_bytes"] > 0 and export["m"]["wall_s"] > 0 and export["m"]["disk_peak_bytes"] > 0
     assert rows["fast graph int4-fp16"]["state"] == "ok"
     run = check_run(rows["run int4-fp16 auto"], 8)
-    # the export's bytes, but QMoE's scales fp32 (model.ort.onnx.scales) where the export holds them fp16: +7%
+    # the export's bytes, but QMoE's scales fp32 (in model.ort.onnx.qmoe) where the export holds them fp16: +7%
     assert run["ran"] == "fast" and run["weights_mb"] * MB == pytest.approx(1.07 * export["out_bytes"], rel=0.04)
     # fp16 embeddings / lm_head are converted to fp32 by the CPU provider: they count twice in "held"
     assert run["held_mb"] > run["weights_mb"] * 1.3 and run["net_per_weight"] > run["net_per_held"], run
